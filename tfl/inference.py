@@ -1,0 +1,103 @@
+"""Evaluate a run on a dataset, and predict labels for image files (with a run's model or an ImageNet head)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+IMAGENET_LABELS = os.path.join(os.path.dirname(__file__), "assets", "imagenet_labels.txt")
+CENTER_CROP_FRACTION = 0.875  # the standard ImageNet evaluation crop: resize to S/0.875, crop S
+
+
+def imagenet_labels() -> list[str]:
+    with open(IMAGENET_LABELS, encoding="utf-8") as f:
+        labels = [line.rstrip("\n") for line in f]
+    if len(labels) != 1000:
+        raise RuntimeError(f"{IMAGENET_LABELS} has {len(labels)} labels, expected 1000; reinstall tfl")
+    return labels
+
+
+def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
+                 batch_size: int = 64, log=print) -> dict:
+    import tensorflow as tf
+
+    from tfl import data
+    from tfl.training import rundir
+    from tfl.training.trainer import TrainConfig, Trainer
+
+    run = rundir.RunDir(run_path, create=False)
+    config = run.read_json(rundir.CONFIG)
+    classes = run.read_json(rundir.CLASSES)
+    model = run.load_model()
+    name = dataset or config["dataset"]
+    splits = data.load_dataset(name, data_dir=data_dir if dataset else (data_dir or config.get("data_dir")),
+                               val_split=config.get("val_split", 0.1), seed=config.get("seed", 0), log=log)
+    if list(splits.class_names) != list(classes):
+        missing = sorted(set(classes) - set(splits.class_names))
+        extra = sorted(set(splits.class_names) - set(classes))
+        raise ValueError(
+            f"--dataset {name!r} has classes that differ from the run's ({len(classes)} classes): "
+            f"missing {missing or 'none'}, extra {extra or 'none'}"
+            + ("" if missing or extra else " (same names, different order)")
+        )
+    split = "test" if splits.test is not None else "val"
+    source = splits.test if splits.test is not None else splits.val
+    size = int(model.inputs[0].shape[1])
+    ds = data.make_pipeline(source, size, batch_size, training=False, seed=0)
+    trainer = Trainer(tf.distribute.get_strategy(), model, len(classes), TrainConfig(), log)
+    steps = -(-splits.num_examples.get(split, 0) // batch_size)
+    loss, acc = trainer.evaluate(ds, split, steps)
+    return {"run": run_path, "dataset": name, "split": split, "examples": splits.num_examples.get(split, 0),
+            "accuracy": round(acc, 6), "loss": round(loss, 6)}
+
+
+def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
+    """Files -> float32 [N, size, size, 3] in 0..255 RGB; any mode Pillow reads becomes RGB."""
+    import tensorflow as tf
+
+    from tfl.data import read_image
+
+    batch = []
+    for path in paths:
+        image = tf.convert_to_tensor(read_image(path))
+        if center_crop:
+            h, w = int(image.shape[0]), int(image.shape[1])
+            scale = size / CENTER_CROP_FRACTION / min(h, w)
+            resized = tf.image.resize(image, (max(size, round(h * scale)), max(size, round(w * scale))), antialias=True)
+            image = tf.image.resize_with_crop_or_pad(resized, size, size)
+        else:
+            image = tf.image.resize(image, (size, size), antialias=True)
+        batch.append(tf.clip_by_value(image, 0.0, 255.0))
+    return tf.stack(batch).numpy()
+
+
+def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
+            top_k: int = 5) -> list[dict]:
+    import keras
+
+    if run_path:
+        from tfl.training import rundir
+
+        run = rundir.RunDir(run_path, create=False)
+        labels = run.read_json(rundir.CLASSES)
+        model = run.load_model()
+        probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
+        center_crop = False  # the run's model was trained on whole images resized to its input size
+    else:
+        from tfl.models import build_imagenet_classifier
+
+        labels = imagenet_labels()
+        model = build_imagenet_classifier(backbone, weights)
+        probabilities = lambda x: model(x, training=False)  # noqa: E731
+        center_crop = True
+    size = int(model.inputs[0].shape[1])
+    images = load_images(paths, size, center_crop)
+    probs = keras.ops.convert_to_numpy(probabilities(images))
+    k = min(top_k, probs.shape[1])
+    results = []
+    for path, p in zip(paths, probs):
+        top = np.argsort(-p, kind="stable")[:k]
+        results.append({"image": str(path),
+                        "top": [{"index": int(i), "label": labels[i], "prob": round(float(p[i]), 6)} for i in top]})
+    return results

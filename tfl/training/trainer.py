@@ -1,0 +1,248 @@
+"""A custom training loop under a tf.distribute strategy (`strategy.run`).
+
+Keras 3 `Model.fit` does not work under MultiWorkerMirroredStrategy (keras-team/keras#20585), so tfl trains
+with its own loop: per-example losses averaged over the global batch, one optimizer per parameter group (each
+with its own learning-rate schedule), metrics summed across replicas. The loop keeps the best weights by
+validation accuracy across all stages and restores them at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfl.training.schedules import WarmupSchedule
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    backbone_lr: float | None = None  # default lr / 10
+    weight_decay: float | None = None  # default 0.01 for adamw, 0 otherwise
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 7
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    early_stopping: int | None = None
+
+
+@dataclasses.dataclass
+class ParamGroup:
+    name: str  # "backbone" or "head"
+    variables: list
+    lr: float
+
+
+@dataclasses.dataclass
+class EpochResult:
+    stage: str
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: dict
+    seconds: float
+
+
+def make_optimizer(cfg: TrainConfig, schedule):
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (0.01 if cfg.optimizer == "adamw" else 0.0)
+    kwargs = {"learning_rate": schedule, "weight_decay": wd or None}
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, **kwargs)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(**kwargs)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Progress:
+    """One line per epoch on a pipe; a live bar on a terminal."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label = total, label
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.time()
+        self.next_report = 0.25
+
+    def update(self, done: int, loss: float, acc: float) -> None:
+        frac = done / max(self.total, 1)
+        elapsed = time.time() - self.start
+        eta = elapsed / max(frac, 1e-9) - elapsed
+        text = f"{self.label} {done}/{self.total} loss {loss:.4f} acc {acc:.4f} {elapsed:.0f}s eta {eta:.0f}s"
+        if self.tty:
+            bar = "#" * int(20 * frac)
+            self.stream.write(f"\r  [{bar:<20}] {text}")
+            self.stream.flush()
+        elif frac >= self.next_report or done == self.total:
+            self.stream.write(f"  {text}\n")
+            self.stream.flush()
+            while self.next_report <= frac:
+                self.next_report += 0.25
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Trainer:
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, num_classes: int,
+                 cfg: TrainConfig, log: Callable[[str], None] = print):
+        self.strategy = strategy
+        self.model = model  # the canonical model: evaluated, saved, and where best weights live
+        self.num_classes = num_classes
+        self.cfg = cfg
+        self.log = log
+        self.history: list[EpochResult] = []
+        self.best_accuracy = -math.inf
+        self.best_weights = None
+        self.best_epoch = None
+        self.stopped_early = False
+
+    # -- one pass -------------------------------------------------------------------------------------------
+    def _per_example_loss(self, labels, logits):
+        onehot = tf.one_hot(labels, self.num_classes)
+        return keras.losses.categorical_crossentropy(
+            onehot, logits, from_logits=True, label_smoothing=self.cfg.label_smoothing
+        )
+
+    def _train_step_fn(self, train_model, groups, optimizers, global_batch):
+        variables = [v for g in groups for v in g.variables]
+        bounds = np.cumsum([0] + [len(g.variables) for g in groups])
+
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                logits = train_model(images, training=True)
+                per_example = self._per_example_loss(labels, logits)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                if train_model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(train_model.losses))
+            grads = tape.gradient(loss, variables)
+            for i, opt in enumerate(optimizers):
+                pairs = list(zip(grads[bounds[i]:bounds[i + 1]], variables[bounds[i]:bounds[i + 1]]))
+                opt.apply_gradients(pairs)
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+        @tf.function
+        def distributed(images, labels):
+            results = self.strategy.run(step, args=(images, labels))
+            return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+
+        return distributed
+
+    def _eval_step_fn(self):
+        def step(images, labels):
+            logits = self.model(images, training=False)
+            per_example = self._per_example_loss(labels, logits)
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+        @tf.function
+        def distributed(images, labels):
+            results = self.strategy.run(step, args=(images, labels))
+            return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+
+        return distributed
+
+    def evaluate(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) over a batched dataset of (images, labels)."""
+        if not hasattr(self, "_eval_step"):
+            self._eval_step = self._eval_step_fn()
+        totals = np.zeros(3)
+        progress = Progress(steps or 0, f"    {label}") if steps else None
+        for i, (images, labels) in enumerate(self.strategy.experimental_distribute_dataset(dataset), 1):
+            totals += [float(t) for t in self._eval_step(images, labels)]
+            if progress:
+                progress.update(i, totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1))
+        if progress:
+            progress.close()
+        n = max(totals[2], 1.0)
+        return totals[0] / n, totals[1] / n
+
+    # -- a stage ----------------------------------------------------------------------------------------------
+    def run_stage(self, stage: str, train_model: keras.Model, groups: list[ParamGroup], epochs: int,
+                  train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, steps_per_epoch: int,
+                  global_batch: int, val_steps: int | None = None, warmup: bool = True) -> None:
+        if epochs <= 0:
+            return
+        groups = [g for g in groups if g.variables]
+        if not groups:
+            raise ValueError(f"stage {stage!r} has nothing to train: every layer is frozen")
+        cfg = self.cfg
+        total = epochs * steps_per_epoch
+        with self.strategy.scope():
+            schedules, optimizers = [], []
+            for g in groups:
+                schedule = WarmupSchedule(
+                    g.lr, total, int(cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
+                    cfg.schedule, cfg.step_size * steps_per_epoch, cfg.gamma,
+                )
+                opt = make_optimizer(cfg, schedule)
+                opt.build(g.variables)
+                schedules.append(schedule)
+                optimizers.append(opt)
+        train_step = self._train_step_fn(train_model, groups, optimizers, global_batch)
+        n_params = sum(int(np.prod(v.shape)) for g in groups for v in g.variables)
+        self.log(f"stage {stage}: {epochs} epoch(s), {steps_per_epoch} steps each, {n_params:,} trainable parameters, "
+                 + ", ".join(f"{g.name} lr {g.lr:g}" for g in groups))
+        patience = cfg.early_stopping
+        since_best = 0
+        for epoch in range(1, epochs + 1):
+            start = time.time()
+            lrs = {g.name: s.value(int(opt.iterations.numpy())) for g, s, opt in zip(groups, schedules, optimizers)}
+            totals = np.zeros(3)
+            progress = Progress(steps_per_epoch, f"  {stage} epoch {epoch}/{epochs}")
+            dist = self.strategy.experimental_distribute_dataset(train_ds)
+            for i, (images, labels) in enumerate(dist, 1):
+                totals += [float(t) for t in train_step(images, labels)]
+                progress.update(i, totals[0] / totals[2], totals[1] / totals[2])
+                if i >= steps_per_epoch:
+                    break
+            progress.close()
+            val_loss, val_acc = self.evaluate(val_ds, "val", val_steps)
+            result = EpochResult(stage, len(self.history) + 1, totals[0] / totals[2], totals[1] / totals[2],
+                                 val_loss, val_acc, lrs, time.time() - start)
+            self.history.append(result)
+            improved = val_acc > self.best_accuracy
+            if improved:
+                self.best_accuracy, self.best_epoch = val_acc, result.epoch
+                self.best_weights = [np.array(v.numpy()) for v in self.model.weights]
+                since_best = 0
+            else:
+                since_best += 1
+            self.log(self._row(result, improved))
+            if patience and since_best >= patience:
+                self.log(f"early stopping: no val_accuracy improvement for {patience} epoch(s)")
+                self.stopped_early = True
+                return
+
+    @staticmethod
+    def header() -> str:
+        return f"{'epoch':>5} {'stage':<9} {'loss':>8} {'acc':>7} {'val_loss':>9} {'val_acc':>8} {'lr':>20} {'time':>7}"
+
+    def _row(self, r: EpochResult, improved: bool) -> str:
+        lr = " ".join(f"{v:.2e}" for v in r.lr.values())
+        mark = " *" if improved else ""
+        return (f"{r.epoch:>5} {r.stage:<9} {r.train_loss:>8.4f} {r.train_accuracy:>7.4f} {r.val_loss:>9.4f} "
+                f"{r.val_accuracy:>8.4f} {lr:>20} {r.seconds:>6.1f}s{mark}")
+
+    def restore_best(self) -> None:
+        if self.best_weights is not None:
+            for variable, value in zip(self.model.weights, self.best_weights):
+                variable.assign(value)
+            self.log(f"restored the best weights (epoch {self.best_epoch}, val_accuracy {self.best_accuracy:.4f})")
