@@ -99,18 +99,13 @@ def build_lite(name: str, input_shape=None, weights=None, include_top: bool = Fa
 
     def conv_bn(x, filters, kernel, stride, prefix, activation=True, depthwise=False):
         if depthwise:
-            x = layers.DepthwiseConv2D(
-                kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv"
-            )(x)
-            bn_name, act_name = f"{prefix}bn", f"{prefix}activation"
+            conv = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv")
         else:
-            x = layers.Conv2D(
-                filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}conv"
-            )(x)
-            bn_name, act_name = f"{prefix}bn", f"{prefix}activation"
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=bn_name)(x)
+            conv = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}conv")
+        x = conv(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{prefix}bn")(x)
         if activation:
-            x = layers.ReLU(6.0, name=act_name)(x)
+            x = layers.ReLU(6.0, name=f"{prefix}activation")(x)
         return x
 
     x = conv_bn(inputs, STEM_FILTERS, 3, 2, "stem_")
@@ -224,8 +219,8 @@ def _register() -> None:
                 family="efficientnet_lite",
                 build=build,
                 input_size=variant.resolution,
-                # Measured on real photos: these weights expect ImageNet mean/std (see tests/fixtures).
-                preprocessing=Preprocessing.torch(),
+                # The TF reference's (x - 127) / 128; measured best on real photos (scripts/make_torch_fixtures.py).
+                preprocessing=Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3),
                 stages=_stages(),
                 weight_sources=sources,
                 default_weights="imagenet" if variant.weights_package else None,
