@@ -1,0 +1,85 @@
+"""Checking one image file with Pillow before training, and decoding the few kinds TF's decoder gets wrong.
+
+Policy for transparency: alpha is dropped (the stored colour under it is kept), as Pillow's
+`convert("RGB")`, `tf.io.decode_image(channels=3)` and Keras' image_dataset_from_directory all do,
+so training pixels match what a user's own inference code most likely feeds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    height: int
+    width: int
+    # True when tf.io.decode_image would fail on this file or give different pixels from the policy above.
+    needs_pillow: bool
+
+
+class BadImage(Exception):
+    """The file is not a readable image; str() is the reason."""
+
+
+def inspect_image(path: str) -> ImageInfo:
+    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails."""
+    try:
+        # verify() catches what load() lets through (PNG chunk CRCs); load() catches what verify() cannot
+        # (truncated JPEG data). A file needs both, and verify() leaves the image unusable, hence two opens.
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+            return ImageInfo(image.height, image.width, _needs_pillow(path, image))
+    except Exception as error:  # noqa: BLE001 - any failure to read means the file cannot be trained on
+        raise BadImage(f"{type(error).__name__}: {error}") from None
+
+
+def _needs_pillow(path: str, image: Image.Image) -> bool:
+    # Measured against Pillow on TF 2.21 (tests/test_data_image_decode.py): TF decodes every JPEG
+    # (incl. grayscale and Adobe CMYK) and every PNG (palette, tRNS, grey+alpha, 16-bit) correctly.
+    # It returns black for transparent GIF pixels, ignores BMP palettes, rejects 1/4-bit and compressed
+    # BMPs, and cannot read other formats that may hide behind an image extension (TIFF, WebP, ...).
+    fmt = image.format
+    if fmt in ("JPEG", "MPO", "PNG"):
+        return False
+    if fmt == "GIF":
+        return "transparency" in image.info
+    if fmt == "BMP":
+        return not _is_plain_bmp(path, image.mode)
+    return True
+
+
+def _is_plain_bmp(path: str, mode: str) -> bool:
+    """Uncompressed 24/32-bit BMP, or 8-bit with a grey palette: the layouts TF's BMP decoder reads right."""
+    with open(path, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or struct.unpack("<I", header[14:18])[0] < 40:  # OS/2 core header
+        return False
+    bits_per_pixel = struct.unpack("<H", header[28:30])[0]
+    compression = struct.unpack("<I", header[30:34])[0]
+    if compression != 0:
+        return False
+    return bits_per_pixel in (24, 32) or (bits_per_pixel == 8 and mode == "L")
+
+
+def pillow_rgb(path: bytes | str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of the first frame, by the same rules TF's decoder follows for the other files."""
+    with Image.open(os.fsdecode(path)) as image:
+        image.load()
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            # Pillow's convert("RGB") clips 16-bit values to 255; keep the high byte, as TF does for PNG.
+            grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "palette images with transparency ..." - dropping it is the policy
+            return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))

@@ -1,0 +1,205 @@
+"""An image-folder dataset: ROOT/train/<class>/*.jpg, optional ROOT/val (or valid, validation) and ROOT/test.
+
+Every file is decoded once with Pillow before any training starts, so a bad file fails the run in
+seconds with a full list rather than crashing epoch 3.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from tfl.data.decode import decode_files
+from tfl.data.errors import DataError, list_some
+from tfl.data.fingerprint import fingerprint
+from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, ImageInfo, inspect_image
+from tfl.data.splits import DatasetSplits
+from tfl.data.stratify import check_val_split, stratified_split
+
+# Folder names accepted for each split, in the order they are looked for.
+SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+LAYOUT_HINT = "expected ROOT/train/<class>/*.jpg (also .jpeg .png .bmp .gif), optionally ROOT/val/... and ROOT/test/..."
+# Files operating systems drop into folders; never data, so not reported as bad images.
+_OS_JUNK = frozenset({"thumbs.db", "desktop.ini"})
+
+
+@dataclasses.dataclass
+class _File:
+    path: str
+    label: int
+    size_bytes: int
+    mtime_ns: int
+    info: ImageInfo | None = None
+
+
+def load_image_folder(
+    root: str, val_split: float = 0.1, seed: int = 0, skip_bad_images: bool = False, log: Callable = print
+) -> DatasetSplits:
+    root = os.path.abspath(os.path.expanduser(root))
+    split_dirs = _find_split_dirs(root)
+    if split_dirs["val"] is None:
+        check_val_split(val_split)
+
+    class_names = _class_names(split_dirs["train"])
+    _check_class_sets(split_dirs, class_names)
+    files = {split: _list_files(folder, class_names) for split, folder in split_dirs.items() if folder}
+    _check_no_empty_classes(files, split_dirs, class_names, "has no files")
+
+    everything = [f for split_files in files.values() for f in split_files]
+    log(f"checking {len(everything)} image files under {root} ...")
+    bad = _inspect_all(everything)
+    if bad:
+        listing = list_some([f"{path}  ({reason})" for path, reason in bad])
+        if not skip_bad_images:
+            raise DataError(
+                f"{len(bad)} file(s) under {root} are not readable images:\n{listing}\n"
+                "Delete or fix them, or pass skip_bad_images=True (--skip-bad-images) to train without them."
+            )
+        log(f"warning: skipping {len(bad)} unreadable file(s) under {root}:\n{listing}")
+        files = {split: [f for f in split_files if f.info is not None] for split, split_files in files.items()}
+        _check_no_empty_classes(files, split_dirs, class_names, "has no readable images")
+
+    if split_dirs["val"] is None:
+        labels = np.array([f.label for f in files["train"]], dtype=np.int64)
+        train_idx, val_idx = stratified_split(labels, val_split, seed)
+        lonely = sorted({class_names[i] for i in labels} - {class_names[labels[i]] for i in val_idx})
+        if len(val_idx) == 0:
+            raise DataError(
+                f"cannot hold out validation images: every class in {split_dirs['train']} has a single image; "
+                "add images, or add a val/ folder with the same class folders"
+            )
+        if lonely:
+            log(f"warning: class(es) with a single image get no validation example: {', '.join(lonely)}")
+        files["val"] = [files["train"][i] for i in val_idx]
+        files["train"] = [files["train"][i] for i in train_idx]
+        split_spec: object = {"val_split": val_split, "seed": seed}
+    else:
+        split_spec = "folders"
+    # A class-sorted train list would defeat a bounded shuffle buffer; a fixed seeded order mixes classes
+    # so any buffer size gives class-balanced batches, and the order is still the same on every run.
+    files["train"] = [files["train"][i] for i in np.random.default_rng([seed, 1]).permutation(len(files["train"]))]
+
+    sizes = {(f.info.height, f.info.width) for split_files in files.values() for f in split_files}
+    return DatasetSplits(
+        name=root,
+        train=_dataset(files["train"]),
+        val=_dataset(files["val"]),
+        test=_dataset(files["test"]) if "test" in files else None,
+        class_names=class_names,
+        num_examples={split: len(files.get(split, [])) for split in ("train", "val", "test")},
+        native_size=sizes.pop() if len(sizes) == 1 else None,
+        fingerprint=fingerprint(
+            "image_folder",
+            split_spec,
+            sorted((os.path.relpath(f.path, root), f.size_bytes, f.mtime_ns) for f in everything),
+        ),
+    )
+
+
+def _find_split_dirs(root: str) -> dict[str, str | None]:
+    if not os.path.isdir(root):
+        raise DataError(f"dataset folder {root} does not exist or is not a directory; {LAYOUT_HINT}")
+    found: dict[str, str | None] = {}
+    for split, names in SPLIT_DIR_NAMES.items():
+        present = [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+        if len(present) > 1:
+            raise DataError(
+                f"{root} has more than one {split} folder ({', '.join(present)}); keep one and rename the others"
+            )
+        found[split] = present[0] if present else None
+    if found["train"] is None:
+        hint = ""
+        if any(_has_images(os.path.join(root, d)) for d in _subdirs(root)):
+            hint = " It looks like ROOT holds class folders directly: move them into ROOT/train/."
+        raise DataError(f"{root} has no train/ folder; {LAYOUT_HINT}.{hint}")
+    return found
+
+
+def _class_names(train_dir: str) -> list[str]:
+    names = sorted(_subdirs(train_dir))
+    if not names:
+        raise DataError(f"{train_dir} has no class folders; {LAYOUT_HINT}")
+    return names
+
+
+def _check_class_sets(split_dirs: dict[str, str | None], class_names: list[str]) -> None:
+    problems = []
+    for split in ("val", "test"):
+        folder = split_dirs[split]
+        if folder is None:
+            continue
+        present = set(_subdirs(folder))
+        missing = sorted(set(class_names) - present)
+        extra = sorted(present - set(class_names))
+        if missing:
+            problems.append(f"{folder} lacks class folder(s) that train has: {', '.join(missing)}")
+        if extra:
+            problems.append(f"{folder} has class folder(s) that train lacks: {', '.join(extra)}")
+    if problems:
+        raise DataError(
+            "class folders differ between splits:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nEvery split must have the same class folders as train/ (an empty folder is not allowed either)."
+        )
+
+
+def _check_no_empty_classes(files, split_dirs, class_names, what: str) -> None:
+    empty = []
+    for split, split_files in files.items():
+        counts = np.bincount(np.array([f.label for f in split_files], np.int64), minlength=len(class_names))
+        empty += [os.path.join(split_dirs[split], class_names[i]) for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"class folder(s) {what}:\n{list_some(empty)}\nAdd images or remove the folder(s).")
+
+
+def _list_files(split_dir: str, class_names: list[str]) -> list[_File]:
+    """Every non-hidden file under each class folder (recursively), in a fixed sorted order."""
+    files = []
+    for label, name in enumerate(class_names):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if filename.startswith(".") or filename.lower() in _OS_JUNK:
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    stat = os.stat(path)
+                except OSError:  # a broken symlink: listed with the bad images when Pillow cannot open it
+                    files.append(_File(path, label, -1, 0))
+                    continue
+                files.append(_File(path, label, stat.st_size, stat.st_mtime_ns))
+    return files
+
+
+def _inspect_all(files: list[_File]) -> list[tuple[str, str]]:
+    """Fill in each file's ImageInfo; return (path, reason) for the bad ones. Parallel: Pillow drops the GIL."""
+
+    def inspect(file: _File) -> str | None:
+        if os.path.splitext(file.path)[1].lower() not in IMAGE_EXTENSIONS:
+            return f"not an image file type; expected one of {' '.join(IMAGE_EXTENSIONS)}"
+        try:
+            file.info = inspect_image(file.path)
+        except BadImage as error:
+            return str(error)
+        return None
+
+    workers = min(32, 2 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(inspect, files))
+    return [(f.path, reason) for f, reason in zip(files, reasons) if reason is not None]
+
+
+def _dataset(files: list[_File]):
+    return decode_files([f.path for f in files], [f.label for f in files], [f.info.needs_pillow for f in files])
+
+
+def _subdirs(folder: str) -> list[str]:
+    return [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+
+
+def _has_images(folder: str) -> bool:
+    return any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS for e in os.scandir(folder))

@@ -1,0 +1,30 @@
+"""What every data source returns: the splits as tf.data datasets plus what the rest of tfl needs to know."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+@dataclasses.dataclass
+class DatasetSplits:
+    """Unbatched `(image, label)` elements: image uint8 [H, W, 3] RGB, label int64 scalar.
+
+    Element order is fixed (no per-epoch shuffling); `make_pipeline` shuffles, resizes and batches.
+    """
+
+    name: str
+    train: "tf.data.Dataset"
+    val: "tf.data.Dataset"
+    test: "tf.data.Dataset | None"
+    class_names: list[str]
+    num_examples: dict[str, int]  # {"train": n, "val": n, "test": n or 0}
+    native_size: tuple[int, int] | None  # (H, W) when every image has that size, else None
+    fingerprint: str  # stable short hash of what the data is; changes when the files or the split do
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
