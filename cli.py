@@ -21,14 +21,14 @@ class UserError(click.ClickException):
 
 def run_library(fn, *args, **kwargs):
     """Call into tfl; turn its input errors (ValueError) into one-line usage errors."""
+    from tfl.backbones.errors import WeightsUnavailableError
+
     try:
         return fn(*args, **kwargs)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except RuntimeError as err:
-        if type(err).__name__ == "WeightsUnavailableError":
-            raise click.ClickException(str(err)) from None
-        raise
+    except WeightsUnavailableError as err:  # the environment, not the command line: exit 1
+        raise click.ClickException(str(err)) from None
 
 
 class OrderedRulesCommand(click.Command):

@@ -73,7 +73,7 @@ class Progress:
 
     def __init__(self, total: int, label: str, stream=None):
         self.total, self.label = total, label
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # progress on stderr keeps stdout clean for results and --json
         self.tty = self.stream.isatty()
         self.start = time.time()
         self.next_report = 0.25
