@@ -164,7 +164,8 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
               help="Input size. Default: the backbone's, or 4x the native size for small-image datasets "
                    "(112px for Fashion-MNIST).")
 @click.option("--limit-train", type=int, callback=positive, help="Train on a seeded random subset of N examples.")
-@click.option("--freeze-up-to", metavar="X", help=FREEZE_HELP["up_to"] + " Default: nothing frozen in stage 2.")
+@click.option("--freeze-up-to", metavar="X", default="block3", show_default=True,
+              help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone in stage 2.")
 @click.option("--freeze", "freeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["freeze"])
 @click.option("--unfreeze", "unfreeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["unfreeze"])
 @click.option("--freeze-mode", type=click.Choice(["trainable", "stop_gradient"]), default="trainable", show_default=True,
@@ -178,7 +179,7 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
 @click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95), help="Dropout before the head.")
 @click.option("--head-epochs", default=1, show_default=True, callback=non_negative,
               help="Stage 1: epochs training only the new head on the frozen backbone.")
-@click.option("--epochs", default=2, show_default=True, callback=non_negative,
+@click.option("--epochs", default=1, show_default=True, callback=non_negative,
               help="Stage 2: epochs with the layers above --freeze-up-to unfrozen.")
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help="Global batch size.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
@@ -211,6 +212,8 @@ def finetune(freeze_rules, unfreeze_rules, **options):
     from tfl.finetune import FinetuneOptions, finetune as run
 
     options["rules"] = click.get_current_context().meta["tfl_rules"]
+    if options["freeze_up_to"] in ("none", ""):
+        options["freeze_up_to"] = None
     run_library(run, FinetuneOptions(**options), log=click.echo)
 
 

@@ -28,14 +28,14 @@ class FinetuneOptions:
     skip_bad_images: bool = False
     image_size: int | None = None
     limit_train: int | None = None
-    freeze_up_to: str | None = None
+    freeze_up_to: str | None = "block3"
     rules: tuple[tuple[str, str], ...] = ()
     freeze_mode: str = "trainable"
     train_bn: bool = False
     head_hidden: tuple[int, ...] = ()
     dropout: float = 0.2
     head_epochs: int = 1
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
