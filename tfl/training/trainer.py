@@ -135,23 +135,24 @@ class Trainer:
             for i, opt in enumerate(optimizers):
                 pairs = list(zip(grads[bounds[i]:bounds[i + 1]], variables[bounds[i]:bounds[i + 1]]))
                 opt.apply_gradients(pairs)
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+            return self._sums(labels, logits, per_example)
 
-        @tf.function
-        def distributed(images, labels):
-            results = self.strategy.run(step, args=(images, labels))
-            return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
-
-        return distributed
+        return self._distributed(step)
 
     def _eval_step_fn(self):
         def step(images, labels):
             logits = self.model(images, training=False)
-            per_example = self._per_example_loss(labels, logits)
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-            return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+            return self._sums(labels, logits, self._per_example_loss(labels, logits))
 
+        return self._distributed(step)
+
+    @staticmethod
+    def _sums(labels, logits, per_example):
+        """(loss sum, correct count, example count) of one replica's batch; summed across replicas later."""
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def _distributed(self, step):
         @tf.function
         def distributed(images, labels):
             results = self.strategy.run(step, args=(images, labels))
