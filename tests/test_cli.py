@@ -118,3 +118,15 @@ def test_finetune_evaluate_predict_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     top = json.loads(result.stdout)[0]["top"]
     assert top[0]["label"] == "circle" and len(top) == 2
+
+
+def test_bad_freeze_mode_plan_fails_before_any_training(tmp_path):
+    data = _image_folder(tmp_path / "shapes", per_class=4)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["finetune", "--dataset", str(data), "--image-size", "32", "--batch-size", "2",
+                                      "--freeze-mode", "stop_gradient", "--freeze-up-to", "none",
+                                      "--freeze", "block2.*", "--output-dir", str(out)])
+    assert result.exit_code == 2
+    assert "prefix-shaped" in result.output
+    assert "stage head" not in result.output  # nothing trained
+    assert not out.exists()  # and no run directory left behind

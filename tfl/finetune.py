@@ -114,6 +114,9 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
         model = models.build_classifier(opts.backbone, len(splits.class_names), image_size, opts.weights,
                                         opts.head_hidden, opts.dropout)
     plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
+    with strategy.scope():
+        # Fail on a plan the freeze mode cannot apply now, not after stage 1 has trained (stage 1 re-applies).
+        freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
     weights = models.resolve_weights(spec, opts.weights)
     log(f"model: {opts.backbone} ({weights or 'random init'}), {plan.frozen_params:,} frozen / "
         f"{plan.trainable_params:,} trainable parameters in stage 2, freeze mode {opts.freeze_mode}, "
