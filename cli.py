@@ -64,6 +64,10 @@ def parse_hidden(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of layer sizes, e.g. 256 or 512,128")
 
 
+def freeze_up_to_value(ctx, param, value):
+    return None if value in (None, "", "none") else value
+
+
 def positive(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"{value} must be > 0")
@@ -118,7 +122,7 @@ FREEZE_HELP = {
 
 @cli.command(cls=OrderedRulesCommand)
 @click.argument("backbone")
-@click.option("--freeze-up-to", metavar="X", help=FREEZE_HELP["up_to"])
+@click.option("--freeze-up-to", metavar="X", callback=freeze_up_to_value, help=FREEZE_HELP["up_to"])
 @click.option("--freeze", "freeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["freeze"])
 @click.option("--unfreeze", "unfreeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["unfreeze"])
 @click.option("--num-classes", default=10, show_default=True, callback=positive, help="Classes of the new head.")
@@ -164,7 +168,7 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
               help="Input size. Default: the backbone's, or 4x the native size for small-image datasets "
                    "(112px for Fashion-MNIST).")
 @click.option("--limit-train", type=int, callback=positive, help="Train on a seeded random subset of N examples.")
-@click.option("--freeze-up-to", metavar="X", default="block3", show_default=True,
+@click.option("--freeze-up-to", metavar="X", default="block3", show_default=True, callback=freeze_up_to_value,
               help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone in stage 2.")
 @click.option("--freeze", "freeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["freeze"])
 @click.option("--unfreeze", "unfreeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["unfreeze"])
@@ -212,8 +216,6 @@ def finetune(freeze_rules, unfreeze_rules, **options):
     from tfl.finetune import FinetuneOptions, finetune as run
 
     options["rules"] = click.get_current_context().meta["tfl_rules"]
-    if options["freeze_up_to"] in ("none", ""):
-        options["freeze_up_to"] = None
     run_library(run, FinetuneOptions(**options), log=click.echo)
 
 

@@ -130,3 +130,8 @@ def test_bad_freeze_mode_plan_fails_before_any_training(tmp_path):
     assert "prefix-shaped" in result.output
     assert "stage head" not in result.output  # nothing trained
     assert not out.exists()  # and no run directory left behind
+
+
+def test_freeze_up_to_none_freezes_nothing():
+    plan = json.loads(run("inspect", "efficientnet_lite0", "--freeze-up-to", "none", "--json").stdout)
+    assert plan["frozen_params"] == 0 and not any(l["frozen"] for l in plan["layers"])
