@@ -14,7 +14,7 @@ import pytest
 from tfl.data import DataError, load_dataset
 from tfl.data.idx import read_idx
 from tfl.data.idx_source import FASHION_MNIST_CLASSES, IDX_FILES
-from tfl.data.network import unreachable
+from tfl.data import idx_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -140,9 +140,9 @@ def test_mismatched_label_file_is_named(tmp_path, monkeypatch):
 
 
 def test_missing_files_list_the_searched_paths_and_fixes(tmp_path, monkeypatch):
-    if os.path.exists("/tmp/.keras/datasets/mnist.npz"):
-        pytest.skip("a Keras MNIST cache exists in /tmp/.keras")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    # Only this test's cache: a real ~/.keras or /tmp/.keras on the machine must not satisfy the search.
+    monkeypatch.setattr(idx_source, "_keras_cache_dirs", lambda: [str(tmp_path / "keras" / "datasets")])
     monkeypatch.setenv("HOME", str(tmp_path))  # a real ~/.keras cache must not satisfy the search
     with pytest.raises(DataError) as error:
         load_dataset("mnist", data_dir=str(tmp_path / "mine"), download=False, log=quiet)
@@ -152,8 +152,6 @@ def test_missing_files_list_the_searched_paths_and_fixes(tmp_path, monkeypatch):
 
 
 def test_offline_download_failure_is_a_data_error(tmp_path):
-    if not unreachable(["https://storage.googleapis.com/"], timeout=3):
-        pytest.skip("network reachable: this test checks the offline failure")
     # A fresh process, because Keras fixes its cache folder at import: the attempt must not touch ~/.keras.
     code = (
         "from tfl.data import DataError, load_dataset\n"
@@ -163,13 +161,16 @@ def test_offline_download_failure_is_a_data_error(tmp_path):
         "    print('DataError:', error)\n"
     )
     env = {**os.environ, "HOME": str(tmp_path), "KERAS_HOME": str(tmp_path / "keras")}
+    # Offline for sure, even on a machine with internet: every download goes to a closed local port.
+    env.update({k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    for key in ("NO_PROXY", "no_proxy"):
+        env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "DataError:" in result.stdout, result.stderr[-2000:]
     assert "download failed" in result.stdout.lower() and "--data-dir" in result.stdout
 
 
-@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="needs `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist_test_split():
     images = read_idx(os.path.join(DEBIAN_FASHION, "t10k-images-idx3-ubyte.gz"))
     labels = read_idx(os.path.join(DEBIAN_FASHION, "t10k-labels-idx1-ubyte.gz"))
@@ -178,7 +179,6 @@ def test_real_fashion_mnist_test_split():
     assert 60 < images.mean() < 80  # Fashion-MNIST's mean pixel is about 73
 
 
-@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="needs `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist_through_load_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # a Keras cache must not shadow the system copy
     logged = []

