@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
@@ -61,7 +60,7 @@ def parse_hidden(ctx, param, value):
     try:
         return tuple(int(v) for v in value.split(",") if v.strip()) if value else ()
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer sizes, e.g. 256 or 512,128")
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer sizes, e.g. 256 or 512,128") from None
 
 
 def freeze_up_to_value(ctx, param, value):

@@ -105,7 +105,7 @@ def _train(mode, seed=3, train_bn=False, epochs=2):
     before = {v.path: np.array(v.numpy()) for v in model.weights}
     plan = freezing.make_plan(spec, model, "block3")
     graph = freezing.training_graph(model, plan, mode, train_bn)
-    trainer = Trainer(tf.distribute.get_strategy(), model, 4, TrainConfig(optimizer="sgd", lr=0.05), log=lambda *_: None)
+    trainer = Trainer(tf.distribute.get_strategy(), model, 4, TrainConfig(optimizer="sgd"), log=lambda *_: None)
     groups = [ParamGroup("backbone", graph.backbone_variables, 0.05), ParamGroup("head", graph.head_variables, 0.05)]
     data = _tiny_data()
     trainer.run_stage("finetune", graph.model, groups, epochs, data, data, steps_per_epoch=4, global_batch=8)

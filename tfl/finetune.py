@@ -8,7 +8,6 @@ Stage 1 trains the new head on a frozen backbone at `lr`. Stage 2 unfreezes the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -131,7 +130,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     run.write_json(rundir.PLAN, plan.to_json())
     log(f"run directory: {run.path}")
 
-    cfg = TrainConfig(optimizer=opts.optimizer, lr=opts.lr, backbone_lr=opts.backbone_lr,
+    cfg = TrainConfig(optimizer=opts.optimizer,
                       weight_decay=opts.weight_decay, schedule=opts.schedule, warmup_epochs=opts.warmup_epochs,
                       step_size=opts.step_size, gamma=opts.gamma, label_smoothing=opts.label_smoothing,
                       early_stopping=opts.early_stopping)
@@ -176,7 +175,3 @@ def _history_rows(trainer) -> list[dict]:
             row[f"lr_{group}"] = r.lr.get(group, "")
         rows.append(row)
     return rows
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2)

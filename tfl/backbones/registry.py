@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from tfl.backbones.spec import BackboneSpec
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -48,5 +46,3 @@ def _load_all() -> None:
     _loaded = True
     from tfl.backbones import efficientnet_lite, keras_apps  # noqa: F401
 
-
-Builder = Callable[..., object]

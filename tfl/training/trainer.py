@@ -26,8 +26,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 @dataclasses.dataclass
 class TrainConfig:
     optimizer: str = "adam"
-    lr: float = 1e-3
-    backbone_lr: float | None = None  # default lr / 10
     weight_decay: float | None = None  # default 0.01 for adamw, 0 otherwise
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
