@@ -93,7 +93,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     n_train = splits.num_examples["train"]
     train_source = splits.train
     if opts.limit_train and opts.limit_train < n_train:
-        train_source = train_source.shuffle(n_train, seed=opts.seed, reshuffle_each_iteration=False).take(opts.limit_train)
+        train_source = data.random_subset(train_source, n_train, opts.limit_train, opts.seed)
         n_train = opts.limit_train
     batch = opts.batch_size
     if n_train < batch:

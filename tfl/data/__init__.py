@@ -13,9 +13,10 @@ import importlib
 from tfl.data.errors import DataError
 from tfl.data.splits import DatasetSplits
 
-_LAZY = {"load_dataset": "tfl.data.load", "make_pipeline": "tfl.data.pipeline", "read_image": "tfl.data.decode"}
+_LAZY = {"load_dataset": "tfl.data.load", "make_pipeline": "tfl.data.pipeline", "read_image": "tfl.data.decode",
+         "random_subset": "tfl.data.subset"}
 
-__all__ = ["DataError", "DatasetSplits", "load_dataset", "make_pipeline", "read_image"]
+__all__ = ["DataError", "DatasetSplits", "load_dataset", "make_pipeline", "random_subset", "read_image"]
 
 
 def __getattr__(name: str):
