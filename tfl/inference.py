@@ -31,7 +31,8 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
     classes = run.read_json(rundir.CLASSES)
     model = run.load_model()
     name = dataset or config["dataset"]
-    splits = data.load_dataset(name, data_dir=data_dir if dataset else (data_dir or config.get("data_dir")),
+    # The run's own data_dir only applies to the run's own dataset.
+    splits = data.load_dataset(name, data_dir=data_dir or (None if dataset else config.get("data_dir")),
                                val_split=config.get("val_split", 0.1), seed=config.get("seed", 0), log=log)
     if list(splits.class_names) != list(classes):
         missing = sorted(set(classes) - set(splits.class_names))

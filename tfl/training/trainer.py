@@ -110,6 +110,7 @@ class Trainer:
         self.best_weights = None
         self.best_epoch = None
         self.stopped_early = False
+        self._eval_step = None  # traced on first use
 
     # -- one pass -------------------------------------------------------------------------------------------
     def _per_example_loss(self, labels, logits):
@@ -160,7 +161,7 @@ class Trainer:
 
     def evaluate(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None) -> tuple[float, float]:
         """(mean loss, accuracy) over a batched dataset of (images, labels)."""
-        if not hasattr(self, "_eval_step"):
+        if self._eval_step is None:
             self._eval_step = self._eval_step_fn()
         totals = np.zeros(3)
         progress = Progress(steps or 0, f"    {label}") if steps else None
