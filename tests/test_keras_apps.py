@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfl.backbones import keras_apps, registry
+from tfl.backbones import download, keras_apps, registry
 from tfl.backbones.errors import WeightsUnavailableError
 from tfl.backbones.spec import Preprocessing
 
@@ -261,7 +261,7 @@ def test_offline_imagenet_fails_fast_naming_file_url_cache_and_fix(vgg16_weights
 
 
 def test_a_silent_server_cannot_hang_the_download(vgg16_weights_from, monkeypatch):
-    monkeypatch.setattr(keras_apps, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT_S", 0.5)
     with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)

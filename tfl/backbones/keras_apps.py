@@ -20,17 +20,11 @@ import contextlib
 import dataclasses
 import functools
 import os
-import socket
-import threading
 from typing import Mapping, Sequence
 
-from tfl.backbones.errors import WeightsUnavailableError
+from tfl.backbones.download import weights_download_errors
 from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
-
-# Bounds each connect/read of Keras' weight download. Offline here DNS fails in milliseconds, but behind a
-# firewall that drops packets an unbounded urlopen would wait for the OS TCP timeout (minutes).
-DOWNLOAD_TIMEOUT_S = 20.0
 
 NOTHING = r"(?!)"  # a pattern that matches no layer name (for a family without a head)
 
@@ -562,9 +556,6 @@ FAMILIES: tuple[Family, ...] = (
 
 # --- building ---------------------------------------------------------------------------------------------
 
-_DOWNLOAD_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
 def _fresh_layer_names():
     """Run a Keras constructor with its auto-name counters at zero, so unnamed layers get stable names.
@@ -586,53 +577,6 @@ def _fresh_layer_names():
         for prefix, count in inner.items():
             merged[prefix] = max(merged[prefix], count)
         global_state.set_global_attribute(key, merged)
-
-
-@contextlib.contextmanager
-def _weights_download_errors(backbone: str):
-    """Turn a failure of Keras' weight download into WeightsUnavailableError, with bounded socket waits.
-
-    Keras Applications fetch weights through keras.src.utils.file_utils.get_file (looked up at call
-    time), so wrapping it here sees the exact file name, URL and cache folder Keras asked for, and only
-    download failures (not Keras' argument checks) become WeightsUnavailableError.
-    """
-    from keras.src.backend import config
-    from keras.src.utils import file_utils
-
-    keras_get_file = file_utils.get_file
-
-    def get_file(fname=None, origin=None, *args, **kwargs):
-        previous_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            return keras_get_file(fname, origin, *args, **kwargs)
-        except Exception as err:
-            file_name = fname or os.path.basename(str(origin))
-            cache_dir = os.path.expanduser(kwargs.get("cache_dir") or config.keras_home())
-            if not os.access(cache_dir, os.W_OK):  # get_file's own fallback
-                cache_dir = os.path.join("/tmp", ".keras")
-            cache_path = os.path.join(cache_dir, kwargs.get("cache_subdir", "datasets"), file_name)
-            root = err  # Keras re-raises as a bare Exception; name the failure underneath
-            for _ in range(8):
-                root = root.__cause__ or root.__context__ or root
-            raise WeightsUnavailableError(
-                f"backbone {backbone!r}: Keras could not download its ImageNet weights {file_name!r} from "
-                f"{origin} ({type(root).__name__}: {root}). Fix: download it on a machine with internet and "
-                f"pass --weights PATH (or copy it to {cache_path}, where Keras looks before downloading).",
-                backbone=backbone,
-                file_name=file_name,
-                url=origin,
-                cache_path=cache_path,
-            ) from err
-        finally:
-            socket.setdefaulttimeout(previous_timeout)
-
-    with _DOWNLOAD_LOCK:
-        file_utils.get_file = get_file
-        try:
-            yield
-        finally:
-            file_utils.get_file = keras_get_file
 
 
 def _checked_weights(backbone: str, weights):
@@ -682,7 +626,7 @@ def _build(variant: Variant, family: Family, input_shape=None, weights=None, inc
     else:
         kwargs.update(pooling=None)
     constructor = getattr(keras.applications, variant.constructor)
-    downloads = _weights_download_errors(variant.name) if weights == "imagenet" else contextlib.nullcontext()
+    downloads = weights_download_errors(variant.name) if weights == "imagenet" else contextlib.nullcontext()
     with downloads, _fresh_layer_names():
         return constructor(**kwargs)
 
@@ -699,6 +643,8 @@ def _spec(family: Family, variant: Variant) -> BackboneSpec:
         weight_sources={"imagenet": "Keras Applications ImageNet-1k weights (Keras downloads to ~/.keras/models/)"},
         default_weights="imagenet",
         top_activation="softmax",
+        # The ImageNet classifier layers (names differ across families); a class-count mismatch there is expected.
+        classifier=("predictions", "conv_preds", "Logits"),
         description=(
             f"Keras {variant.constructor}: {variant.params_m:.1f}M params without top, "
             f"{variant.input_size}x{variant.input_size} input; {family.stage_summary}"

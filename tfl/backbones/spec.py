@@ -71,6 +71,10 @@ class BackboneSpec:
     default_weights: str | None = "imagenet"
     top_activation: str = "softmax"  # what the ImageNet top returns: "softmax" or "linear" (logits)
     description: str = ""
+    # tfl.checkpoints.mappings name that turns this family's PyTorch-style state dicts into Keras names.
+    checkpoint_mapping: str | None = None
+    # Keras layer names of the backbone's own ImageNet classifier (include_top=True), e.g. ("fc",).
+    classifier: tuple[str, ...] = ()
 
     @property
     def stage_names(self) -> list[str]:
