@@ -73,7 +73,8 @@ class FreezePlan:
             return None
         # Extend over trailing weightless layers of the frozen run (activation, pooling) to a clean cut.
         end = last_frozen
-        while end + 1 < len(self.layers) and not self.layers[end + 1].params and self.layers[end + 1].stage != CLASSIFIER_STAGE:
+        while (end + 1 < len(self.layers) and self.layers[end + 1].frozen and not self.layers[end + 1].params
+               and self.layers[end + 1].stage != CLASSIFIER_STAGE):
             end += 1
         return self.layers[end].name
 
@@ -151,6 +152,33 @@ def make_plan(
             if pattern.fullmatch(plan.name):
                 plan.frozen = action == "freeze"
     return FreezePlan(spec.name, plans, freeze_up_to, tuple(tuple(r) for r in rules))
+
+
+def leaf_layers(model: keras.Model) -> list:
+    """The layers that own weights, in order, descending into nested models."""
+    if not isinstance(model, keras.Model):
+        return [model]
+    return [leaf for layer in model.layers for leaf in leaf_layers(layer)]
+
+
+def freeze_layers(model: keras.Model, rules: Sequence[tuple[str, str]]) -> list[str]:
+    """Freeze or unfreeze the leaf layers of any Keras model (not only tfl classifiers) by regex.
+
+    rules: [("freeze" | "unfreeze", regex)], fullmatch over layer names, the last matching rule wins, layers no
+    rule matches keep their flag — e.g. [("freeze", "hidden[12]")] for a TF1-style dense net. A rule matching
+    no layer is an error, since a typo would otherwise silently train everything. Returns the frozen names.
+    """
+    leaves = leaf_layers(model)
+    compiled = compile_rules(rules)
+    for action, pattern in compiled:
+        if not any(pattern.fullmatch(layer.name) for layer in leaves):
+            raise ValueError(f"--{action} {pattern.pattern!r} matches no layer of {model.name}; its layers are: "
+                             + ", ".join(layer.name for layer in leaves))
+    for layer in leaves:
+        for action, pattern in compiled:
+            if pattern.fullmatch(layer.name):
+                layer.trainable = action == "unfreeze"
+    return [layer.name for layer in leaves if not layer.trainable]
 
 
 def head_only_plan(plan: FreezePlan) -> FreezePlan:
