@@ -145,3 +145,14 @@ def test_trainable_and_stop_gradient_modes_give_identical_training():
     np.testing.assert_allclose(losses_a, losses_b, rtol=1e-6)
     for path in after_a:
         np.testing.assert_allclose(after_a[path], after_b[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("stage, boundary", [("block1", "layer1_1_out"), ("block2", "layer2_1_out")])
+def test_resnet_block_boundary_stops_before_the_next_blocks_padding(stage, boundary):
+    # The next block starts with a weightless ZeroPadding2D that its downsample branch skips; cutting after
+    # it would be crossed by a skip connection, so the boundary must stay at the block's own output.
+    model = models.build_classifier("resnet18", 3, 64, "none")
+    plan = freezing.make_plan(registry.get("resnet18"), model, stage)
+    assert plan.boundary() == boundary
+    graph = freezing.training_graph(model, plan, "stop_gradient")
+    assert graph.boundary == boundary and graph.model.get_layer("freeze_boundary") is not None
