@@ -7,7 +7,7 @@ import pytest
 
 from tfl.backbones import efficientnet_lite as lite
 from tfl.checkpoints import mappings
-from tfl.checkpoints.port import PortError, assign, port_state_dict
+from tfl.checkpoints.restore import RestoreError, restore
 from tfl.checkpoints.torch_pickle import read_torch_state_dict
 
 
@@ -104,7 +104,7 @@ def test_unknown_mapping_lists_the_known_ones():
         mappings.get_mapping("torchvision")
 
 
-# --- assign ------------------------------------------------------------------------------------------------------
+# --- restore through a mapping ------------------------------------------------------------------------------------------------------
 
 
 def _tiny_model():
@@ -122,22 +122,15 @@ def _tiny_state() -> dict:
             "bn1.running_mean": arange(3), "bn1.running_var": arange(3) + 1}  # fmt: skip
 
 
-def test_port_fills_every_weight_and_skips_only_an_absent_classifier():
+def test_a_mapped_state_fills_every_weight_and_only_an_absent_classifier_is_skipped():
     model = _tiny_model()
     with_fc = {**_tiny_state(), "fc.weight": arange(4, 3)}
-    loaded = port_state_dict(model, with_fc, "torchvision_resnet", classifier=("fc",))
-    assert loaded == sorted(w.path for w in model.weights)
+    report = restore(model, with_fc, mapping="torchvision_resnet", classifier=("fc",))
+    assert sorted(t for t, _ in report.loaded) == sorted(w.path for w in model.weights)
+    assert [name for name, _ in report.classifier_skipped] == ["fc.weight (as fc/kernel)"]
     np.testing.assert_array_equal(model.get_layer("conv1").kernel.numpy(), arange(3, 2, 3, 3).transpose(2, 3, 1, 0))
-    with pytest.raises(PortError, match="unexpected in source: fc/kernel"):
-        port_state_dict(model, with_fc, "torchvision_resnet")
-
-
-def test_assign_is_all_or_nothing():
-    model = _tiny_model()
     before = [w.numpy().copy() for w in model.weights]
-    tensors = mappings.to_keras(_tiny_state(), "torchvision_resnet")
-    tensors["bn1/gamma"] = arange(4)
-    with pytest.raises(PortError, match=r"shape mismatch for bn1/gamma: model \(3,\), source \(4,\)"):
-        assign(model, tensors)
-    for old, w in zip(before, model.weights):
+    with pytest.raises(RestoreError, match=r"unexpected in source: fc\.weight \(as fc/kernel\)"):
+        restore(model, {**with_fc, "conv1.weight": arange(3, 2, 3, 3) + 1}, mapping="torchvision_resnet")
+    for old, w in zip(before, model.weights):  # all or nothing: conv1 was not overwritten either
         np.testing.assert_array_equal(old, w.numpy())

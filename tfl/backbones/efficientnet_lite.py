@@ -166,11 +166,10 @@ def weights_file(name: str, weights: str) -> str:
 
 
 def load_lukemelas_weights(model, name: str, weights: str) -> None:
-    from tfl.checkpoints.port import port_state_dict
-    from tfl.checkpoints.torch_pickle import read_torch_state_dict
+    from tfl.checkpoints.read import read_checkpoint
+    from tfl.checkpoints.restore import restore
 
-    state = read_torch_state_dict(weights_file(name, weights))
-    port_state_dict(model, state, CHECKPOINT_MAPPING, classifier=CLASSIFIER)
+    restore(model, read_checkpoint(weights_file(name, weights)), mapping=CHECKPOINT_MAPPING, classifier=CLASSIFIER)
 
 
 def _stages() -> list[Stage]:

@@ -31,7 +31,6 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Keras weighs the old statistic; torch's momentum=0.1 weighs the new one
 CHECKPOINT_MAPPING = "torchvision_resnet"
 CLASSIFIER = ("fc",)
-TORCH_STYLE = ("pytorch_zip", "pytorch_legacy", "safetensors")  # tfl.checkpoints.read formats with torch keys
 
 
 def build_resnet(
@@ -153,28 +152,26 @@ def download_imagenet_weights(name: str) -> str:
     return path
 
 
-def read_state_dict(path: str) -> dict:
-    """The raw state dict of a .pth/.safetensors file, recognised by content (tfl.checkpoints.read)."""
+def read_state_dict(path: str):
+    """The checkpoint of a .pth/.safetensors file (raw torch keys), recognised by content (tfl.checkpoints.read)."""
     from tfl.checkpoints.read import read_checkpoint
+    from tfl.checkpoints.restore import TORCH_STYLE_FORMATS
 
     checkpoint = read_checkpoint(path)
-    if checkpoint.format not in TORCH_STYLE:
+    if checkpoint.format not in TORCH_STYLE_FORMATS:
         raise ValueError(
             f"weights={path!r} is a {checkpoint.format} file, but ResNet weights are read as a torchvision-style "
             "state dict (.pth or .safetensors); to copy weights by Keras name from this file use "
             "`tfl finetune --weights none --init-from FILE`"
         )
-    return checkpoint.tensors
+    return checkpoint
 
 
 def load_torchvision_weights(model, path: str) -> None:
     """Strict: every key used (or ignored: BN batch counters; fc when the model has no top), every weight filled."""
-    from tfl.checkpoints.port import PortError, port_state_dict
+    from tfl.checkpoints.restore import restore
 
-    try:
-        port_state_dict(model, read_state_dict(path), CHECKPOINT_MAPPING, classifier=CLASSIFIER)
-    except PortError as err:
-        raise PortError(f"{path}: {err}") from None
+    restore(model, read_state_dict(path), mapping=CHECKPOINT_MAPPING, classifier=CLASSIFIER)
 
 
 def _stages(depths: tuple[int, ...]) -> list[Stage]:
