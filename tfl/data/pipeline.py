@@ -1,14 +1,25 @@
-"""make_pipeline: decoded (image, label) elements -> shuffled, resized, optionally augmented float batches."""
+"""Decoded (image, label) elements -> batches: decoded and resized once, then gathered by shuffled indices.
+
+Training data is materialised once into uint8 arrays (an ImageStore): images of one common size (MNIST, CIFAR)
+stay at their small native size and are resized a whole batch at a time; images of mixed sizes are resized to
+`image_size` while decoding, in parallel. Every epoch then only gathers rows.
+
+Order is a property of indices, not of images: `index_order` shuffles the numbers 0..N-1 with a seed, and
+a pipeline gathers its rows by those indices. Anything else stored row by row in the same order (the cached
+boundary activations of tfl.training.boundary) therefore gets exactly the batches the images would.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import tensorflow as tf
 
 from tfl.data.augment import augment_batch
 from tfl.data.errors import DataError
 
-# The shuffle buffer holds whole images; cap its memory rather than its length.
-SHUFFLE_BUDGET_BYTES = 512 * 2**20
+READ_BATCH = 256  # elements per step while materialising: large enough to keep tf.data's parallel map busy
 
 
 def make_pipeline(
@@ -22,31 +33,120 @@ def make_pipeline(
 ) -> tf.data.Dataset:
     """(images float32 [B, S, S, 3] in 0..255, labels int32 [B]) from (image uint8 [H, W, 3], label) elements.
 
-    training=True shuffles with `seed`: the same seed gives the same order every run, and each epoch
-    (each iteration over the dataset) gets a new order that is itself fixed by the seed. `augment` draws
-    its randomness from the seed the same way.
+    training=True decodes the whole dataset into memory once and shuffles with `seed`: the same seed gives the
+    same order every run, and each epoch (each iteration over the dataset) gets a new order that is itself
+    fixed by the seed. training=False streams in the source order. `augment` draws its randomness from the
+    seed the same way.
     """
     _check_args(ds, image_size, batch_size)
-    image_spec = ds.element_spec[0]
-    if image_spec.shape.is_fully_defined():
-        # One size for all (MNIST, CIFAR): shuffle small native images, then resize whole batches at once.
-        if training:
-            ds = _shuffle(ds, image_spec.shape.num_elements() * image_spec.dtype.size, seed)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(lambda images, labels: (_resize(images, image_size), _labels(labels)), tf.data.AUTOTUNE)
-    else:
-        # Sizes differ, so batching needs resized images; resizing first also bounds the shuffle buffer's
-        # memory by image_size instead of by the largest photo. uint8 in the buffer keeps it 4x smaller.
+    if training:
+        store = ImageStore.from_dataset(ds, image_size)
+        order = index_order(store.count, batch_size, training=True, seed=seed, drop_remainder=drop_remainder)
+        return store.batches(order, augment=augment, seed=seed)
+    fixed = ds.element_spec[0].shape.is_fully_defined()
+    if not fixed:
         ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label), tf.data.AUTOTUNE)
-        if training:
-            ds = _shuffle(ds, image_size * image_size * 3, seed)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), _labels(labels)), tf.data.AUTOTUNE)
-    if augment:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda batch, batch_seed: (augment_batch(batch[0], batch_seed), batch[1]), tf.data.AUTOTUNE
-        )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda images, labels: (to_model_input(images, image_size), _labels(labels)), tf.data.AUTOTUNE)
+    return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+
+
+def index_order(n: int, batch_size: int, training: bool, seed: int, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of int64 row indices: 0..n-1 in order, or (training) a seeded permutation, new each iteration."""
+    order = tf.data.Dataset.range(n)
+    if training:
+        order = order.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return order.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def gather_batches(order: tf.data.Dataset, data: np.ndarray, labels: np.ndarray, transform=None) -> tf.data.Dataset:
+    """(data[i], labels[i]) for each index batch i of `order`; data may be an array in memory or an np.memmap.
+
+    One numpy gather per batch (never per example): a captured multi-GB tensor would be copied into the
+    tf.data graph, while numpy reads rows in place, from memory or from the page cache.
+    """
+    row_shape = list(data.shape[1:])
+    dtype = tf.as_dtype(data.dtype)
+
+    def fetch(index):
+        return np.take(data, index, axis=0), np.take(labels, index, axis=0)
+
+    def gather(index):
+        rows, row_labels = tf.numpy_function(fetch, [index], (dtype, tf.int32), stateful=False)
+        return tf.ensure_shape(rows, [None, *row_shape]), tf.ensure_shape(row_labels, [None])
+
+    ds = order.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if transform is not None:
+        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
+
+
+@dataclasses.dataclass
+class ImageStore:
+    """A split decoded once: uint8 images [N, H, W, 3] (native size when all share one, else `image_size`)."""
+
+    images: np.ndarray  # in memory, or an np.memmap of a cache file
+    labels: np.ndarray  # int32 [N]
+    image_size: int  # what batches() resizes to
+
+    @property
+    def count(self) -> int:
+        return int(self.images.shape[0])
+
+    @classmethod
+    def from_dataset(cls, ds: tf.data.Dataset, image_size: int) -> "ImageStore":
+        parts = list(_decoded_batches(ds, image_size))
+        if not parts:
+            raise DataError("the dataset is empty: there are no images to train on")
+        return cls(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), image_size)
+
+    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0) -> tf.data.Dataset:
+        """Float batches in `order`'s order, resized to image_size (and augmented) a whole batch at a time."""
+        ds = gather_batches(order, self.images, self.labels,
+                            lambda images, labels: (to_model_input(images, self.image_size), labels))
+        return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+
+
+def stored_shape(ds: tf.data.Dataset, image_size: int) -> tuple[int, int, int]:
+    """The row shape ImageStore keeps for `ds`: the common native size, or image_size when sizes vary."""
+    shape = ds.element_spec[0].shape
+    return tuple(shape.as_list()) if shape.is_fully_defined() else (image_size, image_size, 3)
+
+
+def fill_images(ds: tf.data.Dataset, image_size: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Decode `ds` into preallocated arrays of exactly its length (see stored_shape for the row shape)."""
+    done = 0
+    for batch_images, batch_labels in _decoded_batches(ds, image_size):
+        end = done + len(batch_labels)
+        if end > len(labels):
+            raise DataError(f"the dataset has more than the {len(labels)} images it was counted to have")
+        images[done:end], labels[done:end] = batch_images, batch_labels
+        done = end
+    if done != len(labels):
+        raise DataError(f"the dataset has {done} images, not the {len(labels)} it was counted to have")
+
+
+def _decoded_batches(ds: tf.data.Dataset, image_size: int):
+    _check_args(ds, image_size, READ_BATCH)
+    if not ds.element_spec[0].shape.is_fully_defined():
+        ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label), tf.data.AUTOTUNE, deterministic=True)
+    for images, labels in ds.batch(READ_BATCH).prefetch(tf.data.AUTOTUNE):
+        yield images.numpy(), labels.numpy().astype(np.int32)
+
+
+def to_model_input(images: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 (or float) images [B, H, W, 3] -> float32 [B, size, size, 3] in 0..255, as every model takes."""
+    if images.shape[-3] == size and images.shape[-2] == size:
+        return tf.cast(images, tf.float32)
+    # antialias only changes anything when shrinking (then it avoids aliasing); growing is plain bilinear.
+    return tf.image.resize(images, [size, size], method="bilinear", antialias=True)
+
+
+def _augmented(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(
+        lambda batch, batch_seed: (augment_batch(batch[0], batch_seed), batch[1]), tf.data.AUTOTUNE
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -61,22 +161,8 @@ def _check_args(ds, image_size, batch_size) -> None:
             raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _shuffle(ds, bytes_per_element: int, seed: int):
-    count = int(ds.cardinality())
-    cap = max(1, SHUFFLE_BUDGET_BYTES // max(1, bytes_per_element))
-    buffer = min(count, cap) if count > 0 else cap
-    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-
-
-def _resize(images: tf.Tensor, size: int) -> tf.Tensor:
-    if images.shape[-3] == size and images.shape[-2] == size:
-        return tf.cast(images, tf.float32)
-    # antialias only changes anything when shrinking (then it avoids aliasing); growing is plain bilinear.
-    return tf.image.resize(images, [size, size], method="bilinear", antialias=True)
-
-
 def _resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
-    return tf.saturate_cast(tf.round(_resize(image, size)), tf.uint8)
+    return tf.saturate_cast(tf.round(to_model_input(image, size)), tf.uint8)
 
 
 def _labels(labels: tf.Tensor) -> tf.Tensor:

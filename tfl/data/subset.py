@@ -11,4 +11,12 @@ def random_subset(ds: tf.data.Dataset, size: int, count: int, seed: int) -> tf.d
     keep = np.zeros(size, dtype=bool)
     keep[np.random.default_rng(seed).choice(size, count, replace=False)] = True
     keep = tf.constant(keep)
-    return ds.enumerate().filter(lambda i, element: tf.gather(keep, i)).map(lambda i, element: element)
+
+    def kept(i, element):
+        return tf.gather(keep, i)
+
+    def element_only(i, element):
+        return element
+
+    # Named functions, not two lambdas on one line: autograph cannot tell such lambdas apart and warns.
+    return ds.enumerate().filter(kept).map(element_only)

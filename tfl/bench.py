@@ -1,0 +1,392 @@
+"""tfl bench: tfl against the recipe users would otherwise run, side by side in one process.
+
+Every case runs on the same backbone, weights, resolution, data subset (Fashion-MNIST from the embedded IDX
+files, decoded once before any clock starts) and epoch budget:
+
+- tfl: tfl's trainer with boundary caching (a fresh cache directory, so extraction is paid), then "warm": the
+  same run again, reusing what the first one persisted;
+- baseline: the Keras transfer-learning guide's recipe, a frozen base inside a keras.Model trained with
+  compile + fit, which recomputes the backbone every epoch (compiled without XLA: on a CPU, XLA made this
+  backbone ~10x slower, and a fair baseline is the fastest one);
+- tfl without caching (what the cache buys).
+
+Both train with the guide's hyperparameters (Adam, constant learning rate, lr/10 for everything in the
+fine-tuning stage), so the comparison is one of speed; tfl then restores its best epoch by validation accuracy,
+as it always does. Times cover training (and per-epoch validation), not model building or test evaluation.
+Accuracy is on a test subset after training. The physical limit is the backbone's forward FLOPs (conv and
+dense layers, counted from their shapes) times the images that must pass through it once, divided by the
+measured float32 matmul rate; `fraction_of_peak` is that limit over tfl's time (for fine-tuning it leaves out
+the backward pass, so it understates how close tfl is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import platform
+import tempfile
+import time
+from typing import Callable
+
+CASES = ("head_only", "partial_finetune", "resnet50_forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"
+    image_size: int = 112  # the embedded default's resolution
+    train: int = 3000
+    val: int = 750
+    test: int = 2000
+    # head_only: the cold speedup over recomputing is about head_epochs (one backbone pass instead of one per
+    # epoch), so >= 10x needs about a dozen epochs; a warm run (cache reused) skips even that one pass.
+    head_epochs: int = 10
+    finetune_head_epochs: int = 1  # partial_finetune: stage 1 ...
+    finetune_epochs: int = 3  # ... then stage 2 above freeze_up_to
+    freeze_up_to: str = "block5"
+    batch_size: int = 64
+    lr: float = 1e-3
+    resnet_size: int = 224
+    resnet_images: int = 256
+    matmul_size: int = 2048
+    seed: int = 0
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+
+
+FULL = BenchConfig()
+QUICK = BenchConfig(image_size=64, train=1024, val=256, test=512, head_epochs=3, finetune_epochs=2,
+                    resnet_size=128, resnet_images=64, matmul_size=1024)
+
+
+def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> dict:
+    """{"machine": {...}, "cases": [{"name", "tfl_seconds", "baseline_seconds", "speedup", "tfl_accuracy",
+    "baseline_accuracy", "fraction_of_peak", ...}]}"""
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # as tfl finetune runs: cached and uncached runs then agree
+    peak = matmul_flops(cfg.matmul_size)
+    log(f"bench: float32 matmul {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} core(s)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tfl-bench-cache-") as cache_dir:
+        data = _load(cfg, log) if {"head_only", "partial_finetune"} & set(cases) else None
+        for case in cases:
+            # Each case its own cache directory: the cached run pays for extraction, the warm one reuses it.
+            case_cache = os.path.join(cache_dir, case)
+            if case == "head_only":
+                results.append(_transfer_case(case, cfg, data, peak, cfg.head_epochs, 0, None, case_cache, log))
+            elif case == "partial_finetune":
+                results.append(_transfer_case(case, cfg, data, peak, cfg.finetune_head_epochs, cfg.finetune_epochs,
+                                              cfg.freeze_up_to, case_cache, log))
+            else:
+                results.append(_resnet_case(cfg, peak, log))
+    return {"machine": machine_info(peak), "cases": results}
+
+
+# -- measurements ------------------------------------------------------------------------------------------------------
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's practical float32 peak (FLOP/s): the best n x n by n x n matmul rate after a warm-up, of
+    TensorFlow's and numpy's BLAS, whichever is faster here."""
+    import numpy as np
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal([n, n], seed=[1, 2])
+    b = tf.random.stateless_normal([n, n], seed=[3, 4])
+    product = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+    x, y = a.numpy(), b.numpy()
+    best = float("inf")
+    for run in (lambda: product(a, b).numpy(), lambda: np.matmul(x, y)):
+        run()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds x 2 of every convolution and dense layer of `model` (nested models included), from shapes."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += forward_flops(layer)
+            continue
+        if not hasattr(layer, "kernel") or not getattr(layer, "built", False):
+            continue
+        out = layer.output.shape
+        positions = 1
+        for d in out[1:-1]:
+            positions *= int(d)
+        kernel = tuple(int(d) for d in layer.kernel.shape)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            per_position = kernel[0] * kernel[1] * kernel[2] * kernel[3]  # kh, kw, channels, multiplier
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            per_position = (kernel[0] * kernel[1] * kernel[2] * kernel[3]
+                            + int(layer.pointwise_kernel.shape[-2]) * int(layer.pointwise_kernel.shape[-1]))
+        else:  # Conv*, Dense: kernel [..., in, out]
+            per_position = 1
+            for d in kernel:
+                per_position *= d
+        total += 2 * positions * per_position
+    return total
+
+
+def machine_info(peak: float) -> dict:
+    import resource
+
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from tfl.cache import physical_memory
+
+    memory = physical_memory()
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory / 2**30, 1) if memory else None,
+        "gpus": len(tf.config.list_physical_devices("GPU")), "matmul_gflops": round(peak / 1e9, 2),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
+    }
+
+
+# -- data ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Data:
+    stores: dict  # split -> ImageStore (decoded once, shared by every run)
+    num_classes: int
+    data_ids: dict
+
+
+def _load(cfg: BenchConfig, log) -> _Data:
+    from tfl import data
+    from tfl.data.pipeline import ImageStore
+    from tfl.training.boundary import data_identity, subset_digest
+
+    splits = data.load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, log=lambda *_: None)
+    wanted = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    stores, ids = {}, {}
+    for split, count in wanted.items():
+        source, size = getattr(splits, split), splits.num_examples[split]
+        if count > size:
+            raise ValueError(f"the bench wants {count} {split} images but {cfg.dataset} has {size}")
+        stores[split] = ImageStore.from_dataset(data.random_subset(source, size, count, cfg.seed), cfg.image_size)
+        ids[split] = data_identity(splits.fingerprint, split, subset_digest(size, count, cfg.seed))
+    log(f"bench: {cfg.dataset} subsets {cfg.train} train / {cfg.val} val / {cfg.test} test at {cfg.image_size}px, "
+        f"{cfg.backbone} ({cfg.weights} weights)")
+    return _Data(stores, splits.num_classes, ids)
+
+
+def _batches(store, cfg: BenchConfig, training: bool):
+    from tfl.data.pipeline import index_order
+
+    order = index_order(store.count, cfg.batch_size, training=training, seed=cfg.seed, drop_remainder=training)
+    return store.batches(order)
+
+
+# -- the Lite0 cases -----------------------------------------------------------------------------------------------------
+def _transfer_case(name, cfg, data, peak, head_epochs, epochs, freeze_up_to, cache_dir, log) -> dict:
+    images = (cfg.train + cfg.val) * (head_epochs + epochs)  # images the epoch budget passes through the model
+    cached = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "on", cache_dir)
+    log(f"{name}: tfl with cache {cached['seconds']:.1f}s, test accuracy {cached['accuracy']:.4f}")
+    warm = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "on", cache_dir)
+    log(f"{name}: tfl again, reusing the persisted cache {warm['seconds']:.1f}s")
+    baseline = _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to)
+    log(f"{name}: Keras guide recipe (compile + fit) {baseline['seconds']:.1f}s, test accuracy {baseline['accuracy']:.4f}")
+    uncached = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "off", cache_dir)
+    log(f"{name}: tfl without cache {uncached['seconds']:.1f}s, test accuracy {uncached['accuracy']:.4f}")
+    flops = cached["flops"]
+    limit = flops * (cfg.train + cfg.val) / peak
+    result = _case(name, cached, baseline, limit)
+    result.update({
+        "tfl_warm_seconds": round(warm["seconds"], 3),
+        "warm_speedup": _ratio(baseline["seconds"], warm["seconds"]),
+        "tfl_nocache_seconds": round(uncached["seconds"], 3),
+        "tfl_nocache_accuracy": round(uncached["accuracy"], 4),
+        "cache_speedup": _ratio(uncached["seconds"], cached["seconds"]),
+        "images_per_second": {"tfl": round(images / cached["seconds"], 1),
+                              "baseline": round(images / baseline["seconds"], 1),
+                              "tfl_nocache": round(images / uncached["seconds"], 1)},
+        "backbone": cfg.backbone, "image_size": cfg.image_size, "train_images": cfg.train, "val_images": cfg.val,
+        "test_images": cfg.test, "head_epochs": head_epochs, "finetune_epochs": epochs,
+        "freeze_up_to": freeze_up_to, "backbone_gflops_per_image": round(flops / 1e9, 4),
+    })
+    if epochs:
+        # Stage 2 epochs alone, fastest of each (the first one also traces the step function).
+        fastest = {k: min(r.seconds for r in run["history"] if r.stage == "finetune")
+                   for k, run in (("cached", cached), ("uncached", uncached))}
+        result["finetune_epoch_seconds"] = {k: round(v, 3) for k, v in fastest.items()}
+        result["epoch_speedup"] = _ratio(fastest["uncached"], fastest["cached"])
+    return result
+
+
+def _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, cache, cache_dir) -> dict:
+    """tfl.finetune's stage loop on the shared, already decoded data."""
+    import keras
+    import tensorflow as tf
+
+    from tfl import freezing, models
+    from tfl.backbones import registry
+    from tfl.training.boundary import StageInputs
+    from tfl.training.trainer import ParamGroup, TrainConfig, Trainer
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = models.build_classifier(cfg.backbone, data.num_classes, cfg.image_size, cfg.weights)
+    plan = freezing.make_plan(registry.get(cfg.backbone), model, freeze_up_to)
+    stages = [("head", freezing.head_only_plan(plan), head_epochs), ("finetune", plan, epochs)]
+    counts = {split: store.count for split, store in data.stores.items()}
+    quiet = lambda *_: None  # noqa: E731
+    inputs = StageInputs(model, cfg.backbone, {}, counts, data.data_ids, cfg.image_size, cfg.batch_size, cfg.seed,
+                         mode=cache, cache_dir=cache_dir, log=quiet, stores=data.stores)
+    inputs.plan(stages)
+    # The guide's hyperparameters (Adam, constant lr, lr/10 for everything in stage 2): a pure speed comparison.
+    trainer = Trainer(tf.distribute.get_strategy(), model, data.num_classes, TrainConfig(schedule="constant"), quiet)
+    steps, val_steps = counts["train"] // cfg.batch_size, -(-counts["val"] // cfg.batch_size)
+    with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress lines
+        start = time.perf_counter()
+        for stage, stage_plan, stage_epochs in stages:
+            if stage_epochs <= 0:
+                continue
+            graph = freezing.training_graph(model, stage_plan)
+            feed = inputs.feed(stage, graph)
+            lr = cfg.lr if stage == "head" else cfg.lr / 10
+            groups = [ParamGroup("backbone", graph.backbone_variables, lr), ParamGroup("head", graph.head_variables, lr)]
+            trainer.run_stage(stage, feed.model, groups, stage_epochs, feed.train, feed.val, steps, cfg.batch_size,
+                              val_steps, eval_model=feed.eval_model)
+        seconds = time.perf_counter() - start
+        trainer.restore_best()
+        _, accuracy = trainer.evaluate(_batches(data.stores["test"], cfg, False))
+    return {"seconds": seconds, "accuracy": accuracy, "history": list(trainer.history),
+            "flops": forward_flops(models.backbone_of(model))}
+
+
+def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
+    """keras.io's transfer learning guide: base.trainable = False, base(x, training=False) in a keras.Model,
+    compile + fit; then unfreeze the top of the base (BN layers stay frozen) and fit again at a 10x lower lr."""
+    import keras
+    import tensorflow as tf
+
+    from tfl import freezing, models
+    from tfl.backbones import registry
+    from tfl.training.trainer import TrainConfig, Trainer
+
+    spec = registry.get(cfg.backbone)
+    keras.utils.set_random_seed(cfg.seed)
+    size = cfg.image_size
+    base = spec.build(input_shape=(size, size, 3), weights=models.resolve_weights(spec, cfg.weights), include_top=False)
+    base.trainable = False
+    inputs = keras.Input(shape=(size, size, 3))
+    x = models.ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    model = keras.Model(inputs, keras.layers.Dense(data.num_classes)(x))
+    train, val = _batches(data.stores["train"], cfg, True), _batches(data.stores["val"], cfg, False)
+
+    def fit(lr, n):
+        model.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=False, metrics=["accuracy"],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(train, epochs=n, validation_data=val, verbose=0, shuffle=False)  # order: index_order
+
+    start = time.perf_counter()
+    if head_epochs:
+        fit(cfg.lr, head_epochs)
+    if epochs:
+        base.trainable = True
+        up_to = freezing.resolve_up_to(spec, [layer.name for layer in base.layers], freeze_up_to)
+        for i, layer in enumerate(base.layers):
+            layer.trainable = i > up_to and not isinstance(layer, keras.layers.BatchNormalization)
+        fit(cfg.lr / 10, epochs)
+    seconds = time.perf_counter() - start
+    trainer = Trainer(tf.distribute.get_strategy(), model, data.num_classes, TrainConfig(), lambda *_: None)
+    _, accuracy = trainer.evaluate(_batches(data.stores["test"], cfg, False))
+    return {"seconds": seconds, "accuracy": accuracy}
+
+
+# -- ResNet50 frozen forward --------------------------------------------------------------------------------------------
+def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
+    """Frozen forward throughput: tfl's cache extraction vs Keras predict, random weights, synthetic images."""
+    import keras
+    import numpy as np
+
+    from tfl import models
+    from tfl.data.pipeline import ImageStore
+    from tfl.training.boundary import POOLED, frozen_forward
+
+    keras.utils.set_random_seed(cfg.seed)
+    size, n = cfg.resnet_size, cfg.resnet_images
+    model = models.build_classifier("resnet50", 10, size, "none")
+    flops = forward_flops(models.backbone_of(model))
+    pixels = np.random.default_rng(cfg.seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    store = ImageStore(pixels, np.zeros(n, np.int32), size)
+    batches = _batches(store, cfg, False)
+    extract = frozen_forward(model, POOLED)
+    extract(next(iter(batches))[0])  # trace outside the clock, as predict's warm-up below
+    start = time.perf_counter()
+    tfl_out = np.concatenate([extract(images).numpy() for images, _ in batches])
+    tfl_seconds = time.perf_counter() - start
+
+    features = keras.Model(model.inputs, model.get_layer(POOLED).output)
+    features.compile(jit_compile=False)
+    images_only = batches.map(lambda images, labels: images)
+    features.predict(images_only.take(1), verbose=0)
+    start = time.perf_counter()
+    keras_out = features.predict(images_only, verbose=0)
+    baseline_seconds = time.perf_counter() - start
+    if not np.allclose(tfl_out, keras_out, rtol=1e-3, atol=1e-3):
+        raise RuntimeError("bench: tfl's frozen forward and Keras predict disagree; the comparison is void")
+    limit = flops * n / peak
+    log(f"resnet50_forward: tfl {tfl_seconds:.1f}s ({n / tfl_seconds:.1f} img/s, {limit / tfl_seconds:.0%} of the "
+        f"matmul peak), Keras predict {baseline_seconds:.1f}s")
+    result = _case("resnet50_forward", {"seconds": tfl_seconds, "accuracy": None},
+                   {"seconds": baseline_seconds, "accuracy": None}, limit)
+    result.update({"images_per_second": {"tfl": round(n / tfl_seconds, 2), "baseline": round(n / baseline_seconds, 2)},
+                   "backbone": "resnet50", "image_size": size, "images": n,
+                   "backbone_gflops_per_image": round(flops / 1e9, 4)})
+    return result
+
+
+def _case(name: str, tfl: dict, baseline: dict, limit_seconds: float) -> dict:
+    rounded = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    return {
+        "name": name,
+        "tfl_seconds": round(tfl["seconds"], 3),
+        "baseline_seconds": round(baseline["seconds"], 3),
+        "speedup": _ratio(baseline["seconds"], tfl["seconds"]),
+        "tfl_accuracy": rounded(tfl["accuracy"]),
+        "baseline_accuracy": rounded(baseline["accuracy"]),
+        "fraction_of_peak": round(limit_seconds / tfl["seconds"], 4),
+        "physical_limit_seconds": round(limit_seconds, 3),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b > 0 else float("inf")
+
+
+def format_table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{m['cpu']}, {m['cores']} cores, matmul peak {m['matmul_gflops']} GFLOP/s, TF {m['tensorflow']}",
+             f"{'case':<18} {'tfl s':>8} {'base s':>8} {'speedup':>8} {'tfl acc':>8} {'base acc':>8} {'% peak':>7}"
+             f" {'no-cache s':>10} {'warm s':>7}"]
+    for c in report["cases"]:
+        acc = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"{c['name']:<18} {c['tfl_seconds']:>8.1f} {c['baseline_seconds']:>8.1f} {c['speedup']:>7.2f}x "
+                     f"{acc(c['tfl_accuracy']):>8} {acc(c['baseline_accuracy']):>8} {c['fraction_of_peak']:>7.1%}"
+                     f" {c.get('tfl_nocache_seconds', float('nan')):>10.1f} {c.get('tfl_warm_seconds', float('nan')):>7.1f}")
+        if "epoch_speedup" in c:
+            lines.append(f"{'':<18} stage-2 epoch with boundary cache {c['epoch_speedup']:.2f}x faster than recomputing")
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""Boundary caching: train the layers above the freeze boundary on activations computed once.
+
+When everything below a stage's freeze boundary is frozen and the images reaching it are the same every epoch
+(no augmentation), the boundary activations never change. StageInputs computes them once per split (train,
+val), keeps them in an ArrayCache (memory within --cache-budget, else disk; persisted, and reused by later runs
+with the same key) and hands each stage a model that starts at the boundary, sharing the classifier's layers.
+
+Which boundary: a stage that freezes the whole backbone (stage 1, the head) caches pooled features, head_pool's
+output (global average pooling has no weights and no randomness; dropout comes after it). A stage with a
+prefix-shaped freeze (stage 2) caches the output of its last frozen layer. When both run, the shallower
+boundary is extracted from the images and the deeper one derived from it by running the frozen layers in
+between once: the whole job pays for one backbone forward pass per image, however many epochs it trains.
+
+Order: the training rows of epoch e are gathered by a permutation of indices fixed by (seed, e) (see
+tfl.training.trainer.epoch_seed), for images and cached activations alike, so a run with the cache sees
+exactly the batches it would without, and a resumed epoch sees the batches of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfl.cache import ArrayCache, Entry, default_cache_dir, format_size, parse_size
+from tfl.data.pipeline import ImageStore, fill_images, gather_batches, index_order, stored_shape
+from tfl.models import backbone_of, head_layers
+from tfl.training.trainer import epoch_seed
+
+MODES = ("auto", "on", "off")
+POOLED = "head_pool"  # the classifier's global average pooling, right after the backbone
+PIPELINE_VERSION = 1  # bump when the input pipeline changes the pixels a model sees for the same files
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass
+class StageFeed:
+    """What the trainer runs for one stage."""
+
+    model: keras.Model  # trained; shares its layers (and so its weights) with the classifier
+    train: Callable[[int], tf.data.Dataset]  # epoch number (1-based, across stages) -> that epoch's batches
+    val: tf.data.Dataset
+    eval_model: keras.Model | None  # evaluates `val`; None means the classifier itself, on images
+    boundary: str | None  # where the cached inputs come from; None: images
+
+
+def data_identity(fingerprint: str, split: str, subset: str | None = None) -> dict:
+    return {"dataset": fingerprint, "split": split, "subset": subset}
+
+
+def for_finetune(opts, model: keras.Model, splits, train_source, n_train: int, image_size: int, batch_size: int,
+                 stages, log: Callable = print) -> StageInputs:
+    """StageInputs for tfl.finetune: its options, its (possibly --limit-train subset) train source, planned."""
+    subset = None
+    if n_train < splits.num_examples["train"]:
+        subset = subset_digest(splits.num_examples["train"], n_train, opts.seed)
+    inputs = StageInputs(
+        model, opts.backbone, {"train": train_source, "val": splits.val},
+        {"train": n_train, "val": splits.num_examples["val"]},
+        {"train": data_identity(splits.fingerprint, "train", subset), "val": data_identity(splits.fingerprint, "val")},
+        image_size, batch_size, opts.seed, opts.augment, opts.cache, opts.cache_budget, opts.cache_dir, opts.jit, log)
+    inputs.plan(stages)
+    return inputs
+
+
+def subset_digest(size: int, count: int, seed: int) -> str:
+    """A hash of the row indices tfl.data.random_subset keeps: the cache key of a --limit-train subset."""
+    from tfl.data import random_subset
+
+    kept = np.fromiter(random_subset(tf.data.Dataset.range(size), size, count, seed).as_numpy_iterator(), np.int64)
+    return hashlib.sha256(kept.tobytes()).hexdigest()[:16]
+
+
+class StageInputs:
+    """The train and val inputs of each stage: decoded images, or cached boundary activations.
+
+    sources/counts/data_ids are keyed by split ("train", "val"); data_ids say what the rows are (see
+    data_identity) and go into every cache key. `stores` may hold splits already decoded (ImageStore). Call plan() once with all stages before training, then feed()
+    for each stage after freezing.training_graph has applied its plan, and log_summary() at the end.
+    """
+
+    def __init__(self, model: keras.Model, backbone: str, sources: dict, counts: dict, data_ids: dict,
+                 image_size: int, batch_size: int, seed: int, augment: bool = False, mode: str = "auto",
+                 budget: str | int | None = None, cache_dir: str | None = None, jit: bool = False,
+                 log: Callable = print, stores: dict | None = None):
+        if mode not in MODES:
+            raise ValueError(f"--cache {mode!r} is not one of {', '.join(MODES)}")
+        self.model, self.backbone_name = model, backbone
+        self.backbone = backbone_of(model)
+        self.sources, self.counts, self.data_ids = sources, counts, data_ids
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.augment, self.mode, self.jit, self.log = augment, mode, jit, log
+        self.cache = ArrayCache(cache_dir or default_cache_dir(), parse_size(budget), log=log)
+        self.layer_names = [layer.name for layer in self.backbone.layers]
+        self.stage_boundary: dict[str, str] = {}
+        self.stage_epochs: dict[str, int] = {}
+        self.entries: dict[tuple[str, str], Entry] = {}
+        self._stores: dict[str, ImageStore] = dict(stores or {})  # split -> decoded images, built on first use
+        self._models: dict[str, keras.Model] = {}
+        self._functions: dict[tuple, Callable] = {}
+        self._spent = 0.0  # seconds spent computing cache entries in this run
+
+    # -- deciding ---------------------------------------------------------------------------------------------------
+    def plan(self, stages) -> None:
+        """Decide which stages train on cached activations. stages: [(name, FreezePlan, epochs)] in run order.
+
+        --cache on raises ValueError when caching is impossible (augmentation, or no stage qualifies);
+        auto falls back to recomputing, saying why in the log.
+        """
+        active = [(name, plan, epochs) for name, plan, epochs in stages if epochs > 0]
+        self.stage_epochs = {name: epochs for name, _, epochs in active}
+        if self.mode == "off" or not active:
+            return
+        if self.augment:
+            if self.mode == "on":
+                raise ValueError("--cache on cannot be used with --augment: augmentation changes the images before "
+                                 "the freeze boundary every epoch, so there is nothing fixed to cache; use --cache auto "
+                                 "(recomputes) or drop --augment")
+            self.log("cache: not used, --augment changes the images before the freeze boundary every epoch")
+            return
+        reasons, pending = {}, 0
+        for i, (name, plan, _) in enumerate(active):
+            boundary, why = self._boundary_for(plan, [p for _, p, _ in active[:i]])
+            if boundary is not None and boundary not in self.stage_boundary.values():
+                nbytes = self._entry_bytes(boundary)
+                why = self.cache.can_store(pending + nbytes)
+                boundary = None if why else boundary
+                pending += 0 if why else nbytes
+            if boundary is None:
+                reasons[name] = why
+            else:
+                self.stage_boundary[name] = boundary
+        if self.mode == "on" and not self.stage_boundary:
+            raise ValueError("--cache on: no stage can train on cached activations: "
+                             + "; ".join(f"stage {n}: {r}" for n, r in reasons.items()) + ". Use --cache auto or off")
+        for name, why in reasons.items():
+            self.log(f"cache: stage {name} recomputes the backbone every epoch: {why}")
+
+    def _boundary_for(self, plan, earlier_plans) -> tuple[str | None, str]:
+        boundary = plan.boundary()
+        if boundary is None:
+            return None, ("its freeze plan is not prefix-shaped (--freeze/--unfreeze rules), so no single tensor "
+                          "separates frozen from trained layers")
+        depth = self.layer_names.index(boundary)
+        below = {layer.name for layer in plan.layers[: depth + 1] if layer.params}
+        for earlier in earlier_plans:
+            if any(not layer.frozen and layer.name in below for layer in earlier.layers):
+                return None, "an earlier stage trains layers below its freeze boundary"
+        if depth == len(self.layer_names) - 1 and isinstance(self.model.get_layer(POOLED), keras.layers.GlobalAveragePooling2D):
+            return POOLED, ""
+        try:
+            keras.Model(self.backbone.get_layer(boundary).output, self.backbone.output)
+        except Exception as err:  # Keras reports a cut crossed by a skip connection as a disconnected graph
+            return None, f"a skip connection crosses the boundary after {boundary} [{str(err).splitlines()[0]}]"
+        return boundary, ""
+
+    def _depth(self, boundary: str) -> int:
+        return len(self.layer_names) if boundary == POOLED else self.layer_names.index(boundary)
+
+    def _row_shape(self, boundary: str) -> tuple:
+        if boundary == POOLED:
+            return (int(self.backbone.output.shape[-1]),)
+        return tuple(int(d) for d in self.backbone.get_layer(boundary).output.shape[1:])
+
+    def _entry_bytes(self, boundary: str) -> int:
+        return sum(self.counts[s] * (4 * int(np.prod(self._row_shape(boundary))) + 4) for s in SPLITS)
+
+    # -- feeding ----------------------------------------------------------------------------------------------------
+    def feed(self, stage: str, graph, history=()) -> StageFeed:
+        """The inputs of `stage`, given the TrainGraph freezing.training_graph returned for it. `history`: the
+        trainer's epochs so far; after a resume, stages it shows finished need no cache (nor get one)."""
+        boundary = self.stage_boundary.get(stage)
+        if boundary is None or self._finished(stage, history):
+            return StageFeed(graph.model, self.images("train"), self.images("val"), None, None)
+        if not self.entries:
+            self._prepare(history)
+        model = self._model_from(boundary)
+        train, val = self.entries[(boundary, "train")], self.entries[(boundary, "val")]
+
+        def train_batches(epoch):
+            return gather_batches(self._order(epoch), train.data, train.labels).prefetch(tf.data.AUTOTUNE)
+
+        val_batches = gather_batches(self._order(None, "val"), val.data, val.labels).prefetch(tf.data.AUTOTUNE)
+        return StageFeed(model, train_batches, val_batches, model, boundary)
+
+    def images(self, split: str):
+        """Float image batches, decoded once: for train, epoch -> that epoch's (augmented) batches; for val,
+        the batches in order."""
+        if split != "train":
+            return self._store(split).batches(self._order(None, split))
+        return lambda epoch: self._store("train").batches(self._order(epoch), self.augment, epoch_seed(self.seed, epoch))
+
+    def _order(self, epoch: int | None, split: str = "train") -> tf.data.Dataset:
+        """Train: epoch `epoch`'s permutation of the row indices, in full batches. Other splits: 0..n-1."""
+        if epoch is None:
+            return index_order(self.counts[split], self.batch_size, training=False, seed=self.seed)
+        return index_order(self.counts[split], self.batch_size, training=True, seed=epoch_seed(self.seed, epoch),
+                           drop_remainder=True)
+
+    def _store(self, split: str) -> ImageStore:
+        if split not in self._stores:
+            source, rows = self.sources[split], self.counts[split]
+            shape = stored_shape(source, self.image_size)
+            key = {"kind": "images", "data": self.data_ids[split], "shape": shape, "pipeline": PIPELINE_VERSION}
+            entry = self.cache.lookup(key)
+            if entry is None:
+                problem = self.cache.can_store(rows * int(np.prod(shape)))
+                if problem:
+                    raise ValueError(f"the decoded {split} images cannot be held: {problem}")
+                entry = self.cache.build(key, rows, shape, np.uint8,
+                                         lambda data, labels: fill_images(source, self.image_size, data, labels) or {},
+                                         persist=False)
+            self._stores[split] = ImageStore(entry.data, entry.labels, self.image_size)
+        return self._stores[split]
+
+    # -- computing the cache ------------------------------------------------------------------------------------------
+    def _finished(self, stage: str, history) -> bool:
+        return sum(result.stage == stage for result in history) >= self.stage_epochs.get(stage, 0)
+
+    def _prepare(self, history) -> None:
+        """Every cached boundary, before any stage trains: shallowest from the images, each deeper one from the
+        previous (the layers in between are frozen until the stage that uses the deeper one has run)."""
+        previous = None
+        needed = {b for stage, b in self.stage_boundary.items() if not self._finished(stage, history)}
+        for boundary in sorted(needed, key=self._depth):
+            for split in SPLITS:
+                key = self._key(boundary, split)
+                entry = self.cache.lookup(key)
+                if entry is None:
+                    entry = self._compute(boundary, split, key, previous)
+                self.entries[(boundary, split)] = entry
+                self.log(self._describe(boundary, split, entry))
+            previous = boundary
+        if all(stage in self.stage_boundary for stage in self.stage_epochs):
+            self._stores.clear()  # no stage trains on images any more
+
+    def _compute(self, boundary: str, split: str, key: dict, previous: str | None) -> Entry:
+        if previous is None:
+            fn, upstream = self._extractor(boundary), 0.0
+            batches = self._store(split).batches(self._order(None, split))
+        else:
+            source = self.entries[(previous, split)]
+            fn, upstream = self._deriver(previous, boundary), source.info.get("seconds", 0.0)
+            batches = gather_batches(self._order(None, split), source.data, source.labels).prefetch(tf.data.AUTOTUNE)
+
+        def fill(data, labels):
+            start, done, first = time.perf_counter(), 0, None
+            for inputs, batch_labels in batches:
+                out = fn(inputs).numpy()
+                data[done: done + len(out)], labels[done: done + len(out)] = out, batch_labels.numpy()
+                done += len(out)
+                if first is None:  # the first batch also traces the function: leave it out of the rate
+                    first = (time.perf_counter() - start, done)
+            spent = time.perf_counter() - start
+            self._spent += spent
+            steady = (spent - first[0]) * done / (done - first[1]) if first and done > first[1] else spent
+            # "seconds": what computing these rows from the images costs, i.e. what one epoch without the cache
+            # pays for the frozen layers; the basis of the time-saved estimate, also in later runs.
+            return {"seconds": upstream + steady, "computed_seconds": spent}
+
+        return self.cache.build(key, self.counts[split], self._row_shape(boundary), np.float32, fill,
+                                persist=self.mode != "off")
+
+    def _extractor(self, boundary: str):
+        if ("extract", boundary) not in self._functions:  # one trace serves train and val
+            self._functions[("extract", boundary)] = frozen_forward(self.model, boundary, self.jit)
+        return self._functions[("extract", boundary)]
+
+    def _deriver(self, start: str, boundary: str):
+        if (start, boundary) not in self._functions:
+            end = self.backbone.output if boundary == POOLED else self.backbone.get_layer(boundary).output
+            between = keras.Model(self.backbone.get_layer(start).output, end)
+            pool = self.model.get_layer(POOLED) if boundary == POOLED else None
+
+            signature = [tf.TensorSpec([None, *self._row_shape(start)], tf.float32)]
+
+            @tf.function(jit_compile=self.jit, input_signature=signature)  # one trace for every batch size
+            def derive(x):
+                x = between(x, training=False)
+                return pool(x) if pool is not None else x
+
+            self._functions[(start, boundary)] = derive
+        return self._functions[(start, boundary)]
+
+    def _model_from(self, boundary: str) -> keras.Model:
+        """Cached activations in, logits out, through the classifier's own layers above the boundary."""
+        if boundary not in self._models:
+            inputs = keras.Input(shape=self._row_shape(boundary), name=f"{boundary}_cached")
+            x = inputs
+            if boundary != POOLED:
+                x = keras.Model(self.backbone.get_layer(boundary).output, self.backbone.output,
+                                name=f"{self.backbone.name}_above_{boundary}")(x)
+            for layer in head_layers(self.model):
+                if not (boundary == POOLED and layer.name == POOLED):
+                    x = layer(x)
+            self._models[boundary] = keras.Model(inputs, x, name=f"{self.model.name}_from_{boundary}")
+        return self._models[boundary]
+
+    # -- keys -------------------------------------------------------------------------------------------------------
+    def _key(self, boundary: str, split: str) -> dict:
+        """Everything the cached values depend on; a change in any of them makes a different entry."""
+        depth = self._depth(boundary)
+        prefix_layers = self.backbone.layers[: depth + 1]
+        preprocess = self.model.get_layer("preprocess").get_config()
+        return {
+            "kind": "features",
+            "backbone": self.backbone_name,
+            "boundary": boundary,
+            "weights": _weights_digest(prefix_layers),
+            "architecture": _digest(json.dumps([layer.get_config() for layer in prefix_layers], sort_keys=True,
+                                               default=str).encode()),
+            "image_size": self.image_size,
+            "preprocessing": {k: preprocess[k] for k in ("mean", "std", "bgr")},
+            "data": self.data_ids[split],
+            "pipeline": PIPELINE_VERSION,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        }
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+    def _describe(self, boundary: str, split: str, entry: Entry) -> str:
+        what = "pooled features" if boundary == POOLED else f"{boundary} activations"
+        shape = "x".join(str(d) for d in entry.data.shape[1:])
+        how = ("reused from an earlier run, extraction skipped" if entry.reused
+               else f"computed in {entry.info.get('computed_seconds', 0.0):.1f}s")
+        return (f"cache: {what} of {split}: {entry.data.shape[0]} x {shape} float32, {format_size(entry.nbytes)} "
+                f"in {entry.where()}; {how}")
+
+    def log_summary(self, history) -> None:
+        """One line: what training on cached activations saved, estimated from what computing them costs."""
+        if not self.entries:
+            return
+        epochs_run: dict[str, int] = {}
+        for result in history:
+            epochs_run[result.stage] = epochs_run.get(result.stage, 0) + 1
+        recompute = 0.0
+        for stage, boundary in self.stage_boundary.items():
+            if (boundary, "train") not in self.entries:  # finished before a resume
+                continue
+            per_epoch = sum(self.entries[(boundary, s)].info.get("seconds", 0.0) for s in SPLITS)
+            recompute += epochs_run.get(stage, 0) * per_epoch
+        total = sum(e.nbytes for e in self.entries.values())
+        self.log(f"cache: {format_size(total)} cached; saved about {max(0.0, recompute - self._spent):.0f}s "
+                 f"(estimate: {recompute:.0f}s of frozen-layer forward passes not repeated, {self._spent:.0f}s spent "
+                 "computing the cache in this run)")
+
+
+def frozen_forward(model: keras.Model, boundary: str = POOLED, jit: bool = False):
+    """images float32 [B, S, S, 3] in 0..255 -> the classifier's activations at `boundary` (a backbone layer
+    name, or POOLED), every layer in inference mode: what the cache holds."""
+    backbone = backbone_of(model)
+    preprocess = model.get_layer("preprocess")
+    end = backbone.output if boundary == POOLED else backbone.get_layer(boundary).output
+    prefix = keras.Model(backbone.input, end)
+    pool = model.get_layer(POOLED) if boundary == POOLED else None
+
+    signature = [tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)]
+
+    @tf.function(jit_compile=jit, input_signature=signature)  # one trace for every batch size
+    def extract(images):
+        x = prefix(preprocess(images), training=False)
+        return pool(x) if pool is not None else x
+
+    return extract
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:24]
+
+
+def _weights_digest(layers) -> str:
+    digest = hashlib.sha256()
+    for layer in layers:
+        for weight in layer.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(f"{weight.path}:{value.dtype}:{value.shape};".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()[:24]
