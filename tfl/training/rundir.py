@@ -7,6 +7,9 @@ runs/<timestamp>-<backbone>-<dataset>/
   history.csv       one row per epoch
   model.keras       the best model (raw 0-255 RGB pixels in, logits out)
   metrics.json      test_accuracy, test_loss, val_accuracy, epochs_run, train_seconds
+  checkpoints/      the last two finished epochs and a `latest` pointer, to resume from (see checkpoint.py)
+
+A crash leaves at most `.tmp-*` files behind, never a partial file under a real name; a resumed run removes them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import os
 import re
 import tempfile
 
-CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS = (
-    "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json")
+CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
+    "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
+TMP_PREFIX = ".tmp-"
 
 
 def default_path(backbone: str, dataset: str, root: str = "runs") -> str:
@@ -31,8 +35,9 @@ def default_path(backbone: str, dataset: str, root: str = "runs") -> str:
 
 def atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,6 +47,22 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable: without this a power cut can undo it even after the file's fsync."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -54,6 +75,19 @@ class RunDir:
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the `.tmp-*` files a killed writer left here or in checkpoints/; returns their paths."""
+        removed = []
+        for folder in (self.path, self.file(CHECKPOINTS)):
+            if not os.path.isdir(folder):
+                continue
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                if name.startswith(TMP_PREFIX) and os.path.isfile(path):
+                    os.unlink(path)
+                    removed.append(path)
+        return removed
 
     def write_json(self, name: str, obj) -> None:
         atomic_write(self.file(name), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -77,11 +111,12 @@ class RunDir:
     def save_model(self, model) -> None:
         # Keras picks the format from the suffix, so the temp name must end in .keras too.
         final = self.file(MODEL)
-        tmp = self.file(".tmp-" + MODEL)
+        tmp = self.file(TMP_PREFIX + MODEL)
         model.save(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        fsync_dir(self.path)
 
     def load_model(self):
         import keras

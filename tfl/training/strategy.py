@@ -1,18 +1,152 @@
-"""Which tf.distribute strategy to train under. The trainer only ever talks to the strategy it is given."""
+"""Which tf.distribute strategy to train under, and which worker this process is.
+
+The trainer only ever talks to the strategy it is given. Make the strategy first in a process: logical devices
+(--devices) and the multi-worker cluster can only be set up before TensorFlow initialises its devices.
+TensorFlow is imported inside the functions so that the CLI can import StrategyUnavailableError cheaply.
+"""
 
 from __future__ import annotations
 
-import tensorflow as tf
+import json
+import os
 
-CHOICES = ("auto", "default", "mirrored")
+CHOICES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
-    gpus = tf.config.list_logical_devices("GPU")
+class StrategyUnavailableError(RuntimeError):
+    """The machine cannot provide the strategy asked for (no TPU reachable): the environment, not the command."""
+
+
+def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: tuple[str, ...] = (),
+                  task_index: int | None = None):
+    """The strategy `name`; `devices` replicas on this machine; `worker_hosts`/`task_index` write TF_CONFIG."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(CHOICES)}")
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices {devices}: must be at least 1")
+    tf_config = os.environ.get("TF_CONFIG")
+    if worker_hosts:
+        if name not in ("auto", "multi_worker"):
+            raise ValueError(f"--worker-hosts starts a multi-worker run; it does not go with --strategy {name}")
+        tf_config = worker_tf_config(worker_hosts, task_index)
+    elif task_index is not None:
+        raise ValueError("--task-index goes with --worker-hosts (the list of every worker's host:port)")
+    workers = _cluster_size(tf_config)
     if name == "auto":
-        name = "mirrored" if len(gpus) > 1 else "default"
+        name = "multi_worker" if workers > 1 else "mirrored" if (devices or 0) > 1 or _gpu_count() > 1 else "default"
+    if name in ("default", "one_device", "tpu") and (devices or 1) > 1:
+        raise ValueError(f"--devices {devices} needs --strategy mirrored (or auto); {name} uses one device")
+    if name == "multi_worker" and workers == 0:
+        raise ValueError("--strategy multi_worker needs the cluster: set TF_CONFIG, or pass --worker-hosts "
+                         "host:port,host:port (every worker, chief first) and --task-index I on each worker")
+
+    import tensorflow as tf
+
     if name == "default":
         return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if _gpu_count() else "/cpu:0")
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(CHOICES)}")
+        return tf.distribute.MirroredStrategy(_local_devices(devices) if devices else None)
+    if name == "multi_worker":
+        if devices:
+            if not _gpu_count() and devices > 1:
+                raise ValueError(f"--devices {devices}: on CPU a multi-worker run has one replica per worker; "
+                                 "start more workers instead")
+            _local_devices(devices)
+        os.environ["TF_CONFIG"] = tf_config  # MultiWorkerMirroredStrategy reads the cluster from here
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return _tpu_strategy(tf)
+
+
+def worker_tf_config(worker_hosts, task_index: int | None) -> str:
+    """TF_CONFIG for worker `task_index` of a cluster of plain workers; worker 0 is the chief."""
+    hosts = [h.strip() for h in worker_hosts if h.strip()]
+    for host in hosts:
+        _, _, port = host.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--worker-hosts: {host!r} is not host:port (e.g. localhost:12345)")
+    if task_index is None or not 0 <= task_index < len(hosts):
+        raise ValueError(f"--task-index {task_index}: give this worker's position in --worker-hosts, "
+                         f"0..{len(hosts) - 1} (0 is the chief)")
+    if "TF_CONFIG" in os.environ:
+        raise ValueError("both TF_CONFIG and --worker-hosts are set; use one of them")
+    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": task_index}})
+
+
+def is_chief(strategy) -> bool:
+    """True for the one process that writes the run directory: the chief, else worker 0, else a lone process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def worker_name(strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return f"{resolver.task_type}{resolver.task_id}" if resolver is not None and resolver.task_type else "worker0"
+
+
+def check_workers_agree(strategy, value: int, what: str) -> None:
+    """Raise unless every worker of a multi-worker run holds the same `value`: workers that disagree (e.g. on
+    the epoch to resume from) would meet in different collectives and hang or silently diverge."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    values = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0).numpy().tolist()
+    if len(set(values)) > 1:
+        raise ValueError(f"the workers disagree on {what} (one value per replica: {values})")
+
+
+def _cluster_size(tf_config: str | None) -> int:
+    if not tf_config:
+        return 0
+    try:
+        cluster = json.loads(tf_config).get("cluster", {})
+        return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError(f"TF_CONFIG is not valid JSON of the form {{\"cluster\": {{\"worker\": [...]}}, "
+                         f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}}: {tf_config[:200]!r}") from None
+
+
+def _gpu_count() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def _local_devices(n: int) -> list[str]:
+    """The first n GPUs, or (no GPU) the CPU split into n logical devices, so replicas really run apart."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        if gpus:
+            if n > len(gpus):
+                raise ValueError(f"--devices {n}: this machine has only {len(gpus)} GPU(s)")
+            tf.config.set_visible_devices(gpus[:n], "GPU")
+            return [f"/gpu:{i}" for i in range(n)]
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        if len(tf.config.get_logical_device_configuration(cpu) or [None]) != n:  # (listing would initialise)
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        return [f"/cpu:{i}" for i in range(n)]
+    except RuntimeError:  # TensorFlow already initialised its devices in this process
+        raise ValueError(f"--devices {n}: TensorFlow's devices are already initialised in this process; "
+                         "choose the devices before anything else runs TensorFlow (a fresh process)") from None
+
+
+def _tpu_strategy(tf):
+    tpu = os.environ.get("TPU_NAME", "local")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as err:  # TF raises NotFoundError, ValueError or RPC errors depending on what is missing
+        reason = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StrategyUnavailableError(
+            f"--strategy tpu: no TPU reachable as {tpu!r} ({reason}); set TPU_NAME to the TPU's name or "
+            "grpc:// address, or pick another --strategy") from None
+    return tf.distribute.TPUStrategy(resolver)

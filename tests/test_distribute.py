@@ -1,0 +1,112 @@
+"""Distributed training gives the numbers of one device: MirroredStrategy over 2 logical CPUs, and
+MultiWorkerMirroredStrategy with two worker processes on loopback, where only the chief writes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from tiny_runs import TINY, checkpoint_arrays, free_ports, history, image_folder, largest_change, start
+
+TOLERANCE = 1e-6  # float sums in another order; training moves the weights by orders of magnitude more
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Children for 2 logical CPUs, 2 workers and a TPU attempt, all at once; meanwhile the one-device
+    reference trains in this process.
+
+    The reference trains with global batch 4 at lr 0.02; the distributed runs with 2 replicas x batch 2 at lr
+    0.01 x 2 (--scale-lr). Dropout is 0 because each replica draws its own dropout masks."""
+    tmp = tmp_path_factory.mktemp("distribute")
+    data = image_folder(tmp / "shapes", per_class=15)  # 22 train, 8 val, 6 test: the last test batch is partial
+    common = ["--dataset", data, *TINY, "--dropout", "0"]
+    scaled = ["--batch-size", "2", "--lr", "0.01", "--backbone-lr", "0.01", "--scale-lr"]
+    cache = lambda name: {"TFL_CACHE_DIR": str(tmp / f"cache-{name}")}  # noqa: E731
+    hosts = ",".join(f"localhost:{p}" for p in free_ports(2))
+    os.makedirs(tmp / "worker-tmp")
+    children = {
+        "mirrored": start([*common, *scaled, "--strategy", "mirrored", "--devices", "2",
+                           "--output-dir", tmp / "mirrored"], cache("mirrored")),
+        "chief": start([*common, *scaled, "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", "0",
+                        "--output-dir", tmp / "chief"], cache("chief")),
+        "worker": start([*common, *scaled, "--strategy", "multi_worker", "--worker-hosts", hosts, "--task-index", "1",
+                         "--output-dir", tmp / "worker"], {**cache("worker"), "TMPDIR": str(tmp / "worker-tmp")}),
+        "tpu": start([*common, "--strategy", "tpu", "--output-dir", tmp / "tpu"]),
+    }
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TFL_CACHE_DIR", str(tmp / "cache-one"))
+        env.delenv("TF_CONFIG", raising=False)
+        one = CliRunner().invoke(cli, ["finetune", *map(str, common), "--batch-size", "4", "--lr", "0.02",
+                                       "--backbone-lr", "0.02", "--output-dir", str(tmp / "one")])
+    assert one.exit_code == 0, one.output
+    return tmp, {name: child.wait() for name, child in children.items()}
+
+
+def assert_same_training(run, reference):
+    ours, theirs = checkpoint_arrays(run, 3), checkpoint_arrays(reference, 3)  # weights and optimizer state
+    assert ours.keys() == theirs.keys()
+    worst = max(float(np.max(np.abs(ours[k].astype(np.float64) - theirs[k]))) for k in ours)
+    assert worst < TOLERANCE
+    assert largest_change(theirs, checkpoint_arrays(reference, 2)) > 1000 * TOLERANCE
+    # Losses and accuracies are sums over every replica of every worker, so they match one device's.
+    for row, expected in zip(history(run), history(reference), strict=True):
+        assert [row["stage"], row["lr_head"]] == [expected["stage"], expected["lr_head"]]
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert float(row[key]) == pytest.approx(float(expected[key]), abs=2e-6)
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (run, reference))
+    assert ours["test_loss"] == pytest.approx(theirs["test_loss"], abs=2e-6)
+
+
+def test_mirrored_over_two_logical_cpus_matches_one_device(runs):
+    tmp, children = runs
+    assert children["mirrored"].returncode == 0, children["mirrored"].why()
+    assert "2 replica(s)" in children["mirrored"].out
+    config = json.loads((tmp / "mirrored" / "config.json").read_text())
+    assert config["replicas"] == 2 and config["global_batch_size"] == 4
+    assert_same_training(tmp / "mirrored", tmp / "one")
+
+
+def test_two_workers_train_like_one_device_and_only_the_chief_writes(runs):
+    tmp, children = runs
+    for name in ("chief", "worker"):
+        assert children[name].returncode == 0, children[name].why()
+        assert "2 replica(s)" in children[name].out
+    assert sorted(os.listdir(tmp / "chief")) == ["checkpoints", "classes.json", "config.json", "freeze_plan.json",
+                                                  "history.csv", "metrics.json", "model.keras"]
+    assert_same_training(tmp / "chief", tmp / "one")
+    # The worker ran the same steps into a scratch directory, removed at the end; its --output-dir never appeared.
+    scratch = str(tmp / "worker-tmp" / "tfl-worker1-")
+    assert f"run directory: {scratch}" in children["worker"].out
+    assert not [n for n in os.listdir(tmp / "worker-tmp") if n.startswith("tfl-")]
+    assert not (tmp / "worker").exists()
+
+
+def test_tpu_strategy_without_a_tpu_fails_with_one_line(runs):
+    tmp, children = runs
+    tpu = children["tpu"]
+    assert tpu.returncode == 1, tpu.why()
+    assert "Error: --strategy tpu: no TPU reachable as 'local'" in tpu.err
+    assert "Traceback" not in tpu.err
+    assert not (tmp / "tpu").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--strategy", "default", "--devices", "2"], "--devices 2 needs --strategy mirrored"),
+    (["--task-index", "1"], "--task-index goes with --worker-hosts"),
+    (["--strategy", "multi_worker"], "--strategy multi_worker needs the cluster"),
+    (["--worker-hosts", "localhost:2222,localhost:2223", "--task-index", "2"], "--task-index 2: give this worker's"),
+    (["--worker-hosts", "localhost", "--task-index", "0"], "'localhost' is not HOST:PORT"),
+    (["--strategy", "mirrored", "--worker-hosts", "localhost:2222", "--task-index", "0"],
+     "does not go with --strategy mirrored"),
+])
+def test_strategy_usage_errors_exit_2_before_any_work(args, needle, monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = CliRunner().invoke(cli, ["finetune", *args, "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    assert "TF_CONFIG" not in os.environ
+    assert not (tmp_path / "run").exists()

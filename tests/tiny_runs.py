@@ -1,0 +1,100 @@
+"""Tiny `cli.py finetune` runs in child processes, for tests/test_resume.py and tests/test_distribute.py.
+
+Child processes because logical devices and the multi-worker cluster must be set up in a fresh TensorFlow,
+and because a run killed with SIGKILL must not take the test process with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 120  # seconds: a hung collective or a stuck child fails the test instead of hanging CI
+
+# 24 train / 8 val / 8 test images at 32 px, random-init MobileNet, stage 2 trains block5 and the head.
+TINY = ["--backbone", "mobilenet", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs", "2",
+        "--val-split", "0.25", "--freeze-up-to", "block4", "--lr", "0.01", "--backbone-lr", "0.01"]
+
+
+def image_folder(root, classes=("circle", "square"), per_class=16, size=32):
+    """Bright discs vs green squares on noise: ROOT/train/<class>/*.png and ROOT/test/<class>/*.png."""
+    rng = np.random.RandomState(0)
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in (("train", per_class), ("test", per_class // 4)):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                img = rng.randint(0, 60, (size, size, 3))
+                if c % 2 == 0:
+                    img[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / (3 + c)) ** 2] = 230
+                else:
+                    img[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = [40, 200, 90]
+                Image.fromarray(img.astype("uint8")).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+@dataclasses.dataclass
+class Child:
+    proc: subprocess.Popen
+    out: str | None = None
+    err: str | None = None
+
+    def wait(self) -> "Child":
+        if self.out is None:
+            try:
+                self.out, self.err = self.proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                pytest.fail(f"child {self.proc.args} did not finish in {TIMEOUT}s")
+        return self
+
+    @property
+    def returncode(self) -> int:
+        return self.wait().proc.returncode
+
+    def why(self) -> str:
+        return f"exit {self.proc.returncode}\n{self.out[-3000:]}\n{self.err[-3000:]}"
+
+
+def start(args, env: dict | None = None) -> Child:
+    """`python cli.py finetune ARGS` in the background."""
+    child_env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}
+    child_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "finetune", *map(str, args)], cwd=ROOT,
+                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Child(proc)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def checkpoint_arrays(run_dir, epoch: int) -> dict:
+    with np.load(os.path.join(run_dir, "checkpoints", f"ckpt-{epoch:04d}.npz")) as archive:
+        return {k: archive[k] for k in archive.files if k != "state"}
+
+
+def history(run_dir) -> list[dict]:
+    """history.csv without the wall-clock column."""
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def largest_change(a: dict, b: dict, prefix: str = "model.") -> float:
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a if k.startswith(prefix))
