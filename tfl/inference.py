@@ -1,4 +1,4 @@
-"""Evaluate a run on a dataset, and predict labels for image files (with a run's model or an ImageNet head)."""
+"""Evaluate a run on a dataset; predict labels for image files with a run's model, an ImageNet head or an export."""
 
 from __future__ import annotations
 
@@ -101,4 +101,35 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
         top = np.argsort(-p, kind="stable")[:k]
         results.append({"image": str(path),
                         "top": [{"index": int(i), "label": labels[i], "prob": round(float(p[i]), 6)} for i in top]})
+    return results
+
+
+def predict_saved_model(paths, export_dir: str, top_k: int = 5) -> list[dict]:
+    """Top-k for image files through an export's serving_default, fed the files' bytes as a server would be.
+
+    `top_k` is capped by the k the export was made with. One request per file, so a file the export cannot
+    decode is named.
+    """
+    import tensorflow as tf
+
+    from tfl.export.layout import resolve_saved_model
+    from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
+
+    serve = tf.saved_model.load(resolve_saved_model(export_dir)).signatures[SERVING_SIGNATURE]
+    results = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            out = serve(**{BYTES_INPUT: tf.constant([data])})
+        except tf.errors.InvalidArgumentError as error:
+            # The decoder's own sentence sits among graph-error lines ("Detected at node ...", node lists).
+            noise = ("Graph execution error", "Detected at", "<stack", "\t", " ", "[")
+            reason = next((line for line in error.message.splitlines() if line and not line.startswith(noise)),
+                          error.message)
+            raise ValueError(f"{path}: the export cannot decode it: {reason}") from None
+        probs, classes, labels = (out[key].numpy()[0] for key in ("probabilities", "classes", "labels"))
+        results.append({"image": str(path), "top": [
+            {"index": int(i), "label": label.decode("utf-8"), "prob": round(float(probs[i]), 6)}
+            for i, label in zip(classes[:top_k], labels[:top_k])]})
     return results
