@@ -21,12 +21,13 @@ class UserError(click.ClickException):
 def run_library(fn, *args, **kwargs):
     """Call into tfl; turn its input errors (ValueError) into one-line usage errors."""
     from tfl.backbones.errors import WeightsUnavailableError
+    from tfl.training.strategy import StrategyUnavailableError
 
     try:
         return fn(*args, **kwargs)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except WeightsUnavailableError as err:  # the environment, not the command line: exit 1
+    except (WeightsUnavailableError, StrategyUnavailableError) as err:  # the environment, not the command: exit 1
         raise click.ClickException(str(err)) from None
 
 
@@ -61,6 +62,40 @@ def parse_hidden(ctx, param, value):
         return tuple(int(v) for v in value.split(",") if v.strip()) if value else ()
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of layer sizes, e.g. 256 or 512,128") from None
+
+
+def parse_renames(ctx, param, values):
+    renames = []
+    for value in values:
+        src, sep, dst = value.rpartition("=")  # the last '=': a regex may hold one ((?=...)), a layer name won't
+        if not sep or not src:
+            raise UserError(f"--rename {value!r} is not SRC=DST, e.g. '(.*)/weights=\\1/kernel'")
+        renames.append((src, dst))
+    return tuple(renames)
+
+
+UNSAFE_HELP = ("Read a .keras archive whose config names code (Lambda layers, unregistered classes) anyway: its "
+               "weights come as raw <layer>/vars/<i> names; nothing from the file is run.")
+
+
+def parse_hosts(ctx, param, value):
+    hosts = tuple(h.strip() for h in value.split(",") if h.strip()) if value else ()
+    for host in hosts:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise click.BadParameter(f"{host!r} is not HOST:PORT; list every worker, e.g. localhost:2222,localhost:2223")
+    return hosts
+
+
+def size_value(ctx, param, value):
+    from tfl.cache import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
 
 
 def freeze_up_to_value(ctx, param, value):
@@ -155,6 +190,18 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
 @click.option("--weights", default="default", show_default=True,
               help="'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download "
                    "for Keras Applications), 'none' (random init), or a path to a weights file.")
+@click.option("--init-from", type=click.Path(), metavar="FILE",
+              help="After building the model, before training, copy weights by name from FILE (any format "
+                   "`tfl inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: "
+                   "restore_report.json in the run directory says what was loaded, skipped and why.")
+@click.option("--reuse", multiple=True, metavar="REGEX",
+              help="With --init-from: restore only model weights or layers whose name fully matches REGEX "
+                   "(repeatable; e.g. 'hidden[123]'); each must be in FILE. Default: every weight FILE has.")
+@click.option("--reuse-exclude", multiple=True, metavar="REGEX", help="With --init-from: never restore these (repeatable).")
+@click.option("--rename", multiple=True, metavar="SRC=DST", callback=parse_renames,
+              help=r"With --init-from: rename FILE's tensors, regex SRC (fullmatch) to DST with \1 groups, "
+                   r"e.g. '(.*)/weights=\1/kernel'. Repeatable; applied in order.")
+@click.option("--unsafe", "init_unsafe", is_flag=True, help=UNSAFE_HELP)
 @click.option("--dataset", default="fashion_mnist", show_default=True,
               help="fashion_mnist or mnist (IDX files: --data-dir, /usr/share/datasets/fashion-mnist, the Keras "
                    "cache, then download), an image folder ROOT/{train,val,test}/<class>/*.jpg, or a tfds name "
@@ -184,7 +231,9 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
               help="Stage 1: epochs training only the new head on the frozen backbone.")
 @click.option("--epochs", default=1, show_default=True, callback=non_negative,
               help="Stage 2: epochs with the layers above --freeze-up-to unfrozen.")
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Global batch size.")
+@click.option("--batch-size", default=64, show_default=True, callback=positive,
+              help="Batch size per replica. The global batch is this x the number of replicas (--devices x workers); "
+                   "on one device they are the same.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
               help="sgd uses momentum 0.9.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, callback=positive, help="Learning rate of the head.")
@@ -199,10 +248,47 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 0.5))
 @click.option("--augment", is_flag=True, help="Random flip, pad-and-crop and small rotation in the input pipeline.")
 @click.option("--early-stopping", type=int, callback=positive, metavar="N", help="Stop after N epochs without val improvement.")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored"]), default="auto", show_default=True,
-              help="tf.distribute strategy. auto: MirroredStrategy with 2+ GPUs, else the default strategy.")
+@click.option("--strategy", type=click.Choice(["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"]),
+              default="auto", show_default=True,
+              help="tf.distribute strategy. one_device: the first GPU, else the CPU. mirrored: every GPU, or --devices N. "
+                   "multi_worker: MultiWorkerMirroredStrategy over the workers in TF_CONFIG (or --worker-hosts); the "
+                   "chief (worker 0) writes the run directory. tpu: TPUStrategy on $TPU_NAME (default 'local'). auto: "
+                   "multi_worker with 2+ workers, mirrored with --devices 2+ or 2+ GPUs, else default.")
+@click.option("--devices", type=int, callback=positive, metavar="N",
+              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
+@click.option("--worker-hosts", callback=parse_hosts, metavar="HOST:PORT,...",
+              help="Every worker's address, chief first, the same list on each worker; with --task-index it writes "
+                   "TF_CONFIG for multi_worker.")
+@click.option("--task-index", type=int, callback=non_negative, metavar="I",
+              help="This worker's position in --worker-hosts (0 is the chief).")
+@click.option("--scale-lr", is_flag=True,
+              help="Multiply --lr and --backbone-lr by the number of replicas (linear scaling for the larger global batch).")
 @click.option("--seed", default=0, show_default=True, help="Seeds data order, init and dropout: runs repeat on CPU.")
-@click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<time>-<backbone>-<dataset>).")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Run directory (default: runs/<time>-<backbone>-<dataset>). If it holds a checkpoint of an "
+                   "interrupted run with the same settings, training continues from it.")
+@click.option("--resume", is_flag=True,
+              help="Insist on continuing the run in --output-dir from its last finished epoch: fail if it has no "
+                   "checkpoint. A changed model, head, class set or training setting is refused either way.")
+@click.option("--export", is_flag=True,
+              help="Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next "
+                   "version>/, as `tfl export --run` does with its defaults.")
+@click.option("--cache", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Boundary caching: compute the frozen layers' output once and train the layers above it on the "
+                   "cached tensors (stage 1: pooled features; stage 2: the --freeze-up-to boundary). auto: whenever "
+                   "valid (no --augment, a prefix-shaped freeze); on: fail if impossible; off: recompute every epoch.")
+@click.option("--cache-budget", metavar="SIZE", callback=size_value,
+              help="Memory for cached arrays and decoded images, e.g. 4G or 512M; what does not fit is read from "
+                   "disk under --cache-dir.  [default: 25% of RAM, at most 4G]")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where cached activations persist, so a later run with the same backbone, weights, boundary, image "
+                   "size and data skips extraction.  [default: $TFL_CACHE_DIR or ~/.cache/tfl]")
+@click.option("--jit/--no-jit", default=False, show_default=True,
+              help="XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran "
+                   "10x slower with XLA than without).")
+@click.option("--mixed-precision/--no-mixed-precision", default=False, show_default=True,
+              help="Compute in bfloat16 with float32 weights and float32 logits/loss. Pays off on GPUs/TPUs and CPUs "
+                   "with bf16 instructions; without them (AVX2 only) it ran 4x slower.")
 def finetune(freeze_rules, unfreeze_rules, **options):
     """Fine-tune a pretrained backbone in two stages and write a run directory.
 
@@ -241,16 +327,24 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
 @click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
+@click.option("--saved-model", type=click.Path(exists=True, file_okay=False),
+              help="Use an export from `tfl export` the way TF Serving would: each file's bytes go to its "
+                   "serving_default signature. A version directory, or the model directory (its highest version). "
+                   "--top-k is capped by the export's own --top-k.")
 @click.option("--weights", default="default", show_default=True, help="With --backbone: 'default' or a weights file.")
 @click.option("--top-k", default=5, show_default=True, callback=positive)
 @click.option("--json", "as_json", is_flag=True, help='Print [{"image", "top": [{"index", "label", "prob"}]}].')
-def predict(images, run_dir, backbone, weights, top_k, as_json):
+def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
     """Top-k labels for IMAGES (JPEG, PNG, BMP, GIF; any colour mode)."""
-    from tfl.inference import predict as run
+    from tfl.inference import predict as run, predict_saved_model
 
-    if bool(run_dir) == bool(backbone):
-        raise UserError("give exactly one of --run DIR (a fine-tuned model) or --backbone NAME (ImageNet head)")
-    results = run_library(run, list(images), run_dir, backbone, weights, top_k)
+    if sum(map(bool, (run_dir, backbone, saved_model))) != 1:
+        raise UserError("give exactly one of --run DIR (a fine-tuned model), --backbone NAME (ImageNet head) or "
+                        "--saved-model DIR (an export)")
+    if saved_model:
+        results = run_library(predict_saved_model, list(images), saved_model, top_k)
+    else:
+        results = run_library(run, list(images), run_dir, backbone, weights, top_k)
     if as_json:
         echo_json(results)
         return
@@ -258,6 +352,130 @@ def predict(images, run_dir, backbone, weights, top_k, as_json):
         click.echo(r["image"])
         for t in r["top"]:
             click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
+
+
+# --- export ----------------------------------------------------------------------------------------------------------
+@cli.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
+@click.option("--format", "fmt", type=click.Choice(["saved_model", "tflite"]), default="saved_model", show_default=True,
+              help="saved_model: for TF Serving (image bytes in; probabilities, top-k classes and labels out). "
+                   "tflite: model.tflite (an image at the model's input size in, probabilities out).")
+@click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
+              help="The model's base directory; the export goes to DIR/<version>/. Default: saved_models/<run name> "
+                   "(saved_model) or saved_models/<run name>-tflite-<mode> (tflite).")
+@click.option("--version", type=int, callback=positive,
+              help="Integer version, the subdirectory TF Serving loads (the highest). Default: highest existing + 1. "
+                   "An existing version is never overwritten.")
+@click.option("--top-k", type=int, callback=positive,
+              help="saved_model: how many top classes the `classes` and `labels` outputs hold (at most the class "
+                   "count).  [default: 5]")
+@click.option("--tflite-mode", type=click.Choice(["float32", "float16", "int8"]),
+              help="tflite: float32 as trained; float16 weights (half the size); int8 dynamic-range quantization "
+                   "(int8 weights, a quarter of the size, no calibration data).  [default: float32]")
+@click.option("--json", "as_json", is_flag=True, help='Print {"path", "format"} instead of the path.')
+def export(run_dir, fmt, output, version, top_k, tflite_mode, as_json):
+    """Export a run's best model for serving into a new integer-versioned directory, written atomically.
+
+    The SavedModel has two signatures: serving_default (image_bytes: encoded JPEG/PNG/GIF/BMP files) and
+    predict_images (images: float32 [N, H, W, 3], 0-255 RGB, any size), both decoded and resized inside as
+    evaluation does; class names are its asset labels.txt. The TFLite export writes model.tflite and labels.txt.
+    """
+    from tfl.export import export_run
+
+    path = run_library(export_run, run_dir, fmt, output, version, top_k, tflite_mode,
+                       log=lambda message: click.echo(message, err=True))
+    if as_json:
+        echo_json({"path": path, "format": fmt})
+    else:
+        click.echo(path)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+@cli.command("inspect-checkpoint")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"path", "format", "tensors": [{"name", "shape", "dtype"}], "extra": [...]}.')
+@click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
+def inspect_checkpoint(file, as_json, unsafe):
+    """List every tensor in FILE: the detected format, then name, shape and dtype of each.
+
+    Reads Keras (.keras, .weights.h5, legacy .h5), TF1 and TF2 checkpoints, SavedModel directories, PyTorch
+    (.pth/.pt) and safetensors files, detected by content. Keras and TF names are the ones `tfl finetune
+    --reuse`/`--rename` match; PyTorch keys are matched after the backbone's mapping (layer1.0.conv1.weight ->
+    layer1_0_conv1/kernel). "extra" lists what is never restored (optimizer slots, step counters).
+    """
+    import math
+
+    from tfl.checkpoints.read import read_checkpoint
+
+    checkpoint = run_library(read_checkpoint, file, unsafe=unsafe)
+    listing = checkpoint.listing()
+    extra = [{"name": name, "shape": list(value.shape), "dtype": value.dtype.name}
+             for name, value in sorted(checkpoint.extra.items())]
+    if as_json:
+        echo_json({"path": checkpoint.path, "format": checkpoint.format, "tensors": listing, "extra": extra})
+        return
+    values = sum(math.prod(t["shape"]) for t in listing)
+    click.echo(f"{checkpoint.path}: {checkpoint.format}, {len(listing)} tensors, {values:,} values")
+    width = max([len(t["name"]) for t in listing + extra] + [4])
+    for title, rows in (("", listing), ("not restored (optimizer slots, counters):", extra)):
+        if title and rows:
+            click.echo(title)
+        for t in rows:
+            click.echo(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<20} {t['dtype']}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path())
+@click.option("--backbone", required=True, help="The file's architecture, a name from `tfl backbones` (e.g. resnet18).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.keras", help="Where to save the model.")
+@click.option("--num-classes", type=int, callback=positive,
+              help="Classes of the classifier. Default: the file's. Another count gets a new, randomly "
+                   "initialised classifier (the summary says so).")
+@click.option("--image-size", type=int, callback=positive, help="Fix the input size. Default: any size.")
+@click.option("--with-preprocessing", is_flag=True,
+              help="Put the backbone's normalisation inside the model, so it takes raw 0-255 RGB pixels. Default: "
+                   "the model takes exactly what the source network took, in NHWC.")
+@click.option("--unsafe", is_flag=True, help=UNSAFE_HELP)
+def convert(file, backbone, output, num_classes, image_size, with_preprocessing, unsafe):
+    """Turn FILE (e.g. a torchvision .pth) into a Keras model OUT.keras: BACKBONE with its own classifier.
+
+    Every tensor must find its layer (strict; PyTorch names go through the backbone's mapping). Prints what
+    was restored.
+    """
+    from tfl.checkpoints.convert import convert_checkpoint
+
+    run_library(convert_checkpoint, file, backbone, output, num_classes, image_size, with_preprocessing, unsafe,
+                log=click.echo)
+    click.echo(f"saved {output}")
+
+
+# --- bench -------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--quick", is_flag=True,
+              help="Small subsets, 64px and few epochs: a couple of minutes instead of about a quarter of an hour.")
+@click.option("--case", "cases", multiple=True, type=click.Choice(["head_only", "partial_finetune", "resnet50_forward"]),
+              help="Run only this case (repeatable). Default: all three.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"machine": {...}, "cases": [{"name", "tfl_seconds", "baseline_seconds", "speedup", '
+                   '"tfl_accuracy", "baseline_accuracy", "fraction_of_peak", ...}]}.')
+def bench(quick, cases, as_json):
+    """Time tfl against the Keras transfer-learning guide recipe, in one process, on the same data.
+
+    Cases: head_only (EfficientNet-Lite0, head training on the frozen backbone), partial_finetune (Lite0,
+    --freeze-up-to block5) and resnet50_forward (frozen forward throughput of Keras' ResNet50, random weights).
+    Each Lite0 case runs tfl with boundary caching (cold, then warm: reusing the cache), the Keras recipe
+    (compile + fit, recomputing the backbone every epoch) and tfl without caching, on the same embedded
+    Fashion-MNIST subset, weights, resolution and epochs. Reports wall seconds, images/second, test accuracy,
+    speedups, and tfl's fraction of the physical limit (backbone forward FLOPs x images / measured matmul FLOP/s).
+    Progress goes to stderr; the table or JSON to stdout. Run it on an otherwise idle machine.
+    """
+    from tfl import bench as benchmarks
+
+    cfg = benchmarks.QUICK if quick else benchmarks.FULL
+    report = run_library(benchmarks.run_bench, cfg, cases or benchmarks.CASES,
+                         log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(report, indent=2) if as_json else benchmarks.format_table(report))
 
 
 def main():

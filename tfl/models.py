@@ -59,7 +59,20 @@ def build_classifier(
     weights: str | None = "default",
     head_hidden: tuple[int, ...] = (),
     dropout: float = 0.2,
+    mixed_precision: bool = False,
 ) -> keras.Model:
+    """mixed_precision: every layer computes in bfloat16 with float32 variables, except the logits (float32, so
+    softmax and the loss see float32)."""
+    previous = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        return _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout) -> keras.Model:
     spec = registry.get(backbone)
     size = image_size or spec.input_size
     features = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=False)
@@ -70,7 +83,7 @@ def build_classifier(
     x = layers.Dropout(dropout, name=HEAD_PREFIX + "dropout")(x)
     for i, units in enumerate(head_hidden, start=1):
         x = layers.Dense(units, activation="relu", name=f"{HEAD_PREFIX}hidden{i}")(x)
-    outputs = layers.Dense(num_classes, name=LOGITS)(x)
+    outputs = layers.Dense(num_classes, name=LOGITS, dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 
 
@@ -84,6 +97,29 @@ def build_imagenet_classifier(backbone: str, weights: str | None = "default") ->
     if spec.top_activation != "softmax":
         x = layers.Softmax(name="probabilities")(x)
     return keras.Model(inputs, x, name=f"{backbone}_imagenet")
+
+
+def build_backbone_model(
+    backbone: str, num_classes: int, image_size: int | None = None, with_preprocessing: bool = False
+) -> keras.Model:
+    """The backbone with its own classifier (global pool, then the spec's classifier layer), random weights.
+
+    What a converted checkpoint becomes: the layer names are the backbone's own, so a file of the same family
+    restores into it by name. image_size None accepts any size (fully convolutional up to the pool). Without
+    preprocessing the model takes what the source network took, in NHWC; the output is what the spec's top
+    gives (logits or probabilities).
+    """
+    spec = registry.get(backbone)
+    if not spec.classifier:
+        raise ValueError(f"backbone {backbone!r} declares no classifier layer (BackboneSpec.classifier), so its "
+                         "own classifier cannot be rebuilt; use a backbone that has one (e.g. resnet18)")
+    shape = (image_size, image_size, 3) if image_size else (None, None, 3)
+    features = spec.build(input_shape=shape, weights=None, include_top=False)
+    inputs = keras.Input(shape=shape, name="image")
+    x = ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs) if with_preprocessing else inputs
+    x = layers.GlobalAveragePooling2D(name="global_pool")(features(x))
+    outputs = layers.Dense(num_classes, activation=spec.top_activation, name=spec.classifier[-1])(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_converted")
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
