@@ -58,6 +58,7 @@ def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
     import tensorflow as tf
 
     from tfl.data import read_image
+    from tfl.data.pipeline import resize_uint8
 
     batch = []
     for path in paths:
@@ -67,9 +68,10 @@ def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
             scale = size / CENTER_CROP_FRACTION / min(h, w)
             resized = tf.image.resize(image, (max(size, round(h * scale)), max(size, round(w * scale))), antialias=True)
             image = tf.image.resize_with_crop_or_pad(resized, size, size)
-        else:
-            image = tf.image.resize(image, (size, size), antialias=True)
-        batch.append(tf.clip_by_value(image, 0.0, 255.0))
+            image = tf.clip_by_value(image, 0.0, 255.0)
+        else:  # exactly as training and evaluation stored the image (and as the SavedModel export decodes it)
+            image = tf.cast(resize_uint8(image, size), tf.float32)
+        batch.append(image)
     return tf.stack(batch).numpy()
 
 

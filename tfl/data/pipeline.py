@@ -45,7 +45,7 @@ def make_pipeline(
         return store.batches(order, augment=augment, seed=seed)
     fixed = ds.element_spec[0].shape.is_fully_defined()
     if not fixed:
-        ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label), tf.data.AUTOTUNE)
+        ds = ds.map(lambda image, label: (resize_uint8(image, image_size), label), tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda images, labels: (to_model_input(images, image_size), _labels(labels)), tf.data.AUTOTUNE)
     return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
@@ -129,7 +129,7 @@ def fill_images(ds: tf.data.Dataset, image_size: int, images: np.ndarray, labels
 def _decoded_batches(ds: tf.data.Dataset, image_size: int):
     _check_args(ds, image_size, READ_BATCH)
     if not ds.element_spec[0].shape.is_fully_defined():
-        ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label), tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda image, label: (resize_uint8(image, image_size), label), tf.data.AUTOTUNE, deterministic=True)
     for images, labels in ds.batch(READ_BATCH).prefetch(tf.data.AUTOTUNE):
         yield images.numpy(), labels.numpy().astype(np.int32)
 
@@ -161,7 +161,8 @@ def _check_args(ds, image_size, batch_size) -> None:
             raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
+def resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
+    """One image of any size -> uint8 [size, size, 3], rounded: how images of mixed sizes are stored for training."""
     return tf.saturate_cast(tf.round(to_model_input(image, size)), tf.uint8)
 
 

@@ -17,7 +17,7 @@ import tempfile
 import tensorflow as tf
 
 # The pipeline's own resize functions, so serving cannot drift from what the model saw in evaluation.
-from tfl.data.pipeline import _resize_uint8, to_model_input
+from tfl.data.pipeline import resize_uint8, to_model_input
 from tfl.export import layout
 from tfl.training import rundir
 
@@ -70,7 +70,7 @@ def write_saved_model(model, labels: str, path: str, top_k: int) -> None:
             # Per image as the pipeline does for image folders: decode, resize, round to uint8; then batch as float.
             def decode(data):
                 image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-                return _resize_uint8(tf.ensure_shape(image, [None, None, 3]), size)
+                return resize_uint8(tf.ensure_shape(image, [None, None, 3]), size)
 
             images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
             return outputs(tf.cast(images, tf.float32))
