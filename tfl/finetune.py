@@ -210,7 +210,7 @@ def _finetune(opts: FinetuneOptions, log, strategy, scratch: str | None) -> dict
     lr_scale = replicas if opts.scale_lr else 1
     lr = opts.lr * lr_scale
     backbone_lr = (opts.backbone_lr if opts.backbone_lr is not None else opts.lr / 10) * lr_scale
-    log(Trainer.header())
+    header = Trainer.header()  # printed once the caches are ready, right above the first epoch row
 
     for name, stage_plan, epochs in stages:
         if epochs <= 0 or trainer.stopped_early:
@@ -219,6 +219,9 @@ def _finetune(opts: FinetuneOptions, log, strategy, scratch: str | None) -> dict
             graph = freezing.training_graph(model, stage_plan, opts.freeze_mode, opts.train_bn)
         groups = [ParamGroup("backbone", graph.backbone_variables, backbone_lr), ParamGroup("head", graph.head_variables, lr)]
         feed = inputs.feed(name, graph, trainer.history)
+        if header:
+            log(header)
+            header = None
         trainer.run_stage(name, feed.model, groups, epochs, feed.train, feed.val, steps_per_epoch, batch, val_steps,
                           eval_model=feed.eval_model)
         run.write_history(_history_rows(trainer))

@@ -31,7 +31,7 @@ import tensorflow as tf
 from tfl.cache import ArrayCache, Entry, default_cache_dir, format_size, parse_size
 from tfl.data.pipeline import ImageStore, fill_images, gather_batches, index_order, stored_shape
 from tfl.models import backbone_of, head_layers
-from tfl.training.trainer import epoch_seed
+from tfl.training.trainer import Progress, epoch_seed
 
 MODES = ("auto", "on", "off")
 POOLED = "head_pool"  # the classifier's global average pooling, right after the backbone
@@ -251,12 +251,15 @@ class StageInputs:
 
         def fill(data, labels):
             start, done, first = time.perf_counter(), 0, None
-            for inputs, batch_labels in batches:
+            progress = Progress(-(-len(labels) // self.batch_size), f"  caching {boundary} of {split}")
+            for step, (inputs, batch_labels) in enumerate(batches, 1):
                 out = fn(inputs).numpy()
                 data[done: done + len(out)], labels[done: done + len(out)] = out, batch_labels.numpy()
                 done += len(out)
+                progress.update(step)
                 if first is None:  # the first batch also traces the function: leave it out of the rate
                     first = (time.perf_counter() - start, done)
+            progress.close()
             spent = time.perf_counter() - start
             self._spent += spent
             steady = (spent - first[0]) * done / (done - first[1]) if first and done > first[1] else spent

@@ -98,11 +98,12 @@ class Progress:
         self.start = time.time()
         self.next_report = 0.25
 
-    def update(self, done: int, loss: float, acc: float) -> None:
+    def update(self, done: int, loss: float | None = None, acc: float | None = None) -> None:
         frac = done / max(self.total, 1)
         elapsed = time.time() - self.start
         eta = elapsed / max(frac, 1e-9) - elapsed
-        text = f"{self.label} {done}/{self.total} loss {loss:.4f} acc {acc:.4f} {elapsed:.0f}s eta {eta:.0f}s"
+        metrics = f" loss {loss:.4f} acc {acc:.4f}" if loss is not None else ""
+        text = f"{self.label} {done}/{self.total}{metrics} {elapsed:.0f}s eta {eta:.0f}s"
         if self.tty:
             bar = "#" * int(20 * frac)
             self.stream.write(f"\r  [{bar:<20}] {text}")
