@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 from tfl.checkpoints.restore import RestoreReport, mapping_for, restore
@@ -38,6 +37,7 @@ def convert_checkpoint(
     from tfl import models
     from tfl.backbones import registry
     from tfl.checkpoints.read import read_checkpoint
+    from tfl.training import rundir
 
     if not output.endswith(".keras"):
         raise ValueError(f"--output {output!r} must end in .keras (Keras' native format)")
@@ -51,11 +51,7 @@ def convert_checkpoint(
                          "pass --num-classes N for a new, randomly initialised classifier")
     model = models.build_backbone_model(backbone, classes, image_size, with_preprocessing)
     report = restore(model, checkpoint, mapping=mapping, classifier=spec.classifier, strict=True)
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(output))
-    model.save(tmp)
-    os.replace(tmp, output)  # never leave a half-written model under the final name
+    rundir.save_keras(model, output)
     if log is not None:
         log(report.summary())
     return report

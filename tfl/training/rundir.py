@@ -65,6 +65,19 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def save_keras(model, path: str) -> None:
+    """model.save to `path` (.keras) atomically: a half-written model never stands under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Keras picks the format from the suffix, so the temp name must end in .keras too.
+    tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(path))
+    model.save(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
 class RunDir:
     def __init__(self, path: str, create: bool = True):
         self.path = path
@@ -109,14 +122,7 @@ class RunDir:
         atomic_write(self.file(HISTORY), buf.getvalue().encode())
 
     def save_model(self, model) -> None:
-        # Keras picks the format from the suffix, so the temp name must end in .keras too.
-        final = self.file(MODEL)
-        tmp = self.file(TMP_PREFIX + MODEL)
-        model.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(self.path)
+        save_keras(model, self.file(MODEL))
 
     def load_model(self):
         import keras
