@@ -156,7 +156,7 @@ def machine_info(peak: float) -> dict:
     memory = physical_memory()
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory / 2**30, 1) if memory else None,
-        "gpus": len(tf.config.list_physical_devices("GPU")), "matmul_gflops": round(peak / 1e9, 2),
+        "gpus": len(tf.config.list_physical_devices("GPU")), "matmul_gflops": significant(peak / 1e9),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
@@ -212,23 +212,23 @@ def _transfer_case(name, cfg, data, peak, head_epochs, epochs, freeze_up_to, cac
     limit = flops * (cfg.train + cfg.val) / peak
     result = _case(name, cached, baseline, limit)
     result.update({
-        "tfl_warm_seconds": round(warm["seconds"], 3),
+        "tfl_warm_seconds": significant(warm["seconds"]),
         "warm_speedup": _ratio(baseline["seconds"], warm["seconds"]),
-        "tfl_nocache_seconds": round(uncached["seconds"], 3),
+        "tfl_nocache_seconds": significant(uncached["seconds"]),
         "tfl_nocache_accuracy": round(uncached["accuracy"], 4),
         "cache_speedup": _ratio(uncached["seconds"], cached["seconds"]),
-        "images_per_second": {"tfl": round(images / cached["seconds"], 1),
-                              "baseline": round(images / baseline["seconds"], 1),
-                              "tfl_nocache": round(images / uncached["seconds"], 1)},
+        "images_per_second": {"tfl": significant(images / cached["seconds"]),
+                              "baseline": significant(images / baseline["seconds"]),
+                              "tfl_nocache": significant(images / uncached["seconds"])},
         "backbone": cfg.backbone, "image_size": cfg.image_size, "train_images": cfg.train, "val_images": cfg.val,
         "test_images": cfg.test, "head_epochs": head_epochs, "finetune_epochs": epochs,
-        "freeze_up_to": freeze_up_to, "backbone_gflops_per_image": round(flops / 1e9, 4),
+        "freeze_up_to": freeze_up_to, "backbone_gflops_per_image": significant(flops / 1e9),
     })
     if epochs:
         # Stage 2 epochs alone, fastest of each (the first one also traces the step function).
         fastest = {k: min(r.seconds for r in run["history"] if r.stage == "finetune")
                    for k, run in (("cached", cached), ("uncached", uncached))}
-        result["finetune_epoch_seconds"] = {k: round(v, 3) for k, v in fastest.items()}
+        result["finetune_epoch_seconds"] = {k: significant(v) for k, v in fastest.items()}
         result["epoch_speedup"] = _ratio(fastest["uncached"], fastest["cached"])
     return result
 
@@ -353,9 +353,9 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
         f"matmul peak), Keras predict {baseline_seconds:.1f}s")
     result = _case("resnet50_forward", {"seconds": tfl_seconds, "accuracy": None},
                    {"seconds": baseline_seconds, "accuracy": None}, limit)
-    result.update({"images_per_second": {"tfl": round(n / tfl_seconds, 2), "baseline": round(n / baseline_seconds, 2)},
+    result.update({"images_per_second": {"tfl": significant(n / tfl_seconds), "baseline": significant(n / baseline_seconds)},
                    "backbone": "resnet50", "image_size": size, "images": n,
-                   "backbone_gflops_per_image": round(flops / 1e9, 4)})
+                   "backbone_gflops_per_image": significant(flops / 1e9)})
     return result
 
 
@@ -363,18 +363,24 @@ def _case(name: str, tfl: dict, baseline: dict, limit_seconds: float) -> dict:
     rounded = lambda v: None if v is None else round(v, 4)  # noqa: E731
     return {
         "name": name,
-        "tfl_seconds": round(tfl["seconds"], 3),
-        "baseline_seconds": round(baseline["seconds"], 3),
+        "tfl_seconds": significant(tfl["seconds"]),
+        "baseline_seconds": significant(baseline["seconds"]),
         "speedup": _ratio(baseline["seconds"], tfl["seconds"]),
         "tfl_accuracy": rounded(tfl["accuracy"]),
         "baseline_accuracy": rounded(baseline["accuracy"]),
-        "fraction_of_peak": round(limit_seconds / tfl["seconds"], 4),
-        "physical_limit_seconds": round(limit_seconds, 3),
+        "fraction_of_peak": significant(limit_seconds / tfl["seconds"]),
+        "physical_limit_seconds": significant(limit_seconds),
     }
 
 
 def _ratio(a: float, b: float) -> float:
-    return round(a / b, 2) if b > 0 else float("inf")
+    return significant(a / b, 3) if b > 0 else float("inf")
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant figures: a relative precision whatever the magnitude, so a ratio of two
+    reported numbers agrees with the reported ratio (rounding 0.039 s to three decimals would move it by 2.5%)."""
+    return float(f"{value:.{digits}g}")
 
 
 def format_table(report: dict) -> str:
