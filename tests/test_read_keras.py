@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 from tfl.checkpoints import CheckpointError, read_checkpoint
+from tfl import reuse
 from tfl.models import ImagePreprocessing
+
+# The reader trusts no class beyond Keras' built-ins unless told; tfl's callers pass tfl's (tfl.reuse).
+TFL_LAYERS = {"tfl>ImagePreprocessing": ImagePreprocessing}
 
 
 def _seeded(model: keras.Model) -> keras.Model:
@@ -69,7 +73,7 @@ def test_keras_archive_is_rebuilt_into_layer_weight_names(tmp_path, model):
     model.optimizer.build(model.trainable_variables)
     path = tmp_path / "model.keras"
     model.save(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, custom_objects=TFL_LAYERS)
     assert checkpoint.format == "keras"
     _assert_same(checkpoint.tensors, _by_layer(model))  # tfl's own ImagePreprocessing rebuilt fine (no weights)
     # The optimizer's iteration count, learning rate and 2 slots x 6 trainable weights stay out of the tensors.
@@ -178,13 +182,22 @@ class Scale(keras.layers.Layer):
         return x * self.factor
 
 
+def test_tfl_layers_are_rebuilt_only_when_the_caller_vouches_for_them(tmp_path, model):
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with pytest.raises(CheckpointError, match=r"custom class tfl>ImagePreprocessing .*\(layer 'preprocess'\)"):
+        read_checkpoint(path)
+    assert set(reuse.custom_objects()) >= set(TFL_LAYERS)
+    _assert_same(reuse.read_checkpoint(path).tensors, _by_layer(model))
+
+
 def test_custom_class_outside_tfl_is_refused_even_when_registered_here(tmp_path):
     inputs = keras.Input((3,))
     model = _seeded(keras.Model(inputs, Scale(name="scale")(keras.layers.Dense(3, name="d")(inputs))))
     path = tmp_path / "custom.keras"
     model.save(path)
     with pytest.raises(CheckpointError, match=r"custom class someone_else>Scale .*\(layer 'scale'\)"):
-        read_checkpoint(path)
+        reuse.read_checkpoint(path)
     assert sorted(read_checkpoint(path, unsafe=True).tensors) == ["d/vars/0", "d/vars/1", "scale/vars/0"]
 
 
@@ -288,7 +301,7 @@ def test_keras_archive_with_an_external_link_inside_is_refused(tmp_path, model):
         zf.writestr("metadata.json", metadata)
         zf.write(inner, "model.weights.h5")
     with pytest.raises(CheckpointError, match=r"model\.keras!model\.weights\.h5: /layers/dense/vars/9 is an external"):
-        read_checkpoint(path)
+        read_checkpoint(path, custom_objects=TFL_LAYERS)
     assert not sentinel.was_opened()
 
 

@@ -1,6 +1,9 @@
 """restore(): selection by regex, renames, classifier skips, strictness, all-or-nothing, and the report."""
 
+import ast
 import json
+import pathlib
+import types
 
 import keras
 import numpy as np
@@ -88,7 +91,9 @@ def test_classifier_with_another_class_count_is_skipped_and_said_so():
     model = dense_net(classes=10)
     source = state_of(dense_net(classes=1000))
     before = values(model)
-    report = restore(model, source)
+    with pytest.raises(RestoreError, match=r"shape mismatch: logits/kernel \(model \(3, 10\), source \(3, 1000\)\)"):
+        restore(model, source)  # restore() knows no head by name: the caller says which layers are one
+    report = restore(model, source, classifier=["logits"])
     assert dict(report.classifier_skipped) == {"logits/kernel": "classifier: 1000 classes in source, 10 in model",
                                                "logits/bias": "classifier: 1000 classes in source, 10 in model"}
     assert np.array_equal(values(model)["logits/kernel"], before["logits/kernel"])
@@ -112,7 +117,7 @@ def test_strict_failure_lists_every_unexplained_name_and_restores_nothing():
     del source["hidden1/bias"]
     before = values(model)
     with pytest.raises(RestoreError) as caught:
-        restore(model, source)
+        restore(model, source, classifier=["logits"])
     assert caught.value.report.problems() == [
         "missing in source: hidden1/bias",
         "unexpected in source: extra/kernel",
@@ -126,7 +131,7 @@ def test_strict_failure_lists_every_unexplained_name_and_restores_nothing():
 def test_non_strict_loads_what_fits_and_reports_the_rest():
     model = dense_net()
     source = state_of(dense_net(sizes=(5, 4, 9)))
-    report = restore(model, source, strict=False)
+    report = restore(model, source, strict=False, classifier=["logits"])
     assert np.array_equal(model.get_layer("hidden2").kernel.numpy(), source["hidden2/kernel"])
     assert [m[0] for m in report.shape_mismatches] == ["hidden3/kernel", "hidden3/bias"]
     assert "  PROBLEM shape mismatch: hidden3/kernel (model (4, 3), source (4, 9))" in report.summary()
@@ -135,7 +140,7 @@ def test_non_strict_loads_what_fits_and_reports_the_rest():
 def test_include_none_takes_what_the_source_has():
     model = dense_net()
     source = {k: v for k, v in state_of(dense_net()).items() if k.startswith("hidden1/")}
-    report = restore(model, source, include=None)
+    report = restore(model, source, include=None, classifier=["logits"])
     assert sorted(t for t, _ in report.loaded) == ["hidden1/bias", "hidden1/kernel"]
     assert "  loaded (all the source has): 2" in report.summary()
     assert dict(report.skipped)["hidden2/kernel"] == "not in source"
@@ -213,3 +218,58 @@ def test_a_fresh_nested_sequential_matches_its_saved_file(tmp_path):
     assert sorted(name for name, _ in report.loaded) == ["conv1/bias", "conv1/kernel", "logits/bias", "logits/kernel"]
     for a, b in zip(source.weights, target.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# --- tfl.reuse: the tfl-aware side --------------------------------------------------------------------------
+
+
+def test_restore_classifier_lets_the_files_top_and_tfls_logits_differ():
+    from tfl.checkpoints.read import Checkpoint
+    from tfl.reuse import restore_classifier
+
+    spec = types.SimpleNamespace(classifier=("fc",), checkpoint_mapping=None)
+    source = {**state_of(dense_net(classes=1000)), "fc/kernel": np.zeros((3, 1000), "float32")}
+    model = dense_net(classes=10)
+    report = restore_classifier(model, spec, Checkpoint("a file", "keras", source))
+    assert {name for name, _ in report.classifier_skipped} == {"logits/kernel", "logits/bias", "fc/kernel"}
+    assert np.array_equal(values(model)["hidden3/kernel"], source["hidden3/kernel"])
+
+
+def test_open_init_from_checks_the_patterns_before_reading_anything():
+    from tfl.reuse import open_init_from
+
+    assert open_init_from(None) is None
+    with pytest.raises(ValueError, match="--reuse, --rename given without --init-from FILE"):
+        open_init_from(None, reuse=["x"], rename=[("a", "b")])
+    with pytest.raises(ValueError, match="--reuse-exclude '\\(' is not a valid regular expression"):
+        open_init_from("no such file", exclude=["("])
+
+
+# --- tfl.checkpoints is a leaf: it reads files and restores names, knowing nothing else of tfl ---------------
+
+
+def _tfl_imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, module) of every tfl module `path` imports, at module level or inside functions."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package the file is in
+                base = ".".join(["tfl", "checkpoints"][: 3 - node.level] + ([base] if base else []))
+            # `from tfl import models` imports the module tfl.models
+            found += [(node.lineno, f"{base}.{alias.name}" if base == "tfl" else base) for alias in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            found.append((node.lineno, str(node.args[0].value)))
+    return [(line, module) for line, module in found if module == "tfl" or module.startswith("tfl.")]
+
+
+def test_checkpoints_imports_no_tfl_module_outside_itself():
+    package = pathlib.Path(__file__).parent.parent / "tfl" / "checkpoints"
+    files = sorted(package.glob("*.py"))
+    assert len(files) >= 8
+    outside = [f"{path.name}:{line} imports {module}" for path in files for line, module in _tfl_imports(path)
+               if module != "tfl.checkpoints" and not module.startswith("tfl.checkpoints.")]
+    assert not outside, outside

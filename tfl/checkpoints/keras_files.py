@@ -9,10 +9,11 @@
   `layer_names` on the root (or on `model_weights`) and `weight_names` on each layer group; names are the
   weight names with the `:0` suffix dropped, reduced to `<leaf layer>/<weight>`.
 - `.keras` archives: config.json is audited *before* Keras sees it (see audit_config); a clean config is rebuilt
-  with `keras.saving.load_model(safe_mode=True, compile=False)` so names are `<leaf layer>/<weight>`. A config
-  naming code (Lambda, an unregistered custom class, ...) is refused unless unsafe=True, and even then tfl does not
-  rebuild it: the weights are read straight from model.weights.h5 as `<leaf layer>/vars/<i>`, so no code from
-  the file runs, ever.
+  with `keras.saving.load_model(safe_mode=True, compile=False)` so names are `<leaf layer>/<weight>`. Besides Keras
+  built-ins, only the classes the caller passes as `custom_objects` ({registered name: class}) are rebuilt, so this
+  package need not import the modules that define tfl's own layers. A config naming code (Lambda, any other custom
+  class, ...) is refused unless unsafe=True, and even then tfl does not rebuild it: the weights are read straight
+  from model.weights.h5 as `<leaf layer>/vars/<i>`, so no code from the file runs, ever.
 
 A canonical name is the last two parts of Keras' variable path (`backbone/conv1/kernel` -> `conv1/kernel`);
 when two weights would get the same short name (same-named layers in different nested models) both keep their
@@ -27,6 +28,7 @@ import re
 import sys
 import tempfile
 import zipfile
+from typing import Mapping
 
 import h5py
 import numpy as np
@@ -178,20 +180,13 @@ def read_legacy_h5(path: str) -> tuple[dict, dict]:
 # --- .keras archives -------------------------------------------------------------------------------------------
 
 
-def _tfl_registered(registered_name: str | None):
-    import keras
-
-    obj = keras.saving.get_registered_object(registered_name) if registered_name else None
-    return obj if obj is not None and getattr(obj, "__module__", "").startswith("tfl.") else None
-
-
 def _activations(keras) -> set[str]:
     helpers = {"get", "serialize", "deserialize"}
     return {name for name, fn in vars(keras.activations).items() if callable(fn) and name[0] != "_"} - helpers
 
 
-def _judge(node: dict) -> str | None:
-    """Why Keras must not rebuild this serialised object, or None when it is a built-in or one of tfl's."""
+def _judge(node: dict, trusted: Mapping[str, object]) -> str | None:
+    """Why Keras must not rebuild this serialised object, or None when it is a built-in or `trusted`."""
     import keras
 
     class_name, module, registered = node["class_name"], node.get("module"), node.get("registered_name")
@@ -201,15 +196,16 @@ def _judge(node: dict) -> str | None:
         return "a Python lambda stored as bytecode"
     if class_name == "function":
         fn = node["config"]
-        if isinstance(fn, str) and _tfl_registered(fn):
+        if isinstance(fn, str) and fn in trusted:
             return None
         if module in _ACTIVATION_MODULES and fn in _activations(keras):
             return None
         return f"function {module}.{fn}, which is not a Keras activation"
     if registered and registered != class_name:
-        if _tfl_registered(registered):
+        if registered in trusted:
             return None
-        return f"custom class {registered} (module {module}); only Keras built-ins and tfl's own classes are rebuilt"
+        return (f"custom class {registered} (module {module}); only Keras built-ins and the classes passed as "
+                "custom_objects are rebuilt")
     # Keras resolves built-ins by module; only modules Keras itself already imported are looked at.
     owner = sys.modules.get(module) if isinstance(module, str) and module.split(".")[0] == "keras" else None
     cls = getattr(owner, class_name, None) if owner is not None else None
@@ -225,20 +221,19 @@ def _judge(node: dict) -> str | None:
         keras.metrics.Metric,
     )
     if not (isinstance(cls, type) and issubclass(cls, safe_bases)):
-        return f"class {module}.{class_name}, which is neither a Keras built-in nor registered by tfl"
+        return f"class {module}.{class_name}, which is neither a Keras built-in nor one of custom_objects"
     if cls.__name__ in _UNSAFE_BUILTINS:
         return f"{cls.__name__} layer, which {_UNSAFE_BUILTINS[cls.__name__]}"
     return None
 
 
-def audit_config(config: dict) -> list[str]:
+def audit_config(config: dict, custom_objects: Mapping[str, object] | None = None) -> list[str]:
     """Every object in a .keras config.json that Keras would rebuild and tfl will not allow, one phrase each.
 
+    custom_objects: {registered name ("package>Class"): class} the caller vouches for, e.g. tfl's own layers.
     The top-level compile_config is skipped: compile=False means Keras never deserialises it.
     """
-    import tfl.freezing  # noqa: F401 - registers tfl's own layers under package "tfl"
-    import tfl.models  # noqa: F401
-
+    trusted = dict(custom_objects or {})
     problems: list[str] = []
 
     def visit(node, layer: str):
@@ -252,7 +247,7 @@ def audit_config(config: dict) -> list[str]:
             inner = node["config"]
             if isinstance(inner, dict) and isinstance(inner.get("name"), str):
                 layer = inner["name"]
-            problem = _judge(node)
+            problem = _judge(node, trusted)
             if problem:
                 problems.append(f"{problem} (layer {layer!r})")
         for key, value in node.items():
@@ -305,7 +300,7 @@ def _owned_weights(model, chain: tuple[str, ...]) -> list[tuple[tuple[str, ...],
     return found
 
 
-def _rebuild(path: str, raw_count: int) -> dict:
+def _rebuild(path: str, raw_count: int, custom_objects: Mapping[str, object]) -> dict:
     import keras
 
     try:
@@ -314,7 +309,7 @@ def _rebuild(path: str, raw_count: int) -> dict:
             named = path if path.endswith(".keras") else os.path.join(scratch, "model.keras")
             if named != path:
                 os.symlink(os.path.abspath(path), named)
-            model = keras.saving.load_model(named, compile=False, safe_mode=True)
+            model = keras.saving.load_model(named, custom_objects=dict(custom_objects), compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means Keras cannot rebuild this file
         raise CheckpointError(
             f"cannot rebuild {path} with Keras ({type(exc).__name__}: {str(exc)[:300]}); pass unsafe=True "
@@ -332,7 +327,8 @@ def _rebuild(path: str, raw_count: int) -> dict:
     return tensors
 
 
-def read_keras_archive(path: str, unsafe: bool = False) -> tuple[dict, dict]:
+def read_keras_archive(path: str, unsafe: bool = False,
+                       custom_objects: Mapping[str, object] | None = None) -> tuple[dict, dict]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -345,7 +341,7 @@ def read_keras_archive(path: str, unsafe: bool = False) -> tuple[dict, dict]:
             raise CheckpointError(f"cannot read {path}: config.json is not valid JSON ({exc})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"cannot read {path}: config.json holds a {type(config).__name__}, not an object")
-        problems = audit_config(config)
+        problems = audit_config(config, custom_objects)
         if problems and not unsafe:
             shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
             raise CheckpointError(
@@ -359,4 +355,4 @@ def read_keras_archive(path: str, unsafe: bool = False) -> tuple[dict, dict]:
                 raw, extra = _keras3_tensors(f, path)
     if problems:
         return raw, extra
-    return _rebuild(path, len(raw)), extra
+    return _rebuild(path, len(raw), custom_objects or {}), extra

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -135,15 +136,19 @@ def detect_format(path: str | os.PathLike) -> str:
     return _resolve(os.fspath(path))[0]
 
 
-def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, unsafe: bool = False,
+                    custom_objects: Mapping[str, object] | None = None) -> Checkpoint:
     """Read any supported checkpoint into canonical names; `unsafe` only lets a .keras archive whose config.json
-    names code (Lambda, unknown classes) be read anyway — as raw `<layer>/vars/<i>` weights, still running nothing."""
+    names code (Lambda, unknown classes) be read anyway — as raw `<layer>/vars/<i>` weights, still running nothing.
+
+    custom_objects: {registered name: class} a .keras archive may name and Keras may rebuild besides its built-ins
+    (tfl.reuse.read_checkpoint passes tfl's own layers)."""
     path = os.fspath(path)
     fmt, source = _resolve(path)
     if fmt == "keras":
         from tfl.checkpoints.keras_files import read_keras_archive
 
-        tensors, extra = read_keras_archive(source, unsafe=unsafe)
+        tensors, extra = read_keras_archive(source, unsafe=unsafe, custom_objects=custom_objects)
     elif fmt == "keras_weights_h5":
         from tfl.checkpoints.keras_files import read_weights_h5
 

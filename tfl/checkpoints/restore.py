@@ -12,9 +12,11 @@ Order of operations, as in big_vision's partial restore:
 4. everything is validated — shapes, names on one side only, patterns that match nothing — and only then
    assigned. In strict mode any unexplained name fails the whole restore and nothing changes.
 
-Classifier layers (tfl's `logits` plus the ones passed in `classifier`) may differ in class count or be
-absent on one side: they are skipped and reported ("classifier: 1000 classes in source, 10 in model"),
-which is how a backbone's ImageNet top gives way to a new head.
+The layers named in `classifier` may differ in class count or be absent on one side: they are skipped and
+reported ("classifier: 1000 classes in source, 10 in model"), which is how a backbone's ImageNet top gives way
+to a new head.
+
+Generic over Keras models; restoring into a tfl classifier (which names its head) is tfl.reuse.
 """
 
 from __future__ import annotations
@@ -130,16 +132,22 @@ class Target:
     variable: object
 
 
+def _leaf_layers(layer) -> list:
+    import keras
+
+    if not isinstance(layer, keras.Model):
+        return [layer]
+    return [leaf for inner in layer.layers for leaf in _leaf_layers(inner)]
+
+
 def model_targets(model) -> dict[str, Target]:
     """Every weight of `model` by canonical name, descending into nested models down to the leaf layers."""
-    from tfl.freezing import leaf_layers
-
     from tfl.checkpoints.keras_files import short_name
 
     # Named as the readers name a file's weights: the last two parts of the variable path (Keras gives a freshly
     # built nested Sequential `backbone/conv1/kernel` but the same model reloaded `conv1/kernel`); full path
     # only where two weights share the short name.
-    items = [(layer, variable) for layer in leaf_layers(model) for variable in layer.weights]
+    items = [(layer, variable) for layer in _leaf_layers(model) for variable in layer.weights]
     counts: dict[str, int] = {}
     for _, variable in items:
         counts[short_name(variable.path)] = counts.get(short_name(variable.path), 0) + 1
@@ -156,7 +164,7 @@ def model_targets(model) -> dict[str, Target]:
     return targets
 
 
-def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Iterable[str], what: str) -> list[re.Pattern]:
     compiled = []
     for pattern in patterns:
         try:
@@ -166,10 +174,10 @@ def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
     return compiled
 
 
-def _compile_renames(rename: Iterable[tuple[str, str]], what: str = "rename") -> list[tuple[re.Pattern, str]]:
+def compile_renames(rename: Iterable[tuple[str, str]], what: str = "rename") -> list[tuple[re.Pattern, str]]:
     rules = []
     for src, dst in rename:
-        (pattern,) = _compile([src], what)
+        (pattern,) = compile_patterns([src], what)
         try:
             pattern.sub(dst, "")  # a replacement naming a group the regex lacks fails here, not mid-restore
         except (re.error, IndexError) as err:
@@ -232,22 +240,20 @@ def restore(
     strict: fail, changing nothing, on any name missing in the source, unexpected in the source, of another
       shape, or any pattern that matches nothing. Non-strict: load what fits, report the rest.
     mapping: a tfl.checkpoints.mappings Mapping (or its name) for raw PyTorch-style sources.
-    classifier: layer names (besides tfl's `logits`) whose absence or class-count change is expected.
+    classifier: layer names whose absence or class-count change is expected (a replaced head).
     """
     import keras
 
-    from tfl.models import LOGITS
-
-    includes = None if include is None else _compile(include, "include pattern")
-    excludes = _compile(exclude, "exclude pattern")
-    renames = _compile_renames(rename)
+    includes = None if include is None else compile_patterns(include, "include pattern")
+    excludes = compile_patterns(exclude, "exclude pattern")
+    renames = compile_renames(rename)
     where, fmt, tensors, file_keys, ignored = _read(source, mapping)
     report = RestoreReport(source=where, format=fmt, strict=strict, ignored=ignored)
     targets = model_targets(model)
     by_layer = collections.defaultdict(list)
     for target in targets.values():
         by_layer[target.layer].append(target)
-    classifier_layers = {LOGITS, *classifier}
+    classifier_layers = set(classifier)
     used_patterns: set[re.Pattern] = set()
 
     # Source name -> model target, after renames; two source tensors for one target is always an error.
@@ -353,32 +359,3 @@ def restore(
     if log is not None:
         log(report.summary())
     return report
-
-
-def mapping_for(spec, checkpoint) -> str | None:
-    """The backbone family's mapping when the file holds raw PyTorch-style keys; Keras/TF names need none."""
-    return spec.checkpoint_mapping if checkpoint.format in TORCH_STYLE_FORMATS else None
-
-
-def open_init_from(path: str | None, reuse=(), exclude=(), rename=(), unsafe: bool = False):
-    """Check `tfl finetune`'s --reuse/--reuse-exclude/--rename and read --init-from (None: no restore), before
-    any data is loaded, so a bad file or pattern fails at once."""
-    from tfl.checkpoints.read import read_checkpoint
-
-    if path is None:
-        given = [flag for flag, value in (("--reuse", reuse), ("--reuse-exclude", exclude), ("--rename", rename),
-                                          ("--unsafe", unsafe)) if value]
-        if given:
-            raise ValueError(f"{', '.join(given)} given without --init-from FILE, which they apply to; add it")
-        return None
-    _compile(reuse, "--reuse")
-    _compile(exclude, "--reuse-exclude")
-    _compile_renames(rename, "--rename")
-    return read_checkpoint(path, unsafe=unsafe)
-
-
-def restore_classifier(model, spec, checkpoint, reuse=(), exclude=(), rename=(), log=None) -> RestoreReport:
-    """--init-from into a tfl classifier: strict about what --reuse selects (default: every weight the file
-    has); the file's own classifier (spec.classifier) and tfl's new `logits` may differ or be absent."""
-    return restore(model, checkpoint, include=tuple(reuse) or None, exclude=exclude, rename=rename, strict=True,
-                   mapping=mapping_for(spec, checkpoint), classifier=spec.classifier, log=log)
