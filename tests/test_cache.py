@@ -146,7 +146,7 @@ def test_stage_inputs_cache_the_right_boundaries_and_reuse_them_only_while_weigh
     assert (head.boundary, finetune.boundary) == (POOLED, "block3b_add")
     assert sum("computed in" in m for m in log) == 4  # block3b_add then pooled (derived), train and val
     # Pooled features derived from the block3 cache equal a straight forward pass through the whole backbone.
-    direct = frozen_forward(lite0, POOLED)(store.batches(_order(12)).map(lambda x, y: x).get_single_element()).numpy()
+    direct = frozen_forward(lite0, POOLED)(store.batches(_order(12)).map(lambda b: b["image"]).get_single_element()).numpy()
     np.testing.assert_allclose(inputs.entries[(POOLED, "train")].data, direct, rtol=1e-4, atol=1e-5)
     # The cached models end in the classifier's own logits layer: same weights.
     assert head.model.get_layer("logits") is lite0.get_layer("logits") and head.eval_model is head.model
@@ -213,7 +213,7 @@ def _history(run_dir):
 
 
 def test_finetune_gives_the_same_losses_with_and_without_the_cache(tmp_path):
-    from tfl.finetune import FinetuneOptions, finetune
+    from tfl.recipes.finetune import FinetuneOptions, finetune
 
     data = _shapes(tmp_path / "shapes")
     results, logs = {}, {}

@@ -61,7 +61,8 @@ def test_folder_to_batches_end_to_end(tmp_path):
     assert splits.num_examples == {"train": 8, "val": 4, "test": 12}
     for ds, training in ((splits.train, True), (splits.test, False)):
         images, labels = [], []
-        for batch_images, batch_labels in make_pipeline(ds, 16, 5, training=training, seed=0, augment=training):
+        for batch in make_pipeline(ds, 16, 5, training=training, seed=0, augment=training):
+            batch_images, batch_labels = batch["image"], batch["label"]
             images.append(batch_images.numpy())
             labels.append(batch_labels.numpy())
         images, labels = np.concatenate(images), np.concatenate(labels)

@@ -32,25 +32,25 @@ def mixed_size(n=N) -> tf.data.Dataset:
 
 
 def epochs(ds, count=2) -> list[list[int]]:
-    return [[int(v) for _, labels in ds for v in labels.numpy()] for _ in range(count)]
+    return [[int(v) for batch in ds for v in batch["label"].numpy()] for _ in range(count)]
 
 
 @pytest.mark.parametrize("source", [fixed_size, mixed_size])
 def test_shapes_dtypes_and_range(source):
     batches = list(make_pipeline(source(), image_size=12, batch_size=5, training=False, seed=0))
-    assert [b[0].shape.as_list() for b in batches] == [[5, 12, 12, 3]] * 4 + [[3, 12, 12, 3]]
-    for images, labels in batches:
+    assert [b["image"].shape.as_list() for b in batches] == [[5, 12, 12, 3]] * 4 + [[3, 12, 12, 3]]
+    for images, labels in ((b["image"], b["label"]) for b in batches):
         assert images.dtype == tf.float32 and labels.dtype == tf.int32
     # Constant images stay constant through resizing: image i is all i.
-    images = np.concatenate([b[0].numpy() for b in batches])
+    images = np.concatenate([b["image"].numpy() for b in batches])
     expected = np.arange(N, dtype=np.float32)[:, None, None, None] * np.ones((1, 12, 12, 3))
     np.testing.assert_allclose(images, expected, atol=1e-3)
-    assert [int(v) for b in batches for v in b[1]] == list(range(N))
+    assert [int(v) for b in batches for v in b["label"]] == list(range(N))
 
 
 def test_drop_remainder():
     batches = list(make_pipeline(fixed_size(), 8, 5, training=True, seed=0, drop_remainder=True))
-    assert len(batches) == 4 and all(b[0].shape[0] == 5 for b in batches)
+    assert len(batches) == 4 and all(b["image"].shape[0] == 5 for b in batches)
 
 
 @pytest.mark.parametrize("source", [fixed_size, mixed_size])
@@ -68,10 +68,10 @@ def test_augment_is_seeded_changes_pixels_and_keeps_shape_and_range():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 20, 20, 3), dtype=np.uint8)
     ds = tf.data.Dataset.from_tensor_slices((images, np.arange(16, dtype=np.int64)))
-    plain = np.concatenate([b[0].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0)])
-    first = [b[0].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0, augment=True)]
-    again = [b[0].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0, augment=True)]
-    other = [b[0].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=1, augment=True)]
+    plain = np.concatenate([b["image"].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0)])
+    first = [b["image"].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0, augment=True)]
+    again = [b["image"].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=0, augment=True)]
+    other = [b["image"].numpy() for b in make_pipeline(ds, 20, 8, training=False, seed=1, augment=True)]
     augmented = np.concatenate(first)
     assert augmented.shape == plain.shape == (16, 20, 20, 3)
     assert augmented.min() >= 0.0 and augmented.max() <= 255.0
@@ -85,10 +85,10 @@ def test_augment_differs_between_epochs_but_is_repeatable():
         (np.tile(np.arange(16, dtype=np.uint8)[None, None, :, None] * 15, (8, 16, 1, 3)), np.zeros(8, np.int64))
     )
     ds = make_pipeline(ramp, 16, 8, training=False, seed=3, augment=True)
-    epoch1, epoch2 = [next(iter(ds))[0].numpy() for _ in range(2)]
+    epoch1, epoch2 = [next(iter(ds))["image"].numpy() for _ in range(2)]
     assert not np.array_equal(epoch1, epoch2)
     ds_again = make_pipeline(ramp, 16, 8, training=False, seed=3, augment=True)
-    np.testing.assert_array_equal(next(iter(ds_again))[0].numpy(), epoch1)
+    np.testing.assert_array_equal(next(iter(ds_again))["image"].numpy(), epoch1)
 
 
 def _transform(images, flip=False, dx=0, dy=0, degrees=0.0):

@@ -75,8 +75,9 @@ def test_two_workers_train_like_one_device_and_only_the_chief_writes(runs):
     for name in ("chief", "worker"):
         assert children[name].returncode == 0, children[name].why()
         assert "2 replica(s)" in children[name].out
-    assert sorted(os.listdir(tmp / "chief")) == ["checkpoints", "classes.json", "config.json", "freeze_plan.json",
-                                                  "history.csv", "metrics.json", "model.keras"]
+    assert sorted(os.listdir(tmp / "chief")) == ["checkpoints", "classes.json", "config.json", "curves.png",
+                                                  "freeze_plan.json", "history.csv", "metrics.json", "model.keras",
+                                                  "tensorboard"]
     assert_same_training(tmp / "chief", tmp / "one")
     # The worker ran the same steps into a scratch directory, removed at the end; its --output-dir never appeared.
     scratch = str(tmp / "worker-tmp" / "tfl-worker1-")

@@ -73,7 +73,7 @@ def probe_files(run_dir):
 def evaluation_pixels(paths):
     """Exactly what `tfl evaluate` feeds the model for these files: the tfl.data pipeline, training=False."""
     ds = decode_files(paths, [0] * len(paths), [False] * len(paths))
-    images, _ = next(iter(make_pipeline(ds, SIZE, len(paths), training=False, seed=0)))
+    images = next(iter(make_pipeline(ds, SIZE, len(paths), training=False, seed=0)))["image"]
     return images.numpy()
 
 

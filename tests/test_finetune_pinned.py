@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tfl.finetune import FinetuneOptions, finetune
+from tfl.recipes.finetune import FinetuneOptions, finetune
 from tiny_runs import image_folder
 
 # (stage, train_loss, val_loss, lr_backbone, lr_head) per epoch

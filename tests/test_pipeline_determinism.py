@@ -22,7 +22,7 @@ def _store(size=6) -> ImageStore:
 
 def _rows(ds) -> list[list[int]]:
     """Each batch as the row numbers it holds (a row's pixels all equal its number)."""
-    return [[int(v) for v in images.numpy()[:, 0, 0, 0]] for images, _ in ds]
+    return [[int(v) for v in images.numpy()[:, 0, 0, 0]] for images in (batch["image"] for batch in ds)]
 
 
 def test_the_same_seed_gives_the_same_batches_in_every_build():
@@ -51,8 +51,9 @@ def test_rows_stored_elsewhere_come_in_the_order_the_images_would():
     store = _store()
     features = np.arange(N, dtype=np.float32)[:, None] * np.array([[10.0, -1.0]], np.float32)
     image_rows = _rows(store.batches(index_order(N, 6, training=True, seed=9)))
-    feature_batches = [(f.numpy(), y.numpy()) for f, y in
-                       gather_batches(index_order(N, 6, training=True, seed=9), features, store.labels)]
+    feature_batches = [(b["features"].numpy(), b["label"].numpy()) for b in
+                       gather_batches(index_order(N, 6, training=True, seed=9),
+                                      {"features": features, "label": store.labels})]
     assert [[int(v) for v in f[:, 0] / 10] for f, _ in feature_batches] == image_rows
     assert [list(y) for _, y in feature_batches] == [[r % 4 for r in rows] for rows in image_rows]
 
@@ -72,7 +73,8 @@ def test_small_images_are_stored_native_and_resized_a_batch_at_a_time():
     ds = tf.data.Dataset.from_tensor_slices((images, np.arange(N, dtype=np.int64)))
     store = ImageStore.from_dataset(ds, image_size=16)
     assert store.images.shape == (N, 8, 8, 3) and stored_shape(ds, 16) == (8, 8, 3)
-    batch, labels = next(iter(store.batches(index_order(N, 4, training=False, seed=0))))
+    first = next(iter(store.batches(index_order(N, 4, training=False, seed=0))))
+    batch, labels = first["image"], first["label"]
     assert batch.shape == (4, 16, 16, 3) and batch.dtype == tf.float32 and list(labels.numpy()) == [0, 1, 2, 3]
     expected = tf.image.resize(images[:4], [16, 16], method="bilinear", antialias=True).numpy()
     np.testing.assert_allclose(batch.numpy(), expected, atol=1e-4)

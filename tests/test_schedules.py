@@ -31,5 +31,5 @@ def test_cosine_decays_to_zero_after_warmup():
 
 
 def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ValueError, match="unknown schedule 'linear'; choose one of step, cosine, constant"):
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; choose one of cosine, step, constant"):
         WarmupSchedule(0.1, 10, kind="linear")

@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Callable
 
-CASES = ("head_only", "partial_finetune", "resnet50_forward")
+from tfl.options import BENCH_CASES as CASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,38 +234,32 @@ def _transfer_case(name, cfg, data, peak, head_epochs, epochs, freeze_up_to, cac
 
 
 def _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, cache, cache_dir) -> dict:
-    """tfl.finetune's stage loop on the shared, already decoded data."""
+    """tfl's stage loop (tfl.job.train_stages) on the shared, already decoded data."""
     import keras
     import tensorflow as tf
 
     from tfl import freezing, models
     from tfl.backbones import registry
+    from tfl.job import Stage, train_stages
     from tfl.training.boundary import StageInputs
-    from tfl.training.trainer import ParamGroup, TrainConfig, Trainer
+    from tfl.training.trainer import TrainConfig, Trainer
 
     keras.utils.set_random_seed(cfg.seed)
     model = models.build_classifier(cfg.backbone, data.num_classes, cfg.image_size, cfg.weights)
     plan = freezing.make_plan(registry.get(cfg.backbone), model, freeze_up_to)
-    stages = [("head", freezing.head_only_plan(plan), head_epochs), ("finetune", plan, epochs)]
+    # The guide's hyperparameters (Adam, constant lr, lr/10 for everything in stage 2): a pure speed comparison.
+    stages = [Stage("head", freezing.head_only_plan(plan), head_epochs, {"head": cfg.lr}),
+              Stage("finetune", plan, epochs, {"backbone": cfg.lr / 10, "head": cfg.lr / 10})]
     counts = {split: store.count for split, store in data.stores.items()}
     quiet = lambda *_: None  # noqa: E731
     inputs = StageInputs(model, cfg.backbone, {}, counts, data.data_ids, cfg.image_size, cfg.batch_size, cfg.seed,
                          mode=cache, cache_dir=cache_dir, log=quiet, stores=data.stores)
-    inputs.plan(stages)
-    # The guide's hyperparameters (Adam, constant lr, lr/10 for everything in stage 2): a pure speed comparison.
+    inputs.plan([(s.name, s.plan, s.epochs) for s in stages])
     trainer = Trainer(tf.distribute.get_strategy(), model, data.num_classes, TrainConfig(schedule="constant"), quiet)
     steps, val_steps = counts["train"] // cfg.batch_size, -(-counts["val"] // cfg.batch_size)
     with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress lines
         start = time.perf_counter()
-        for stage, stage_plan, stage_epochs in stages:
-            if stage_epochs <= 0:
-                continue
-            graph = freezing.training_graph(model, stage_plan)
-            feed = inputs.feed(stage, graph)
-            lr = cfg.lr if stage == "head" else cfg.lr / 10
-            groups = [ParamGroup("backbone", graph.backbone_variables, lr), ParamGroup("head", graph.head_variables, lr)]
-            trainer.run_stage(stage, feed.model, groups, stage_epochs, feed.train, feed.val, steps, cfg.batch_size,
-                              val_steps, eval_model=feed.eval_model)
+        train_stages(trainer, model, inputs, stages, "trainable", False, steps, cfg.batch_size, val_steps, quiet)
         seconds = time.perf_counter() - start
         trainer.restore_best()
         _, accuracy = trainer.evaluate(_batches(data.stores["test"], cfg, False))
@@ -281,6 +275,7 @@ def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
 
     from tfl import freezing, models
     from tfl.backbones import registry
+    from tfl.data.pipeline import IMAGE, LABEL
     from tfl.training.trainer import TrainConfig, Trainer
 
     spec = registry.get(cfg.backbone)
@@ -294,7 +289,8 @@ def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(0.2)(x)
     model = keras.Model(inputs, keras.layers.Dense(data.num_classes)(x))
-    train, val = _batches(data.stores["train"], cfg, True), _batches(data.stores["val"], cfg, False)
+    as_xy = lambda batch: (batch[IMAGE], batch[LABEL])  # noqa: E731  (Keras fit takes (x, y))
+    train, val = (_batches(data.stores[s], cfg, s == "train").map(as_xy) for s in ("train", "val"))
 
     def fit(lr, n):
         model.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=False, metrics=["accuracy"],
@@ -323,7 +319,7 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
     import numpy as np
 
     from tfl import models
-    from tfl.data.pipeline import ImageStore
+    from tfl.data.pipeline import IMAGE, ImageStore
     from tfl.training.boundary import POOLED, frozen_forward
 
     keras.utils.set_random_seed(cfg.seed)
@@ -334,14 +330,14 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
     store = ImageStore(pixels, np.zeros(n, np.int32), size)
     batches = _batches(store, cfg, False)
     extract = frozen_forward(model, POOLED)
-    extract(next(iter(batches))[0])  # trace outside the clock, as predict's warm-up below
+    extract(next(iter(batches))[IMAGE])  # trace outside the clock, as predict's warm-up below
     start = time.perf_counter()
-    tfl_out = np.concatenate([extract(images).numpy() for images, _ in batches])
+    tfl_out = np.concatenate([extract(batch[IMAGE]).numpy() for batch in batches])
     tfl_seconds = time.perf_counter() - start
 
-    features = keras.Model(model.inputs, model.get_layer(POOLED).output)
+    features = models.submodel(model, end=models.POOL)
     features.compile(jit_compile=False)
-    images_only = batches.map(lambda images, labels: images)
+    images_only = batches.map(lambda batch: batch[IMAGE])
     features.predict(images_only.take(1), verbose=0)
     start = time.perf_counter()
     keras_out = features.predict(images_only, verbose=0)

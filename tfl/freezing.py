@@ -16,15 +16,16 @@ recommends, because small fine-tuning batches give poor batch statistics).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Iterable, Sequence
 
 import keras
 
 from tfl.backbones.spec import BackboneSpec
-from tfl.models import backbone_of, head_layers
+from tfl.models import INPUT, NoSingleCut, backbone_of, head_layers, preprocess_layer, submodel
 
-MODES = ("trainable", "stop_gradient")
+from tfl.options import FREEZE_MODES as MODES
 CLASSIFIER_STAGE = "classifier"  # the new head tfl adds (not the backbone's own `head` stage)
 
 
@@ -92,7 +93,7 @@ class FreezePlan:
 
 
 def _param_count(layer) -> int:
-    return int(sum(int(keras.ops.size(w)) for w in layer.weights))
+    return sum(math.prod(w.shape) for w in layer.weights)  # from shapes: reads no variable
 
 
 def resolve_up_to(spec: BackboneSpec, layer_names: Sequence[str], value: str) -> int:
@@ -201,12 +202,23 @@ class StopGradient(keras.layers.Layer):
 
 @dataclasses.dataclass
 class TrainGraph:
-    """What the trainer runs: a graph sharing `model`'s layers, and the variables each group may change."""
+    """What the trainer runs: a graph sharing `model`'s layers, and the variables that may change, by the
+    canonical stage of their layer (CLASSIFIER_STAGE for the new head), in model order."""
 
     model: keras.Model
-    backbone_variables: list
-    head_variables: list
+    variables: dict  # stage name -> trainable variables of that stage's layers
     boundary: str | None
+
+    @property
+    def head_variables(self) -> list:
+        return list(self.variables.get(CLASSIFIER_STAGE, []))
+
+    @property
+    def backbone_variables(self) -> list:
+        return [v for stage, vs in self.variables.items() if stage != CLASSIFIER_STAGE for v in vs]
+
+    def trainable_stages(self) -> list[str]:
+        return [stage for stage, vs in self.variables.items() if vs]
 
 
 def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable", train_bn: bool = False) -> TrainGraph:
@@ -245,20 +257,18 @@ def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable"
     if boundary is not None:
         try:
             train_model = _split_graph(model, backbone, boundary, stop=mode == "stop_gradient")
-        except _NoSingleCut as err:
+        except NoSingleCut as err:
             if mode == "stop_gradient":
                 raise ValueError(
                     f"--freeze-mode stop_gradient: the boundary after layer {boundary!r} is crossed by a skip "
                     "connection, so no single tensor separates frozen from trainable layers. Freeze up to the "
                     f"end of a stage or block instead (see `tfl inspect {plan.backbone}`) [{err}]"
                 ) from None
-    backbone_vars = [w for l in backbone.layers if l.name not in prefix_names and l.trainable for w in l.trainable_weights]
-    head_vars = [w for l in head_layers(model) if l.trainable for w in l.trainable_weights]
-    return TrainGraph(train_model, backbone_vars, head_vars, boundary)
-
-
-class _NoSingleCut(Exception):
-    pass
+    variables: dict[str, list] = {}
+    for layer in list(backbone.layers) + head_layers(model):
+        if layer.name not in prefix_names and layer.trainable and layer.trainable_weights:
+            variables.setdefault(by_name[layer.name].stage, []).extend(layer.trainable_weights)
+    return TrainGraph(train_model, variables, boundary)
 
 
 class InferenceOnly(keras.layers.Layer):
@@ -282,16 +292,12 @@ class InferenceOnly(keras.layers.Layer):
 
 def _split_graph(model: keras.Model, backbone: keras.Model, boundary: str, stop: bool) -> keras.Model:
     """preprocess -> backbone prefix (inference mode) [-> stop_gradient] -> backbone suffix -> head."""
-    cut = backbone.get_layer(boundary).output
-    prefix = keras.Model(backbone.input, cut, name=f"{backbone.name}_frozen")
+    prefix = submodel(backbone, end=boundary, name=f"{backbone.name}_frozen")
     suffix = None
     if boundary != backbone.layers[-1].name:
-        try:
-            suffix = keras.Model(cut, backbone.output, name=f"{backbone.name}_trainable")
-        except Exception as err:  # Keras reports a cut crossed by a skip connection as a disconnected graph
-            raise _NoSingleCut(str(err).splitlines()[0]) from None
-    inputs = keras.Input(shape=model.inputs[0].shape[1:], name="image")
-    x = model.get_layer("preprocess")(inputs)
+        suffix = submodel(backbone, start=boundary, name=f"{backbone.name}_trainable")
+    inputs = keras.Input(shape=model.inputs[0].shape[1:], name=INPUT)
+    x = preprocess_layer(model)(inputs)
     x = InferenceOnly(prefix, name=prefix.name)(x)
     if stop:
         x = StopGradient(name="freeze_boundary")(x)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from tfl import data
 
 IMAGENET_LABELS = os.path.join(os.path.dirname(__file__), "assets", "imagenet_labels.txt")
 CENTER_CROP_FRACTION = 0.875  # the standard ImageNet evaluation crop: resize to S/0.875, crop S
@@ -18,22 +26,56 @@ def imagenet_labels() -> list[str]:
     return labels
 
 
-def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
-                 batch_size: int = 64, log=print) -> dict:
-    import tensorflow as tf
+from tfl.options import SPLITS  # noqa: E402  (the choices of --split)
 
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished run's model and classes, with the splits of the dataset to evaluate it on."""
+
+    path: str
+    config: dict
+    classes: list[str]
+    model: "keras.Model"
+    dataset: str
+    splits: "data.DatasetSplits"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.inputs[0].shape[1])
+
+    def split(self, name: str | None = None) -> tuple[str, "tf.data.Dataset", int]:
+        """(split name, unbatched source, example count); the default is test, or val when there is no test."""
+        if name is None:
+            name = "test" if self.splits.test is not None else "val"
+        check_split(name)
+        source = getattr(self.splits, name)
+        if source is None:
+            have = [s for s in SPLITS if getattr(self.splits, s) is not None]
+            raise ValueError(f"split {name!r}: {self.dataset} has no {name} split; choose one of {', '.join(have)}")
+        return name, source, self.splits.num_examples.get(name, 0)
+
+
+def check_split(name) -> None:
+    if name not in SPLITS:
+        raise ValueError(f"split {name!r} is not a split; choose one of {', '.join(SPLITS)}")
+
+
+def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = None, log=print) -> LoadedRun:
+    """The run's model and classes, and `dataset` (default: the run's own, split as the run split it)."""
     from tfl import data
     from tfl.training import rundir
-    from tfl.training.trainer import TrainConfig, Trainer
 
     run = rundir.RunDir(run_path, create=False)
     config = run.read_json(rundir.CONFIG)
     classes = run.read_json(rundir.CLASSES)
     model = run.load_model()
     name = dataset or config["dataset"]
-    # The run's own data_dir only applies to the run's own dataset.
-    splits = data.load_dataset(name, data_dir=data_dir or (None if dataset else config.get("data_dir")),
-                               val_split=config.get("val_split", 0.1), seed=config.get("seed", 0), log=log)
+    own = not dataset
+    # The run's own data_dir and bad-image skipping only apply to the run's own dataset.
+    splits = data.load_dataset(name, data_dir=data_dir or (config.get("data_dir") if own else None),
+                               val_split=config.get("val_split", 0.1), seed=config.get("seed", 0),
+                               skip_bad_images=bool(config.get("skip_bad_images", False)) if own else False, log=log)
     if list(splits.class_names) != list(classes):
         missing = sorted(set(classes) - set(splits.class_names))
         extra = sorted(set(splits.class_names) - set(classes))
@@ -42,14 +84,22 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
             f"missing {missing or 'none'}, extra {extra or 'none'}"
             + ("" if missing or extra else " (same names, different order)")
         )
-    split = "test" if splits.test is not None else "val"
-    source = splits.test if splits.test is not None else splits.val
-    size = int(model.inputs[0].shape[1])
-    ds = data.make_pipeline(source, size, batch_size, training=False, seed=0)
-    trainer = Trainer(tf.distribute.get_strategy(), model, len(classes), TrainConfig(), log)
-    steps = -(-splits.num_examples.get(split, 0) // batch_size)
-    loss, acc = trainer.evaluate(ds, split, steps)
-    return {"run": run_path, "dataset": name, "split": split, "examples": splits.num_examples.get(split, 0),
+    return LoadedRun(run_path, config, list(classes), model, name, splits)
+
+
+def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
+                 batch_size: int = 64, log=print) -> dict:
+    import tensorflow as tf
+
+    from tfl import data
+    from tfl.training.trainer import TrainConfig, Trainer
+
+    loaded = load_run(run_path, dataset, data_dir, log)
+    split, source, examples = loaded.split()
+    ds = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
+    trainer = Trainer(tf.distribute.get_strategy(), loaded.model, len(loaded.classes), TrainConfig(), log)
+    loss, acc = trainer.evaluate(ds, split, -(-examples // batch_size))
+    return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
             "accuracy": round(acc, 6), "loss": round(loss, 6)}
 
 

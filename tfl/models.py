@@ -1,8 +1,10 @@
 """Classifier = in-model preprocessing + backbone (features) + a new head. Models take raw 0-255 RGB pixels.
 
-Layer names are stable: `image` (input), `preprocess`, the backbone under its registry name, then
-`head_pool`, `head_dropout`, `head_hidden1..`, `logits`. The model outputs logits; softmax is applied by
-whoever needs probabilities (predict, export).
+The parts are named once, here: INPUT (`image`), PREPROCESS, the backbone (a nested model under its registry
+name, `backbone_of`), then the head: POOL, DROPOUT, `head_hidden1..`, LOGITS (`head_layers`). Everything else
+(freezing, boundary caching, bench, export) finds the parts through these names and helpers, and cuts a model
+between two tensors with `submodel`. The model outputs logits; softmax is applied by whoever needs
+probabilities (predict, export).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from keras import layers, ops
 from tfl.backbones import registry
 from tfl.backbones.spec import BackboneSpec, Preprocessing
 
+INPUT = "image"
+PREPROCESS = "preprocess"
 HEAD_PREFIX = "head_"
+POOL = HEAD_PREFIX + "pool"  # global average pooling right after the backbone: no weights, no randomness
+DROPOUT = HEAD_PREFIX + "dropout"
 LOGITS = "logits"
 
 
@@ -39,7 +45,7 @@ class ImagePreprocessing(layers.Layer):
         return {**super().get_config(), "mean": self.mean, "std": self.std, "bgr": self.bgr}
 
     @classmethod
-    def from_preprocessing(cls, spec: Preprocessing, name="preprocess"):
+    def from_preprocessing(cls, spec: Preprocessing, name=PREPROCESS):
         return cls(mean=spec.mean, std=spec.std, bgr=spec.bgr, name=name)
 
 
@@ -76,11 +82,11 @@ def _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout
     spec = registry.get(backbone)
     size = image_size or spec.input_size
     features = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=False)
-    inputs = keras.Input(shape=(size, size, 3), name="image")
+    inputs = keras.Input(shape=(size, size, 3), name=INPUT)
     x = ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs)
     x = features(x)
-    x = layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "pool")(x)
-    x = layers.Dropout(dropout, name=HEAD_PREFIX + "dropout")(x)
+    x = layers.GlobalAveragePooling2D(name=POOL)(x)
+    x = layers.Dropout(dropout, name=DROPOUT)(x)
     for i, units in enumerate(head_hidden, start=1):
         x = layers.Dense(units, activation="relu", name=f"{HEAD_PREFIX}hidden{i}")(x)
     outputs = layers.Dense(num_classes, name=LOGITS, dtype="float32")(x)
@@ -92,7 +98,7 @@ def build_imagenet_classifier(backbone: str, weights: str | None = "default") ->
     spec = registry.get(backbone)
     size = spec.input_size
     net = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=True)
-    inputs = keras.Input(shape=(size, size, 3), name="image")
+    inputs = keras.Input(shape=(size, size, 3), name=INPUT)
     x = net(ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs))
     if spec.top_activation != "softmax":
         x = layers.Softmax(name="probabilities")(x)
@@ -115,7 +121,7 @@ def build_backbone_model(
                          "own classifier cannot be rebuilt; use a backbone that has one (e.g. resnet18)")
     shape = (image_size, image_size, 3) if image_size else (None, None, 3)
     features = spec.build(input_shape=shape, weights=None, include_top=False)
-    inputs = keras.Input(shape=shape, name="image")
+    inputs = keras.Input(shape=shape, name=INPUT)
     x = ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs) if with_preprocessing else inputs
     x = layers.GlobalAveragePooling2D(name="global_pool")(features(x))
     outputs = layers.Dense(num_classes, activation=spec.top_activation, name=spec.classifier[-1])(x)
@@ -132,3 +138,27 @@ def backbone_of(model: keras.Model) -> keras.Model:
 
 def head_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if layer.name.startswith(HEAD_PREFIX) or layer.name == LOGITS]
+
+
+def preprocess_layer(model: keras.Model) -> keras.layers.Layer:
+    return model.get_layer(PREPROCESS)
+
+
+def pooled(model: keras.Model) -> bool:
+    """Whether the head starts with tfl's global average pool (then pooled features are a cache boundary)."""
+    return isinstance(model.get_layer(POOL), layers.GlobalAveragePooling2D)
+
+
+class NoSingleCut(ValueError):
+    """No single tensor separates the two parts (a skip connection crosses the cut)."""
+
+
+def submodel(model: keras.Model, start: str | None = None, end: str | None = None, name: str | None = None) -> keras.Model:
+    """The part of `model` from layer `start`'s output (None: the input) to layer `end`'s output (None: the
+    output), sharing its layers and weights."""
+    inputs = model.input if start is None else model.get_layer(start).output
+    outputs = model.output if end is None else model.get_layer(end).output
+    try:
+        return keras.Model(inputs, outputs, name=name)
+    except Exception as err:  # Keras reports a cut crossed by a skip connection as a disconnected graph
+        raise NoSingleCut(f"a skip connection crosses the cut after {start} [{str(err).splitlines()[0]}]") from None

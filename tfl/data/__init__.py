@@ -14,9 +14,11 @@ from tfl.data.errors import DataError
 from tfl.data.splits import DatasetSplits
 
 _LAZY = {"load_dataset": "tfl.data.load", "make_pipeline": "tfl.data.pipeline", "read_image": "tfl.data.decode",
-         "random_subset": "tfl.data.subset"}
+         "random_subset": "tfl.data.subset", "random_rows": "tfl.data.subset", "stratified_rows": "tfl.data.subset",
+         "take_rows": "tfl.data.subset", "labels_of": "tfl.data.subset", "check_label_fraction": "tfl.data.subset"}
 
-__all__ = ["DataError", "DatasetSplits", "load_dataset", "make_pipeline", "random_subset", "read_image"]
+__all__ = ["DataError", "DatasetSplits", "check_label_fraction", "labels_of", "load_dataset", "make_pipeline",
+           "random_rows", "random_subset", "read_image", "stratified_rows", "take_rows"]
 
 
 def __getattr__(name: str):

@@ -87,6 +87,7 @@ def load_idx_dataset(
         num_examples={"train": len(train_idx), "val": len(val_idx), "test": len(test_labels)},
         native_size=(int(train_images.shape[1]), int(train_images.shape[2])),
         fingerprint=fingerprint(name, {"val_split": val_split, "seed": seed}, [_file_id(p) for p in found["paths"]]),
+        train_labels=train_labels[train_idx],
     )
 
 

@@ -97,6 +97,7 @@ def load_image_folder(
             split_spec,
             sorted((os.path.relpath(f.path, root), f.size_bytes, f.mtime_ns) for f in everything),
         ),
+        train_labels=np.array([f.label for f in files["train"]], dtype=np.int64),
     )
 
 

@@ -6,7 +6,11 @@ stay at their small native size and are resized a whole batch at a time; images 
 
 Order is a property of indices, not of images: `index_order` shuffles the numbers 0..N-1 with a seed, and
 a pipeline gathers its rows by those indices. Anything else stored row by row in the same order (the cached
-boundary activations of tfl.training.boundary) therefore gets exactly the batches the images would.
+boundary activations of tfl.training.boundary, a recipe's teacher logits or task ids) therefore gets exactly
+the batches the images would.
+
+Batches are dicts: IMAGE (float32 [B, S, S, 3], 0..255) or FEATURES (cached activations), LABEL (int32 [B]),
+plus any column a recipe adds (`gather_batches(..., columns)`), so the trainer's loss hook sees them all.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tfl.data.augment import augment_batch
 from tfl.data.errors import DataError
 
 READ_BATCH = 256  # elements per step while materialising: large enough to keep tf.data's parallel map busy
+IMAGE, FEATURES, LABEL = "image", "features", "label"  # the batch keys every producer and the trainer share
 
 
 def make_pipeline(
@@ -31,7 +36,8 @@ def make_pipeline(
     augment: bool = False,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """(images float32 [B, S, S, 3] in 0..255, labels int32 [B]) from (image uint8 [H, W, 3], label) elements.
+    """{IMAGE: float32 [B, S, S, 3] in 0..255, LABEL: int32 [B]} batches from (image uint8 [H, W, 3], label)
+    elements.
 
     training=True decodes the whole dataset into memory once and shuffles with `seed`: the same seed gives the
     same order every run, and each epoch (each iteration over the dataset) gets a new order that is itself
@@ -47,7 +53,8 @@ def make_pipeline(
     if not fixed:
         ds = ds.map(lambda image, label: (resize_uint8(image, image_size), label), tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda images, labels: (to_model_input(images, image_size), _labels(labels)), tf.data.AUTOTUNE)
+    ds = ds.map(lambda images, labels: {IMAGE: to_model_input(images, image_size), LABEL: _labels(labels)},
+                tf.data.AUTOTUNE)
     return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -59,21 +66,24 @@ def index_order(n: int, batch_size: int, training: bool, seed: int, drop_remaind
     return order.batch(batch_size, drop_remainder=drop_remainder)
 
 
-def gather_batches(order: tf.data.Dataset, data: np.ndarray, labels: np.ndarray, transform=None) -> tf.data.Dataset:
-    """(data[i], labels[i]) for each index batch i of `order`; data may be an array in memory or an np.memmap.
+def gather_batches(order: tf.data.Dataset, columns: dict, transform=None) -> tf.data.Dataset:
+    """{name: column[i]} for each index batch i of `order`; a column may be an array in memory or an np.memmap.
 
     One numpy gather per batch (never per example): a captured multi-GB tensor would be copied into the
-    tf.data graph, while numpy reads rows in place, from memory or from the page cache.
+    tf.data graph, while numpy reads rows in place, from memory or from the page cache. `transform` maps the
+    batch dict (e.g. uint8 images -> model input).
     """
-    row_shape = list(data.shape[1:])
-    dtype = tf.as_dtype(data.dtype)
+    names = list(columns)
+    arrays = [columns[n] for n in names]
+    dtypes = [tf.as_dtype(a.dtype) for a in arrays]
+    shapes = [[None, *a.shape[1:]] for a in arrays]
 
     def fetch(index):
-        return np.take(data, index, axis=0), np.take(labels, index, axis=0)
+        return [np.take(a, index, axis=0) for a in arrays]
 
     def gather(index):
-        rows, row_labels = tf.numpy_function(fetch, [index], (dtype, tf.int32), stateful=False)
-        return tf.ensure_shape(rows, [None, *row_shape]), tf.ensure_shape(row_labels, [None])
+        rows = tf.numpy_function(fetch, [index], dtypes, stateful=False)
+        return {n: tf.ensure_shape(r, shape) for n, r, shape in zip(names, rows, shapes)}
 
     ds = order.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if transform is not None:
@@ -100,10 +110,14 @@ class ImageStore:
             raise DataError("the dataset is empty: there are no images to train on")
         return cls(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), image_size)
 
-    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0) -> tf.data.Dataset:
-        """Float batches in `order`'s order, resized to image_size (and augmented) a whole batch at a time."""
-        ds = gather_batches(order, self.images, self.labels,
-                            lambda images, labels: (to_model_input(images, self.image_size), labels))
+    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0,
+                extra: dict | None = None) -> tf.data.Dataset:
+        """{IMAGE, LABEL, *extra} batches in `order`'s order, images resized to image_size (and augmented) a whole
+        batch at a time. `extra`: more columns, row-aligned with the images (teacher logits, task ids, ...)."""
+        def to_input(batch):
+            return {**batch, IMAGE: to_model_input(batch[IMAGE], self.image_size)}
+
+        ds = gather_batches(order, {IMAGE: self.images, LABEL: self.labels, **(extra or {})}, to_input)
         return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -145,7 +159,7 @@ def to_model_input(images: tf.Tensor, size: int) -> tf.Tensor:
 def _augmented(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(
-        lambda batch, batch_seed: (augment_batch(batch[0], batch_seed), batch[1]), tf.data.AUTOTUNE
+        lambda batch, batch_seed: {**batch, IMAGE: augment_batch(batch[IMAGE], batch_seed)}, tf.data.AUTOTUNE
     )
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import tensorflow as tf
 
 
@@ -24,6 +25,7 @@ class DatasetSplits:
     num_examples: dict[str, int]  # {"train": n, "val": n, "test": n or 0}
     native_size: tuple[int, int] | None  # (H, W) when every image has that size, else None
     fingerprint: str  # stable short hash of what the data is; changes when the files or the split do
+    train_labels: "np.ndarray | None" = None  # the train labels in element order, when the source has them at hand
 
     @property
     def num_classes(self) -> int:

@@ -1,4 +1,8 @@
-"""A seeded random subset of a dataset, chosen by index: nothing is buffered, whatever the image size."""
+"""Subsets of a dataset chosen by row index: nothing is buffered, whatever the image size.
+
+Every subset tfl trains on (--limit-train, --label-fraction) is a sorted array of row indices into the train
+split; `take_rows` applies it and `tfl.training.boundary.rows_digest` hashes it into the cache key.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,38 @@ import numpy as np
 import tensorflow as tf
 
 
-def random_subset(ds: tf.data.Dataset, size: int, count: int, seed: int) -> tf.data.Dataset:
-    """`count` of the `size` elements of `ds`, picked uniformly with `seed`, in their original order."""
+def random_rows(size: int, count: int, seed: int) -> np.ndarray:
+    """`count` of the row indices 0..size-1, picked uniformly with `seed`, sorted."""
     keep = np.zeros(size, dtype=bool)
     keep[np.random.default_rng(seed).choice(size, count, replace=False)] = True
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def check_label_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--label-fraction {fraction}: must be in (0, 1], the share of each class's training "
+                         "examples to keep, e.g. 0.1")
+
+
+def stratified_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Per class round(fraction x its count) row indices (at least one), picked with `seed`, sorted.
+
+    Each class's members are shuffled once per seed and the first ones kept, so for one seed a smaller fraction's
+    rows are a subset of a larger one's: a label-efficiency curve adds data rather than redrawing it."""
+    check_label_fraction(fraction)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 2])  # its own stream: not the one that drew the val split
+    parts = []
+    for cls in np.unique(labels):  # sorted, so the rng is consumed in the same order every time
+        members = np.flatnonzero(labels == cls)
+        parts.append(rng.permutation(members)[: max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def take_rows(ds: tf.data.Dataset, size: int, rows: np.ndarray) -> tf.data.Dataset:
+    """The elements of `ds` (of `size` elements) at `rows`, in their original order."""
+    keep = np.zeros(size, dtype=bool)
+    keep[rows] = True
     keep = tf.constant(keep)
 
     def kept(i, element):
@@ -20,3 +52,13 @@ def random_subset(ds: tf.data.Dataset, size: int, count: int, seed: int) -> tf.d
 
     # Named functions, not two lambdas on one line: autograph cannot tell such lambdas apart and warns.
     return ds.enumerate().filter(kept).map(element_only)
+
+
+def random_subset(ds: tf.data.Dataset, size: int, count: int, seed: int) -> tf.data.Dataset:
+    """`count` of the `size` elements of `ds`, picked uniformly with `seed`, in their original order."""
+    return take_rows(ds, size, random_rows(size, count, seed))
+
+
+def labels_of(ds: tf.data.Dataset) -> np.ndarray:
+    """Every label of an `(image, label)` dataset, in order: one pass, for sources that do not list them."""
+    return np.fromiter(ds.map(lambda image, label: label).as_numpy_iterator(), np.int64)

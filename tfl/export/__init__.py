@@ -6,7 +6,7 @@ pay for TensorFlow.
 
 from __future__ import annotations
 
-FORMATS = ("saved_model", "tflite")
+from tfl.options import EXPORT_FORMATS as FORMATS
 
 
 def export_run(run_path: str, format: str = "saved_model", output: str | None = None, version: int | None = None,

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tfl.export import layout
 from tfl.training import rundir
 
-MODES = ("float32", "float16", "int8")
+from tfl.options import TFLITE_MODES as MODES
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
 INPUT = "image"

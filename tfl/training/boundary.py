@@ -29,12 +29,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.cache import ArrayCache, Entry, default_cache_dir, format_size, parse_size
-from tfl.data.pipeline import ImageStore, fill_images, gather_batches, index_order, stored_shape
-from tfl.models import backbone_of, head_layers
+from tfl.data.pipeline import FEATURES, IMAGE, LABEL, ImageStore, fill_images, gather_batches, index_order, stored_shape
+from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
 from tfl.training.trainer import Progress, epoch_seed
 
-MODES = ("auto", "on", "off")
-POOLED = "head_pool"  # the classifier's global average pooling, right after the backbone
+from tfl.options import CACHE_MODES as MODES
+POOLED = POOL  # boundary name of the pooled features: the classifier's global average pool
 PIPELINE_VERSION = 1  # bump when the input pipeline changes the pixels a model sees for the same files
 SPLITS = ("train", "val")
 
@@ -54,27 +54,32 @@ def data_identity(fingerprint: str, split: str, subset: str | None = None) -> di
     return {"dataset": fingerprint, "split": split, "subset": subset}
 
 
-def for_finetune(opts, model: keras.Model, splits, train_source, n_train: int, image_size: int, batch_size: int,
-                 stages, log: Callable = print) -> StageInputs:
-    """StageInputs for tfl.finetune: its options, its (possibly --limit-train subset) train source, planned."""
-    subset = None
-    if n_train < splits.num_examples["train"]:
-        subset = subset_digest(splits.num_examples["train"], n_train, opts.seed)
+def for_job(job, stages, extra: dict | None = None) -> StageInputs:
+    """StageInputs for a tfl.job.Job: its options, its (possibly --limit-train / --label-fraction subset) train
+    source, planned for `stages` (tfl.job.Stage). `extra`: split -> {column: array} added to every batch of that
+    split."""
+    opts, splits = job.opts, job.splits
+    subset = rows_digest(job.train_rows) if job.train_rows is not None else None
     inputs = StageInputs(
-        model, opts.backbone, {"train": train_source, "val": splits.val},
-        {"train": n_train, "val": splits.num_examples["val"]},
+        job.model, opts.backbone, {"train": job.train_source, "val": splits.val},
+        {"train": job.n_train, "val": splits.num_examples["val"]},
         {"train": data_identity(splits.fingerprint, "train", subset), "val": data_identity(splits.fingerprint, "val")},
-        image_size, batch_size, opts.seed, opts.augment, opts.cache, opts.cache_budget, opts.cache_dir, opts.jit, log)
-    inputs.plan(stages)
+        job.image_size, job.batch, opts.seed, opts.augment, opts.cache, opts.cache_budget, opts.cache_dir, opts.jit,
+        job.log, extra=extra)
+    inputs.plan([(s.name, s.plan, s.epochs) for s in stages])
     return inputs
 
 
-def subset_digest(size: int, count: int, seed: int) -> str:
-    """A hash of the row indices tfl.data.random_subset keeps: the cache key of a --limit-train subset."""
-    from tfl.data import random_subset
+def rows_digest(rows) -> str:
+    """A hash of the row indices a subset keeps (tfl.data.subset): the cache key of the rows trained on."""
+    return hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16]
 
-    kept = np.fromiter(random_subset(tf.data.Dataset.range(size), size, count, seed).as_numpy_iterator(), np.int64)
-    return hashlib.sha256(kept.tobytes()).hexdigest()[:16]
+
+def subset_digest(size: int, count: int, seed: int) -> str:
+    """rows_digest of the rows tfl.data.random_subset(ds, size, count, seed) keeps."""
+    from tfl.data import random_rows
+
+    return rows_digest(random_rows(size, count, seed))
 
 
 class StageInputs:
@@ -88,7 +93,7 @@ class StageInputs:
     def __init__(self, model: keras.Model, backbone: str, sources: dict, counts: dict, data_ids: dict,
                  image_size: int, batch_size: int, seed: int, augment: bool = False, mode: str = "auto",
                  budget: str | int | None = None, cache_dir: str | None = None, jit: bool = False,
-                 log: Callable = print, stores: dict | None = None):
+                 log: Callable = print, stores: dict | None = None, extra: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"--cache {mode!r} is not one of {', '.join(MODES)}")
         self.model, self.backbone_name = model, backbone
@@ -102,6 +107,7 @@ class StageInputs:
         self.stage_epochs: dict[str, int] = {}
         self.entries: dict[tuple[str, str], Entry] = {}
         self._stores: dict[str, ImageStore] = dict(stores or {})  # split -> decoded images, built on first use
+        self.extra = dict(extra or {})  # split -> {column: array row-aligned with the split}: added to every batch
         self._models: dict[str, keras.Model] = {}
         self._functions: dict[tuple, Callable] = {}
         self._spent = 0.0  # seconds spent computing cache entries in this run
@@ -144,6 +150,8 @@ class StageInputs:
 
     def _boundary_for(self, plan, earlier_plans) -> tuple[str | None, str]:
         boundary = plan.boundary()
+        if boundary is None and not any(layer.frozen and layer.params for layer in plan.layers):
+            return None, "nothing in its backbone is frozen (--freeze-up-to none)"
         if boundary is None:
             return None, ("its freeze plan is not prefix-shaped (--freeze/--unfreeze rules), so no single tensor "
                           "separates frozen from trained layers")
@@ -152,12 +160,12 @@ class StageInputs:
         for earlier in earlier_plans:
             if any(not layer.frozen and layer.name in below for layer in earlier.layers):
                 return None, "an earlier stage trains layers below its freeze boundary"
-        if depth == len(self.layer_names) - 1 and isinstance(self.model.get_layer(POOLED), keras.layers.GlobalAveragePooling2D):
+        if depth == len(self.layer_names) - 1 and pooled(self.model):
             return POOLED, ""
         try:
-            keras.Model(self.backbone.get_layer(boundary).output, self.backbone.output)
-        except Exception as err:  # Keras reports a cut crossed by a skip connection as a disconnected graph
-            return None, f"a skip connection crosses the boundary after {boundary} [{str(err).splitlines()[0]}]"
+            submodel(self.backbone, start=boundary)
+        except ValueError as err:
+            return None, str(err)
         return boundary, ""
 
     def _depth(self, boundary: str) -> int:
@@ -184,17 +192,22 @@ class StageInputs:
         train, val = self.entries[(boundary, "train")], self.entries[(boundary, "val")]
 
         def train_batches(epoch):
-            return gather_batches(self._order(epoch), train.data, train.labels).prefetch(tf.data.AUTOTUNE)
+            return gather_batches(self._order(epoch), self._columns("train", train)).prefetch(tf.data.AUTOTUNE)
 
-        val_batches = gather_batches(self._order(None, "val"), val.data, val.labels).prefetch(tf.data.AUTOTUNE)
+        val_batches = gather_batches(self._order(None, "val"), self._columns("val", val)).prefetch(tf.data.AUTOTUNE)
         return StageFeed(model, train_batches, val_batches, model, boundary)
 
+    def _columns(self, split: str, entry: Entry) -> dict:
+        return {FEATURES: entry.data, LABEL: entry.labels, **self.extra.get(split, {})}
+
     def images(self, split: str):
-        """Float image batches, decoded once: for train, epoch -> that epoch's (augmented) batches; for val,
-        the batches in order."""
+        """Image batches, decoded once: for train, epoch -> that epoch's (augmented) batches; for val, the
+        batches in order. Both carry the recipe's extra columns."""
+        extra = self.extra.get(split)
         if split != "train":
-            return self._store(split).batches(self._order(None, split))
-        return lambda epoch: self._store("train").batches(self._order(epoch), self.augment, epoch_seed(self.seed, epoch))
+            return self._store(split).batches(self._order(None, split), extra=extra)
+        return lambda epoch: self._store("train").batches(self._order(epoch), self.augment,
+                                                          epoch_seed(self.seed, epoch), extra=extra)
 
     def _order(self, epoch: int | None, split: str = "train") -> tf.data.Dataset:
         """Train: epoch `epoch`'s permutation of the row indices, in full batches. Other splits: 0..n-1."""
@@ -243,11 +256,12 @@ class StageInputs:
     def _compute(self, boundary: str, split: str, key: dict, previous: str | None) -> Entry:
         if previous is None:
             fn, upstream = self._extractor(boundary), 0.0
-            batches = self._store(split).batches(self._order(None, split))
+            batches = self._store(split).batches(self._order(None, split)).map(lambda b: (b[IMAGE], b[LABEL]))
         else:
             source = self.entries[(previous, split)]
             fn, upstream = self._deriver(previous, boundary), source.info.get("seconds", 0.0)
-            batches = gather_batches(self._order(None, split), source.data, source.labels).prefetch(tf.data.AUTOTUNE)
+            batches = gather_batches(self._order(None, split), {FEATURES: source.data, LABEL: source.labels})
+            batches = batches.map(lambda b: (b[FEATURES], b[LABEL])).prefetch(tf.data.AUTOTUNE)
 
         def fill(data, labels):
             start, done, first = time.perf_counter(), 0, None
@@ -277,8 +291,7 @@ class StageInputs:
 
     def _deriver(self, start: str, boundary: str):
         if (start, boundary) not in self._functions:
-            end = self.backbone.output if boundary == POOLED else self.backbone.get_layer(boundary).output
-            between = keras.Model(self.backbone.get_layer(start).output, end)
+            between = submodel(self.backbone, start, None if boundary == POOLED else boundary)
             pool = self.model.get_layer(POOLED) if boundary == POOLED else None
 
             signature = [tf.TensorSpec([None, *self._row_shape(start)], tf.float32)]
@@ -297,8 +310,7 @@ class StageInputs:
             inputs = keras.Input(shape=self._row_shape(boundary), name=f"{boundary}_cached")
             x = inputs
             if boundary != POOLED:
-                x = keras.Model(self.backbone.get_layer(boundary).output, self.backbone.output,
-                                name=f"{self.backbone.name}_above_{boundary}")(x)
+                x = submodel(self.backbone, start=boundary, name=f"{self.backbone.name}_above_{boundary}")(x)
             for layer in head_layers(self.model):
                 if not (boundary == POOLED and layer.name == POOLED):
                     x = layer(x)
@@ -310,7 +322,7 @@ class StageInputs:
         """Everything the cached values depend on; a change in any of them makes a different entry."""
         depth = self._depth(boundary)
         prefix_layers = self.backbone.layers[: depth + 1]
-        preprocess = self.model.get_layer("preprocess").get_config()
+        preprocess = preprocess_layer(self.model).get_config()
         return {
             "kind": "features",
             "backbone": self.backbone_name,
@@ -357,9 +369,8 @@ def frozen_forward(model: keras.Model, boundary: str = POOLED, jit: bool = False
     """images float32 [B, S, S, 3] in 0..255 -> the classifier's activations at `boundary` (a backbone layer
     name, or POOLED), every layer in inference mode: what the cache holds."""
     backbone = backbone_of(model)
-    preprocess = model.get_layer("preprocess")
-    end = backbone.output if boundary == POOLED else backbone.get_layer(boundary).output
-    prefix = keras.Model(backbone.input, end)
+    preprocess = preprocess_layer(model)
+    prefix = submodel(backbone, end=None if boundary == POOLED else boundary)
     pool = model.get_layer(POOLED) if boundary == POOLED else None
 
     signature = [tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)]

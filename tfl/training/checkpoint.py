@@ -116,7 +116,12 @@ class CheckpointManager:
             f.write(data[: len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_now()
+
+
+def kill_now() -> None:
+    """The TFL_FAULT hooks' death: SIGKILL, so nothing (no finally, no atexit) runs after it."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def has_checkpoint(folder: str) -> bool:

@@ -10,7 +10,7 @@ import math
 import keras
 from keras import ops
 
-KINDS = ("step", "cosine", "constant")
+from tfl.options import SCHEDULES as KINDS
 
 
 @keras.saving.register_keras_serializable(package="tfl")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-CHOICES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+from tfl.options import STRATEGIES as CHOICES
 
 
 class StrategyUnavailableError(RuntimeError):

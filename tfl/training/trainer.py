@@ -1,23 +1,29 @@
-"""A custom training loop under a tf.distribute strategy (`strategy.run`).
+"""A custom training loop under a tf.distribute strategy (`strategy.run`), open to recipes.
 
 Keras 3 `Model.fit` does not work under MultiWorkerMirroredStrategy (keras-team/keras#20585), so tfl trains
 with its own loop: per-example losses averaged over the global batch, one optimizer per parameter group (each
-with its own learning-rate schedule), metrics summed across all replicas of all workers. The loop keeps the best
-weights by validation accuracy across all stages and restores them at the end.
+with its own learning-rate schedule), metrics summed across all replicas of all workers.
 
-Every decision (best epoch, early stopping) is taken on those all-reduced numbers, so all workers take it alike.
+What a recipe changes without copying the loop:
+- batches are dicts (tfl.data.pipeline: IMAGE or FEATURES, LABEL, plus any column the recipe adds);
+- `loss(batch, outputs) -> per-example loss [B]` and `metrics(batch, outputs) -> {name: per-example value}`
+  are hooks (default: cross-entropy with label smoothing on LABEL, and accuracy); the model may output a dict;
+- each stage (`Stage`) says which metric selects its best weights, whether they are restored when it ends,
+  and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
+  the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
+- callbacks see every step, stage and epoch (TensorBoard, the TFL_FAULT test hook).
+
+Every decision (best epoch, early stopping) is taken on all-reduced numbers, so all workers take it alike.
 With a CheckpointManager the trainer saves after every epoch and `resume` continues from a snapshot exactly:
-model and optimizer variables, the schedule's position, best weights, history, and data order (a function of
-the epoch, see `epoch_seed`).
+model and optimizer variables (every live group's), the schedules' positions, best weights, history, the
+recipe's position (stage, epoch in stage) and data order (a function of the epoch, see `epoch_seed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import signal
 import sys
 import time
 from typing import Callable
@@ -26,10 +32,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfl.data.pipeline import FEATURES, IMAGE, LABEL
 from tfl.training import checkpoint
 from tfl.training.schedules import WarmupSchedule
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from tfl.options import OPTIMIZERS
 
 
 @dataclasses.dataclass
@@ -41,27 +48,70 @@ class TrainConfig:
     step_size: int = 7
     gamma: float = 0.1
     label_smoothing: float = 0.0
-    early_stopping: int | None = None
+    early_stopping: int | None = None  # the default patience of every stage
     jit: bool = False  # XLA-compile the train and eval steps
 
 
 @dataclasses.dataclass
 class ParamGroup:
-    name: str  # "backbone" or "head"
+    name: str  # e.g. "backbone" and "head", or one per canonical stage
     variables: list
     lr: float
+
+
+@dataclasses.dataclass
+class StagePolicy:
+    """How one stage picks and keeps weights. `select`: a history metric, val_* or train_*; "*loss" is minimised,
+    anything else maximised. The run-wide best (Trainer.restore_best) always uses the trainer's `select`."""
+
+    select: str = "val_accuracy"
+    restore_best: bool = False  # at the end of the stage, go back to its best epoch's weights
+    early_stopping: int | None = None  # patience in epochs without improving `select`; None: TrainConfig's
+    stop_run: bool = False  # early stopping in this stage also skips every later stage
+    keep_optimizers: bool = False  # reuse the optimizer (moments, schedule position) of groups that carry on
+    schedule_epochs: int | None = None  # epochs the new groups' schedules span (default: this stage's)
+    warmup: bool = True
 
 
 @dataclasses.dataclass
 class EpochResult:
     stage: str
     epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: dict
+    train: dict  # metric -> value over the epoch's training batches ("loss", "accuracy", ...)
+    val: dict
+    lr: dict  # group -> learning rate at the epoch's first step
     seconds: float
+    trainable: list = dataclasses.field(default_factory=list)  # canonical stages trained, when the recipe says
+
+    @property
+    def train_loss(self) -> float:
+        return self.train.get("loss", math.nan)
+
+    @property
+    def train_accuracy(self) -> float:
+        return self.train.get("accuracy", math.nan)
+
+    @property
+    def val_loss(self) -> float:
+        return self.val.get("loss", math.nan)
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.val.get("accuracy", math.nan)
+
+    def metric(self, name: str) -> float:
+        split, _, key = name.partition("_")
+        values = {"train": self.train, "val": self.val}.get(split)
+        if values is None or key not in values:
+            raise ValueError(f"no metric {name!r} in the history; it has "
+                             + ", ".join([f"train_{k}" for k in self.train] + [f"val_{k}" for k in self.val]))
+        return values[key]
+
+
+def better(name: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if name.endswith("loss") else value > best
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -86,6 +136,68 @@ def make_optimizer(cfg: TrainConfig, schedule):
     if cfg.optimizer == "adamw":
         return keras.optimizers.AdamW(**kwargs)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+# -- hooks --------------------------------------------------------------------------------------------------------
+def model_inputs(batch: dict):
+    """What the model is called on: cached activations when the batch has them, else the images."""
+    return batch[FEATURES] if FEATURES in batch else batch[IMAGE]
+
+
+class CrossEntropy:
+    """The default loss hook: softmax cross-entropy of logits against batch[LABEL], with label smoothing and
+    an optional batch["sample_weight"]."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+
+    def __call__(self, batch: dict, logits):
+        onehot = tf.one_hot(batch[LABEL], self.num_classes)
+        loss = keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
+                                                     label_smoothing=self.label_smoothing)
+        return loss * tf.cast(batch["sample_weight"], loss.dtype) if "sample_weight" in batch else loss
+
+
+def accuracy(batch: dict, logits) -> dict:
+    """The default metrics hook: {"accuracy": 1.0 where argmax(logits) == label}."""
+    hit = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(batch[LABEL], tf.int32))
+    return {"accuracy": tf.cast(hit, tf.float32)}
+
+
+class Callback:
+    """Hooks into the loop; override what you need. All arguments are plain Python values."""
+
+    def on_stage_begin(self, stage: str, info: dict) -> None:
+        """info: {"epochs", "steps_per_epoch", "groups": {group: lr}, "trainable": [stages], "step": global steps
+        done before this stage (also after a resume), "first_epoch": > 1 when a resume continues the stage}"""
+
+    def on_train_step(self, stage: str, step: int, logs: dict) -> None:
+        """step: global step (1-based, across stages); logs: this batch's {"loss", metrics..., "lr/<group>"}"""
+
+    def on_batch_end(self, epoch: int, step: int) -> None:
+        """epoch: 1-based across stages; step: within the epoch"""
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        pass
+
+    def on_run_end(self, history: list) -> None:
+        pass
+
+
+class FaultHook(Callback):
+    """TFL_FAULT=kill-at-step:N:S (see tfl.training.checkpoint): SIGKILL right after step S of epoch N."""
+
+    def __init__(self, at: tuple[int, int]):
+        self.at = tuple(at)
+
+    def on_batch_end(self, epoch: int, step: int) -> None:
+        if (epoch, step) == self.at:
+            checkpoint.kill_now()
+
+
+def default_callbacks() -> list[Callback]:
+    at = checkpoint.injected_fault("kill-at-step")
+    return [FaultHook(at)] if at else []
 
 
 class Progress:
@@ -120,42 +232,65 @@ class Progress:
             self.stream.flush()
 
 
+@dataclasses.dataclass
+class _LiveOptimizer:
+    optimizer: keras.optimizers.Optimizer
+    schedule: WarmupSchedule
+    variables: list  # the variables it was built for: reusable only for exactly these
+
+
 class Trainer:
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, num_classes: int,
                  cfg: TrainConfig, log: Callable[[str], None] = print,
-                 checkpoints: checkpoint.CheckpointManager | None = None):
+                 checkpoints: checkpoint.CheckpointManager | None = None, loss: Callable | None = None,
+                 metrics: Callable | None = None, inputs: Callable = model_inputs,
+                 callbacks: list[Callback] | None = None, select: str = "val_accuracy"):
         self.strategy = strategy
         self.model = model  # the canonical model: evaluated, saved, and where best weights live
         self.num_classes = num_classes
         self.cfg = cfg
         self.log = log
         self.checkpoints = checkpoints  # saves a snapshot after every epoch when set
+        self.loss_fn = loss or CrossEntropy(num_classes, cfg.label_smoothing)
+        self.metrics_fn = metrics or accuracy
+        self.inputs_fn = inputs
+        self.callbacks = list(callbacks or []) + default_callbacks()
+        self.select = select  # the run-wide best epoch, restored by restore_best()
         self.history: list[EpochResult] = []
-        self.best_accuracy = -math.inf
+        self.best_value: float | None = None
         self.best_weights = None
         self.best_epoch = None
-        self.stopped_early = False
+        self.stage_best: dict[str, dict] = {}  # stage -> {"value", "epoch"} by that stage's own `select`
+        self.stopped_early = False  # a stage with stop_run stopped early: later stages are skipped
+        self.global_step = 0
+        self._best_is_current = False
+        self._stage_best_weights = None  # the running stage's best, kept when its policy restores it
+        self._optimizers: dict[str, _LiveOptimizer] = {}
         self._eval_steps = {}  # id(model) -> (model, traced step)
-        self._finished_stages = set()  # after a resume: stages the snapshot had finished before its own
+        self._finished_stages = set()  # after a resume: stages the snapshot had finished
         self._resume_stage = None  # the snapshot state of the stage a resume continues, until that stage starts
-        self._resume_optimizers = None
-        self._kill_at = checkpoint.injected_fault("kill-at-step")
+        self._resume_optimizers = None  # group -> (schedule config, arrays, variables) from the snapshot, used once
+
+    @property
+    def best_accuracy(self) -> float:
+        return -math.inf if self.best_value is None else self.best_value
 
     # -- one pass -------------------------------------------------------------------------------------------
-    def _per_example_loss(self, labels, logits):
-        onehot = tf.one_hot(labels, self.num_classes)
-        return keras.losses.categorical_crossentropy(
-            onehot, logits, from_logits=True, label_smoothing=self.cfg.label_smoothing
-        )
+    def _sums(self, batch, outputs, per_example):
+        """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas."""
+        values = {"loss": per_example, **self.metrics_fn(batch, outputs)}
+        sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
+        sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+        return sums
 
     def _train_step_fn(self, train_model, groups, optimizers, global_batch):
         variables = [v for g in groups for v in g.variables]
         bounds = np.cumsum([0] + [len(g.variables) for g in groups])
 
-        def step(images, labels):
+        def step(batch):
             with tf.GradientTape() as tape:
-                logits = train_model(images, training=True)
-                per_example = self._per_example_loss(labels, logits)
+                outputs = train_model(self.inputs_fn(batch), training=True)
+                per_example = self.loss_fn(batch, outputs)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 if train_model.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(train_model.losses))
@@ -163,64 +298,68 @@ class Trainer:
             for i, opt in enumerate(optimizers):
                 pairs = list(zip(grads[bounds[i]:bounds[i + 1]], variables[bounds[i]:bounds[i + 1]]))
                 opt.apply_gradients(pairs)
-            return self._sums(labels, logits, per_example)
+            return self._sums(batch, outputs, per_example)
 
         return self._distributed(step)
 
     def _eval_step_fn(self, model):
-        def step(images, labels):
-            logits = model(images, training=False)
-            return self._sums(labels, logits, self._per_example_loss(labels, logits))
+        def step(batch):
+            outputs = model(self.inputs_fn(batch), training=False)
+            return self._sums(batch, outputs, self.loss_fn(batch, outputs))
 
         return self._distributed(step)
 
-    @staticmethod
-    def _sums(labels, logits, per_example):
-        """(loss sum, correct count, example count) of one replica's batch; summed across replicas later."""
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
     def _distributed(self, step):
         @tf.function(jit_compile=self.cfg.jit)
-        def distributed(images, labels):
-            results = self.strategy.run(step, args=(images, labels))
-            return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+        def distributed(batch):
+            results = self.strategy.run(step, args=(batch,))
+            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
 
         return distributed
 
     def _distribute(self, dataset: tf.data.Dataset):
         # DATA sharding: every worker builds the same pipeline and takes its replicas' slices of each global
         # batch, so results do not depend on the worker count. (FILE sharding needs file-based sources.)
+        if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:  # Keras-style (x, y)
+            dataset = dataset.map(lambda x, y: {IMAGE: x, LABEL: y})
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
-    def evaluate(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
-                 model: keras.Model | None = None) -> tuple[float, float]:
-        """(mean loss, accuracy) of `model` (default: the trainer's) over a batched dataset of (images, labels)."""
+    def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
+                     model: keras.Model | None = None) -> dict:
+        """{"loss", metrics...}: means of `model` (default: the trainer's) over a dataset of dict batches."""
         model = model or self.model
         if id(model) not in self._eval_steps:
             self._eval_steps[id(model)] = (model, self._eval_step_fn(model))
         eval_step = self._eval_steps[id(model)][1]
-        totals = np.zeros(3)
+        totals: dict = {}
         progress = Progress(steps or 0, f"    {label}") if steps else None
-        for i, (images, labels) in enumerate(self._distribute(dataset), 1):
-            totals += [float(t) for t in eval_step(images, labels)]
+        for i, batch in enumerate(self._distribute(dataset), 1):
+            _accumulate(totals, eval_step(batch))
             if progress:
-                progress.update(i, totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1))
+                progress.update(i, *_loss_and_accuracy(totals))
         if progress:
             progress.close()
-        n = max(totals[2], 1.0)
-        return totals[0] / n, totals[1] / n
+        return _means(totals)
+
+    def evaluate(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
+                 model: keras.Model | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) of `model` (default: the trainer's) over a dataset of dict batches."""
+        result = self.evaluate_all(dataset, label, steps, model)
+        return result["loss"], result.get("accuracy", math.nan)
 
     # -- a stage ----------------------------------------------------------------------------------------------
     def run_stage(self, stage: str, train_model: keras.Model, groups: list[ParamGroup], epochs: int,
                   train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset], val_ds: tf.data.Dataset,
-                  steps_per_epoch: int, global_batch: int, val_steps: int | None = None, warmup: bool = True,
-                  eval_model: keras.Model | None = None) -> None:
+                  steps_per_epoch: int, global_batch: int, val_steps: int | None = None,
+                  eval_model: keras.Model | None = None, policy: StagePolicy | None = None,
+                  trainable: list | None = None) -> None:
         """Train `epochs` epochs. `train_ds` is a dataset, or epoch number (1-based, across stages) -> the
         dataset for that epoch. Validation runs `eval_model` (default: the trainer's model) on `val_ds`.
+        `trainable`: what the history records as trained in this stage (canonical stage names).
         After a `resume`, a stage finished before the snapshot is skipped and the interrupted one continues."""
+        policy = policy or StagePolicy()
         resume = self._resume_stage if self._resume_stage and self._resume_stage["stage"] == stage else None
         first_epoch = resume["stage_epoch"] + 1 if resume else 1
         if epochs <= 0 or self.stopped_early or stage in self._finished_stages or first_epoch > epochs:
@@ -228,85 +367,164 @@ class Trainer:
         groups = [g for g in groups if g.variables]
         if not groups:
             raise ValueError(f"stage {stage!r} has nothing to train: every layer is frozen")
-        cfg = self.cfg
-        total = epochs * steps_per_epoch
-        with self.strategy.scope():
-            schedules, optimizers = [], []
-            for g in groups:
-                schedule = WarmupSchedule(
-                    g.lr, total, int(cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
-                    cfg.schedule, cfg.step_size * steps_per_epoch, cfg.gamma,
-                )
-                opt = make_optimizer(cfg, schedule)
-                opt.build(g.variables)
-                schedules.append(schedule)
-                optimizers.append(opt)
-        since_best = 0
-        if resume:
-            self._load_optimizers(stage, groups, optimizers)
-            since_best = resume["since_best"]
-            self._resume_stage = self._resume_optimizers = None
+        live = self._optimizers_for(stage, groups, epochs, steps_per_epoch, policy, resume)
+        optimizers = [live[g.name].optimizer for g in groups]
+        since_best = resume["since_best"] if resume else 0
+        if not resume:
+            self.stage_best.pop(stage, None)
+            self._stage_best_weights = None
+        self._resume_stage = self._resume_optimizers = None
         train_step = self._train_step_fn(train_model, groups, optimizers, global_batch)
         n_params = sum(int(np.prod(v.shape)) for g in groups for v in g.variables)
         self.log(f"stage {stage}: {epochs} epoch(s), {steps_per_epoch} steps each, {n_params:,} trainable parameters, "
                  + ", ".join(f"{g.name} lr {g.lr:g}" for g in groups)
                  + (f"; continuing at epoch {first_epoch}" if first_epoch > 1 else ""))
-        patience = cfg.early_stopping
+        self._emit("on_stage_begin", stage, {"epochs": epochs, "steps_per_epoch": steps_per_epoch,
+                                             "groups": {g.name: g.lr for g in groups},
+                                             "trainable": list(trainable or []), "step": self.global_step,
+                                             "first_epoch": first_epoch})
+        # Callbacks may be duck-typed (as _emit allows): one without on_train_step wants no per-step logs.
+        step_logs = any(getattr(type(cb), "on_train_step", Callback.on_train_step) is not Callback.on_train_step
+                        for cb in self.callbacks)
+        patience = policy.early_stopping if policy.early_stopping is not None else self.cfg.early_stopping
         for epoch in range(first_epoch, epochs + 1):
             start = time.time()
             number = len(self.history) + 1
-            lrs = {g.name: s.value(int(opt.iterations.numpy())) for g, s, opt in zip(groups, schedules, optimizers)}
-            totals = np.zeros(3)
+            lrs = {g.name: live[g.name].schedule.value(int(live[g.name].optimizer.iterations.numpy())) for g in groups}
+            totals: dict = {}
             progress = Progress(steps_per_epoch, f"  {stage} epoch {epoch}/{epochs}")
             data = train_ds(number) if callable(train_ds) else train_ds
-            for i, (images, labels) in enumerate(self._distribute(data), 1):
-                totals += [float(t) for t in train_step(images, labels)]
-                progress.update(i, totals[0] / totals[2], totals[1] / totals[2])
-                if self._kill_at == (number, i):
-                    os.kill(os.getpid(), signal.SIGKILL)
+            self._best_is_current = False
+            for i, batch in enumerate(self._distribute(data), 1):
+                sums = {k: float(v) for k, v in train_step(batch).items()}
+                _accumulate(totals, sums)
+                self.global_step += 1
+                progress.update(i, *_loss_and_accuracy(totals))
+                if step_logs:
+                    logs = _means(sums)
+                    logs.update({f"lr/{g.name}": live[g.name].schedule.value(
+                        int(live[g.name].optimizer.iterations.numpy()) - 1) for g in groups})
+                    self._emit("on_train_step", stage, self.global_step, logs)
+                self._emit("on_batch_end", number, i)
                 if i >= steps_per_epoch:
                     break
             progress.close()
-            val_loss, val_acc = self.evaluate(val_ds, "val", val_steps, eval_model)
-            result = EpochResult(stage, number, totals[0] / totals[2], totals[1] / totals[2],
-                                 val_loss, val_acc, lrs, time.time() - start)
+            val = self.evaluate_all(val_ds, "val", val_steps, eval_model)
+            result = EpochResult(stage, number, _means(totals), val, lrs, time.time() - start, list(trainable or []))
             self.history.append(result)
-            improved = val_acc > self.best_accuracy
+            improved = better(self.select, result.metric(self.select), self.best_value)
             if improved:
-                self.best_accuracy, self.best_epoch = val_acc, result.epoch
-                self.best_weights = [np.array(v.numpy()) for v in self.model.weights]
+                self.best_value, self.best_epoch = result.metric(self.select), result.epoch
+                self.best_weights = self._current_weights()
+                self._best_is_current = True
+            value = result.metric(policy.select)
+            if better(policy.select, value, self.stage_best.get(stage, {}).get("value")):
+                self.stage_best[stage] = {"value": value, "epoch": result.epoch}
+                if policy.restore_best:
+                    self._stage_best_weights = self.best_weights if improved else self._current_weights()
                 since_best = 0
             else:
                 since_best += 1
             self.log(self._row(result, improved))
-            self.stopped_early = bool(patience and since_best >= patience)
+            stopped = bool(patience and since_best >= patience)
+            done = stopped or epoch == epochs
+            if stopped:
+                self.log(f"early stopping: no {policy.select} improvement for {patience} epoch(s) in stage {stage}"
+                         + ("; the run ends here" if policy.stop_run else ""))
+                self.stopped_early = policy.stop_run
+            if done and policy.restore_best and self._stage_best_weights is not None:
+                self._assign(self._stage_best_weights)
+                self._best_is_current = self.stage_best[stage]["epoch"] == self.best_epoch
+                self.log(f"stage {stage}: restored its best weights (epoch {self.stage_best[stage]['epoch']}, "
+                         f"{policy.select} {self.stage_best[stage]['value']:.4f})")
             if self.checkpoints:
-                self.checkpoints.save(self._snapshot(stage, epoch, since_best, groups, optimizers))
-            if self.stopped_early:
-                self.log(f"early stopping: no val_accuracy improvement for {patience} epoch(s)")
-                return
+                self.checkpoints.save(self._snapshot(stage, epoch, since_best, done, groups, live))
+            self._emit("on_epoch_end", result)
+            if done:
+                break
+        self._stage_best_weights = None
+
+    def _optimizers_for(self, stage, groups, epochs, steps_per_epoch, policy, resume) -> dict:
+        """One optimizer per group: the live one when the policy keeps optimizers and the group trains the same
+        variables; after a resume, rebuilt from the snapshot (same schedule, same state); else new."""
+        cfg, saved = self.cfg, self._resume_optimizers or {}
+        if resume and [g.name for g in groups] != resume["groups"]:
+            raise checkpoint.ResumeError(f"stage {stage!r} trains the groups {[g.name for g in groups]} but the "
+                                         f"checkpoint has {resume['groups']}")
+        span = (policy.schedule_epochs or epochs) * steps_per_epoch
+        warmup = int(cfg.warmup_epochs * steps_per_epoch) if policy.warmup else 0
+        live = {}
+        with self.strategy.scope():
+            for g in groups:
+                kept = self._optimizers.get(g.name) if policy.keep_optimizers else None
+                if kept is not None and _same_variables(kept.variables, g.variables):
+                    live[g.name] = kept
+                    continue
+                # As in an uninterrupted run, a finished stage's optimizer carries on only for the same variables.
+                carried = g.name in saved and (resume is not None or (
+                    policy.keep_optimizers and saved[g.name][2] in (None, self._variable_indices(g.variables))))
+                schedule = (WarmupSchedule(**saved[g.name][0]) if carried else
+                            WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch, cfg.gamma))
+                opt = make_optimizer(cfg, schedule)
+                opt.build(g.variables)
+                if carried:
+                    arrays = saved[g.name][1]
+                    if len(arrays) != len(opt.variables):
+                        raise checkpoint.ResumeError(f"the {g.name} optimizer has {len(opt.variables)} variables but "
+                                                     f"the checkpoint holds {len(arrays)}")
+                    for v, value in zip(opt.variables, arrays):
+                        v.assign(value)
+                live[g.name] = _LiveOptimizer(opt, schedule, list(g.variables))
+        self._optimizers = live
+        return live
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if method is not None:
+                method(*args)
+
+    def finish(self) -> None:
+        """Tell the callbacks the run is over (TensorBoard closes its files)."""
+        self._emit("on_run_end", list(self.history))
+
+    def _variable_indices(self, variables) -> list:
+        """Where `variables` sit in the model's variables: which ones a group trains, comparable across processes."""
+        index = {id(v): i for i, v in enumerate(self.model.variables)}
+        return [index.get(id(v), -1) for v in variables]
+
+    def _current_weights(self) -> list:
+        return [np.array(v.numpy()) for v in self.model.weights]
+
+    def _assign(self, values) -> None:
+        for variable, value in zip(self.model.weights, values):
+            variable.assign(value)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
-    def _snapshot(self, stage, stage_epoch, since_best, groups, optimizers) -> checkpoint.Snapshot:
+    def _snapshot(self, stage, stage_epoch, since_best, done, groups, live) -> checkpoint.Snapshot:
         arrays = {f"model.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.model.variables)}
-        for g, opt in zip(groups, optimizers):
+        for g in groups:
+            opt = live[g.name].optimizer
             arrays.update({f"opt.{g.name}.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(opt.variables)})
-        best_is_current = self.best_epoch == len(self.history)
-        if not best_is_current and self.best_weights is not None:
+        if not self._best_is_current and self.best_weights is not None:
             arrays.update({f"best.{i:05d}": w for i, w in enumerate(self.best_weights)})
+        if not done and self._stage_best_weights is not None:
+            arrays.update({f"stagebest.{i:05d}": w for i, w in enumerate(self._stage_best_weights)})
         state = {
-            "stage": stage, "stage_epoch": stage_epoch, "since_best": since_best,
+            "stage": stage, "stage_epoch": stage_epoch, "since_best": since_best, "stage_done": done,
             "stopped_early": self.stopped_early, "groups": [g.name for g in groups],
-            "best_accuracy": None if self.best_epoch is None else self.best_accuracy,
-            "best_epoch": self.best_epoch, "best_is_current": best_is_current,
+            "schedules": {g.name: live[g.name].schedule.get_config() for g in groups},
+            "group_variables": {g.name: self._variable_indices(g.variables) for g in groups},
+            "best_value": self.best_value, "best_epoch": self.best_epoch, "best_is_current": self._best_is_current,
+            "stage_best": self.stage_best, "global_step": self.global_step,
             "history": [dataclasses.asdict(r) for r in self.history],
             "variables": [[v.path, list(v.shape)] for v in self.model.variables],
         }
         return checkpoint.Snapshot(len(self.history), state, arrays)
 
     def resume(self, snapshot: checkpoint.Snapshot) -> None:
-        """Continue from `snapshot`: model variables, history and best weights now; the interrupted stage's
-        optimizer state when `run_stage` starts that stage again."""
+        """Continue from `snapshot`: model variables, history, best weights and the recipe's position now; the
+        optimizers of the groups that carry on when `run_stage` starts the next (or the interrupted) stage."""
         state, arrays = snapshot.state, snapshot.arrays
         saved = [(_unnumbered(path), tuple(shape)) for path, shape in state["variables"]]
         current = [(_unnumbered(v.path), tuple(v.shape)) for v in self.model.variables]
@@ -317,28 +535,23 @@ class Trainer:
         for i, v in enumerate(self.model.variables):
             v.assign(arrays[f"model.{i:05d}"])
         self.history = [EpochResult(**r) for r in state["history"]]
-        self.best_epoch = state["best_epoch"]
-        self.best_accuracy = -math.inf if state["best_accuracy"] is None else state["best_accuracy"]
-        if state["best_is_current"]:
-            self.best_weights = [np.array(v.numpy()) for v in self.model.weights]
+        self.best_epoch, self.best_value = state["best_epoch"], state["best_value"]
+        self._best_is_current = state["best_is_current"]
+        if self._best_is_current:
+            self.best_weights = self._current_weights()
         elif self.best_epoch is not None:
             self.best_weights = [arrays[f"best.{i:05d}"] for i in range(len(self.model.weights))]
+        if f"stagebest.{0:05d}" in arrays:
+            self._stage_best_weights = [arrays[f"stagebest.{i:05d}"] for i in range(len(self.model.weights))]
+        self.stage_best = state["stage_best"]
         self.stopped_early = state["stopped_early"]
-        self._finished_stages = {r.stage for r in self.history} - {state["stage"]}
-        self._resume_stage = state
-        self._resume_optimizers = {k: v for k, v in arrays.items() if k.startswith("opt.")}
-
-    def _load_optimizers(self, stage, groups, optimizers) -> None:
-        if [g.name for g in groups] != self._resume_stage["groups"]:
-            raise checkpoint.ResumeError(f"stage {stage!r} trains the groups {[g.name for g in groups]} but the "
-                                         f"checkpoint has {self._resume_stage['groups']}")
-        for g, opt in zip(groups, optimizers):
-            names = sorted(k for k in self._resume_optimizers if k.startswith(f"opt.{g.name}."))
-            if len(names) != len(opt.variables):
-                raise checkpoint.ResumeError(f"the {g.name} optimizer has {len(opt.variables)} variables but the "
-                                             f"checkpoint holds {len(names)}")
-            for v, name in zip(opt.variables, names):
-                v.assign(self._resume_optimizers[name])
+        self.global_step = state["global_step"]
+        self._finished_stages = {r.stage for r in self.history} - ({state["stage"]} if not state["stage_done"] else set())
+        self._resume_stage = None if state["stage_done"] else state
+        self._resume_optimizers = {
+            g: (state["schedules"][g], [arrays[k] for k in sorted(k for k in arrays if k.startswith(f"opt.{g}."))],
+                state.get("group_variables", {}).get(g))
+            for g in state["groups"]}
 
     @staticmethod
     def header() -> str:
@@ -351,7 +564,44 @@ class Trainer:
                 f"{r.val_accuracy:>8.4f} {lr:>20} {r.seconds:>6.1f}s{mark}")
 
     def restore_best(self) -> None:
+        """Go back to the run-wide best epoch's weights (by the trainer's `select`)."""
         if self.best_weights is not None:
-            for variable, value in zip(self.model.weights, self.best_weights):
-                variable.assign(value)
-            self.log(f"restored the best weights (epoch {self.best_epoch}, val_accuracy {self.best_accuracy:.4f})")
+            self._assign(self.best_weights)
+            self._best_is_current = True
+            self.log(f"restored the best weights (epoch {self.best_epoch}, {self.select} {self.best_value:.4f})")
+
+
+def history_rows(history: list[EpochResult]) -> list[dict]:
+    """history.csv: one row per epoch; a learning-rate column per group ("" where it did not train), every
+    metric the hooks produced, and the canonical stages trained (";"-joined) when the recipe said."""
+    groups = list(dict.fromkeys(g for r in history for g in r.lr))
+    rows = []
+    for r in history:
+        row = {"epoch": r.epoch, "stage": r.stage}
+        row.update({f"train_{k}": round(v, 6) for k, v in r.train.items()})
+        row.update({f"val_{k}": round(v, 6) for k, v in r.val.items()})
+        row["seconds"] = round(r.seconds, 2)
+        row.update({f"lr_{g}": r.lr.get(g, "") for g in groups})
+        if any(h.trainable for h in history):
+            row["trainable"] = ";".join(r.trainable)
+        rows.append(row)
+    return rows
+
+
+def _same_variables(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _accumulate(totals: dict, sums) -> None:
+    for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+
+
+def _means(totals: dict) -> dict:
+    n = max(totals.get("examples", 0.0), 1.0)
+    return {k: v / n for k, v in totals.items() if k != "examples"}
+
+
+def _loss_and_accuracy(totals: dict) -> tuple:
+    n = max(totals.get("examples", 0.0), 1.0)
+    return totals.get("loss", 0.0) / n, totals.get("accuracy", math.nan) / n

@@ -1,0 +1,13 @@
+"""The choices every option can take, in one place, light to import: the library validates against these
+and the CLI offers them (defaults live in the options dataclasses, tfl.job.JobOptions and the recipes')."""
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+FREEZE_MODES = ("trainable", "stop_gradient")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+CACHE_MODES = ("auto", "on", "off")
+EXPORT_FORMATS = ("saved_model", "tflite")
+TFLITE_MODES = ("float32", "float16", "int8")
+BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward")
+UNFREEZE = ("two_stage", "gradual")
+SPLITS = ("train", "val", "test")

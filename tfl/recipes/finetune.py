@@ -1,0 +1,149 @@
+"""`tfl finetune`: two-stage fine-tuning (the default), or gradual unfreezing.
+
+two_stage: stage 1 trains the new head on the frozen backbone at `lr`; stage 2 unfreezes the layers above
+`freeze_up_to` (and as the --freeze/--unfreeze rules say), the backbone at `backbone_lr` (default 0.3 x lr), the
+head at `lr`, linear warmup, then the chosen schedule. The best weights by validation accuracy are restored.
+
+gradual (ULMFiT, Howard & Ruder 2018; our tutorial: "gradually improve the model, layer by layer from the end"):
+stage 1 as above, then one more canonical stage becomes trainable at each step, from the top down to the one
+above `freeze_up_to`. Every canonical stage is its own parameter group; stage k below the top trains at
+backbone_lr / F^k (--lr-decay-per-stage F; ULMFiT used 2.6). A step keeps the optimizer state of the groups that
+were already training (moments and schedule position, as fastai's freeze_to on one optimizer), and each group's
+schedule spans the epochs from the step that unfroze it to the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tfl import job as jobs
+from tfl.job import Job, JobOptions, Stage
+
+from tfl.options import UNFREEZE
+
+
+@dataclasses.dataclass
+class FinetuneOptions(JobOptions):
+    unfreeze: str = "two_stage"
+    unfreeze_every: int = 1  # gradual: epochs between unfreezing steps
+    unfreeze_schedule: str | None = None  # gradual: "head:2,block7:1,block6:1" (stage:epochs), overrides the above
+    lr_decay_per_stage: float = 1.0  # gradual: stage k below the top at backbone_lr / F^k
+
+
+def finetune(opts: FinetuneOptions, log=print) -> dict:
+    if opts.unfreeze not in UNFREEZE:
+        raise ValueError(f"--unfreeze {opts.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
+    recipe = gradual if opts.unfreeze == "gradual" else two_stage
+    _check_gradual_options(opts)
+    return jobs.run(opts, recipe, log)
+
+
+def two_stage(job: Job) -> dict:
+    from tfl.freezing import head_only_plan
+
+    opts = job.opts
+    stages = [Stage("head", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr}),
+              Stage("finetune", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})]
+    job.prepare(stages)
+    job.train(stages)
+    return job.finish()
+
+
+def gradual(job: Job) -> dict:
+    from tfl.freezing import head_only_plan
+
+    steps = gradual_steps(job.spec, job.plan, job.opts)
+    # One name per group throughout: "classifier" for the new head ("head" is a backbone stage here).
+    stages = [Stage("head", head_only_plan(job.plan), job.opts.head_epochs, {"classifier": job.lr},
+                    group_of=group_per_stage)]
+    stages += unfreeze_stages(job.plan, steps, job.lr, job.backbone_lr, job.opts.lr_decay_per_stage)
+    job.log("gradual unfreezing: " + ", ".join(f"{s.name} {s.epochs} epoch(s)" for s in stages[1:]))
+    job.prepare(stages, config={"unfreeze_steps": [list(step) for step in steps]})
+    job.train(stages)
+    return job.finish()
+
+
+# -- the schedule --------------------------------------------------------------------------------------------------
+def trainable_stages(spec, plan) -> list[str]:
+    """Canonical stages with weights above the freeze boundary, top first: the order they unfreeze in."""
+    from tfl.freezing import CLASSIFIER_STAGE
+
+    open_stages = {layer.stage for layer in plan.layers if not layer.frozen and layer.params}
+    return [s for s in reversed(spec.stage_names) if s in open_stages and s != CLASSIFIER_STAGE]
+
+
+def gradual_steps(spec, plan, opts: FinetuneOptions) -> list[tuple[str, int]]:
+    """[(canonical stage unfrozen at this step, epochs)], top first.
+
+    --unfreeze-schedule gives them; else every --unfreeze-every epochs one more stage, within --epochs (the last
+    step takes what remains, so the fine-tuning budget is --epochs either way)."""
+    available = trainable_stages(spec, plan)
+    if not available:
+        raise ValueError(f"--unfreeze gradual: nothing lies above --freeze-up-to {opts.freeze_up_to} to unfreeze")
+    if opts.unfreeze_schedule:
+        steps = parse_schedule(opts.unfreeze_schedule)
+        names = [name for name, _ in steps]
+        if names != available[: len(names)]:
+            raise ValueError(f"--unfreeze-schedule {opts.unfreeze_schedule!r}: steps must name canonical stages from "
+                             f"the top down, one each, above --freeze-up-to {opts.freeze_up_to}: "
+                             f"{', '.join(available)} (in that order)")
+        return steps
+    steps, left = [], opts.epochs
+    for name in available:
+        if left <= 0:
+            break
+        take = min(opts.unfreeze_every, left) if name != available[-1] else left  # the last step trains on
+        steps.append((name, take))
+        left -= take
+    return steps
+
+
+def parse_schedule(text: str) -> list[tuple[str, int]]:
+    steps = []
+    for part in text.split(","):
+        name, sep, epochs = part.strip().rpartition(":")
+        if not sep or not name or not epochs.strip().isdigit() or int(epochs) < 1:
+            raise ValueError(f"--unfreeze-schedule {text!r}: {part.strip()!r} is not STAGE:EPOCHS with EPOCHS >= 1, "
+                             "e.g. 'head:2,block7:1,block6:1'")
+        steps.append((name.strip(), int(epochs)))
+    return steps
+
+
+def unfreeze_stages(plan, steps, lr: float, backbone_lr: float, decay: float) -> list[Stage]:
+    """One Stage per step: its plan freezes every canonical stage not yet unfrozen; groups per canonical stage."""
+    from tfl.freezing import CLASSIFIER_STAGE
+    from tfl.training.trainer import StagePolicy
+
+    stages, opened = [], []
+    remaining = sum(epochs for _, epochs in steps)
+    for i, (name, epochs) in enumerate(steps):
+        opened.append(name)
+        layers = [dataclasses.replace(layer, frozen=layer.frozen or (layer.stage != CLASSIFIER_STAGE
+                                                                     and layer.stage not in opened))
+                  for layer in plan.layers]
+        step_plan = dataclasses.replace(plan, layers=layers)
+        lrs = {"classifier": lr, **{s: backbone_lr / decay**k for k, s in enumerate(opened)}}
+        policy = StagePolicy(keep_optimizers=i > 0, schedule_epochs=remaining, warmup=i == 0)
+        stages.append(Stage(f"+{name}", step_plan, epochs, lrs, policy, group_of=group_per_stage))
+        remaining -= epochs
+    return stages
+
+
+def group_per_stage(stage: str) -> str:
+    from tfl.freezing import CLASSIFIER_STAGE
+
+    return "classifier" if stage == CLASSIFIER_STAGE else stage
+
+
+def _check_gradual_options(opts: FinetuneOptions) -> None:
+    defaults = FinetuneOptions()
+    given = [name for name in ("unfreeze_every", "unfreeze_schedule", "lr_decay_per_stage")
+             if getattr(opts, name) != getattr(defaults, name)]
+    if opts.unfreeze != "gradual" and given:
+        raise ValueError(" and ".join("--" + name.replace("_", "-") for name in given) + " only apply to gradual "
+                         "unfreezing; add --unfreeze gradual (or drop them)")
+    if opts.lr_decay_per_stage < 1.0:
+        raise ValueError(f"--lr-decay-per-stage {opts.lr_decay_per_stage}: must be >= 1 (1 = the same lr for "
+                         "every stage; ULMFiT used 2.6)")
+    if opts.unfreeze_every < 1:
+        raise ValueError(f"--unfreeze-every {opts.unfreeze_every}: must be >= 1")
