@@ -1,0 +1,234 @@
+"""PNG figures of a run: training curves, a confusion matrix, a grid of misclassified images; and of a comparison.
+
+Figures are drawn on matplotlib's Agg canvas directly, never through pyplot: no global figure registry to
+leak, no display needed, and a notebook's own pyplot backend is left alone. matplotlib is imported only when
+a figure is drawn. Every PNG is written atomically (temp file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+import numpy as np
+
+STAGE_LINE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0}
+UNFREEZE_LINE = {"color": "tab:purple", "linestyle": ":", "linewidth": 1.4}
+DPI = 100
+
+
+def read_history_csv(path: str) -> list[dict]:
+    """A run's history.csv as a list of rows (values are the csv's strings; write_curves converts them)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such history file (a run writes history.csv after its first stage)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_curves(rows: list[dict], path: str, title: str | None = None) -> str:
+    """Loss, accuracy and learning rate per group against the epoch, with stage changes and unfreezes marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not rows:
+        raise ValueError(f"write_curves needs at least one history row, got none (for {path})")
+    epochs = np.array([_epoch(row) for row in rows])
+    series = {key: np.array([_number(row.get(key)) for row in rows])
+              for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
+    lr_keys = list(dict.fromkeys(key for row in rows for key in row if key.startswith("lr_")))
+    figure = _figure((15, 4.2))
+    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for split in ("train", "val"):
+            ax.plot(epochs, series[f"{split}_{metric}"], marker="o", markersize=4, label=split)
+        ax.set_title(metric)
+    lr_ax.set_title("learning rate")
+    drawn = False
+    for key in lr_keys:
+        values = np.array([_number(row.get(key)) for row in rows])
+        values[~(values > 0)] = np.nan  # a group that did not train that epoch leaves a gap, not a drop to 0
+        if np.isfinite(values).any():
+            lr_ax.plot(epochs, values, marker="o", markersize=4, label=key[len("lr_"):])
+            drawn = True
+    if drawn:
+        lr_ax.set_yscale("log")
+    else:
+        lr_ax.text(0.5, 0.5, "no learning rate recorded", ha="center", va="center", transform=lr_ax.transAxes)
+    events = _events(rows)
+    for ax in (loss_ax, acc_ax, lr_ax):
+        _mark_events(ax, events)
+        ax.set_xlabel("epoch")
+        ax.set_xlim(epochs.min() - 0.6, epochs.max() + 0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    return _finish(figure, (loss_ax, acc_ax, lr_ax), title, path)
+
+
+def write_confusion_matrix(matrix, class_names, path: str, title: str | None = None) -> str:
+    """Counts in each cell, coloured by the fraction of the true class (row) they hold; rows true, columns predicted."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    if matrix.ndim != 2 or matrix.shape != (n, n):
+        raise ValueError(f"confusion matrix must be [{n}, {n}] for {n} class names, got shape {matrix.shape}")
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    side = min(max(3.0 + 0.38 * n, 5.0), 22.0)
+    figure = _figure((side + 1.5, side))
+    ax = figure.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    font = 10 if n <= 10 else 8 if n <= 20 else 6 if n <= 35 else 5
+    for i in range(n):
+        for j in range(n):
+            if matrix[i, j] or n <= 15:  # zeros are noise in a large matrix
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=font,
+                        color="white" if share[i, j] > 0.5 else "black")
+    names = [_short(name, 18) for name in class_names]
+    ax.set_xticks(range(n), names, rotation=90 if n > 8 else 45, ha="center" if n > 8 else "right", fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion matrix ({int(matrix.sum())} examples)")
+    return _save(figure, path)
+
+
+def write_misclassified_grid(images, true_names, pred_names, probs, path: str, columns: int = 8) -> str:
+    """uint8 images [N, H, W, 3] in a grid titled "true → predicted (p%)"; N=0 writes a figure that says so."""
+    n = len(images)
+    if not (len(true_names) == len(pred_names) == len(probs) == n):
+        raise ValueError(f"write_misclassified_grid needs one true name, predicted name and probability per image; "
+                         f"got {n} images, {len(true_names)} true, {len(pred_names)} predicted, {len(probs)} probs")
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be a positive integer, got {columns!r}")
+    if n == 0:
+        figure = _figure((4, 1.5))
+        figure.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12)
+        return _save(figure, path)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got shape {images.shape}")
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    figure = _figure((1.9 * cols, 2.1 * rows))
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, true, pred, p in zip(axes, images, true_names, pred_names, probs):
+        ax.imshow(image.astype(np.uint8), interpolation="nearest")
+        ax.set_title(f"{_short(true, 12)} → {_short(pred, 12)} ({100 * float(p):.0f}%)", fontsize=7, color="darkred")
+    return _save(figure, path)
+
+
+def write_compare(summary: list[dict], curves: dict[str, list[dict]], path: str, title: str | None = None) -> str:
+    """`tfl compare`'s figure. Left: mean test accuracy against the label fraction, one line per arm, error bars
+    one sd over seeds (log x when there are several fractions). Right: val accuracy per epoch, one line per arm.
+
+    summary: rows with arm, label_fraction, test_accuracy_mean, test_accuracy_sd (None for one seed);
+    curves: arm -> that arm's history rows (a run's history.csv)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not summary:
+        raise ValueError(f"write_compare needs at least one summary row, got none (for {path})")
+    figure = _figure((12, 4.4))
+    acc_ax, curve_ax = figure.subplots(1, 2)
+    fractions = sorted({row["label_fraction"] for row in summary})
+    for arm in dict.fromkeys(row["arm"] for row in summary):
+        rows = sorted((row for row in summary if row["arm"] == arm), key=lambda row: row["label_fraction"])
+        sd = [row["test_accuracy_sd"] or 0.0 for row in rows]
+        acc_ax.errorbar([row["label_fraction"] for row in rows], [row["test_accuracy_mean"] for row in rows],
+                        yerr=sd, marker="o", markersize=4, capsize=3, label=arm)
+    if len(fractions) > 1:
+        acc_ax.set_xscale("log")
+        acc_ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        acc_ax.minorticks_off()
+    acc_ax.set_xlabel("label fraction")
+    acc_ax.set_title("test accuracy (mean ± sd over seeds)")
+    for arm, rows in curves.items():
+        if rows:
+            curve_ax.plot([_epoch(row) for row in rows], [_number(row.get("val_accuracy")) for row in rows],
+                          marker="o", markersize=4, label=arm)
+    curve_ax.set_xlabel("epoch")
+    curve_ax.set_title(f"val accuracy (first seed, label fraction {max(fractions):g})")
+    curve_ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    return _finish(figure, (acc_ax, curve_ax), title, path)
+
+
+def _finish(figure, axes, title: str | None, path: str) -> str:
+    """Grid and legend on every panel, the title, then the atomic save."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _events(rows: list[dict]) -> dict[float, list[tuple[str, dict]]]:
+    """x position between two epochs -> [(label, line style)] for each stage change and each unfreeze there."""
+    events: dict[float, list[tuple[str, dict]]] = {}
+    for before, row in zip(rows, rows[1:]):
+        x = _epoch(row) - 0.5
+        if row.get("stage") != before.get("stage"):
+            events.setdefault(x, []).append((str(row.get("stage")), STAGE_LINE))
+        had = set(_names(before.get("trainable")))
+        grown = [name for name in _names(row.get("trainable")) if name not in had]
+        if grown and had:  # everything trainable from an unknown start is not an unfreeze
+            events.setdefault(x, []).append(("unfreeze " + ", ".join(grown), UNFREEZE_LINE))
+    return events
+
+
+def _mark_events(ax, events) -> None:
+    for x, marks in events.items():
+        for _, style in marks:
+            ax.axvline(x, **style)
+        # One label per position, so a stage change that also unfreezes does not print two texts on top of each other.
+        ax.text(x, 0.98, "\n".join(label for label, _ in marks), rotation=90, ha="right", va="top", fontsize=7,
+                transform=ax.get_xaxis_transform(), color=marks[0][1]["color"])
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(";")
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def _epoch(row: dict) -> int:
+    try:
+        return int(float(row["epoch"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"history row needs an integer 'epoch', got {row.get('epoch')!r} in {row}") from None
+
+
+def _number(value) -> float:
+    if value is None or value == "":
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"history value {value!r} is not a number") from None
+
+
+def _short(name, limit: int) -> str:
+    name = str(name)
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _figure(size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: str) -> str:
+    from tfl.training.rundir import atomic_write
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return path
