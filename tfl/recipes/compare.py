@@ -1,0 +1,237 @@
+"""`tfl compare`: one dataset, backbone, image size and epoch budget, trained several ways ("arms").
+
+Every arm trains E = head_epochs + epochs epochs:
+  scratch       random init; every layer trains (batch norm too: random statistics would never fit otherwise),
+                backbone and head at lr
+  linear_probe  the pretrained backbone frozen; only the head trains (on cached pooled features)
+  finetune      pretrained; every layer trains, the backbone at backbone_lr, the head at lr
+  two_stage     tfl finetune's default: head_epochs head only, then epochs above --freeze-up-to
+  lp_ft         Kumar et al., "Fine-Tuning can Distort Pretrained Features" (ICLR 2022): head_epochs of linear
+                probe, then epochs of full fine-tuning, the backbone at backbone_lr, the head at lr
+
+For every (arm, label fraction, seed), in that nesting, a normal run directory
+<output_dir>/<arm>/frac<fraction>/seed<seed>/ (tfl evaluate, report and export take it; its config.json says
+"recipe": "compare" and the arm). The label fraction keeps a seeded, stratified share of each class's training
+examples (JobOptions.label_fraction). compare.json and compare.csv in output_dir are rewritten after every run, so
+a failing run leaves the finished rows behind; compare.png is drawn at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import statistics
+import time
+from typing import Callable
+
+from tfl import job as jobs
+from tfl.job import Job, JobOptions, Stage
+from tfl.recipes.finetune import two_stage
+
+COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
+COLUMNS = ("arm", "label_fraction", "seed", "test_accuracy", "best_val_accuracy", "epochs", "wall_seconds",
+           "trainable_params", "train_examples", "run_dir")
+
+
+# -- the arms ------------------------------------------------------------------------------------------------------
+def budget(opts: JobOptions) -> int:
+    """The epochs every arm trains."""
+    return opts.head_epochs + opts.epochs
+
+
+def scratch(job: Job) -> dict:
+    from tfl.freezing import make_plan
+
+    everything = make_plan(job.spec, job.model, None)
+    return _train(job, [Stage("scratch", everything, budget(job.opts), {"backbone": job.lr, "head": job.lr})])
+
+
+def linear_probe(job: Job) -> dict:
+    from tfl.freezing import head_only_plan, make_plan
+
+    head = head_only_plan(make_plan(job.spec, job.model, None))
+    return _train(job, [Stage("probe", head, budget(job.opts), {"head": job.lr})])
+
+
+def full_finetune(job: Job) -> dict:
+    from tfl.freezing import make_plan
+
+    everything = make_plan(job.spec, job.model, None)
+    lrs = {"backbone": job.backbone_lr, "head": job.lr}
+    return _train(job, [Stage("finetune", everything, budget(job.opts), lrs)])
+
+
+def lp_ft(job: Job) -> dict:
+    from tfl.freezing import head_only_plan, make_plan
+
+    everything = make_plan(job.spec, job.model, None)
+    return _train(job, [Stage("probe", head_only_plan(everything), job.opts.head_epochs, {"head": job.lr}),
+                        Stage("finetune", everything, job.opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})])
+
+
+def _train(job: Job, stages: list[Stage]) -> dict:
+    job.prepare(stages)
+    job.train(stages)
+    return job.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    recipe: Callable[[Job], dict]
+    description: str
+    options: dict  # JobOptions this arm always sets, whatever the comparison's options say
+
+
+EVERYTHING = {"freeze_up_to": None, "rules": ()}  # the arm's recipe makes its plans; the config says so too
+REGISTRY: dict[str, Arm] = {
+    "scratch": Arm(scratch, "random init, every layer (batch norm too) trains E epochs at --lr",
+                   {**EVERYTHING, "weights": "none", "init_from": None, "train_bn": True}),
+    "linear_probe": Arm(linear_probe, "pretrained backbone frozen, the head trains E epochs", EVERYTHING),
+    "finetune": Arm(full_finetune, "pretrained, every layer trains E epochs (backbone at --backbone-lr)", EVERYTHING),
+    "two_stage": Arm(two_stage, "tfl finetune: --head-epochs head only, then --epochs above --freeze-up-to", {}),
+    "lp_ft": Arm(lp_ft, "LP-FT (Kumar et al. 2022): --head-epochs linear probe, then --epochs of every layer",
+                 EVERYTHING),
+}
+ARMS = tuple(REGISTRY)
+
+
+# -- options -------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CompareOptions(JobOptions):
+    arms: tuple[str, ...] = ARMS
+    label_fractions: tuple[float, ...] = (1.0,)
+    seeds: int = 1  # runs per (arm, fraction), with seeds seed, seed + 1, ...
+
+
+@dataclasses.dataclass
+class ArmOptions(JobOptions):
+    """One arm's run; config.json records these two fields with the rest."""
+
+    recipe: str = "compare"
+    arm: str = ""
+
+
+def arm_options(opts: CompareOptions, arm: str, fraction: float, seed: int, output_dir: str) -> ArmOptions:
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
+    return ArmOptions(**{**shared, **REGISTRY[arm].options, "output_dir": output_dir, "seed": seed,
+                         "label_fraction": fraction, "resume": False}, arm=arm)
+
+
+def check_options(opts: CompareOptions) -> None:
+    """The comparison's own options, checked before the first run starts (a run checks the rest itself)."""
+    from tfl.data import check_label_fraction
+
+    unknown = [arm for arm in opts.arms if arm not in REGISTRY]
+    if unknown or not opts.arms:
+        raise ValueError(f"--arms {', '.join(map(repr, unknown)) or '(none)'}: choose from {', '.join(ARMS)}")
+    if not opts.label_fractions:
+        raise ValueError("--label-fraction: give at least one, e.g. 1.0")
+    for fraction in opts.label_fractions:
+        check_label_fraction(fraction)
+    if opts.label_fraction is not None:
+        raise ValueError(f"label_fraction {opts.label_fraction}: tfl compare takes label_fractions (a tuple) instead")
+    if opts.seeds < 1:
+        raise ValueError(f"--seeds {opts.seeds}: must be at least 1")
+    if opts.head_epochs < 0 or opts.epochs < 0 or budget(opts) < 1:
+        raise ValueError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and "
+                         "their sum (every arm's epoch budget) >= 1")
+    if opts.worker_hosts:
+        raise ValueError("tfl compare runs its arms one after another in one process; --worker-hosts (a "
+                         "multi-worker run) is not supported, use --devices for several local replicas")
+
+
+# -- the comparison ------------------------------------------------------------------------------------------------
+def compare(opts: CompareOptions, log=print) -> dict:
+    """Train every (arm, label fraction, seed); returns what compare.json holds, plus output_dir."""
+    check_options(opts)
+    import keras
+
+    from tfl.reporting.figures import write_compare
+    from tfl.training import rundir
+
+    arms, fractions = tuple(dict.fromkeys(opts.arms)), tuple(dict.fromkeys(map(float, opts.label_fractions)))
+    seeds = [opts.seed + i for i in range(opts.seeds)]
+    out = opts.output_dir or rundir.default_path("compare", opts.dataset)
+    settings = {"options": dataclasses.asdict(opts), "epoch_budget": budget(opts), "seeds": seeds,
+                "arms": {arm: REGISTRY[arm].description for arm in arms}, "label_fractions": list(fractions)}
+    result = {"output_dir": out, "settings": settings, "runs": [], "summary": []}
+    for number, arm in enumerate(arms, 1):
+        for fraction in fractions:
+            for seed in seeds:
+                log(f"compare: arm {number}/{len(arms)} {arm}, fraction {fraction:g}, seed {seed}")
+                keras.backend.clear_session()  # every run builds its model as a fresh process would
+                started = time.time()
+                run_dir = os.path.join(out, arm, f"frac{fraction:g}", f"seed{seed}")
+                metrics = jobs.run(arm_options(opts, arm, fraction, seed, run_dir), REGISTRY[arm].recipe, log)
+                result["runs"].append(_row(arm, fraction, seed, metrics, time.time() - started))
+                result["summary"] = summarize(result["runs"])
+                write_tables(out, result)
+    curves = {arm: _history(result["runs"], arm, max(fractions), seeds[0]) for arm in arms}
+    write_compare(result["summary"], curves, os.path.join(out, COMPARE_PNG),
+                  title=f"{opts.backbone} on {os.path.basename(os.path.normpath(opts.dataset))}, "
+                        f"{budget(opts)} epochs per arm")
+    log(f"compare: wrote {os.path.join(out, COMPARE_JSON)}, {COMPARE_CSV} and {COMPARE_PNG}")
+    return result
+
+
+def _row(arm: str, fraction: float, seed: int, metrics: dict, seconds: float) -> dict:
+    from tfl.training import rundir
+
+    config = rundir.RunDir(metrics["run_dir"], create=False).read_json(rundir.CONFIG)
+    return {"arm": arm, "label_fraction": fraction, "seed": seed, "test_accuracy": metrics["test_accuracy"],
+            "best_val_accuracy": metrics["val_accuracy"], "epochs": metrics["epochs_run"],
+            "wall_seconds": round(seconds, 1),
+            "trainable_params": max(stage["trainable_params"] for stage in config["stages"]),
+            "train_examples": config["num_examples"]["train"], "run_dir": metrics["run_dir"]}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per (arm, fraction), in run order: mean and sample sd (None for one seed) of the test accuracy, and more."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault((row["arm"], row["label_fraction"]), []).append(row)
+    summary = []
+    for (arm, fraction), rows in groups.items():
+        accuracy = [row["test_accuracy"] for row in rows]
+        summary.append({
+            "arm": arm, "label_fraction": fraction, "n": len(rows),
+            "test_accuracy_mean": round(statistics.mean(accuracy), 6),
+            "test_accuracy_sd": round(statistics.stdev(accuracy), 6) if len(rows) > 1 else None,
+            "best_val_accuracy_mean": round(statistics.mean(row["best_val_accuracy"] for row in rows), 6),
+            "wall_seconds_mean": round(statistics.mean(row["wall_seconds"] for row in rows), 1),
+            "trainable_params": max(row["trainable_params"] for row in rows),
+            "train_examples": rows[0]["train_examples"]})
+    return summary
+
+
+def write_tables(out: str, result: dict) -> None:
+    from tfl.training import rundir
+
+    folder = rundir.RunDir(out)
+    folder.write_json(COMPARE_JSON, {k: v for k, v in result.items() if k != "output_dir"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(result["runs"])
+    rundir.atomic_write(folder.file(COMPARE_CSV), buffer.getvalue().encode())
+
+
+def _history(runs: list[dict], arm: str, fraction: float, seed: int) -> list[dict]:
+    from tfl.reporting.figures import read_history_csv
+    from tfl.training import rundir
+
+    run = next(row for row in runs if (row["arm"], row["label_fraction"], row["seed"]) == (arm, fraction, seed))
+    return read_history_csv(os.path.join(run["run_dir"], rundir.HISTORY))
+
+
+def format_table(result: dict) -> str:
+    """One line per (arm, label fraction): test accuracy mean ± sd over n seeds, mean wall seconds, and the
+    trainable parameters of the arm's largest stage."""
+    lines = [f"{'arm':<14}{'fraction':>9}  {'test accuracy':<17}{'n':>3}{'wall s':>9}{'trainable':>13}"]
+    for row in result["summary"]:
+        sd = "-" if row["test_accuracy_sd"] is None else f"{row['test_accuracy_sd']:.4f}"
+        lines.append(f"{row['arm']:<14}{row['label_fraction']:>9g}  {row['test_accuracy_mean']:.4f} ± {sd:<6}"
+                     f"{row['n']:>3}{row['wall_seconds_mean']:>9.1f}{row['trainable_params']:>13,}")
+    return "\n".join(lines)
