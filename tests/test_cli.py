@@ -54,6 +54,13 @@ def test_inspect_rules_follow_command_line_order():
     (["finetune", "--epochs", "-1"], "Invalid value for '--epochs'"),
     (["finetune", "--freeze-mode", "sideways"], "Invalid value for '--freeze-mode'"),
     (["predict", os.path.join(FIXTURES, "cat.jpg")], "exactly one of --run DIR"),
+    (["finetune", "--unfreeze-every", "2"], "--unfreeze-every: this shapes gradual unfreezing; add --unfreeze gradual"),
+    (["finetune", "--unfreeze", "gradual", "--unfreeze-schedule", "head:x"], "'head:x' is not STAGE:EPOCHS"),
+    (["finetune", "--unfreeze", "gradual", "--lr-decay-per-stage", "0.5"], "--lr-decay-per-stage 0.5: must be >= 1"),
+    (["compare", "--arms", "scratch,nosucharm"], "--arms 'nosucharm': choose from scratch, linear_probe"),
+    (["compare", "--label-fraction", "0.1,2"], "--label-fraction 2.0: must be in (0, 1]"),
+    (["report", "--run", "/nonexistent/run"], "no such run directory"),
+    (["report", "--run", ".", "--split", "holdout"], "Invalid value for '--split'"),
 ])
 def test_usage_errors_exit_2_with_one_clear_line(args, needle):
     result = CliRunner().invoke(cli, args)

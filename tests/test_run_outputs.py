@@ -128,3 +128,37 @@ def test_the_report_agrees_with_metrics_json(run):
     assert np.trace(matrix) / matrix.sum() == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert result["misclassified"]["total"] == matrix.sum() - np.trace(matrix)
     assert result["loss"] == pytest.approx(saved["test_loss"], abs=1e-5)
+
+
+def test_a_recipe_with_its_own_loss_and_columns_trains_and_is_scored_as_a_classifier(data, tmp_path):
+    # A recipe adds a column to train and val (here: soft targets, all uniform), trains on it with its own loss,
+    # and finish() still scores the test split, which lacks the column, with plain cross-entropy and accuracy.
+    import tensorflow as tf
+
+    from tfl import job as jobs
+    from tfl.freezing import head_only_plan
+    from tfl.job import JobOptions, Stage
+
+    seen = []
+
+    def soft_targets(batch, logits):
+        seen.append(sorted(batch))
+        return tf.nn.softmax_cross_entropy_with_logits(batch["teacher"], logits)
+
+    def recipe(job):
+        uniform = {split: {"teacher": np.full((count, len(CLASSES)), 1 / len(CLASSES), np.float32)}
+                   for split, count in (("train", job.n_train), ("val", job.splits.num_examples["val"]))}
+        stages = [Stage("head", head_only_plan(job.plan), 1, {"head": job.lr})]
+        job.prepare(stages, loss=soft_targets, extra=uniform)
+        job.train(stages)
+        return job.finish()
+
+    opts = {k: v for k, v in TINY.items() if k in {f for f in JobOptions.__dataclass_fields__}}
+    metrics = jobs.run(JobOptions(**opts, dataset=data, output_dir=str(tmp_path / "run")), recipe,
+                       log=lambda *_: None)
+    assert ["features", "label", "teacher"] in seen  # cached pooled features carry the extra column
+    with open(tmp_path / "run" / "history.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    # Cross-entropy against uniform targets is never below log(3) (labels would take it well below in an epoch).
+    assert float(row["train_loss"]) >= np.log(len(CLASSES)) - 1e-5
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0  # scored on the labels

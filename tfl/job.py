@@ -368,14 +368,20 @@ class Job:
         return name, data.make_pipeline(getattr(self.splits, name), self.image_size, self.batch, training=False,
                                         seed=self.opts.seed)
 
-    def finish(self, extra_metrics: dict | None = None) -> dict:
+    def finish(self, extra_metrics: dict | None = None, loss=None, metrics=None) -> dict:
+        """Restore the run's best weights, score the test split (val without one) and save model and metrics.
+        The scores are the classifier's (cross-entropy and accuracy on the labels) whatever loss trained it,
+        unless the recipe passes its own `loss` / `metrics` hooks for them."""
         from tfl.training import rundir
+        from tfl.training.trainer import CrossEntropy, accuracy
 
         trainer, run = self.trainer, self.run_dir
         trainer.restore_best()
         train_seconds = time.time() - self.started
         split, dataset = self.eval_split()
-        test = trainer.evaluate_all(dataset, split, self.steps(split))
+        test = trainer.evaluate_all(dataset, split, self.steps(split),
+                                    loss=loss or CrossEntropy(len(self.class_names), self.opts.label_smoothing),
+                                    metrics=metrics or accuracy)
         self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
         run.save_model(self.model)
         metrics = {"test_accuracy": round(test["accuracy"], 6), "test_loss": round(test["loss"], 6),

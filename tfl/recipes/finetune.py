@@ -140,8 +140,12 @@ def _check_gradual_options(opts: FinetuneOptions) -> None:
     given = [name for name in ("unfreeze_every", "unfreeze_schedule", "lr_decay_per_stage")
              if getattr(opts, name) != getattr(defaults, name)]
     if opts.unfreeze != "gradual" and given:
-        raise ValueError(" and ".join("--" + name.replace("_", "-") for name in given) + " only apply to gradual "
-                         "unfreezing; add --unfreeze gradual (or drop them)")
+        several = len(given) > 1
+        raise ValueError(" and ".join("--" + name.replace("_", "-") for name in given)
+                         + f": {'these shape' if several else 'this shapes'} gradual unfreezing; add --unfreeze "
+                         f"gradual, or drop {'them' if several else 'it'}")
+    if opts.unfreeze_schedule:
+        parse_schedule(opts.unfreeze_schedule)  # the syntax now; the stage names once the model is built
     if opts.lr_decay_per_stage < 1.0:
         raise ValueError(f"--lr-decay-per-stage {opts.lr_decay_per_stage}: must be >= 1 (1 = the same lr for "
                          "every stage; ULMFiT used 2.6)")

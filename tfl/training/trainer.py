@@ -266,7 +266,7 @@ class Trainer:
         self._best_is_current = False
         self._stage_best_weights = None  # the running stage's best, kept when its policy restores it
         self._optimizers: dict[str, _LiveOptimizer] = {}
-        self._eval_steps = {}  # id(model) -> (model, traced step)
+        self._eval_steps = {}  # ids of (model, loss, metrics) -> (those, traced step)
         self._finished_stages = set()  # after a resume: stages the snapshot had finished
         self._resume_stage = None  # the snapshot state of the stage a resume continues, until that stage starts
         self._resume_optimizers = None  # group -> (schedule config, arrays, variables) from the snapshot, used once
@@ -276,9 +276,9 @@ class Trainer:
         return -math.inf if self.best_value is None else self.best_value
 
     # -- one pass -------------------------------------------------------------------------------------------
-    def _sums(self, batch, outputs, per_example):
+    def _sums(self, batch, outputs, per_example, metrics=None):
         """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas."""
-        values = {"loss": per_example, **self.metrics_fn(batch, outputs)}
+        values = {"loss": per_example, **(metrics or self.metrics_fn)(batch, outputs)}
         sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
         sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
         return sums
@@ -302,10 +302,10 @@ class Trainer:
 
         return self._distributed(step)
 
-    def _eval_step_fn(self, model):
+    def _eval_step_fn(self, model, loss, metrics):
         def step(batch):
             outputs = model(self.inputs_fn(batch), training=False)
-            return self._sums(batch, outputs, self.loss_fn(batch, outputs))
+            return self._sums(batch, outputs, loss(batch, outputs), metrics)
 
         return self._distributed(step)
 
@@ -327,12 +327,16 @@ class Trainer:
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
     def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
-                     model: keras.Model | None = None) -> dict:
-        """{"loss", metrics...}: means of `model` (default: the trainer's) over a dataset of dict batches."""
-        model = model or self.model
-        if id(model) not in self._eval_steps:
-            self._eval_steps[id(model)] = (model, self._eval_step_fn(model))
-        eval_step = self._eval_steps[id(model)][1]
+                     model: keras.Model | None = None, loss: Callable | None = None,
+                     metrics: Callable | None = None) -> dict:
+        """{"loss", metrics...}: means of `model` (default: the trainer's) over a dataset of dict batches, with the
+        trainer's hooks or the `loss` / `metrics` given (e.g. plain classification scores on a test split that
+        lacks a recipe's extra columns)."""
+        model, loss, metrics = model or self.model, loss or self.loss_fn, metrics or self.metrics_fn
+        key = (id(model), id(loss), id(metrics))
+        if key not in self._eval_steps:  # the objects are kept with the step, so their ids stay theirs
+            self._eval_steps[key] = (model, loss, metrics, self._eval_step_fn(model, loss, metrics))
+        eval_step = self._eval_steps[key][-1]
         totals: dict = {}
         progress = Progress(steps or 0, f"    {label}") if steps else None
         for i, batch in enumerate(self._distribute(dataset), 1):
