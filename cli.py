@@ -145,7 +145,8 @@ def cli():
 
     Start with `tfl finetune` (EfficientNet-Lite0 with its ImageNet weights on Fashion-MNIST, offline),
     `tfl backbones` to see what is available and `tfl inspect BACKBONE --freeze-up-to block3` to see a
-    freeze plan before training.
+    freeze plan before training. `tfl report --run DIR` shows where a run errs; `tfl compare` trains
+    scratch, linear-probe and fine-tuning arms on one budget.
     """
 
 

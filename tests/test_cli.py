@@ -127,6 +127,32 @@ def test_finetune_evaluate_predict_end_to_end(tmp_path):
     assert top[0]["label"] == "circle" and len(top) == 2
 
 
+def test_report_and_compare_from_the_command_line(tmp_path):
+    data = _image_folder(tmp_path / "shapes")
+    common = ["--dataset", str(data), "--image-size", "32", "--batch-size", "8", "--val-split", "0.25",
+              "--head-epochs", "1", "--epochs", "1", "--freeze-up-to", "block6", "--no-tensorboard"]
+    result = run("compare", "--arms", "linear_probe,two_stage", "--label-fraction", "0.5,1", *common,
+                 "--output-dir", str(tmp_path / "cmp"), "--json")
+    assert result.exit_code == 0, result.output
+    compared = json.loads(result.stdout)
+    assert [(r["arm"], r["label_fraction"]) for r in compared["runs"]] == [
+        ("linear_probe", 0.5), ("linear_probe", 1.0), ("two_stage", 0.5), ("two_stage", 1.0)]
+    assert {r["epochs"] for r in compared["runs"]} == {2}  # one budget for every arm
+    assert [r["train_examples"] for r in compared["runs"]] == [10, 18, 10, 18]  # 0.5 x 9 = 4.5 -> 5 a class
+    for name in ("compare.json", "compare.csv", "compare.png"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+    arm_run = tmp_path / "cmp" / "two_stage" / "frac1" / "seed0"
+    assert not (arm_run / "tensorboard").exists()  # --no-tensorboard reached every arm
+
+    result = run("report", "--run", str(arm_run), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    metrics = json.loads((arm_run / "metrics.json").read_text())
+    assert report["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert sum(map(sum, report["confusion_matrix"])) == report["examples"] == 12
+    assert (arm_run / "report" / "confusion_matrix.png").is_file()
+
+
 def test_bad_freeze_mode_plan_fails_before_any_training(tmp_path):
     data = _image_folder(tmp_path / "shapes", per_class=4)
     out = tmp_path / "run"

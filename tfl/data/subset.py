@@ -24,7 +24,7 @@ def check_label_fraction(fraction: float) -> None:
 
 
 def stratified_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Per class round(fraction x its count) row indices (at least one), picked with `seed`, sorted.
+    """Per class fraction x its count row indices, rounded half up (at least one), picked with `seed`, sorted.
 
     Each class's members are shuffled once per seed and the first ones kept, so for one seed a smaller fraction's
     rows are a subset of a larger one's: a label-efficiency curve adds data rather than redrawing it."""
@@ -34,8 +34,13 @@ def stratified_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     parts = []
     for cls in np.unique(labels):  # sorted, so the rng is consumed in the same order every time
         members = np.flatnonzero(labels == cls)
-        parts.append(rng.permutation(members)[: max(1, round(fraction * len(members)))])
+        parts.append(rng.permutation(members)[: max(1, half_up(fraction * len(members)))])
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def half_up(x: float) -> int:
+    """4.5 -> 5 (Python's round() gives 4): a share of each class that reads as the user expects."""
+    return int(np.floor(x + 0.5))
 
 
 def take_rows(ds: tf.data.Dataset, size: int, rows: np.ndarray) -> tf.data.Dataset:
