@@ -14,6 +14,7 @@ writes the run directory (the others write into a scratch directory removed at t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -344,18 +345,18 @@ class Job:
 
     # -- the stage loop -----------------------------------------------------------------------------------------------
     def train(self, stages: list[Stage]) -> None:
-        """Train every stage in order (after a resume, finished stages are skipped); history.csv and curves.png
-        are rewritten after every epoch."""
+        """Train every stage in order (after a resume, finished stages are skipped); history.csv is rewritten
+        after every epoch (see _HistoryWriter)."""
         train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
                      self.steps_per_epoch, self.batch, self.steps("val"), self.log)
         self.inputs.log_summary(self.trainer.history)
 
-    def write_history(self) -> None:
+    def write_history(self, curves: bool = True) -> None:
         from tfl.training.trainer import history_rows
 
         rows = history_rows(self.trainer.history)
         self.run_dir.write_history(rows)
-        if rows and not self.scratch:
+        if curves and rows and not self.scratch:
             from tfl.reporting.figures import write_curves
 
             write_curves(rows, self.run_dir.file(CURVES), title=f"{self.opts.backbone} on {self.splits.name}")
@@ -440,12 +441,22 @@ def param_groups(graph, stage: Stage) -> list:
 
 
 class _HistoryWriter:
-    """Rewrites history.csv and curves.png after every epoch, so a crash loses at most the epoch in progress."""
+    """Rewrites history.csv after every epoch, so a crash loses at most the epoch in progress, and curves.png at
+    most every CURVES_EVERY seconds (drawing costs about as much as a cached head epoch) and at the end."""
+
+    CURVES_EVERY = 30.0
 
     def __init__(self, job: Job):
         self.job = job
+        self.drawn = -math.inf
 
     def on_epoch_end(self, result) -> None:
+        draw = time.monotonic() - self.drawn >= self.CURVES_EVERY
+        self.job.write_history(curves=draw)
+        if draw:
+            self.drawn = time.monotonic()
+
+    def on_run_end(self, history) -> None:
         self.job.write_history()
 
 
