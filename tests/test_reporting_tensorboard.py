@@ -102,3 +102,16 @@ def test_read_scalars_names_the_subfolders_that_have_events(logdir, tmp_path):
     with pytest.raises(ValueError, match="no TensorBoard event files in this folder; these subfolders have some: "
                                          "train, val"):
         read_scalars(str(tmp_path))
+
+
+def test_long_epochs_log_every_kth_step_only(tmp_path):
+    from tfl.reporting.tensorboard import STEP_POINTS, TensorBoardCallback, read_scalars
+
+    steps = 3 * STEP_POINTS + 1  # -> every 4th step
+    callback = TensorBoardCallback(str(tmp_path))
+    callback.on_stage_begin("head", {"epochs": 1, "steps_per_epoch": steps, "groups": {"head": 0.1}, "trainable": []})
+    for step in range(1, steps + 1):
+        callback.on_train_step("head", step, {"loss": float(step)})
+    callback.close()
+    logged = read_scalars(str(tmp_path / "train"))["step/loss"]
+    assert [s for s, _ in logged] == list(range(4, steps + 1, 4)) and all(v == s for s, v in logged)

@@ -33,3 +33,8 @@ def test_cosine_decays_to_zero_after_warmup():
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="unknown schedule 'linear'; choose one of cosine, step, constant"):
         WarmupSchedule(0.1, 10, kind="linear")
+
+
+def test_values_of_a_range_are_the_per_step_values():
+    schedule = WarmupSchedule(0.1, 40, warmup_steps=5, kind="cosine")
+    assert schedule.values(3, 10) == pytest.approx([schedule.value(s) for s in range(3, 13)], rel=1e-6)

@@ -41,6 +41,10 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def value(self, step: int) -> float:
         return float(ops.convert_to_numpy(self(step)))
 
+    def values(self, first: int, count: int):
+        """The rates of steps first .. first + count - 1, as a numpy array, in one evaluation."""
+        return ops.convert_to_numpy(self(ops.arange(first, first + count)))
+
     def get_config(self):
         return dict(base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                     kind=self.kind, step_size=self.step_size, gamma=self.gamma)

@@ -394,7 +394,12 @@ class Trainer:
         for epoch in range(first_epoch, epochs + 1):
             start = time.time()
             number = len(self.history) + 1
-            lrs = {g.name: live[g.name].schedule.value(int(live[g.name].optimizer.iterations.numpy())) for g in groups}
+            first_step = {g.name: int(live[g.name].optimizer.iterations.numpy()) for g in groups}
+            lrs = {g.name: live[g.name].schedule.value(first_step[g.name]) for g in groups}
+            # The epoch's per-step rates in one call per group: evaluating the schedule step by step cost more
+            # than a cached head step.
+            step_lrs = {g.name: live[g.name].schedule.values(first_step[g.name], steps_per_epoch)
+                        for g in groups} if step_logs else {}
             totals: dict = {}
             progress = Progress(steps_per_epoch, f"  {stage} epoch {epoch}/{epochs}")
             data = train_ds(number) if callable(train_ds) else train_ds
@@ -406,8 +411,7 @@ class Trainer:
                 progress.update(i, *_loss_and_accuracy(totals))
                 if step_logs:
                     logs = _means(sums)
-                    logs.update({f"lr/{g.name}": live[g.name].schedule.value(
-                        int(live[g.name].optimizer.iterations.numpy()) - 1) for g in groups})
+                    logs.update({f"lr/{name}": float(values[i - 1]) for name, values in step_lrs.items()})
                     self._emit("on_train_step", stage, self.global_step, logs)
                 self._emit("on_batch_end", number, i)
                 if i >= steps_per_epoch:
