@@ -27,14 +27,34 @@ class UserError(click.ClickException):
 def run_library(fn, *args, **kwargs):
     """Call into tfl; turn its input errors (ValueError) into one-line usage errors."""
     from tfl.backbones.errors import WeightsUnavailableError
+    from tfl.training.rundir import RunDirInUse
     from tfl.training.strategy import StrategyUnavailableError
+    from tfl.training.trainer import TrainingDiverged
 
     try:
         return fn(*args, **kwargs)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except (WeightsUnavailableError, StrategyUnavailableError) as err:  # the environment, not the command: exit 1
-        raise click.ClickException(str(err)) from None
+    except (WeightsUnavailableError, StrategyUnavailableError, RunDirInUse, TrainingDiverged) as err:
+        raise click.ClickException(str(err)) from None  # the environment or the run, not the command: exit 1
+    except OSError as err:  # a full or read-only disk, a missing permission: the environment, exit 1
+        raise click.ClickException(describe_os_error(err)) from None
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system failure: what, where, and what to do."""
+    import errno
+
+    where = f" {err.filename}" if err.filename else ""
+    what = err.strerror or str(err)
+    advice = {errno.ENOSPC: "free some space or choose another --output-dir / --cache-dir",
+              errno.EDQUOT: "free some space or choose another --output-dir / --cache-dir",
+              errno.EFBIG: "the file-size limit (ulimit -f) is too low for this file",
+              errno.EROFS: "that file system is read-only; choose another --output-dir",
+              errno.EACCES: "no permission; choose a directory you can write",
+              errno.EPERM: "no permission; choose a directory you can write"}.get(err.errno)
+    return (f"cannot use{where}: {what}" if where else f"a file could not be written: {what}") + (
+        f"; {advice}" if advice else "")
 
 
 class OrderedRulesCommand(click.Command):
@@ -343,10 +363,15 @@ DISTRIBUTION_OPTIONS = shared(
 RUN_OPTIONS = shared(
     click.option("--output-dir", type=click.Path(file_okay=False),
                  help="Run directory (default: runs/<time>-<backbone>-<dataset>). If it holds a checkpoint of an "
-                      "interrupted run with the same settings, training continues from it."),
+                      "interrupted run with the same settings, training continues from it; any other non-empty "
+                      "directory is refused (see --overwrite). The run locks it while it trains."),
     click.option("--resume", is_flag=True,
                  help="Insist on continuing the run in --output-dir from its last finished epoch: fail if it has no "
                       "checkpoint. A changed model, head, class set or training setting is refused either way."),
+    click.option("--overwrite", is_flag=True,
+                 help="Start a new run in a non-empty --output-dir, deleting the earlier run's files there (config, "
+                      "history, model, metrics, checkpoints, figures, TensorBoard events; nothing else). Without it a "
+                      "non-empty directory that is not a resumable run of the same settings is refused."),
     click.option("--export", is_flag=True,
                  help="Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next "
                       "version>/, as `tfl export --run` does with its defaults."),

@@ -32,8 +32,8 @@ BACKBONE_LR_FACTOR = 0.3
 SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px) unless --image-size says
 # Settings a resumed run may change: where files are, how the work is spread (the global batch and learning
 # rates are still compared), what happens after training. Any other difference is refused.
-RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "strategy", "devices", "worker_hosts", "task_index",
-                     "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard")
+RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
+                     "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -82,6 +82,7 @@ class JobOptions:
     seed: int = 0
     output_dir: str | None = None
     resume: bool = False  # insist on continuing from output_dir's checkpoint (one is used anyway when present)
+    overwrite: bool = False  # start anew in a non-empty output_dir, deleting the earlier run's files there
     export: bool = False  # then export a SavedModel to saved_models/<run name>/<next version>/
     cache: str = "auto"  # boundary caching (tfl.training.boundary): auto = when valid, on = insist, off
     cache_budget: str | None = None  # memory for cached arrays, e.g. "4G"; default min(25% of RAM, 4 GiB)
@@ -113,11 +114,11 @@ def backbone_or_head(stage: str) -> str:
     return "head" if stage == CLASSIFIER_STAGE else "backbone"
 
 
-def pick_image_size(requested: int | None, spec_size: int, native_size) -> int:
+def pick_image_size(requested: int | None, spec_size: int, native_size, min_size: int = 32) -> int:
     if requested:
         return requested
     if native_size and max(native_size) <= 64:
-        return min(spec_size, SMALL_IMAGE_UPSCALE * max(native_size))
+        return min(spec_size, max(min_size, SMALL_IMAGE_UPSCALE * max(native_size)))
     return spec_size
 
 
@@ -149,17 +150,29 @@ def versions() -> dict:
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
+def check_finite(opts) -> None:
+    """Refuse NaN and infinite option values (click's FLOAT takes "nan" and "inf"): they would train NaNs."""
+    for field in dataclasses.fields(opts):
+        value = getattr(opts, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{field.name.replace('_', '-')} {value}: must be a finite number")
+
+
 def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print) -> dict:
     """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics.
 
-    In a multi-worker run every worker calls this. Only the chief writes the run directory; the others write
-    the same files into a temporary directory, removed at the end, so every worker runs the same steps.
+    In a multi-worker run every worker calls this. Only the chief writes the run directory, holding its lock
+    (rundir.RunLock) for the whole run; the others write the same files into a temporary directory, removed at
+    the end, so every worker runs the same steps.
     """
     import shutil
     import tempfile
 
     from tfl.training import checkpoint, rundir, strategy as strategies
 
+    check_finite(opts)
+    if opts.resume and opts.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --overwrite starts anew; drop one")
     if opts.resume and not opts.output_dir:
         raise ValueError("--resume needs --output-dir: the run directory to continue")
     if opts.resume and not checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS)):
@@ -168,7 +181,13 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print) -> dict:
     # First of all: logical devices and the cluster can only be set up before TensorFlow initialises.
     strategy = strategies.make_strategy(opts.strategy, opts.devices, opts.worker_hosts, opts.task_index)
     if strategies.is_chief(strategy):
-        return recipe(Job.setup(opts, log, strategy, scratch=None))
+        path = opts.output_dir or rundir.default_path(opts.backbone, opts.dataset)
+        opts = dataclasses.replace(opts, output_dir=path)
+        with rundir.RunLock(path):
+            has_checkpoint = checkpoint.has_checkpoint(os.path.join(path, rundir.CHECKPOINTS))
+            for removed in rundir.check_reusable(path, opts.overwrite, has_checkpoint):
+                log(f"--overwrite: removed {removed}")
+            return recipe(Job.setup(opts, log, strategy, scratch=None))
     scratch = tempfile.mkdtemp(prefix=f"tfl-{strategies.worker_name(strategy)}-")
     try:
         return recipe(Job.setup(opts, log, strategy, scratch))
@@ -210,6 +229,7 @@ class Job:
         from tfl.backbones import registry
 
         spec = registry.get(opts.backbone)
+        models.check_image_size(spec, opts.image_size)  # before the data is read
         if opts.label_fraction is not None:
             data.check_label_fraction(opts.label_fraction)
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
@@ -219,7 +239,7 @@ class Job:
 
         splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,
                                    skip_bad_images=opts.skip_bad_images, log=log)
-        image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size)
+        image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         n_train = splits.num_examples["train"]
         train_source, rows = splits.train, train_rows(splits, opts)
         if rows is not None:

@@ -10,6 +10,11 @@ runs/<timestamp>-<backbone>-<dataset>/
   checkpoints/      the last two finished epochs and a `latest` pointer, to resume from (see checkpoint.py)
 
 A crash leaves at most `.tmp-*` files behind, never a partial file under a real name; a resumed run removes them.
+
+While a run trains it holds an exclusive lock on `<run>/.tfl.lock` (flock; the file names the holder), so a second
+process started into the same directory is refused instead of writing over the first. A directory that holds
+anything but a resumable run (files of an earlier run whose checkpoints are gone, someone else's files) is refused
+too, unless --overwrite says to replace the earlier run's files.
 """
 
 from __future__ import annotations
@@ -18,19 +23,140 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
 import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 
 CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
     "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
 TMP_PREFIX = ".tmp-"
+LOCK = ".tfl.lock"
+# What a tfl run writes into its directory besides the names above; --overwrite deletes exactly these.
+RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json")
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory's lock (an environment problem: exit 1)."""
+
+
+def check_reusable(path: str, overwrite: bool, has_checkpoint: bool) -> list[str]:
+    """Refuse to start a run in a non-empty `path` that is not a resumable run; with `overwrite`, delete the
+    earlier run's files there (and only those). Returns what was deleted."""
+    if not os.path.isdir(path):
+        return []
+    contents = sorted(n for n in os.listdir(path) if n != LOCK and not n.startswith(TMP_PREFIX))
+    if not contents or (has_checkpoint and not overwrite):
+        return []
+    if not overwrite:
+        shown = ", ".join(contents[:5]) + (f" and {len(contents) - 5} more" if len(contents) > 5 else "")
+        what = ("an earlier run without its checkpoints/ (nothing to resume)" if CONFIG in contents
+                else "files that are not a tfl run")
+        raise ValueError(f"--output-dir {path} is not empty: it holds {what} ({shown}). Choose another --output-dir, "
+                         "or pass --overwrite to replace the earlier run's files there")
+    removed = []
+    for name in contents:
+        if name in (CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS) + RUN_EXTRAS:
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
+            removed.append(target)
+    return removed
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory for the whole run (created if missing).
+
+    with RunLock(path): ...   # raises RunDirInUse naming the holder (pid, host, command, since when)
+    A directory the lock created and the run left empty (it failed before writing anything) is removed again.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = os.path.join(path, LOCK)
+        self._fd = None
+        self._created = False
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self._created = not os.path.exists(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirInUse(f"{self.path} is in use by another tfl run ({holder}); wait for it to finish, "
+                                  "or choose another --output-dir") from None
+            try:  # the holder before us may have unlinked the file between our open and our lock: retry then
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.file)  # while still holding the lock (see the inode check in __enter__)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        if self._created:
+            try:
+                os.rmdir(self.path)  # only succeeds if the run wrote nothing
+            except OSError:
+                pass
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "its holder did not say who it is"
+    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}: "
+            f"{info.get('command', '')}").strip()
+
+
+def _finite(obj):
+    """NaN and infinities become null: json.dumps would write NaN, which most JSON parsers refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def default_path(backbone: str, dataset: str, root: str = "runs") -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(dataset))).strip("_") or "data"
-    return os.path.join(root, f"{stamp}-{backbone}-{slug}")
+    path = os.path.join(root, f"{stamp}-{backbone}-{slug}")
+    suffix = 1
+    while os.path.exists(path if suffix == 1 else f"{path}-{suffix}"):  # two runs started in the same second
+        suffix += 1
+    return path if suffix == 1 else f"{path}-{suffix}"
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -43,9 +169,11 @@ def atomic_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not err.filename:  # say which file could not be written
+            raise OSError(err.errno, err.strerror, path) from None
         raise
     fsync_dir(folder)
 
@@ -71,7 +199,12 @@ def save_keras(model, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     # Keras picks the format from the suffix, so the temp name must end in .keras too.
     tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(path))
-    model.save(tmp)
+    try:
+        model.save(tmp)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(err.errno, err.strerror, path) from None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -103,7 +236,8 @@ class RunDir:
         return removed
 
     def write_json(self, name: str, obj) -> None:
-        atomic_write(self.file(name), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+        text = json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False)
+        atomic_write(self.file(name), (text + "\n").encode())
 
     def read_json(self, name: str):
         path = self.file(name)
