@@ -39,6 +39,10 @@ from tfl.training.schedules import WarmupSchedule
 from tfl.options import OPTIMIZERS
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stops at once, its checkpoints hold the last good epoch."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     optimizer: str = "adam"
@@ -406,6 +410,9 @@ class Trainer:
             self._best_is_current = False
             for i, batch in enumerate(self._distribute(data), 1):
                 sums = {k: float(v) for k, v in train_step(batch).items()}
+                if not math.isfinite(sums.get("loss", 0.0)):
+                    progress.close()
+                    raise TrainingDiverged(self._diverged(stage, number, epoch, i, sums["loss"]))
                 _accumulate(totals, sums)
                 self.global_step += 1
                 progress.update(i, *_loss_and_accuracy(totals))
@@ -451,6 +458,13 @@ class Trainer:
             if done:
                 break
         self._stage_best_weights = None
+
+    def _diverged(self, stage: str, number: int, stage_epoch: int, step: int, loss: float) -> str:
+        kept = (f"the checkpoint of epoch {len(self.history)} in {self.checkpoints.folder} is kept (the last good "
+                "one)" if self.checkpoints and self.history else "no epoch had finished, so nothing was saved")
+        return (f"training stopped: the loss became {loss} at epoch {number} (stage {stage}, its epoch {stage_epoch}), "
+                f"step {step}; {kept}. Lower --lr (or --backbone-lr), check the data, and start over with "
+                "--overwrite or another --output-dir")
 
     def _optimizers_for(self, stage, groups, epochs, steps_per_epoch, policy, resume) -> dict:
         """One optimizer per group: the live one when the policy keeps optimizers and the group trains the same
