@@ -8,6 +8,11 @@ An entry is written into a temporary sibling directory (files fsynced, manifest 
 so a crash never leaves a directory that looks complete. A lookup uses an entry only if its manifest holds
 exactly the requested key and every file has the size and checksum the manifest records; anything else is
 deleted and recomputed. The directory is trimmed to DISK_LIMIT bytes, least recently used entries first.
+
+A full or read-only cache directory never aborts a run: an entry that does not fit the free space is kept in
+memory if it fits the budget (with a warning), and otherwise can_store() says why, so the caller recomputes.
+Files bigger than memory are allocated on disk up front (posix_fallocate), so a disk that fills up fails at once
+with an error rather than with SIGBUS in the middle of writing a memory map.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ FORMAT_VERSION = 1  # bump when what an entry holds changes meaning; old entries
 MANIFEST = "manifest.json"
 FILES = ("data.npy", "labels.npy")
 DISK_LIMIT = 20 * 2**30  # the cache directory never grows past this; older entries make room
+DISK_MARGIN = 64 * 2**20  # free space an entry on disk leaves for everything else
 DEFAULT_BUDGET_FRACTION = 0.25  # of physical memory ...
 DEFAULT_BUDGET_CAP = 4 * 2**30  # ... but never more than this by default
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -99,6 +105,11 @@ class Entry:
         return f"disk at {self.path}"
 
 
+class NoRoom(RuntimeError):
+    """An entry bigger than the memory budget could not be written to the cache directory after all (it filled
+    up or turned read-only after the plan was made); the caller recomputes instead."""
+
+
 class ArrayCache:
     """Memory for entries that fit `budget` (bytes, shared by all entries), disk for the rest.
 
@@ -122,11 +133,26 @@ class ArrayCache:
     def fits_memory(self, nbytes: int) -> bool:
         return self.used + nbytes <= self.budget
 
+    def free_disk(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.directory).free if self.directory else None
+        except OSError:
+            return None
+
+    def fits_disk(self, nbytes: int) -> bool:
+        free = self.free_disk()
+        return free is not None and free >= nbytes + DISK_MARGIN
+
     def can_store(self, nbytes: int) -> str | None:
         """None if an entry of `nbytes` can be cached now, else why not."""
-        if self.fits_memory(nbytes) or self.directory:
+        if self.fits_memory(nbytes) or (self.directory and self.fits_disk(nbytes)):
             return None
-        reason = self._disk_problem or "no cache directory"
+        if self.directory:
+            free = self.free_disk()
+            reason = (f"the cache directory {self.directory} has only {format_size(free or 0)} free"
+                      if free is not None else f"the cache directory {self.directory} cannot be used")
+        else:
+            reason = self._disk_problem or "no cache directory"
         return (f"{format_size(nbytes)} does not fit the memory budget ({format_size(self.budget - self.used)} left "
                 f"of {format_size(self.budget)}) and {reason}; raise --cache-budget or set --cache-dir")
 
@@ -144,7 +170,10 @@ class ArrayCache:
             return None
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
-        os.utime(os.path.join(path, MANIFEST))  # last use, for trimming
+        try:
+            os.utime(os.path.join(path, MANIFEST))  # last use, for trimming
+        except OSError:  # a read-only cache directory is still readable
+            pass
         data = np.load(os.path.join(path, FILES[0]), mmap_mode="r")
         labels = np.load(os.path.join(path, FILES[1]))
         if self.fits_memory(data.nbytes + labels.nbytes):
@@ -164,28 +193,60 @@ class ArrayCache:
         if problem:
             raise ValueError(f"cannot cache {key.get('kind', 'arrays')}: {problem}")
         in_memory = self.fits_memory(nbytes)
-        tmp = self._tmp_dir() if self.directory and (persist or not in_memory) else None
+        kind = key.get("kind", "arrays")
+        tmp = None
+        if self.directory and (persist or not in_memory):
+            if self.fits_disk(nbytes):
+                tmp = self._tmp_dir()
+            else:
+                self.log(f"cache: warning: the cache directory {self.directory} has only "
+                         f"{format_size(self.free_disk() or 0)} free, not enough for the {format_size(nbytes)} {kind}"
+                         + ("; keeping it in memory for this run only" if in_memory else ""))
+            if tmp is None and not in_memory:
+                raise NoRoom(f"cannot cache {kind}: {self.can_store(nbytes)}")
         if in_memory:
             data = np.empty((rows, *row_shape), dtype)
         else:
-            data = np.lib.format.open_memmap(os.path.join(tmp, FILES[0]), mode="w+", dtype=dtype, shape=(rows, *row_shape))
+            try:
+                data = _allocated_memmap(os.path.join(tmp, FILES[0]), dtype, (rows, *row_shape), tmp)
+            except OSError as err:
+                raise NoRoom(f"cannot cache {kind}: {format_size(nbytes)} could not be allocated in {self.directory} "
+                             f"({err.strerror})") from None
         labels = np.empty(rows, np.int32)
         try:
             info = fill(data, labels)
-            if in_memory:
-                self.used += nbytes
-            path = self._persist(tmp, key, data, labels, info) if tmp else None
         except BaseException:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if in_memory:
+            self.used += nbytes
+        path = None
+        if tmp:
+            try:
+                path = self._persist(tmp, key, data, labels, info)
+            except OSError as err:  # the disk filled up meanwhile, or turned read-only
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not in_memory:
+                    raise NoRoom(f"cannot cache {kind}: saving it to {self.directory} failed ({err.strerror})") from None
+                self.log(f"cache: warning: could not save the {kind} entry to {self.directory} "
+                         f"({err.strerror}); keeping it in memory for this run only")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         if not in_memory:
             del data
             data = np.load(os.path.join(path, FILES[0]), mmap_mode="r")
         return Entry(data, labels, info, False, path)
 
-    def _tmp_dir(self) -> str:
-        return tempfile.mkdtemp(prefix=".tmp-", dir=self.directory)
+    def _tmp_dir(self) -> str | None:
+        try:
+            return tempfile.mkdtemp(prefix=".tmp-", dir=self.directory)
+        except OSError as err:  # read-only or full: the entry stays in memory if it can
+            self._disk_problem = f"cannot write in cache directory {self.directory}: {err.strerror}"
+            self.log(f"cache: warning: {self._disk_problem}")
+            self.directory = None
+            return None
 
     def _persist(self, tmp: str, key: dict, data: np.ndarray, labels: np.ndarray, info: dict) -> str:
         data_path = os.path.join(tmp, FILES[0])
@@ -236,6 +297,23 @@ class ArrayCache:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
                 total -= size
+
+
+def _allocated_memmap(path: str, dtype, shape: tuple, tmp: str) -> np.memmap:
+    """A .npy memory map whose blocks are allocated now: without this a sparse file on a disk that fills up
+    kills the process with SIGBUS when a page is written."""
+    try:
+        data = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, os.path.getsize(path))
+        finally:
+            os.close(fd)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data
 
 
 def _save(path: str, array: np.ndarray) -> None:

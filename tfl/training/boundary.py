@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl.cache import ArrayCache, Entry, default_cache_dir, format_size, parse_size
+from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_size
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL, ImageStore, fill_images, gather_batches, index_order, stored_shape
 from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
 from tfl.training.trainer import Progress, epoch_seed
@@ -187,7 +187,15 @@ class StageInputs:
         if boundary is None or self._finished(stage, history):
             return StageFeed(graph.model, self.images("train"), self.images("val"), None, None)
         if not self.entries:
-            self._prepare(history)
+            try:
+                self._prepare(history)
+            except NoRoom as err:  # the cache directory filled up (or turned read-only) since the plan was made
+                if self.mode == "on":
+                    raise ValueError(f"--cache on: {err}; free space in --cache-dir, or use --cache auto") from None
+                self.log(f"cache: warning: {err}; every stage recomputes the backbone instead")
+                self.stage_boundary.clear()
+                self.entries.clear()
+                return StageFeed(graph.model, self.images("train"), self.images("val"), None, None)
         model = self._model_from(boundary)
         train, val = self.entries[(boundary, "train")], self.entries[(boundary, "val")]
 
