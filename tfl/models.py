@@ -58,6 +58,23 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     return weights
 
 
+MAX_IMAGE_SIZE = 2048  # beyond this one image's activations alone take gigabytes: a typo, not a setting
+
+
+def check_image_size(spec, size: int | None) -> None:
+    """Refuse an input side the backbone cannot use (below its min_input_size) or that cannot fit in memory."""
+    if size is None:
+        return
+    if size < spec.min_input_size:
+        raise ValueError(f"--image-size {size} is too small for {spec.name}: its deepest stage downsamples "
+                         f"{spec.min_input_size}x, so use at least {spec.min_input_size} (its native size is "
+                         f"{spec.input_size})")
+    if size > MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size {size} is too large: tfl accepts at most {MAX_IMAGE_SIZE} px (one {size}x{size} "
+                         f"image's activations alone would take gigabytes); {spec.name}'s native size is "
+                         f"{spec.input_size}")
+
+
 def build_classifier(
     backbone: str,
     num_classes: int,
@@ -81,6 +98,7 @@ def build_classifier(
 def _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout) -> keras.Model:
     spec = registry.get(backbone)
     size = image_size or spec.input_size
+    check_image_size(spec, size)
     features = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=False)
     inputs = keras.Input(shape=(size, size, 3), name=INPUT)
     x = ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs)

@@ -75,6 +75,9 @@ class BackboneSpec:
     checkpoint_mapping: str | None = None
     # Keras layer names of the backbone's own ImageNet classifier (include_top=True), e.g. ("fc",).
     classifier: tuple[str, ...] = ()
+    # The smallest input side that still leaves the deepest stage a feature map (its total stride: 32 for the
+    # ImageNet families). Smaller inputs are refused instead of training on a degenerate map.
+    min_input_size: int = 32
 
     @property
     def stage_names(self) -> list[str]:
