@@ -128,6 +128,7 @@ class ArrayCache:
                 os.makedirs(self.directory, exist_ok=True)
             except OSError as err:
                 self._disk_problem = f"cannot create cache directory {self.directory}: {err.strerror}"
+                self.log(f"cache: warning: {self._disk_problem}; caching in memory only")
                 self.directory = None
 
     def fits_memory(self, nbytes: int) -> bool:
