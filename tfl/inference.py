@@ -125,10 +125,22 @@ def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
     return tf.stack(batch).numpy()
 
 
+def check_image_files(paths) -> None:
+    """Refuse what cannot be an image before opening anything: the training set's rules (regular files only, the
+    same extensions), so predict reads exactly the files training would."""
+    from tfl.data.image_check import file_problem
+
+    for path in paths:
+        problem = file_problem(str(path))
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+
+
 def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
             top_k: int = 5) -> list[dict]:
     import keras
 
+    check_image_files(paths)
     if run_path:
         from tfl.training import rundir
 
@@ -167,6 +179,7 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5) -> list[dict]:
     from tfl.export.layout import resolve_saved_model
     from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
 
+    check_image_files(paths)  # before loading anything; a FIFO would block the open below
     serve = tf.saved_model.load(resolve_saved_model(export_dir)).signatures[SERVING_SIGNATURE]
     results = []
     for path in paths:
