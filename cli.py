@@ -9,8 +9,8 @@ import os
 import click
 
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions
-from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, OPTIMIZERS, SCHEDULES, SPLITS,
-                         STRATEGIES, TFLITE_MODES, UNFREEZE)
+from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, IMAGE_EXTENSIONS, OPTIMIZERS,
+                         SCHEDULES, SPLITS, STRATEGIES, TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY
 from tfl.recipes.finetune import FinetuneOptions
 
@@ -443,9 +443,11 @@ def compare(arms, as_json, **options):
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
 @click.option("--dataset", help="Evaluate on another dataset with the same classes (default: the run's).")
-@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the dataset is read from (tfds data_dir, IDX files). Default: the run's own, for its own "
+                   "dataset.")
 @click.option("--batch-size", default=64, show_default=True, callback=positive)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}.')
 def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
     """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
     from tfl.inference import evaluate_run
@@ -458,7 +460,8 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
                    f"on {result['examples']} examples of {result['dataset']}")
 
 
-@cli.command()
+@cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}), regular files
+    only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
 @click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
@@ -466,18 +469,23 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
               help="Use an export from `tfl export` the way TF Serving would: each file's bytes go to its "
                    "serving_default signature. A version directory, or the model directory (its highest version). "
                    "--top-k is capped by the export's own --top-k.")
+@click.option("--trust-saved-model", is_flag=True,
+              help="With --saved-model: run it even if its graph has ops that touch files, processes, Python or the "
+                   "network (refused by default, naming them; the README lists the rule).")
 @click.option("--weights", default="default", show_default=True, help="With --backbone: 'default' or a weights file.")
-@click.option("--top-k", default=5, show_default=True, callback=positive)
+@click.option("--top-k", default=5, show_default=True, callback=positive,
+              help="How many of the most probable classes to print for each image.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"image", "top": [{"index", "label", "prob"}]}].')
-def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
-    """Top-k labels for IMAGES (JPEG, PNG, BMP, GIF; any colour mode)."""
+def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, top_k, as_json):
     from tfl.inference import predict as run, predict_saved_model
 
     if sum(map(bool, (run_dir, backbone, saved_model))) != 1:
         raise UserError("give exactly one of --run DIR (a fine-tuned model), --backbone NAME (ImageNet head) or "
                         "--saved-model DIR (an export)")
+    if trust_saved_model and not saved_model:
+        raise UserError("--trust-saved-model applies to --saved-model DIR only; add it or drop the flag")
     if saved_model:
-        results = run_library(predict_saved_model, list(images), saved_model, top_k)
+        results = run_library(predict_saved_model, list(images), saved_model, top_k, trust_saved_model)
     else:
         results = run_library(run, list(images), run_dir, backbone, weights, top_k)
     if as_json:

@@ -16,9 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# The one list of file types tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF;
-# the SavedModel export's serving_default decodes JPEG, PNG, GIF and BMP bytes, as TF Serving does).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from tfl.options import IMAGE_EXTENSIONS  # noqa: E402 - re-exported: the one list, for training and predict
 
 
 @dataclasses.dataclass(frozen=True)
