@@ -148,3 +148,20 @@ def test_predict_refuses_the_file_types_training_refuses(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(ppm)
     with pytest.raises(DataError, match="not an image file type; expected one of .jpg"):
         read_image(str(ppm))
+
+
+def test_class_folder_links_may_not_overlap_other_classes(tmp_path):
+    _folder(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _png(elsewhere / "0.png", 200)
+    os.symlink(elsewhere, tmp_path / "train" / "emu")  # a class folder that is a link: fine
+    splits = load_dataset(str(tmp_path), val_split=0.5, log=quiet)
+    assert splits.class_names == ["cat", "dog", "emu"]
+    os.symlink(".", tmp_path / "train" / "all")  # a "class" holding every other class's images
+    with pytest.raises(DataError, match=r"must not share images[\s\S]*train/all -> .*overlaps its split folder"):
+        load_dataset(str(tmp_path), log=quiet)
+    os.remove(tmp_path / "train" / "all")
+    os.symlink(tmp_path / "train" / "dog", tmp_path / "train" / "fox")
+    with pytest.raises(DataError, match=r"train/dog -> .* overlaps class folder .*train/fox"):
+        load_dataset(str(tmp_path), log=quiet)

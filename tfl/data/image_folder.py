@@ -48,6 +48,9 @@ def load_image_folder(
 
     class_names = _class_names(split_dirs["train"])
     _check_class_sets(split_dirs, class_names)
+    for folder in split_dirs.values():
+        if folder:
+            _check_class_links(folder, class_names)
     files = {split: _list_files(folder, class_names) for split, folder in split_dirs.items() if folder}
     _check_no_empty_classes(files, split_dirs, class_names, "has no files")
 
@@ -157,6 +160,27 @@ def _check_no_empty_classes(files, split_dirs, class_names, what: str) -> None:
         empty += [os.path.join(split_dirs[split], class_names[i]) for i in np.flatnonzero(counts == 0)]
     if empty:
         raise DataError(f"class folder(s) {what}:\n{list_some(empty)}\nAdd images or remove the folder(s).")
+
+
+def _check_class_links(split_dir: str, class_names: list[str]) -> None:
+    """A class folder may be a link, but not to the split folder, an ancestor of it, or into another class: each
+    image must belong to one class folder only."""
+    real = {name: os.path.realpath(os.path.join(split_dir, name)) for name in class_names}
+    split_real = os.path.realpath(split_dir)
+    problems = []
+    for name, target in real.items():
+        own = os.path.join(split_dir, name)
+        for other_name, other in [("", split_real), *real.items()]:
+            if other_name == name:
+                continue
+            contains = other == target or other.startswith(target + os.sep)  # this class holds the other
+            if contains or (other_name and target.startswith(other + os.sep)):
+                what = f"class folder {os.path.join(split_dir, other_name)}" if other_name else "its split folder"
+                problems.append(f"{own} -> {target} overlaps {what}")
+                break
+    if problems:
+        raise DataError("class folders must not share images (through symbolic links):\n" + list_some(problems)
+                        + "\nPoint each class folder link at a folder of its own.")
 
 
 def _list_files(split_dir: str, class_names: list[str]) -> list[_File]:

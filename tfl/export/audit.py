@@ -26,7 +26,7 @@ import re
 DENIED_OP_PATTERN = re.compile(
     r".*(File|Filename|Reader|Writer|Summary|PyFunc|Dataset|Iterator|Save|Restore|Checkpoint|Rpc|RemoteCall|"
     r"Collective|Nccl|Send|Recv|Debug|Print|Sql|LMDB|Lmdb|Record|Proto|TPU|Tpu|Socket).*"
-    r"|ImmutableConst|Load.*|GenerateVocabRemapping|Barrier.*|.*Queue.*"
+    r"|ImmutableConst|Load.*|GenerateVocabRemapping|Barrier.*|.*Queue.*|WorkerHeartbeat"
 )
 ALLOWED_EXCEPTIONS = frozenset({"InitializeTableFromTextFile", "InitializeTableFromTextFileV2"})
 SAVER_OPS = frozenset({"SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "SaveSlices", "Save",
