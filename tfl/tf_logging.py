@@ -68,9 +68,11 @@ class _QuietImport:
         driver = self.driver
 
         def exec_module(module):
-            with _FilteredStderr(driver):
-                run(module)
-            del spec.loader.exec_module  # back to the class's own method
+            try:
+                with _FilteredStderr(driver):
+                    run(module)
+            finally:
+                del spec.loader.exec_module  # back to the class's own method
 
         spec.loader.exec_module = exec_module
         return spec
