@@ -8,14 +8,15 @@ import os
 
 import click
 
-from tfl.job import BACKBONE_LR_FACTOR, JobOptions
-from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, OPTIMIZERS, SCHEDULES, SPLITS,
-                         STRATEGIES, TFLITE_MODES, UNFREEZE)
-from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY
-from tfl.recipes.finetune import FinetuneOptions
+from tfl.tf_logging import quiet_tensorflow
 
-# TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) drowns the output; users can set it back.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-up notices stay out of the output
+
+from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
+from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, IMAGE_EXTENSIONS,  # noqa: E402
+                         OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TFLITE_MODES, UNFREEZE)
+from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
+from tfl.recipes.finetune import FinetuneOptions  # noqa: E402
 
 
 class UserError(click.ClickException):
@@ -55,6 +56,41 @@ def describe_os_error(err: OSError) -> str:
               errno.EPERM: "no permission; choose a directory you can write"}.get(err.errno)
     return (f"cannot use{where}: {what}" if where else f"a file could not be written: {what}") + (
         f"; {advice}" if advice else "")
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C during training: say how to resume instead of click's bare "Aborted!"; 130 is the shell's code."""
+
+    exit_code = 130
+
+
+RUN_DIRECTORY_LINE = "run directory: "  # how tfl.job announces each run's directory
+
+
+def run_training(fn, opts, log, root_of=lambda run_dir: run_dir):
+    """run_library for a training command; on Ctrl-C, name the directory to resume from and the way to do it.
+
+    Checkpoints are written after every epoch and a rerun into the same --output-dir continues after the last
+    finished one (README, "Resume"); without --output-dir the run went to a new timestamped directory, which the
+    rerun must be pointed at. `root_of` maps a run directory to the command's --output-dir (compare nests runs).
+    """
+    seen = []
+
+    def logging(message):
+        if isinstance(message, str) and message.startswith(RUN_DIRECTORY_LINE):
+            seen.append(message[len(RUN_DIRECTORY_LINE):].split(" (")[0])
+        log(message)
+
+    try:
+        return run_library(fn, opts, log=logging)
+    except KeyboardInterrupt:
+        if opts.output_dir:
+            raise Interrupted(f"interrupted. Run the same command again to resume {opts.output_dir} after its last "
+                              "finished epoch.") from None
+        if seen:
+            raise Interrupted(f"interrupted. To resume after the last finished epoch, run the same command again "
+                              f"with --output-dir {root_of(seen[0])}") from None
+        raise Interrupted("interrupted before the run directory was made; nothing to resume.") from None
 
 
 class OrderedRulesCommand(click.Command):
@@ -315,7 +351,8 @@ TRAIN_OPTIONS = shared(
                  help="Linear warmup from zero over this many epochs (fractions allowed)."),
     click.option("--step-size", default=JOB.step_size, show_default=True, callback=positive, help="Epochs between steps (--schedule step)."),
     click.option("--gamma", default=JOB.gamma, show_default=True, type=float, callback=positive, help="Step factor (--schedule step)."),
-    click.option("--label-smoothing", default=JOB.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5)),
+    click.option("--label-smoothing", default=JOB.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5),
+                 help="Mix this much of a uniform distribution into the one-hot targets of the loss."),
     click.option("--augment", is_flag=True, help="Random flip, pad-and-crop and small rotation in the input pipeline."),
     click.option("--early-stopping", type=int, callback=positive, metavar="N",
                  help="End a stage after N epochs without val improvement (the next stage still runs)."),
@@ -420,7 +457,7 @@ def finetune(**options):
     """
     from tfl.recipes.finetune import finetune as run
 
-    run_library(run, job_options(FinetuneOptions, options), log=click.echo)
+    run_training(run, job_options(FinetuneOptions, options), log=click.echo)
 
 
 # --- compare -----------------------------------------------------------------------------------------------------
@@ -460,7 +497,8 @@ def compare(arms, as_json, **options):
     from tfl.recipes.compare import CompareOptions, compare as run, format_table
 
     opts = job_options(CompareOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
-    result = run_library(run, opts, log=lambda message: click.echo(message, err=True))
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
+                          root_of=lambda run_dir: os.path.dirname(os.path.dirname(os.path.dirname(run_dir))))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -468,9 +506,11 @@ def compare(arms, as_json, **options):
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
 @click.option("--dataset", help="Evaluate on another dataset with the same classes (default: the run's).")
-@click.option("--data-dir", type=click.Path(file_okay=False))
-@click.option("--batch-size", default=64, show_default=True, callback=positive)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the dataset is read from (tfds data_dir, IDX files). Default: the run's own, for its own "
+                   "dataset.")
+@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}.')
 def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
     """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
     from tfl.inference import evaluate_run
@@ -483,7 +523,8 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
                    f"on {result['examples']} examples of {result['dataset']}")
 
 
-@cli.command()
+@cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}), regular files
+    only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
 @click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
@@ -491,18 +532,23 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
               help="Use an export from `tfl export` the way TF Serving would: each file's bytes go to its "
                    "serving_default signature. A version directory, or the model directory (its highest version). "
                    "--top-k is capped by the export's own --top-k.")
+@click.option("--trust-saved-model", is_flag=True,
+              help="With --saved-model: run it even if its graph has ops that touch files, processes, Python or the "
+                   "network (refused by default, naming them; the README lists the rule).")
 @click.option("--weights", default="default", show_default=True, help="With --backbone: 'default' or a weights file.")
-@click.option("--top-k", default=5, show_default=True, callback=positive)
+@click.option("--top-k", default=5, show_default=True, callback=positive,
+              help="How many of the most probable classes to print for each image.")
 @click.option("--json", "as_json", is_flag=True, help='Print [{"image", "top": [{"index", "label", "prob"}]}].')
-def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
-    """Top-k labels for IMAGES (JPEG, PNG, BMP, GIF; any colour mode)."""
+def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, top_k, as_json):
     from tfl.inference import predict as run, predict_saved_model
 
     if sum(map(bool, (run_dir, backbone, saved_model))) != 1:
         raise UserError("give exactly one of --run DIR (a fine-tuned model), --backbone NAME (ImageNet head) or "
                         "--saved-model DIR (an export)")
+    if trust_saved_model and not saved_model:
+        raise UserError("--trust-saved-model applies to --saved-model DIR only; add it or drop the flag")
     if saved_model:
-        results = run_library(predict_saved_model, list(images), saved_model, top_k)
+        results = run_library(predict_saved_model, list(images), saved_model, top_k, trust_saved_model)
     else:
         results = run_library(run, list(images), run_dir, backbone, weights, top_k)
     if as_json:
@@ -517,9 +563,11 @@ def predict(images, run_dir, backbone, saved_model, weights, top_k, as_json):
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
 @click.option("--dataset", help="Report on another dataset with the same classes (default: the run's).")
-@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the dataset is read from (tfds data_dir, IDX files). Default: the run's own, for its own "
+                   "dataset.")
 @click.option("--split", type=click.Choice(SPLITS), help="Which split (default: test, or val when there is no test split).")
-@click.option("--batch-size", default=64, show_default=True, callback=positive)
+@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Where the report goes (default: <run>/report/).")
 @click.option("--max-images", default=32, show_default=True, callback=non_negative,
               help="Misclassified images in the grid, the most confident mistakes first.")

@@ -101,7 +101,7 @@ def test_bad_files_are_all_listed_then_skipped_on_request(tmp_path):
     with pytest.raises(DataError) as error:
         load_dataset(str(tmp_path), log=quiet)
     message = str(error.value)
-    assert "3 file(s)" in message and "skip_bad_images" in message
+    assert "3 file(s)" in message and "--skip-bad-images" in message and "skip_bad_images" not in message
     listed = sorted(line.split("  (")[0].strip() for line in message.splitlines() if line.startswith("  /"))
     assert listed == bad
     assert not any(path in message for paths in good.values() for path in paths)

@@ -421,3 +421,108 @@ def test_not_a_checkpoint(tmp_path):
         read_torch_state_dict(path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         read_torch_state_dict(tmp_path / "missing.pth")
+
+
+# --- declared-size bombs: refused before anything large is allocated --------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, stride, storage_numel",
+    [((2**28,), (0,), 4), ((2**20, 2**20), (0, 0), 4), ((4, 4), (1, 1), 7), ((3, 2), (0, 1), 4)],
+)
+def test_views_claiming_more_elements_than_their_storage_are_refused(tmp_path, size, stride, storage_numel):
+    # Each fits inside its storage (the last element reached is in range), but repeats elements: a 487-byte file
+    # listed as a 268M-element tensor, and (2**20, 2**20) made numpy allocate 4 TiB.
+    data = _floats(*range(storage_numel))
+    for path in (
+        _zip_file(tmp_path / "s.pth", _pickle(_dict({"w": _tensor(_storage("0", storage_numel), 0, size, stride)})),
+                  {"0": data}),
+        _legacy_file(tmp_path / "s_legacy.pth",
+                     _pickle(_dict({"w": _tensor(_storage("0", storage_numel, legacy=True), 0, size, stride)})),
+                     {"0": data}),
+    ):
+        with pytest.raises(CheckpointError, match=rf"tensor 'w' .*claims {np.prod(size)} elements but storage '0' "
+                                                  rf"holds only {storage_numel}: a stride-0 or overlapping view"):
+            read_torch_state_dict(path)
+
+
+def _zeros_deflated(size: int) -> tuple[bytes, int]:
+    """A raw DEFLATE stream of `size` zero bytes and its CRC-32, made without deflating `size` bytes.
+
+    After a full flush the compressor's output for the next identical chunk no longer depends on what came
+    before, so one chunk's bytes are repeated."""
+    import zlib
+
+    chunk = bytes(1 << 20)
+    assert size % len(chunk) == 0
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = comp.compress(chunk) + comp.flush(zlib.Z_FULL_FLUSH)
+    second = comp.compress(chunk) + comp.flush(zlib.Z_FULL_FLUSH)
+    third = comp.compress(chunk) + comp.flush(zlib.Z_FULL_FLUSH)
+    assert second == third
+    stream = first + second * (size // len(chunk) - 1) + comp.flush()
+    crc = 0
+    for _ in range(size // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    return stream, crc
+
+
+def _zip_with_raw_member(path: Path, members: list[tuple[str, bytes, int, int, int]]) -> Path:
+    """A zip written by hand: (name, stored bytes, method, CRC-32, uncompressed size) per member."""
+    out, central = bytearray(), bytearray()
+    for name, stored, method, crc, size in members:
+        raw = name.encode()
+        offset = len(out)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, crc, len(stored), size, len(raw), 0)
+        out += raw + stored
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, crc, len(stored), size,
+                               len(raw), 0, 0, 0, 0, 0, offset) + raw
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+    return path
+
+
+def _stored(name: str, data: bytes):
+    import zlib
+
+    return (name, data, zipfile.ZIP_STORED, zlib.crc32(data), len(data))
+
+
+GIB = 1 << 30
+
+
+def test_a_data_pkl_that_inflates_to_a_gigabyte_is_refused_before_reading(tmp_path):
+    stream, crc = _zeros_deflated(GIB)
+    path = _zip_with_raw_member(tmp_path / "bomb.pth", [("archive/data.pkl", stream, zipfile.ZIP_DEFLATED, crc, GIB),
+                                                         _stored("archive/byteorder", b"little")])
+    assert path.stat().st_size < 2 * 1024 * 1024  # about 1 MB on disk
+    with pytest.raises(CheckpointError, match=rf"refusing to load .*record archive/data\.pkl expands from "
+                                              rf"{len(stream)} to {GIB} bytes.*zip bomb"):
+        read_torch_state_dict(path)
+
+
+def test_a_storage_record_that_inflates_to_a_gigabyte_is_refused_before_reading(tmp_path):
+    stream, crc = _zeros_deflated(GIB)
+    pkl = _pickle(_dict({"w": _tensor(_storage("0", GIB // 4), 0, (GIB // 4,), (1,))}))
+    path = _zip_with_raw_member(tmp_path / "bomb.pth", [_stored("archive/data.pkl", pkl),
+                                                         _stored("archive/byteorder", b"little"),
+                                                         ("archive/data/0", stream, zipfile.ZIP_DEFLATED, crc, GIB)])
+    with pytest.raises(CheckpointError, match=r"record archive/data/0 expands from \d+ to 1073741824 bytes"):
+        read_torch_state_dict(path)
+
+
+def test_an_oversized_data_pkl_is_refused_by_its_declared_size(tmp_path):
+    # Stored, so no ratio gives it away: the limit does. The bytes are not even there (zipfile reads lazily).
+    import zlib
+
+    big = 200 * 1024 * 1024
+    forged = _zip_with_raw_member(tmp_path / "forged.pth", [("archive/data.pkl", b"\x80\x02}.", zipfile.ZIP_STORED,
+                                                             zlib.crc32(b"\x80\x02}."), 4),
+                                                            _stored("archive/byteorder", b"little")])
+    raw = bytearray(forged.read_bytes())
+    # Patch the central directory's sizes of data.pkl (compressed and uncompressed) to 200 MB.
+    at = raw.index(b"PK\x01\x02")
+    struct.pack_into("<II", raw, at + 20, big, big)
+    forged.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"archive/data\.pkl declares 209715200 bytes, over the 104857600-byte"):
+        read_torch_state_dict(forged)

@@ -64,12 +64,13 @@ def check_split(name) -> None:
 def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = None, log=print) -> LoadedRun:
     """The run's model and classes, and `dataset` (default: the run's own, split as the run split it)."""
     from tfl import data
+    from tfl.reuse import load_run_model
     from tfl.training import rundir
 
     run = rundir.RunDir(run_path, create=False)
     config = run.read_json(rundir.CONFIG)
     classes = run.read_json(rundir.CLASSES)
-    model = run.load_model()
+    model = load_run_model(run)
     name = dataset or config["dataset"]
     own = not dataset
     # The run's own data_dir and bad-image skipping only apply to the run's own dataset.
@@ -125,16 +126,29 @@ def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
     return tf.stack(batch).numpy()
 
 
+def check_image_files(paths) -> None:
+    """Refuse what cannot be an image before opening anything: the training set's rules (regular files only, the
+    same extensions), so predict reads exactly the files training would."""
+    from tfl.data.image_check import file_problem
+
+    for path in paths:
+        problem = file_problem(str(path))
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+
+
 def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
             top_k: int = 5) -> list[dict]:
     import keras
 
+    check_image_files(paths)
     if run_path:
+        from tfl.reuse import load_run_model
         from tfl.training import rundir
 
         run = rundir.RunDir(run_path, create=False)
         labels = run.read_json(rundir.CLASSES)
-        model = run.load_model()
+        model = load_run_model(run)
         probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
@@ -156,18 +170,25 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
     return results
 
 
-def predict_saved_model(paths, export_dir: str, top_k: int = 5) -> list[dict]:
+def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = False) -> list[dict]:
     """Top-k for image files through an export's serving_default, fed the files' bytes as a server would be.
 
     `top_k` is capped by the k the export was made with. One request per file, so a file the export cannot
-    decode is named.
+    decode is named. Unless `trust`, a SavedModel whose graph has side-effecting ops (files, processes, Python,
+    network; tfl.export.audit) is refused before TensorFlow loads it.
     """
     import tensorflow as tf
 
     from tfl.export.layout import resolve_saved_model
     from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
 
-    serve = tf.saved_model.load(resolve_saved_model(export_dir)).signatures[SERVING_SIGNATURE]
+    from tfl.export.audit import check_saved_model
+
+    check_image_files(paths)  # before loading anything; a FIFO would block the open below
+    export_dir = resolve_saved_model(export_dir)
+    if not trust:
+        check_saved_model(export_dir)
+    serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
     results = []
     for path in paths:
         with open(path, "rb") as f:

@@ -11,3 +11,6 @@ TFLITE_MODES = ("float32", "float16", "int8")
 BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
+# Image files tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF; an export's
+# serving_default decodes JPEG, PNG, GIF and BMP bytes, as TF Serving does). EXIF orientation is ignored everywhere.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

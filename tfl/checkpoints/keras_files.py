@@ -35,6 +35,7 @@ import numpy as np
 
 from tfl.checkpoints.errors import CheckpointError
 from tfl.checkpoints.hdf5_safety import open_checked
+from tfl.checkpoints.json_limits import JSONTooDeep, loads_bounded
 
 _WEIGHTS_MEMBER = "model.weights.h5"
 _CONFIG_MEMBER = "config.json"
@@ -43,6 +44,8 @@ _MAX_CONFIG_BYTES = 64 * 1024 * 1024
 # Keras stores members uncompressed; DEFLATE tops out near 1000:1, so 100:1 on a big member is a zip bomb.
 _MAX_ZIP_EXPANSION = 100
 _ZIP_SMALL_MEMBER = 1024 * 1024
+# Each nested model adds about four levels (config -> layers -> layer -> config); real files stay far below this.
+_MAX_CONFIG_DEPTH = 200
 
 # Serialised values that carry data, not code (keras/src/saving/serialization_lib.py).
 _DATA_MARKERS = {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__ellipsis__", "__slice__"}
@@ -312,8 +315,8 @@ def _rebuild(path: str, raw_count: int, custom_objects: Mapping[str, object]) ->
             model = keras.saving.load_model(named, custom_objects=dict(custom_objects), compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means Keras cannot rebuild this file
         raise CheckpointError(
-            f"cannot rebuild {path} with Keras ({type(exc).__name__}: {str(exc)[:300]}); pass unsafe=True "
-            "(--unsafe) to read its weights without rebuilding, named <layer>/vars/<i>"
+            f"cannot rebuild {path} with Keras ({type(exc).__name__}: {str(exc)[:300]}); pass --unsafe "
+            "to read its weights without rebuilding, named <layer>/vars/<i>"
         ) from None
     found = _owned_weights(model, ())
     if len(found) != raw_count:
@@ -327,6 +330,39 @@ def _rebuild(path: str, raw_count: int, custom_objects: Mapping[str, object]) ->
     return tensors
 
 
+def _audited_config(zf: zipfile.ZipFile, path: str, custom_objects: Mapping[str, object] | None) -> list[str]:
+    """The archive's members checked, config.json parsed with bounded nesting, and audit_config's problems."""
+    _check_members(zf, path)
+    try:
+        config = loads_bounded(zf.read(_CONFIG_MEMBER).decode("utf-8"), _MAX_CONFIG_DEPTH)
+    except JSONTooDeep as exc:
+        raise CheckpointError(f"refusing to read {path}: its config.json is not a Keras config: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read {path}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot read {path}: config.json holds a {type(config).__name__}, not an object")
+    return audit_config(config, custom_objects)
+
+
+def _refusal(path: str, problems: list[str], advice: str) -> str:
+    shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+    return f"refusing to rebuild {path}: its config.json asks for {shown}. {advice}"
+
+
+def check_keras_archive(path: str, custom_objects: Mapping[str, object] | None = None) -> None:
+    """Raise CheckpointError unless Keras may rebuild `path` in safe mode: the same member, size, nesting and class
+    checks read_keras_archive makes, for callers that load the model with Keras themselves."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"cannot read {path}: not a readable zip archive ({exc})") from None
+    with zf:
+        problems = _audited_config(zf, path, custom_objects)
+    if problems:
+        raise CheckpointError(_refusal(path, problems, "tfl writes only Keras built-ins and its own layers, so this "
+                                                       "file was not written by tfl or was altered since"))
+
+
 def read_keras_archive(path: str, unsafe: bool = False,
                        custom_objects: Mapping[str, object] | None = None) -> tuple[dict, dict]:
     try:
@@ -334,21 +370,11 @@ def read_keras_archive(path: str, unsafe: bool = False,
     except (zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: not a readable zip archive ({exc})") from None
     with zf:
-        _check_members(zf, path)
-        try:
-            config = json.loads(zf.read(_CONFIG_MEMBER).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"cannot read {path}: config.json is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"cannot read {path}: config.json holds a {type(config).__name__}, not an object")
-        problems = audit_config(config, custom_objects)
+        problems = _audited_config(zf, path, custom_objects)
         if problems and not unsafe:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-            raise CheckpointError(
-                f"refusing to rebuild {path}: its config.json asks for {shown}. If you trust the file, pass "
-                "unsafe=True (--unsafe): tfl then reads the weights without rebuilding the model (names "
-                "<layer>/vars/<i>) and still runs nothing from the file"
-            )
+            raise CheckpointError(_refusal(path, problems, "If you trust the file, pass --unsafe: tfl then reads "
+                                           "the weights without rebuilding the model (names <layer>/vars/<i>) and "
+                                           "still runs nothing from the file"))
         with zf.open(_WEIGHTS_MEMBER) as member:
             # model.weights.h5 is stored uncompressed, so h5py seeks in it cheaply without extracting it.
             with open_checked(member, f"{path}!{_WEIGHTS_MEMBER}") as f:

@@ -19,8 +19,11 @@ import struct
 import numpy as np
 
 from tfl.checkpoints.errors import CheckpointError
+from tfl.checkpoints.json_limits import JSONTooDeep, loads_bounded
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+# A valid header nests 3 levels (header -> entry -> shape/offsets); anything much deeper is not a header.
+MAX_HEADER_DEPTH = 16
 # safetensors dtype -> little-endian numpy storage type. BF16 is read as uint16 and widened to float32.
 DTYPES = {
     "BOOL": "?",
@@ -121,7 +124,9 @@ def _read_header(f, file_size: int) -> tuple[int, dict[str, tuple]]:
         raise _Malformed(f"the header length field says {length} bytes but only {file_size - 8} follow it")
     raw = f.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = loads_bounded(raw.decode("utf-8"), MAX_HEADER_DEPTH, object_pairs_hook=_no_duplicate_keys)
+    except JSONTooDeep as exc:
+        raise _Malformed(f"the header is not a safetensors header: {exc}") from None
     except UnicodeDecodeError as exc:
         raise _Malformed(f"the header is not UTF-8 ({exc})") from None
     except json.JSONDecodeError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -36,6 +37,12 @@ _MAGIC_PICKLE = pickle.dumps(_LEGACY_MAGIC, protocol=2)  # how torch.save writes
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 # DataParallel adds "module.", torch.compile adds "_orig_mod."; neither belongs to the weight names.
 _NAME_PREFIXES = ("module.", "_orig_mod.")
+# torch.save stores zip members uncompressed (ratio 1). DEFLATE tops out near 1000:1, so a member that claims
+# 100x its compressed size and more than a megabyte is a zip bomb (the bound Keras uses for .keras archives,
+# tfl/checkpoints/keras_files.py). data.pkl holds names and shapes, not weights: 100 MB is far beyond any model.
+_MAX_ZIP_EXPANSION = 100
+_ZIP_SMALL_MEMBER = 1024 * 1024
+_MAX_PICKLE_BYTES = 100 * 1024 * 1024
 
 
 class _Unreadable(Exception):
@@ -346,6 +353,7 @@ def _open_zip(zf: zipfile.ZipFile):
     pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _Unreadable(f"expected one <dir>/data.pkl record, found {len(pickles)} among {names[:8]}")
+    _check_declared_sizes(zf, pickles[0])
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = "little"  # files from before the byteorder record were written on little-endian machines
     if prefix + "byteorder" in names:
@@ -369,6 +377,25 @@ def _open_zip(zf: zipfile.ZipFile):
         return _read_record(zf, name)
 
     return obj, load, byteorder
+
+
+def _check_declared_sizes(zf: zipfile.ZipFile, pickle_name: str) -> None:
+    """Refuse, before reading any record, members that would inflate far beyond their stored bytes.
+
+    zipfile never returns more than a member's declared size, so checking the declared sizes bounds memory.
+    """
+    for info in zf.infolist():
+        if info.file_size > _ZIP_SMALL_MEMBER and info.file_size > _MAX_ZIP_EXPANSION * max(info.compress_size, 1):
+            raise _Refused(
+                f"record {info.filename} expands from {info.compress_size} to {info.file_size} bytes, more than "
+                f"{_MAX_ZIP_EXPANSION}x (a zip bomb; torch.save stores records uncompressed)"
+            )
+    declared = zf.getinfo(pickle_name).file_size
+    if declared > _MAX_PICKLE_BYTES:
+        raise _Refused(
+            f"record {pickle_name} declares {declared} bytes, over the {_MAX_PICKLE_BYTES}-byte limit for the "
+            "pickle of a state dict (weights live in the data/ records, not in data.pkl)"
+        )
 
 
 def _read_record(zf: zipfile.ZipFile, name: str) -> bytes:
@@ -424,6 +451,14 @@ def _to_numpy(name: str, t: _Tensor, raw: bytes, big_endian: bool) -> np.ndarray
         raise _Unreadable(
             f"tensor {name!r} (size {t.size}, stride {t.stride}, storage_offset {t.offset}) reaches element "
             f"{extent - 1} of storage {t.storage.key!r}, which holds only {available}"
+        )
+    numel = math.prod(t.size)
+    if numel > available:
+        # Only a view that repeats elements (stride 0, overlapping strides) can claim more than its storage
+        # holds; a state dict never needs one, and copying it out could allocate terabytes from a few bytes.
+        raise _Refused(
+            f"tensor {name!r} (size {t.size}, stride {t.stride}) claims {numel} elements but storage "
+            f"{t.storage.key!r} holds only {available}: a stride-0 or overlapping view; save tensor.clone() instead"
         )
     base = np.frombuffer(raw, dtype=np_dtype, count=available, offset=start)
     strides = tuple(s * np_dtype.itemsize for s in t.stride)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import struct
 import warnings
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+from tfl.options import IMAGE_EXTENSIONS  # noqa: E402 - re-exported: the one list, for training and predict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,36 @@ class BadImage(Exception):
     """The file is not a readable image; str() is the reason."""
 
 
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be an image without opening it, or None: only regular files with an image extension are.
+
+    stat, never open: opening a FIFO blocks until a writer appears, and a device or socket is no image either.
+    A symbolic link counts as the file it points to (os.stat follows it).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path):
+            return f"a broken symbolic link to {os.readlink(path)}"
+        return f"cannot be read ({error.strerror or error})"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({_file_kind(mode)}); only regular files are read as images"
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type; expected one of {' '.join(IMAGE_EXTENSIONS)}"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
 def inspect_image(path: str) -> ImageInfo:
-    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails."""
+    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails (or it is no file)."""
+    problem = file_problem(path)
+    if problem:
+        raise BadImage(problem)
     try:
         # verify() catches what load() lets through (PNG chunk CRCs); load() catches what verify() cannot
         # (truncated JPEG data). A file needs both, and verify() leaves the image unusable, hence two opens.

@@ -16,13 +16,14 @@ import numpy as np
 from tfl.data.decode import decode_files
 from tfl.data.errors import DataError, list_some
 from tfl.data.fingerprint import fingerprint
-from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, ImageInfo, inspect_image
+from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, ImageInfo, file_problem, inspect_image
 from tfl.data.splits import DatasetSplits
 from tfl.data.stratify import check_val_split, stratified_split
 
 # Folder names accepted for each split, in the order they are looked for.
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-LAYOUT_HINT = "expected ROOT/train/<class>/*.jpg (also .jpeg .png .bmp .gif), optionally ROOT/val/... and ROOT/test/..."
+LAYOUT_HINT = (f"expected ROOT/train/<class>/*.jpg (also {' '.join(e for e in IMAGE_EXTENSIONS if e != '.jpg')}), "
+               "optionally ROOT/val/... and ROOT/test/...")
 # Files operating systems drop into folders; never data, so not reported as bad images.
 _OS_JUNK = frozenset({"thumbs.db", "desktop.ini"})
 
@@ -33,6 +34,7 @@ class _File:
     label: int
     size_bytes: int
     mtime_ns: int
+    problem: str | None = None  # why it cannot be an image, known without opening it
     info: ImageInfo | None = None
 
 
@@ -46,6 +48,9 @@ def load_image_folder(
 
     class_names = _class_names(split_dirs["train"])
     _check_class_sets(split_dirs, class_names)
+    for folder in split_dirs.values():
+        if folder:
+            _check_class_links(folder, class_names)
     files = {split: _list_files(folder, class_names) for split, folder in split_dirs.items() if folder}
     _check_no_empty_classes(files, split_dirs, class_names, "has no files")
 
@@ -57,7 +62,7 @@ def load_image_folder(
         if not skip_bad_images:
             raise DataError(
                 f"{len(bad)} file(s) under {root} are not readable images:\n{listing}\n"
-                "Delete or fix them, or pass skip_bad_images=True (--skip-bad-images) to train without them."
+                "Delete or fix them, or pass --skip-bad-images to train without them."
             )
         log(f"warning: skipping {len(bad)} unreadable file(s) under {root}:\n{listing}")
         files = {split: [f for f in split_files if f.info is not None] for split, split_files in files.items()}
@@ -157,22 +162,55 @@ def _check_no_empty_classes(files, split_dirs, class_names, what: str) -> None:
         raise DataError(f"class folder(s) {what}:\n{list_some(empty)}\nAdd images or remove the folder(s).")
 
 
+def _check_class_links(split_dir: str, class_names: list[str]) -> None:
+    """A class folder may be a link, but not to the split folder, an ancestor of it, or into another class: each
+    image must belong to one class folder only."""
+    real = {name: os.path.realpath(os.path.join(split_dir, name)) for name in class_names}
+    split_real = os.path.realpath(split_dir)
+    problems = []
+    for name, target in real.items():
+        own = os.path.join(split_dir, name)
+        for other_name, other in [("", split_real), *real.items()]:
+            if other_name == name:
+                continue
+            contains = other == target or other.startswith(target + os.sep)  # this class holds the other
+            if contains or (other_name and target.startswith(other + os.sep)):
+                what = f"class folder {os.path.join(split_dir, other_name)}" if other_name else "its split folder"
+                problems.append(f"{own} -> {target} overlaps {what}")
+                break
+    if problems:
+        raise DataError("class folders must not share images (through symbolic links):\n" + list_some(problems)
+                        + "\nPoint each class folder link at a folder of its own.")
+
+
 def _list_files(split_dir: str, class_names: list[str]) -> list[_File]:
-    """Every non-hidden file under each class folder (recursively), in a fixed sorted order."""
+    """Every non-hidden file under each class folder (recursively), in a fixed sorted order.
+
+    Symbolic links to directories below a class folder are never followed (a link to `..` would put other
+    classes' images under this label, a link to `.` would loop): each is listed as a bad file under its own path.
+    A link to a file counts as that file if it is a regular file. Nothing here opens a file (see file_problem).
+    """
     files = []
     for label, name in enumerate(class_names):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name)):
+            links = sorted(d for d in dirnames if not d.startswith(".") and os.path.islink(os.path.join(dirpath, d)))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
+            for link in links:
+                path = os.path.join(dirpath, link)
+                files.append(_File(path, label, -1, 0, problem=(
+                    f"a symbolic link to the directory {os.readlink(path)}; links to directories inside a class "
+                    "folder are not followed (link or copy the image files themselves)")))
             for filename in sorted(filenames):
                 if filename.startswith(".") or filename.lower() in _OS_JUNK:
                     continue
                 path = os.path.join(dirpath, filename)
+                problem = file_problem(path)
                 try:
                     stat = os.stat(path)
-                except OSError:  # a broken symlink: listed with the bad images when Pillow cannot open it
-                    files.append(_File(path, label, -1, 0))
+                except OSError:  # a broken symlink: file_problem says so
+                    files.append(_File(path, label, -1, 0, problem=problem))
                     continue
-                files.append(_File(path, label, stat.st_size, stat.st_mtime_ns))
+                files.append(_File(path, label, stat.st_size, stat.st_mtime_ns, problem=problem))
     return files
 
 
@@ -180,8 +218,8 @@ def _inspect_all(files: list[_File]) -> list[tuple[str, str]]:
     """Fill in each file's ImageInfo; return (path, reason) for the bad ones. Parallel: Pillow drops the GIL."""
 
     def inspect(file: _File) -> str | None:
-        if os.path.splitext(file.path)[1].lower() not in IMAGE_EXTENSIONS:
-            return f"not an image file type; expected one of {' '.join(IMAGE_EXTENSIONS)}"
+        if file.problem:  # decided from stat alone: a FIFO, a device or a link is never opened
+            return file.problem
         try:
             file.info = inspect_image(file.path)
         except BadImage as error:
