@@ -255,3 +255,12 @@ def test_absurd_image_sizes_are_refused_before_anything_is_allocated(tmp_path, s
     assert result.exit_code == 2, result.output
     assert words in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_run_json_file_nested_absurdly_deep_is_refused_by_name(tmp_path):
+    run = rundir.RunDir(str(tmp_path))
+    (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="config.json is not a readable tfl run file: it nests"):
+        run.read_json("config.json")
+    result = invoke("evaluate", "--run", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output

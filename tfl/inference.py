@@ -64,13 +64,12 @@ def check_split(name) -> None:
 def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = None, log=print) -> LoadedRun:
     """The run's model and classes, and `dataset` (default: the run's own, split as the run split it)."""
     from tfl import data
-    from tfl.reuse import load_run_model
     from tfl.training import rundir
 
     run = rundir.RunDir(run_path, create=False)
     config = run.read_json(rundir.CONFIG)
     classes = run.read_json(rundir.CLASSES)
-    model = load_run_model(run)
+    model = run.load_model()
     name = dataset or config["dataset"]
     own = not dataset
     # The run's own data_dir and bad-image skipping only apply to the run's own dataset.
@@ -143,12 +142,11 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
 
     check_image_files(paths)
     if run_path:
-        from tfl.reuse import load_run_model
         from tfl.training import rundir
 
         run = rundir.RunDir(run_path, create=False)
         labels = run.read_json(rundir.CLASSES)
-        model = load_run_model(run)
+        model = run.load_model()
         probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:

@@ -29,19 +29,6 @@ def custom_objects() -> dict[str, type]:
     return {keras.saving.get_registered_name(cls): cls for cls in classes}
 
 
-def load_run_model(run):
-    """A run directory's model.keras, rebuilt by Keras only after the checks every .keras file gets: known archive
-    members, bounded sizes and nesting, only Keras built-ins and tfl's own classes (a run directory is a folder
-    anyone can hand over, and a config naming `os.system` or a Lambda must be refused by name, not by Keras)."""
-    from tfl.checkpoints.keras_files import check_keras_archive
-    from tfl.training import rundir
-
-    path = run.file(rundir.MODEL)
-    if os.path.isfile(path):
-        check_keras_archive(path, custom_objects())
-    return run.load_model()
-
-
 def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> Checkpoint:
     """tfl.checkpoints.read.read_checkpoint, rebuilding tfl's own layers in a .keras file too."""
     return _read_checkpoint(path, unsafe=unsafe, custom_objects=custom_objects())

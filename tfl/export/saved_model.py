@@ -19,7 +19,6 @@ import tensorflow as tf
 # The pipeline's own resize functions, so serving cannot drift from what the model saw in evaluation.
 from tfl.data.pipeline import resize_uint8, to_model_input
 from tfl.export import layout
-from tfl.reuse import load_run_model
 from tfl.training import rundir
 
 SERVING_SIGNATURE = "serving_default"
@@ -38,7 +37,7 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     class_names = run.read_json(rundir.CLASSES)
     labels = layout.labels_text(class_names)
     path = layout.version_dir(output or layout.default_base(run_path), version)
-    model = load_run_model(run)
+    model = run.load_model()
     k = min(top_k, len(class_names))
     layout.write_version(path, lambda tmp: write_saved_model(model, labels, tmp, k))
     log(f"exported SavedModel ({len(class_names)} classes, top {k}, {model.inputs[0].shape[1]}px) to {path}")

@@ -13,7 +13,6 @@ import tempfile
 import tensorflow as tf
 
 from tfl.export import layout
-from tfl.reuse import load_run_model
 from tfl.training import rundir
 
 from tfl.options import TFLITE_MODES as MODES
@@ -31,7 +30,7 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
     labels = layout.labels_text(run.read_json(rundir.CLASSES))
     # Its own default base: TF Serving would try to load a TFLite version dir found among SavedModel versions.
     path = layout.version_dir(output or layout.default_base(run_path, f"-tflite-{mode}"), version)
-    model = load_run_model(run)
+    model = run.load_model()
     flatbuffer = convert(model, mode)
 
     def build(tmp):

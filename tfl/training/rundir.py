@@ -36,6 +36,7 @@ CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
     "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
 TMP_PREFIX = ".tmp-"
 LOCK = ".tfl.lock"
+MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # a run's JSON files are small and shallow; anything else is refused
 # What a tfl run writes into its directory besides the names above; --overwrite deletes exactly these.
 RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json")
 
@@ -243,8 +244,16 @@ class RunDir:
         path = self.file(name)
         if not os.path.isfile(path):
             raise ValueError(f"{self.path}: missing {name}; is this a finished tfl run directory?")
-        with open(path) as f:
-            return json.load(f)
+        from tfl.checkpoints.json_limits import loads_bounded
+
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MB; not a file a tfl run writes")
+        try:
+            return loads_bounded(raw, MAX_JSON_DEPTH)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a readable tfl run file: {err}") from None
 
     def write_history(self, rows: list[dict]) -> None:
         if not rows:
@@ -259,12 +268,16 @@ class RunDir:
         save_keras(model, self.file(MODEL))
 
     def load_model(self):
+        """model.keras, rebuilt by Keras only after the checks every .keras file gets: known archive members,
+        bounded sizes and nesting, only Keras built-ins and tfl's own classes (a run directory is a folder anyone
+        can hand over, and a config naming `os.system` or a Lambda must be refused by name, not by Keras)."""
         import keras
 
-        import tfl.freezing  # noqa: F401  (registers tfl's custom layers for deserialisation)
-        import tfl.models  # noqa: F401
+        from tfl.checkpoints.keras_files import check_keras_archive
+        from tfl.reuse import custom_objects  # also registers tfl's custom layers for deserialisation
 
         path = self.file(MODEL)
         if not os.path.isfile(path):
             raise ValueError(f"{self.path}: missing {MODEL}; the run did not finish")
+        check_keras_archive(path, custom_objects())
         return keras.models.load_model(path, compile=False)
