@@ -135,7 +135,8 @@ def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log
         row["bn_gap"] = gaps.get(row["boundary"])
     stride = info["stride"]
     recommendation = recommend(summary, scores, gaps, stride, spec.input_size, opts.lr)
-    result = {"dataset": splits.name, "backbone": opts.backbone, "image_size": image_size, "data": summary,
+    result = {"dataset": splits.name, "backbone": opts.backbone, "image_size": image_size, "stride": stride,
+              "lr": opts.lr, "data": summary,
               "sample": {"rows": len(sample), "probe_fit": len(fit), "probe_held_out": len(held), "seed": opts.seed},
               "boundaries": scores, "bn_gap_per_stage": gaps, "recommendation": recommendation,
               "pass": {"reused": info["reused"], "seconds": round(info["seconds"], 2), "cache": info.get("path")},

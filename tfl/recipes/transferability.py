@@ -56,6 +56,12 @@ def logme_per_class(features: np.ndarray, labels: np.ndarray,
         x2 = x**2
         outside = float(target @ target - x2.sum())  # the part of the target no feature direction reaches
         alpha, beta = 1.0, 1.0
+        if not len(sigma):  # all-zero features explain nothing: the evidence of the noise model alone
+            beta = n / (float(target @ target) + EPSILON)
+            evidences.append(0.5 * np.log(beta) - beta * float(target @ target) / (2 * n) - 0.5 * np.log(2 * np.pi))
+            alphas.append(np.inf)
+            betas.append(beta)
+            continue
         for _ in range(LOGME_ITERATIONS):
             t = alpha / beta
             gamma = float((sigma / (sigma + t)).sum())  # effective number of well-determined weights
