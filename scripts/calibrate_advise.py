@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -104,16 +103,20 @@ def make_datasets(work: str, names) -> dict:
     return folders
 
 
-def cli(*args) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "cli.py"), *map(str, args)]
+def run(args: list[str], log) -> float:
+    """`tfl ARGS` in this process (one TensorFlow start-up for every run; a fresh Keras session for each)."""
+    import keras
+    from click.testing import CliRunner
 
+    from cli import cli
 
-def run(command: list[str], log) -> float:
+    keras.backend.clear_session()
     started = time.time()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
-    log(f"  {time.time() - started:.0f}s: {' '.join(command[1:])}")
+    done = CliRunner().invoke(cli, [str(a) for a in args])
+    if done.exit_code != 0:
+        raise SystemExit(f"failed ({done.exit_code}): tfl {' '.join(map(str, args))}\n{done.output[-3000:]}"
+                         + (repr(done.exception) if done.exception else ""))
+    log(f"  {time.time() - started:.0f}s: tfl {' '.join(map(str, args))}")
     return time.time() - started
 
 
@@ -131,16 +134,16 @@ def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
         log(f"{name}: {folders[name]}")
         advise_dir = os.path.join(work, "advise", name)
         if not os.path.isfile(os.path.join(advise_dir, "advise.json")):
-            entry["advise_seconds"] = round(run(cli("advise", "--dataset", folders[name], *ADVISE, "--cache-dir",
-                                                    cache_dir, "--output-dir", advise_dir), log), 1)
+            entry["advise_seconds"] = round(run(["advise", "--dataset", folders[name], *ADVISE, "--cache-dir",
+                                                    cache_dir, "--output-dir", advise_dir], log), 1)
         with open(os.path.join(advise_dir, "advise.json")) as f:
             advice = json.load(f)
         for depth in DEPTHS:
             if depth in entry["runs"]:
                 continue
             run_dir = os.path.join(work, "runs", name, depth)
-            seconds = run(cli("finetune", "--dataset", folders[name], "--freeze-up-to", depth, *FINETUNE,
-                              "--cache-dir", cache_dir, "--output-dir", run_dir), log)
+            seconds = run(["finetune", "--dataset", folders[name], "--freeze-up-to", depth, *FINETUNE,
+                           "--cache-dir", cache_dir, "--output-dir", run_dir], log)
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 metrics = json.load(f)
             entry["runs"][depth] = {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
@@ -174,12 +177,33 @@ def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
                     advice["data"]["backbone_input_size"], advice["lr"])
     chosen = rec["freeze_up_to"]
     distance = abs(stage_index(advice, chosen) - stage_index(advice, best))
+    by_score = {}  # the same rules driven by each score: which depth, and is it within one stage of the best
+    for score in taus:
+        other = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
+                          advice["data"]["backbone_input_size"], advice["lr"], score=score)["freeze_up_to"]
+        by_score[score] = {"recommended": other,
+                           "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
     argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
     return {"tau": taus, "best_depth": best, "recommended": chosen, "stage_distance": distance,
-            "within_one_stage": distance <= 1, "score_argmax_depth": argmax,
+            "within_one_stage": distance <= 1, "score_argmax_depth": argmax, "rules_by_score": by_score,
             "bn_gap_per_stage": advice["bn_gap_per_stage"], "low_level_bn_gap": rec["low_level_bn_gap"],
             "scores": {d: {k: by_boundary[d][k] for k in ("logme", "h_score", "probe_accuracy")} for d in depths},
             "reason": rec["reasons"]["freeze_up_to"]}
+
+
+def resummarise(work: str) -> dict:
+    from tfl.recipes.transferability import kendall_tau
+
+    with open(os.path.join(work, "calibration.json")) as f:
+        result = json.load(f)
+    for name, entry in result["datasets"].items():
+        if len(entry["runs"]) < 2:
+            continue
+        with open(os.path.join(work, "advise", name, "advise.json")) as f:
+            entry.update(summarise(json.load(f), entry["runs"], kendall_tau))
+    result["overall"] = overall(result["datasets"])
+    _write(work, result)
+    return result
 
 
 def overall(datasets: dict) -> dict:
@@ -188,8 +212,10 @@ def overall(datasets: dict) -> dict:
         return {}
     mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done])), 3) for s in done[0]["tau"]}
     within = sum(d["within_one_stage"] for d in done)
+    by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done)}/{len(done)}"
+                for s in done[0]["tau"]}
     return {"mean_tau": mean_tau, "within_one_stage": f"{within}/{len(done)}",
-            "within_one_stage_share": round(within / len(done), 3)}
+            "within_one_stage_share": round(within / len(done), 3), "within_one_stage_by_score": by_score}
 
 
 def _write(work: str, result: dict) -> None:
@@ -224,8 +250,13 @@ def main():
     parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated, from: fmnist10, fmnist100, "
                         "fmnist1000, fmnist100_inverted, digits.")
     parser.add_argument("--cache-dir", default=None, help="tfl's cache (default: <work>/cache).")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="Recompute the summaries (the current rules) from <work>'s runs; train nothing.")
     args = parser.parse_args()
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    if args.summarise_only:
+        print(table(resummarise(args.work)))
+        return
     os.makedirs(args.work, exist_ok=True)
     result = calibrate(args.work, names, args.cache_dir or os.path.join(args.work, "cache"),
                        log=lambda m: print(m, flush=True))

@@ -163,8 +163,10 @@ PEAK_BLOCK4 = [0.0, 0.1, 0.2, 0.3, 0.8, 0.6, 0.5, 0.4, 0.3]
     (50, RISING, 0.1, "head", "head only"),
     (adv.SMALL_PER_CLASS, RISING, 0.1, STAGES[-3], "fine-tune the top"),
     (adv.LARGE_PER_CLASS, RISING, 0.1, STAGES[-5], "upper half"),
-    (50, PEAK_BLOCK4, 0.1, "block4", "best boundary block4"),
-    (adv.SMALL_PER_CLASS, PEAK_BLOCK4, 0.1, "block3", "one stage below"),
+    (50, PEAK_BLOCK4, 0.1, "block4", "the best boundary block4"),
+    (adv.SMALL_PER_CLASS, PEAK_BLOCK4, 0.1, "stem", "everything above stem"),
+    (adv.SMALL_PER_CLASS, RISING, adv.BN_GAP_HIGH * 1.5, "stem", "different domain"),
+    (50, RISING, adv.BN_GAP_HIGH * 1.5, STAGES[-3], "never the head alone"),
     (adv.LARGE_PER_CLASS, PEAK_BLOCK4, 0.1, None, "everything"),
     (adv.LARGE_PER_CLASS, RISING, adv.BN_GAP_HIGH * 3, None, "everything"),  # BN statistics alone: different
 ])
