@@ -302,12 +302,12 @@ def _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, i
         pooled = tf.concat([tf.reduce_mean(o, axis=[1, 2]) for o in outs[:count]], axis=1)
         sums = [tf.reduce_sum(tf.cast(o, tf.float64), axis=[0, 1, 2]) for o in outs[count:]]
         squares = [tf.reduce_sum(tf.square(tf.cast(o, tf.float64)), axis=[0, 1, 2]) for o in outs[count:]]
-        return pooled, sums, squares, tf.cast(tf.reduce_prod(tf.shape(outs[count])[:3]), tf.float64)
+        return pooled, sums, squares  # a backbone without BatchNorm has no statistics: two empty lists
 
     sums = [np.zeros(int(layer.input.shape[-1])) for layer in bn_layers]
     squares = [np.zeros_like(s) for s in sums]
     for begin in range(0, len(sample), PASS_BATCH):
-        pooled, s, q, n = step(images[begin: begin + PASS_BATCH])
+        pooled, s, q = step(images[begin: begin + PASS_BATCH])
         out[begin: begin + len(pooled)] = pooled.numpy()
         for i in range(len(bn_layers)):
             sums[i] += s[i].numpy()
