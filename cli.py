@@ -313,7 +313,8 @@ MODEL_OPTIONS = shared(
                       r"e.g. '(.*)/weights=\1/kernel'. Repeatable; applied in order."),
     click.option("--unsafe", "init_unsafe", is_flag=True, help=UNSAFE_HELP),
     click.option("--freeze-up-to", metavar="X", default=JOB.freeze_up_to, show_default=True, callback=freeze_up_to_value,
-                 help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone after the head stage. The default "
+                 help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone after the head stage; 'auto' lets "
+                      "`tfl advise` choose (and the input size, unless --image-size is given; advice.json says why). The default "
                       "gave the best accuracy within 20 minutes for the embedded default on a 2-core CPU; a shallower "
                       "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px on a 2-core "
                       "AVX-512 CPU: 146s an epoch at block4, 3s with everything frozen)."),
@@ -710,6 +711,41 @@ def bench(quick, cases, as_json):
     report = run_library(benchmarks.run_bench, cfg, cases or benchmarks.CASES,
                          log=lambda message: click.echo(message, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else benchmarks.format_table(report))
+
+
+# --- advise --------------------------------------------------------------------------------------------------------
+@cli.command()
+@DATA_OPTIONS
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True),
+              help="Advise for a seeded, stratified share of each class's training examples (as finetune's).")
+@click.option("--backbone", default=JOB.backbone, show_default=True, help="A name from `tfl backbones`.")
+@click.option("--weights", default=JOB.weights, show_default=True,
+              help="'default' (the backbone's ImageNet weights) or a path to a weights file.")
+@click.option("--sample", default=1000, show_default=True, callback=positive, metavar="N",
+              help="Training images scored, stratified by class (all when fewer); 1/3 of them test the linear probe.")
+@click.option("--lr", default=JOB.lr, show_default=True, type=float, callback=positive,
+              help="The head's learning rate the backbone-lr recommendation scales.")
+@click.option("--seed", default=JOB.seed, show_default=True, help="Seeds the val split and the sample.")
+@click.option("--cache-budget", metavar="SIZE", callback=size_value, help="Memory for cached arrays, e.g. 4G.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where the backbone pass persists (shared with `tfl finetune --freeze-up-to auto`).  "
+                   "[default: $TFL_CACHE_DIR or ~/.cache/tfl]")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where advise.json, advise.csv and advise.png go (default: runs/<time>-advise-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print advise.json instead of the table.")
+def advise(as_json, **options):
+    """How deep to freeze, measured: score every freeze boundary of the backbone on the data, then recommend.
+
+    One backbone pass over a stratified sample captures every canonical stage's output (globally pooled) and
+    every BatchNorm layer's input statistics. Per boundary: LogME, H-score and a held-out linear-probe accuracy;
+    per stage: the BN domain gap (KL to the stored ImageNet statistics). Recommends --freeze-up-to, the input
+    size, the backbone learning rate and epochs, with the reasons. `tfl finetune --freeze-up-to auto` runs the
+    same advice (the same cached pass) and trains with it.
+    """
+    from tfl.recipes.advise import AdviseOptions, advise as run, format_table
+
+    result = run_library(run, AdviseOptions(**options), log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 def main():

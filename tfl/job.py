@@ -24,6 +24,7 @@ from typing import Callable
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_DATASET = "fashion_mnist"
 RESTORE_REPORT = "restore_report.json"
+ADVICE = "advice.json"  # --freeze-up-to auto: what tfl advise measured and chose
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 # Stage 2 backbone lr = 0.3 x the head lr unless --backbone-lr says. Measured on the embedded default: block4 with
@@ -212,6 +213,7 @@ class Job:
     restored: object  # RestoreReport of --init-from, or None
     started: float
     train_rows: object = None  # the rows of splits.train trained on (--label-fraction, --limit-train); None: all
+    advice: dict | None = None  # --freeze-up-to auto: what tfl advise measured and chose (advice.json)
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -239,11 +241,16 @@ class Job:
 
         splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,
                                    skip_bad_images=opts.skip_bad_images, log=log)
-        image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         n_train = splits.num_examples["train"]
         train_source, rows = splits.train, train_rows(splits, opts)
         if rows is not None:
             train_source, n_train = data.take_rows(splits.train, n_train, rows), len(rows)
+        advice = None
+        if opts.freeze_up_to == "auto":  # tfl advise decides: a concrete stage (and size) from here on
+            from tfl.recipes.advise import resolve_auto
+
+            opts, advice = resolve_auto(opts, spec, splits, train_source, n_train, rows, log)
+        image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         replicas = strategy.num_replicas_in_sync
         batch = opts.batch_size * replicas  # the global batch; --batch-size is per replica
         if n_train < batch:
@@ -262,7 +269,7 @@ class Job:
             # Fail on a plan the freeze mode cannot apply now, not after an earlier stage has trained.
             freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
         return cls(opts, log, strategy, scratch, spec, splits, image_size, train_source, n_train, batch, model, plan,
-                   restored, started, train_rows=rows)
+                   restored, started, train_rows=rows, advice=advice)
 
     # -- derived facts ------------------------------------------------------------------------------------------------
     @property
@@ -315,6 +322,8 @@ class Job:
                        "dataset_fingerprint": self.splits.fingerprint, "replicas": self.replicas,
                        "global_batch_size": self.batch, "stages": [_stage_record(s) for s in stages],
                        "versions": versions(), "command": sys.argv}
+        if self.advice:  # opts hold the resolved depth; resume compares it, and that it was chosen by auto
+            self.config["freeze_up_to_requested"] = self.advice["requested"]
         self.snapshot = self._resume_point()
         strategies.check_workers_agree(self.strategy, self.snapshot.epoch if self.snapshot else 0,
                                        f"the epoch to resume from; each must read the chief's --output-dir "
@@ -329,6 +338,8 @@ class Job:
             run.write_json(rundir.PLAN, plan.to_json())
             if self.restored:
                 run.write_json(RESTORE_REPORT, self.restored.to_json())
+            if self.advice:
+                run.write_json(ADVICE, self.advice)
         self.log(f"run directory: {run.path}" + (f" (this worker's scratch copy; the chief writes {opts.output_dir})"
                                                  if self.scratch else ""))
         cfg = TrainConfig(optimizer=opts.optimizer, weight_decay=opts.weight_decay, schedule=opts.schedule,

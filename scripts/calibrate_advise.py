@@ -1,0 +1,267 @@
+"""Calibrate `tfl advise`: do its scores rank freeze depths the way fine-tuning does, and is its depth close?
+
+For every dataset below: `tfl advise` once (scores per boundary, its recommended --freeze-up-to), then `tfl
+finetune` at each depth of DEPTHS with the same budget (image size, epochs, batch, lr, seed). Reports per dataset
+Kendall's tau between each score at a boundary and the test accuracy of fine-tuning with that boundary frozen,
+and whether the recommended depth is within one canonical stage of the best depth tried. Writes
+calibration.json and calibration.md (the table in README "tfl advise") to --work.
+
+Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made here (seeded):
+  fmnist10 / fmnist100 / fmnist1000   Fashion-MNIST, 10 / 100 / 1,000 train images per class
+  fmnist100_inverted                  the same 100 per class with 255 - pixel (a made-up shift)
+  digits                              scikit-learn's 8x8 digits (1,797 images; 0..16 scaled to 0..255)
+Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
+
+    pip install 'tfl[calibrate]'     # scikit-learn, for the digits
+    nice -n 10 python scripts/calibrate_advise.py --work /tmp/calibrate [--datasets fmnist10,digits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEPTHS = ("stem", "block2", "block4", "block6", "head")  # --freeze-up-to values tried, shallow to deep
+DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits")  # fmnist1000: add with --datasets
+FINETUNE = ["--image-size", "64", "--head-epochs", "8", "--epochs", "4", "--batch-size", "32", "--seed", "0",
+            "--no-tensorboard"]
+ADVISE = ["--image-size", "64", "--sample", "1000", "--seed", "0"]
+SEED = 0
+FMNIST_VAL, FMNIST_TEST = 30, 100  # per class
+
+
+def write_folder(root: str, splits: dict) -> str:
+    """splits: name -> (images uint8 [N, H, W], labels [N]); writes RGB PNGs."""
+    from PIL import Image
+
+    if os.path.isfile(os.path.join(root, "done")):
+        return root
+    for split, (images, labels) in splits.items():
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, f"c{int(label)}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(np.repeat(image[..., None], 3, axis=2)).save(os.path.join(folder, f"{i:05d}.png"))
+    open(os.path.join(root, "done"), "w").close()
+    return root
+
+
+def per_class(labels: np.ndarray, counts: dict, rng) -> dict:
+    """Disjoint per-class picks: name -> row indices, `counts[name]` rows of each class."""
+    picks = {name: [] for name in counts}
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for name, n in counts.items():
+            picks[name].append(members[start: start + n])
+            start += n
+    return {name: np.sort(np.concatenate(parts)) for name, parts in picks.items()}
+
+
+def fashion_mnist():
+    from tfl.data.idx import read_idx
+
+    base = "/usr/share/datasets/fashion-mnist"
+    read = lambda name: read_idx(os.path.join(base, name + ".gz"))  # noqa: E731
+    return (read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte"), read("t10k-images-idx3-ubyte"),
+            read("t10k-labels-idx1-ubyte"))
+
+
+def make_datasets(work: str, names) -> dict:
+    folders = {}
+    if any(n.startswith("fmnist") for n in names):
+        x, y, xt, yt = fashion_mnist()
+        rng = np.random.default_rng(SEED)
+        rows = per_class(y, {"val": FMNIST_VAL, "train": 1000}, rng)
+        test = per_class(yt, {"test": FMNIST_TEST}, rng)["test"]
+        for name in names:
+            if not name.startswith("fmnist"):
+                continue
+            n = int(name[len("fmnist"):].split("_")[0])
+            train = np.sort(np.concatenate([rows["train"][y[rows["train"]] == c][:n] for c in range(10)]))
+            shift = (lambda a: 255 - a) if name.endswith("_inverted") else (lambda a: a)
+            folders[name] = write_folder(os.path.join(work, "data", name), {
+                "train": (shift(x[train]), y[train]), "val": (shift(x[rows["val"]]), y[rows["val"]]),
+                "test": (shift(xt[test]), yt[test])})
+    if "digits" in names:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        order = np.random.default_rng(SEED).permutation(len(images))
+        train, val, test = order[:1200], order[1200:1450], order[1450:]
+        folders["digits"] = write_folder(os.path.join(work, "data", "digits"), {
+            "train": (images[train], digits.target[train]), "val": (images[val], digits.target[val]),
+            "test": (images[test], digits.target[test])})
+    return folders
+
+
+def run(args: list[str], log) -> float:
+    """`tfl ARGS` in this process (one TensorFlow start-up for every run; a fresh Keras session for each)."""
+    import keras
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    keras.backend.clear_session()
+    started = time.time()
+    done = CliRunner().invoke(cli, [str(a) for a in args])
+    if done.exit_code != 0:
+        raise SystemExit(f"failed ({done.exit_code}): tfl {' '.join(map(str, args))}\n{done.output[-3000:]}"
+                         + (repr(done.exception) if done.exception else ""))
+    log(f"  {time.time() - started:.0f}s: tfl {' '.join(map(str, args))}")
+    return time.time() - started
+
+
+def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
+    from tfl.recipes.transferability import kendall_tau
+
+    folders = make_datasets(work, names)
+    result = {"depths": list(DEPTHS), "finetune": FINETUNE, "advise": ADVISE, "seed": SEED, "datasets": {}}
+    out_json = os.path.join(work, "calibration.json")
+    if os.path.isfile(out_json):
+        with open(out_json) as f:
+            result["datasets"] = json.load(f).get("datasets", {})
+    for name in names:
+        entry = result["datasets"].get(name, {"runs": {}})
+        log(f"{name}: {folders[name]}")
+        advise_dir = os.path.join(work, "advise", name)
+        if not os.path.isfile(os.path.join(advise_dir, "advise.json")):
+            entry["advise_seconds"] = round(run(["advise", "--dataset", folders[name], *ADVISE, "--cache-dir",
+                                                    cache_dir, "--output-dir", advise_dir], log), 1)
+        with open(os.path.join(advise_dir, "advise.json")) as f:
+            advice = json.load(f)
+        for depth in DEPTHS:
+            if depth in entry["runs"]:
+                continue
+            run_dir = os.path.join(work, "runs", name, depth)
+            seconds = run(["finetune", "--dataset", folders[name], "--freeze-up-to", depth, *FINETUNE,
+                           "--cache-dir", cache_dir, "--output-dir", run_dir], log)
+            with open(os.path.join(run_dir, "metrics.json")) as f:
+                metrics = json.load(f)
+            entry["runs"][depth] = {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
+                                    "seconds": round(seconds, 1)}
+            result["datasets"][name] = entry
+            _write(work, result)
+        entry.update(summarise(advice, entry["runs"], kendall_tau))
+        result["datasets"][name] = entry
+        _write(work, result)
+    result["overall"] = overall(result["datasets"])
+    _write(work, result)
+    return result
+
+
+def stage_index(advice: dict, depth: str | None) -> int:
+    names = [row["boundary"] for row in advice["boundaries"]]
+    return -1 if depth is None else names.index(depth)
+
+
+def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
+    from tfl.recipes.advise import recommend
+
+    by_boundary = {row["boundary"]: row for row in advice["boundaries"]}
+    depths = [d for d in DEPTHS if d in runs]
+    accuracy = [runs[d]["test_accuracy"] for d in depths]
+    taus = {score: round(kendall_tau([by_boundary[d][score] for d in depths], accuracy), 3)
+            for score in ("logme", "h_score", "probe_accuracy")}
+    best = max(depths, key=lambda d: (runs[d]["test_accuracy"], DEPTHS.index(d)))  # ties: the cheaper, deeper
+    # The rules as the code has them now (they may have changed since advise.json was written).
+    rec = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
+                    advice["data"]["backbone_input_size"], advice["lr"])
+    chosen = rec["freeze_up_to"]
+    distance = abs(stage_index(advice, chosen) - stage_index(advice, best))
+    by_score = {}  # the same rules driven by each score: which depth, and is it within one stage of the best
+    for score in taus:
+        other = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
+                          advice["data"]["backbone_input_size"], advice["lr"], score=score)["freeze_up_to"]
+        by_score[score] = {"recommended": other,
+                           "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
+    argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
+    return {"tau": taus, "best_depth": best, "recommended": chosen, "stage_distance": distance,
+            "within_one_stage": distance <= 1, "score_argmax_depth": argmax, "rules_by_score": by_score,
+            "bn_gap_per_stage": advice["bn_gap_per_stage"], "low_level_bn_gap": rec["low_level_bn_gap"],
+            "scores": {d: {k: by_boundary[d][k] for k in ("logme", "h_score", "probe_accuracy")} for d in depths},
+            "reason": rec["reasons"]["freeze_up_to"]}
+
+
+def resummarise(work: str) -> dict:
+    from tfl.recipes.transferability import kendall_tau
+
+    with open(os.path.join(work, "calibration.json")) as f:
+        result = json.load(f)
+    for name, entry in result["datasets"].items():
+        if len(entry["runs"]) < 2:
+            continue
+        with open(os.path.join(work, "advise", name, "advise.json")) as f:
+            entry.update(summarise(json.load(f), entry["runs"], kendall_tau))
+    result["overall"] = overall(result["datasets"])
+    _write(work, result)
+    return result
+
+
+def overall(datasets: dict) -> dict:
+    done = [d for d in datasets.values() if "tau" in d]
+    if not done:
+        return {}
+    mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done])), 3) for s in done[0]["tau"]}
+    within = sum(d["within_one_stage"] for d in done)
+    by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done)}/{len(done)}"
+                for s in done[0]["tau"]}
+    return {"mean_tau": mean_tau, "within_one_stage": f"{within}/{len(done)}",
+            "within_one_stage_share": round(within / len(done), 3), "within_one_stage_by_score": by_score}
+
+
+def _write(work: str, result: dict) -> None:
+    with open(os.path.join(work, "calibration.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(work, "calibration.md"), "w") as f:
+        f.write(table(result))
+
+
+def table(result: dict) -> str:
+    depths = result["depths"]
+    lines = ["| dataset | " + " | ".join(depths) + " | best | advised | tau LogME | tau H-score | tau probe |",
+             "|---" * (len(depths) + 6) + "|"]
+    for name, d in result["datasets"].items():
+        if "tau" not in d:
+            continue
+        accs = [f"{d['runs'][x]['test_accuracy']:.3f}" if x in d["runs"] else "-" for x in depths]
+        lines.append(f"| {name} | " + " | ".join(accs) + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
+                     f"{'' if d['within_one_stage'] else ' (off)'} | {d['tau']['logme']:.2f} | "
+                     f"{d['tau']['h_score']:.2f} | {d['tau']['probe_accuracy']:.2f} |")
+    o = result.get("overall") or {}
+    if o:
+        lines.append(f"| mean / share | " + " | ".join("" for _ in depths) + f" | | {o['within_one_stage']} within one "
+                     f"stage | {o['mean_tau']['logme']:.2f} | {o['mean_tau']['h_score']:.2f} | "
+                     f"{o['mean_tau']['probe_accuracy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/tfl-calibrate", help="Data folders, runs and the results go here.")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated, from: fmnist10, fmnist100, "
+                        "fmnist1000, fmnist100_inverted, digits.")
+    parser.add_argument("--cache-dir", default=None, help="tfl's cache (default: <work>/cache).")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="Recompute the summaries (the current rules) from <work>'s runs; train nothing.")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    if args.summarise_only:
+        print(table(resummarise(args.work)))
+        return
+    os.makedirs(args.work, exist_ok=True)
+    result = calibrate(args.work, names, args.cache_dir or os.path.join(args.work, "cache"),
+                       log=lambda m: print(m, flush=True))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

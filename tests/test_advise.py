@@ -1,0 +1,242 @@
+"""tfl advise: the transferability scores against hand-checked cases and the reference implementation, the
+recommendation rules on synthetic inputs, and `--freeze-up-to auto` end to end (advice.json, config.json, resume)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from tfl.recipes import advise as adv
+from tfl.recipes import transferability as t
+from tiny_runs import TINY, image_folder
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def reference_cases():
+    with open(os.path.join(FIXTURES, "logme_reference.json")) as f:
+        return {case["name"]: case for case in json.load(f)["cases"]}
+
+
+# -- LogME ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tall", "wide", "separable"])
+def test_logme_reproduces_the_reference_implementation(name):
+    case = reference_cases()[name]
+    f, y = np.array(case["features"]), np.array(case["labels"])
+    evidences, _, _ = t.logme_per_class(f, y, as_reference=True)
+    np.testing.assert_allclose(evidences, case["per_class"], rtol=1e-9, atol=1e-12)
+    assert t.logme(f, y, as_reference=True) == pytest.approx(case["logme"], rel=1e-9)
+    if f.shape[0] > f.shape[1]:  # full column rank: the exact evidence is the reference's
+        assert t.logme(f, y) == pytest.approx(case["logme"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["tall", "wide"])
+def test_logme_is_the_maximum_of_the_directly_computed_evidence(name):
+    case = reference_cases()[name]
+    f, y = np.array(case["features"]), np.array(case["labels"])
+    evidences, alphas, betas = t.logme_per_class(f, y)
+    for c in range(int(y.max()) + 1):
+        target = (y == c).astype(float)
+        # The closed form equals the Gaussian log density N(y | 0, I/beta + F F^T / alpha) ...
+        assert evidences[c] == pytest.approx(t.log_evidence(f, target, alphas[c], betas[c]), abs=1e-4)
+        if name == "wide":  # N < D nearly interpolates: 11 updates (the reference's cap) stop short of the maximum
+            continue
+        # ... and no nearby (alpha, beta) gives more: the fixed point is the maximum.
+        for da in (0.7, 1.0, 1.4):
+            for db in (0.7, 1.0, 1.4):
+                assert t.log_evidence(f, target, alphas[c] * da, betas[c] * db) <= evidences[c] + 1e-4
+
+
+def test_logme_of_all_zero_features_is_the_noise_models_evidence():
+    y = np.array([0, 1, 1, 0])
+    # y_c ~ N(0, 1/beta) alone, beta = N / |y_c|^2 = 2: log evidence per example 0.5 log 2 - 0.5 - 0.5 log 2 pi
+    expected = 0.5 * np.log(2.0) - 0.5 - 0.5 * np.log(2 * np.pi)
+    assert t.logme(np.zeros((4, 3)), y) == pytest.approx(expected, abs=1e-4)
+
+
+def test_logme_ranks_label_carrying_features_above_noise():
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    informative = np.eye(3)[y] + 0.1 * rng.normal(size=(90, 3))
+    noise = rng.normal(size=(90, 3))
+    assert t.logme(informative, y) > t.logme(noise, y) + 0.5
+
+
+# -- H-score ----------------------------------------------------------------------------------------------------
+def test_h_score_hand_checked_one_dimensional_cases():
+    y = np.array([0, 0, 1, 1])
+    # f = y: all variance is between classes: cov 0.25, cov(E[f|y]) 0.25 -> 1
+    assert t.h_score(y[:, None].astype(float), y, shrinkage=None) == pytest.approx(1.0)
+    # class 0 at -0.5, 0.5 and class 1 at 0.5, 1.5: total variance 0.5, between 0.25 -> 0.5
+    f = np.array([[-0.5], [0.5], [0.5], [1.5]])
+    assert t.h_score(f, y, shrinkage=None) == pytest.approx(0.5)
+    assert t.h_score(f, y) == pytest.approx(0.5)  # in one dimension the shrinkage target is the covariance
+
+
+def test_h_score_in_the_examples_span_equals_the_direct_inverse():
+    rng = np.random.default_rng(1)
+    y = np.arange(12) % 3
+    f = rng.normal(size=(12, 30)) + rng.normal(size=(3, 30))[y]
+    centred = f - f.mean(axis=0)
+    cov = centred.T @ centred / 12
+    means = np.stack([centred[y == c].mean(axis=0) for c in y])
+    for a in (0.3, t.ledoit_wolf_shrinkage(centred)):
+        shrunk = (1 - a) * cov + a * np.trace(cov) / 30 * np.eye(30)
+        direct = np.trace(np.linalg.inv(shrunk) @ (means.T @ means / 12))
+        assert t.h_score(f, y, shrinkage=a) == pytest.approx(direct, rel=1e-8)
+
+
+def test_ledoit_wolf_matches_the_textbook_d_by_d_formula():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 7)) @ rng.normal(size=(7, 7))
+    x = x - x.mean(axis=0)
+    n, d = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / d
+    delta = np.sum((s - mu * np.eye(d)) ** 2) / d
+    beta = min(sum(np.sum((np.outer(r, r) - s) ** 2) for r in x) / n**2 / d, delta)
+    assert t.ledoit_wolf_shrinkage(x) == pytest.approx(beta / delta, rel=1e-8)
+
+
+# -- probe, BN gap, Kendall's tau -------------------------------------------------------------------------------
+def test_probe_accuracy_hand_checked():
+    train = np.array([[-1.0], [-1.1], [1.0], [1.1]])
+    labels = np.array([0, 0, 1, 1])
+    test = np.array([[-0.2], [0.3]])
+    assert t.probe_accuracy(train, labels, test, np.array([0, 1])) == 1.0
+    assert t.probe_accuracy(train, labels, test, np.array([1, 0])) == 0.0
+    wide = np.hstack([train, np.zeros((4, 9))])  # more dimensions than examples: the dual form
+    assert t.probe_accuracy(wide, labels, np.hstack([test, np.zeros((2, 9))]), np.array([0, 1])) == 1.0
+
+
+def test_bn_gap_is_the_gaussian_kl_per_channel():
+    same = np.array([0.0, 1.0]), np.array([1.0, 4.0])
+    assert t.bn_gap(*same, *same, eps=0.0) == pytest.approx(0.0)
+    # one sd of mean shift, same variance: KL = 0.5 in that channel, 0 in the other
+    assert t.bn_gap(np.array([1.0, 1.0]), np.array([1.0, 4.0]), *same, eps=0.0) == pytest.approx(0.25)
+    # variance doubled, no shift: 0.5 (log 1/2 + 2 - 1)
+    assert t.bn_gap(np.zeros(1), np.array([2.0]), np.zeros(1), np.ones(1), eps=0.0) == pytest.approx(
+        0.5 * (np.log(0.5) + 1.0))
+
+
+def test_kendall_tau_hand_checked():
+    assert t.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert t.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert t.kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / np.sqrt(6))  # tau-b with a tie
+    assert np.isnan(t.kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+def test_stratified_sample_and_holdout_keep_every_class():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    sample = adv.stratified_sample(labels, 100, seed=0)
+    counts = np.bincount(labels[sample])
+    assert list(counts) == [50, 25, 15, 10]
+    assert np.array_equal(sample, adv.stratified_sample(labels, 100, seed=0))
+    assert not np.array_equal(sample, adv.stratified_sample(labels, 100, seed=1))
+    assert len(adv.stratified_sample(labels, 1000, seed=0)) == 200
+    fit, held = adv.holdout_split(labels[sample], 1 / 3, seed=0)
+    assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == 100
+    assert set(labels[sample][held]) == set(range(4)) == set(labels[sample][fit])
+
+
+# -- the rules --------------------------------------------------------------------------------------------------
+STAGES = ["stem", "block1", "block2", "block3", "block4", "block5", "block6", "block7", "head"]
+
+
+def synthetic(per_class, logme, gaps=0.1, native=(28, 28)):
+    summary = {"train_examples": per_class * 10, "num_classes": 10, "median_per_class": float(per_class),
+               "native_size": list(native) if native else None, "image_size": 64}
+    scores = [{"boundary": s, "logme": v} for s, v in zip(STAGES, logme)]
+    gap = {s: (gaps if np.isscalar(gaps) else gaps[i]) for i, s in enumerate(STAGES)}
+    return summary, scores, gap
+
+
+RISING = [0.1 * i for i in range(9)]  # best at the pooled features
+PEAK_BLOCK4 = [0.0, 0.1, 0.2, 0.3, 0.8, 0.6, 0.5, 0.4, 0.3]
+
+
+@pytest.mark.parametrize("per_class, scores, gaps, expected, words", [
+    (50, RISING, 0.1, "head", "head only"),
+    (adv.SMALL_PER_CLASS, RISING, 0.1, STAGES[-3], "fine-tune the top"),
+    (adv.LARGE_PER_CLASS, RISING, 0.1, STAGES[-5], "upper half"),
+    (50, PEAK_BLOCK4, 0.1, "block4", "the best boundary block4"),
+    (adv.SMALL_PER_CLASS, PEAK_BLOCK4, 0.1, "stem", "everything above stem"),
+    (adv.SMALL_PER_CLASS, RISING, adv.BN_GAP_HIGH * 1.5, "stem", "different domain"),
+    (50, RISING, adv.BN_GAP_HIGH * 1.5, STAGES[-3], "never the head alone"),
+    (adv.LARGE_PER_CLASS, PEAK_BLOCK4, 0.1, None, "everything"),
+    (adv.LARGE_PER_CLASS, RISING, adv.BN_GAP_HIGH * 3, None, "everything"),  # BN statistics alone: different
+])
+def test_recommend_rules(per_class, scores, gaps, expected, words):
+    rec = adv.recommend(*synthetic(per_class, scores, gaps), stride=32, input_size=224, lr=1e-3)
+    assert rec["freeze_up_to"] == expected
+    assert words in rec["reasons"]["freeze_up_to"]
+    assert f"{per_class * 10:,} images" in rec["reasons"]["freeze_up_to"]
+
+
+def test_recommend_ignores_a_shallower_peak_within_the_margin():
+    scores = RISING[:-1] + [RISING[-2] - 0.001]  # block7 beats the pooled features by a hair
+    rec = adv.recommend(*synthetic(50, scores), stride=32, input_size=224, lr=1e-3)
+    assert rec["freeze_up_to"] == "head" and rec["best_boundary"] == "head"
+
+
+@pytest.mark.parametrize("native, expected", [((8, 8), 96), ((28, 28), 112), ((32, 32), 128), (None, 64),
+                                              ((300, 300), 64)])
+def test_recommend_upscales_small_images(native, expected):
+    rec = adv.recommend(*synthetic(50, RISING, native=native), stride=32, input_size=224, lr=1e-3)
+    assert rec["image_size"] == expected
+    small = rec["backbone_lr"] == pytest.approx(1e-3 * adv.SMALL_DATA_BACKBONE_LR)
+    assert small and rec["epochs"] == 5
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path):
+    data = image_folder(tmp_path / "shapes")
+    cache = tmp_path / "cache"
+    common = ["--dataset", data, "--backbone", "mobilenet", "--weights", "none", "--image-size", "32",
+              "--val-split", "0.25", "--cache-dir", cache]
+    result = run("advise", *common, "--output-dir", tmp_path / "advice", "--json")
+    assert result.exit_code == 0, result.output
+    advice = json.loads(result.stdout)
+    for name in ("advise.json", "advise.csv", "advise.png"):
+        assert (tmp_path / "advice" / name).is_file(), name
+    stages = [row["boundary"] for row in advice["boundaries"]]
+    # mobilenet's `head` stage has no layers: the last boundary is block5, the backbone's output
+    assert stages == ["stem", "block1", "block2", "block3", "block4", "block5"]
+    assert advice["sample"]["rows"] == 24 and advice["data"]["examples_per_class"] == {"circle": 12, "square": 12}
+    assert all(np.isfinite(row["logme"]) and 0 <= row["probe_accuracy"] <= 1 for row in advice["boundaries"])
+    assert advice["pass"]["reused"] is False
+    chosen = advice["recommendation"]["freeze_up_to"]
+
+    flags = [flag for flag in TINY if flag not in ("--freeze-up-to", "block4")]
+    out = tmp_path / "run"
+    args = ["finetune", *flags, "--dataset", data, "--batch-size", "8", "--freeze-up-to", "auto", "--cache-dir", cache,
+            "--output-dir", out, "--no-tensorboard"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
+    assert f"--freeze-up-to auto -> {chosen or 'none'}" in result.output
+    recorded = json.loads((out / "advice.json").read_text())
+    assert recorded["requested"] == "auto" and recorded["resolved"]["freeze_up_to"] == chosen
+    assert [row["boundary"] for row in recorded["boundaries"]] == stages
+    config = json.loads((out / "config.json").read_text())
+    assert config["freeze_up_to_requested"] == "auto" and config["freeze_up_to"] == chosen
+    assert json.loads((out / "freeze_plan.json").read_text())["freeze_up_to"] == chosen
+
+    # Resume compares the resolved depth: a run whose recorded depth differs is refused, naming it.
+    config["freeze_up_to"] = "stem" if chosen != "stem" else "block1"
+    (out / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code != 0 and "freeze_up_to" in result.output
+
+
+def test_advise_rejects_a_tiny_sample():
+    result = CliRunner().invoke(cli, ["advise", "--sample", "5"])
+    assert result.exit_code == 2 and "--sample 5" in result.output

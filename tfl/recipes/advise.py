@@ -1,0 +1,469 @@
+"""`tfl advise`: how deep to freeze, measured on the target data before any training.
+
+    result = advise(AdviseOptions(dataset="digits/"))        # advise.json, advise.csv, advise.png in output_dir
+    opts, advice = resolve_auto(opts, spec, splits, ...)      # what `tfl finetune --freeze-up-to auto` calls
+
+1. The data: examples per class, class balance, native image size against the backbone's input size.
+2. One backbone pass, in inference mode, over a stratified sample of the training rows (--sample N), capturing at
+   once the output of every canonical stage (stem, block1, ..., head), globally average pooled, and the per-channel
+   mean and variance of every BatchNormalization layer's input. The pass is an ArrayCache entry keyed like the
+   boundary cache's (backbone, weights and architecture digests, image size, preprocessing, the data's identity,
+   the sample's rows): `tfl advise` and `tfl finetune --freeze-up-to auto` on the same data share it.
+3. Per boundary (tfl.recipes.transferability): LogME and H-score on the whole sample, and the accuracy of a ridge
+   linear probe fitted on 2/3 of it and scored on the held-out 1/3; each timed.
+4. The BatchNorm domain gap: KL divergence between the target's activation statistics and the moving ones stored
+   with the ImageNet weights, per layer, averaged per canonical stage.
+5. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
+
+The rules in `recommend` and their thresholds come from scripts/calibrate_advise.py (README, "tfl advise").
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from tfl.job import JobOptions
+
+ADVISE_JSON, ADVISE_CSV, ADVISE_PNG, ADVICE_JSON = "advise.json", "advise.csv", "advise.png", "advice.json"
+AUTO = "auto"  # --freeze-up-to auto
+FORMAT = 1  # of the cached pass; bump when what it holds changes
+DEFAULT_SAMPLE = 1000
+PROBE_HOLDOUT = 1 / 3  # of the sample, stratified, scores the linear probe
+PASS_BATCH = 64
+SCORES = ("logme", "h_score", "probe_accuracy")
+COLUMNS = ("boundary", "layer", "dim", *SCORES, "bn_gap", "logme_seconds", "h_score_seconds", "probe_seconds")
+
+# -- the rules' thresholds (calibrated: see scripts/calibrate_advise.py and README "tfl advise") --------------------
+SMALL_PER_CLASS = 100  # below this many training examples per class the data is "small"
+LARGE_PER_CLASS = 1000  # from this many it is "large"
+SCORE_MARGIN = 0.02  # a shallower boundary must beat the pooled features by this share of the score range
+# Mean BN KL over the first third of the stages above this: the low-level statistics differ (a different domain).
+# Measured (Lite0, 64 px): Fashion-MNIST 0.38, inverted 0.44, 8x8 digits 0.44, all of which fine-tune best from
+# the stem with 100+ images per class; no ImageNet-like set was at hand to measure the similar side.
+BN_GAP_HIGH = 0.25
+MIN_FINAL_MAP = 3  # upscale small images until the backbone's last feature map is at least this many pixels wide
+SMALL_DATA_BACKBONE_LR = 0.1  # x --lr for the backbone with small data (tfl's default is 0.3 x)
+
+
+@dataclasses.dataclass
+class AdviseOptions(JobOptions):
+    sample: int = DEFAULT_SAMPLE  # training rows scored, stratified by class
+
+
+def check_sample(sample: int) -> None:
+    if sample < 10:
+        raise ValueError(f"--sample {sample}: must be at least 10 (a stratified sample of the training rows)")
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+def advise(opts: AdviseOptions, log=print) -> dict:
+    """Score every freeze boundary of opts.backbone on opts.dataset and recommend a depth; writes advise.json,
+    advise.csv and advise.png to opts.output_dir (default runs/<time>-advise-<dataset>) and returns advise.json's
+    content plus output_dir."""
+    from tfl import data
+    from tfl import job as jobs
+    from tfl.backbones import registry
+    from tfl.training import rundir
+
+    check_sample(opts.sample)
+    spec = registry.get(opts.backbone)
+    if opts.label_fraction is not None:
+        data.check_label_fraction(opts.label_fraction)
+    splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,
+                               skip_bad_images=opts.skip_bad_images, log=log)
+    source, n_train, rows = _train_part(splits, opts)
+    image_size = jobs.pick_image_size(opts.image_size, spec.input_size, splits.native_size)
+    result = measure(opts, spec, splits, source, n_train, rows, image_size, log)
+    out = opts.output_dir or rundir.default_path("advise", opts.dataset)
+    write_outputs(out, result)
+    log(f"advise: wrote {os.path.join(out, ADVISE_JSON)}, {ADVISE_CSV} and {ADVISE_PNG}")
+    return {**result, "output_dir": out}
+
+
+def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log=print) -> tuple[JobOptions, dict]:
+    """`--freeze-up-to auto`: measure, then return opts with freeze_up_to the recommended stage (and image_size
+    the recommended size when --image-size was not given), and the advice to record as advice.json."""
+    from tfl import job as jobs
+
+    sample = getattr(opts, "sample", DEFAULT_SAMPLE)
+    check_sample(sample)
+    image_size = jobs.pick_image_size(opts.image_size, spec.input_size, splits.native_size)
+    advice = measure(opts, spec, splits, source, n_train, rows, image_size, log)
+    chosen = advice["recommendation"]
+    size = opts.image_size or chosen["image_size"]
+    if size != image_size:  # scored at the default size; the run trains at the recommended one
+        log(f"advise: images at {size}px instead of {image_size}px: {chosen['reasons']['image_size']}")
+    log(f"advise: --freeze-up-to auto -> {chosen['freeze_up_to'] or 'none'}: {chosen['reasons']['freeze_up_to']}")
+    advice = {"requested": AUTO, "resolved": {"freeze_up_to": chosen["freeze_up_to"], "image_size": size}, **advice}
+    return dataclasses.replace(opts, freeze_up_to=chosen["freeze_up_to"], image_size=size), advice
+
+
+def _train_part(splits, opts):
+    from tfl import data
+    from tfl import job as jobs
+
+    n_train, rows = splits.num_examples["train"], jobs.train_rows(splits, opts)
+    source = splits.train
+    if rows is not None:
+        source, n_train = data.take_rows(splits.train, n_train, rows), len(rows)
+    return source, n_train, rows
+
+
+# -- measuring -----------------------------------------------------------------------------------------------------
+def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log=print) -> dict:
+    """The data summary, the scores per boundary, the BN gap per stage and the recommendation (advise.json)."""
+    started = time.time()
+    labels = _train_labels(splits, source, rows)
+    sample = stratified_sample(labels, getattr(opts, "sample", DEFAULT_SAMPLE), opts.seed)
+    summary = data_summary(labels, splits, spec, image_size, len(sample))
+    features, bn, boundaries, info = backbone_pass(opts, spec, splits, source, n_train, rows, sample, labels[sample],
+                                                   image_size, log)
+    sample_labels = labels[sample]
+    fit, held = holdout_split(sample_labels, PROBE_HOLDOUT, opts.seed)
+    scores = []
+    for (stage, layer), block in zip(boundaries, features):
+        row = {"boundary": stage, "layer": layer, "dim": int(block.shape[1])}
+        row.update(score_boundary(block, sample_labels, fit, held))
+        scores.append(row)
+    gaps = stage_gaps(bn, spec)
+    for row in scores:
+        row["bn_gap"] = gaps.get(row["boundary"])
+    stride = info["stride"]
+    recommendation = recommend(summary, scores, gaps, stride, spec.input_size, opts.lr)
+    result = {"dataset": splits.name, "backbone": opts.backbone, "image_size": image_size, "stride": stride,
+              "lr": opts.lr, "data": summary,
+              "sample": {"rows": len(sample), "probe_fit": len(fit), "probe_held_out": len(held), "seed": opts.seed},
+              "boundaries": scores, "bn_gap_per_stage": gaps, "recommendation": recommendation,
+              "pass": {"reused": info["reused"], "seconds": round(info["seconds"], 2), "cache": info.get("path")},
+              "seconds": round(time.time() - started, 2)}
+    return result
+
+
+def _train_labels(splits, source, rows) -> np.ndarray:
+    from tfl import data
+
+    if splits.train_labels is not None:
+        labels = np.asarray(splits.train_labels)
+        return labels[rows] if rows is not None else labels
+    return data.labels_of(source)
+
+
+def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of about `size` rows, the same share of every class (at least 2 each, so the probe can
+    hold one out), picked with `seed`; all rows when size >= len(labels)."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, 14])
+    share = size / len(labels)
+    parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        take = min(len(members), max(2, int(math.floor(share * len(members) + 0.5))))
+        parts.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(parts))
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held_out) positions: `fraction` of each class held out (at least one when a class has 2+ rows)."""
+    rng = np.random.default_rng([seed, 15])
+    fit, held = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        k = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
+        held.append(members[:k])
+        fit.append(members[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def data_summary(labels, splits, spec, image_size: int, sample: int) -> dict:
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = {splits.class_names[int(c)]: int(n) for c, n in zip(classes, counts)}
+    native = list(splits.native_size) if splits.native_size else None
+    return {"train_examples": int(len(labels)), "num_classes": len(splits.class_names),
+            "examples_per_class": per_class, "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
+            "median_per_class": float(np.median(counts)), "balance": round(float(counts.min() / counts.max()), 4),
+            "native_size": native, "backbone_input_size": spec.input_size, "image_size": image_size,
+            "sample": sample}
+
+
+def score_boundary(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, held: np.ndarray) -> dict:
+    from tfl.recipes import transferability as t
+
+    row = {}
+    start = time.perf_counter()
+    row["logme"] = round(t.logme(features, labels), 6)
+    row["logme_seconds"] = round(time.perf_counter() - start, 4)
+    start = time.perf_counter()
+    row["h_score"] = round(t.h_score(features, labels), 6)
+    row["h_score_seconds"] = round(time.perf_counter() - start, 4)
+    start = time.perf_counter()
+    row["probe_accuracy"] = round(t.probe_accuracy(features[fit], labels[fit], features[held], labels[held]), 6)
+    row["probe_seconds"] = round(time.perf_counter() - start, 4)
+    return row
+
+
+def stage_boundaries(spec, backbone) -> list[tuple[str, str]]:
+    """(canonical stage, the layer that ends it) for every stage with layers, in order: where --freeze-up-to
+    STAGE cuts. The last is the backbone's output (the pooled features)."""
+    from tfl.freezing import resolve_up_to
+
+    names = [layer.name for layer in backbone.layers]
+    out, seen = [], set()
+    for stage in spec.stage_names:
+        index = resolve_up_to(spec, names, stage)
+        if index < 0 or index in seen or spec.stage_of(names[index]) != stage:
+            continue
+        seen.add(index)
+        out.append((stage, names[index]))
+    return out
+
+
+def backbone_pass(opts, spec, splits, source, n_train, rows, sample, sample_labels, image_size, log):
+    """Pooled features per boundary ([len(sample), dim] each) and BN statistics, from the cache or one pass."""
+    import keras
+
+    from tfl import models
+    from tfl.cache import ArrayCache, default_cache_dir, parse_size
+    from tfl.training import boundary as cache_keys
+
+    keras.utils.set_random_seed(opts.seed)
+    model = models.build_classifier(opts.backbone, len(splits.class_names), image_size, opts.weights)
+    backbone = models.backbone_of(model)
+    boundaries = stage_boundaries(spec, backbone)
+    bn_layers = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    preprocess = models.preprocess_layer(model).get_config()
+    subset = cache_keys.rows_digest(rows) if rows is not None else None
+    key = {"kind": "advise", "format": FORMAT, "backbone": opts.backbone,
+           "weights": cache_keys._weights_digest(backbone.layers),
+           "architecture": cache_keys._digest(json.dumps([layer.get_config() for layer in backbone.layers],
+                                                         sort_keys=True, default=str).encode()),
+           "image_size": image_size, "preprocessing": {k: preprocess[k] for k in ("mean", "std", "bgr")},
+           "data": cache_keys.data_identity(splits.fingerprint, "train", subset),
+           "sample": cache_keys.rows_digest(sample), "boundaries": [b for _, b in boundaries],
+           "pipeline": cache_keys.PIPELINE_VERSION}
+    cache = ArrayCache(opts.cache_dir or default_cache_dir(), parse_size(opts.cache_budget), log=log)
+    dims = [int(backbone.get_layer(layer).output.shape[-1]) for _, layer in boundaries]
+    final = backbone.output.shape[1]
+    stride = int(round(image_size / final)) if final else 32
+    entry = cache.lookup(key)
+    if entry is not None:
+        log(f"advise: the backbone pass over {len(sample)} sample images reused from {entry.path}")
+        info = {**entry.info, "reused": True, "path": entry.path}
+    else:
+        def fill(out, labels):
+            return _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, image_size, out,
+                             labels, log)
+
+        problem = cache.can_store(len(sample) * sum(dims) * 4)
+        if problem:
+            raise ValueError(f"advise: the sample's features cannot be held: {problem}")
+        entry = cache.build(key, len(sample), (sum(dims),), np.float32, fill)
+        info = {**entry.info, "reused": False, "path": entry.path}
+    if not np.array_equal(np.asarray(entry.labels), sample_labels):
+        raise ValueError("advise: the cached pass's labels differ from the data's; delete it: " + str(entry.path))
+    data = np.asarray(entry.data, np.float64)
+    blocks, start = [], 0
+    for dim in dims:
+        blocks.append(data[:, start: start + dim])
+        start += dim
+    bn = {name: {k: np.asarray(v) for k, v in stats.items()} for name, stats in info["bn"].items()}
+    return blocks, bn, boundaries, {**info, "stride": stride}
+
+
+def _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, image_size, out, labels, log) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tfl import data, models
+    from tfl.data.pipeline import fill_images, stored_shape, to_model_input
+
+    started = time.perf_counter()
+    picked = data.take_rows(source, n_train, sample)
+    images = np.empty((len(sample), *stored_shape(source, image_size)), np.uint8)
+    fill_images(picked, image_size, images, labels)
+    taps = [backbone.get_layer(layer).output for _, layer in boundaries] + [layer.input for layer in bn_layers]
+    probe = keras.Model(backbone.input, taps, name=f"{backbone.name}_advise")
+    preprocess = models.preprocess_layer(model)
+    count = len(boundaries)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.uint8)])
+    def step(batch):
+        x = preprocess(to_model_input(batch, image_size))
+        outs = probe(x, training=False)
+        pooled = tf.concat([tf.reduce_mean(o, axis=[1, 2]) for o in outs[:count]], axis=1)
+        sums = [tf.reduce_sum(tf.cast(o, tf.float64), axis=[0, 1, 2]) for o in outs[count:]]
+        squares = [tf.reduce_sum(tf.square(tf.cast(o, tf.float64)), axis=[0, 1, 2]) for o in outs[count:]]
+        return pooled, sums, squares  # a backbone without BatchNorm has no statistics: two empty lists
+
+    sums = [np.zeros(int(layer.input.shape[-1])) for layer in bn_layers]
+    squares = [np.zeros_like(s) for s in sums]
+    for begin in range(0, len(sample), PASS_BATCH):
+        pooled, s, q = step(images[begin: begin + PASS_BATCH])
+        out[begin: begin + len(pooled)] = pooled.numpy()
+        for i in range(len(bn_layers)):
+            sums[i] += s[i].numpy()
+            squares[i] += q[i].numpy()
+    bn = {}
+    for i, layer in enumerate(bn_layers):
+        shape = layer.input.shape
+        n = len(sample) * int(shape[1]) * int(shape[2])
+        mean = sums[i] / n
+        var = np.maximum(squares[i] / n - mean**2, 0.0)
+        bn[layer.name] = {"mean": mean.tolist(), "var": var.tolist(),
+                          "moving_mean": np.asarray(layer.moving_mean.numpy(), np.float64).tolist(),
+                          "moving_var": np.asarray(layer.moving_variance.numpy(), np.float64).tolist(),
+                          "epsilon": float(layer.epsilon)}
+    seconds = time.perf_counter() - started
+    log(f"advise: one backbone pass over {len(sample)} sample images at {image_size}px ({len(boundaries)} boundaries, "
+        f"{len(bn_layers)} BN layers) in {seconds:.1f}s")
+    return {"seconds": seconds, "bn": bn}
+
+
+def stage_gaps(bn: dict, spec) -> dict:
+    """Canonical stage -> mean over its BN layers of the per-layer gap (transferability.bn_gap)."""
+    from tfl.recipes.transferability import bn_gap
+
+    per_stage: dict[str, list[float]] = {}
+    for name, s in bn.items():
+        stage = spec.stage_of(name) or "unstaged"
+        per_stage.setdefault(stage, []).append(bn_gap(s["mean"], s["var"], s["moving_mean"], s["moving_var"],
+                                                      float(s.get("epsilon", 1e-3))))
+    return {stage: round(float(np.mean(v)), 6) for stage, v in per_stage.items()}
+
+
+# -- the rules -----------------------------------------------------------------------------------------------------
+def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_size: int, lr: float,
+              score: str = "logme") -> dict:
+    """--freeze-up-to, image size, backbone lr and epochs, with reasons. Pure: summary (data_summary), scores
+    (one row per boundary, stem first, the pooled features last), gaps (stage -> BN gap), stride (input pixels per
+    pixel of the backbone's last feature map), input_size (the backbone's), lr (the head's)."""
+    if not scores:
+        raise ValueError("recommend needs the scores of at least one boundary")
+    names = [row["boundary"] for row in scores]
+    values = np.array([row[score] for row in scores], np.float64)
+    top = len(names) - 1
+    per_class = summary["median_per_class"]
+    small, large = per_class < SMALL_PER_CLASS, per_class >= LARGE_PER_CLASS
+    size_word = "small" if small else ("large" if large else "medium-sized")
+    spread = float(values.max() - values.min()) or 1.0
+    best = int(np.argmax(values))
+    # The pooled features win unless a shallower boundary beats them clearly (scores are noisy on small samples).
+    if values[best] - values[top] <= SCORE_MARGIN * spread:
+        best = top
+    early = [gaps[s] for s in names[: max(1, len(names) // 3)] if gaps.get(s) is not None]
+    low_level_gap = float(np.mean(early)) if early else 0.0
+    different = best < top or low_level_gap > BN_GAP_HIGH
+    data_words = (f"{summary['train_examples']:,} images, {summary['num_classes']} classes "
+                  f"({per_class:g} per class: {size_word} data)")
+    trend = (f"{score} peaks at the pooled features ({names[top]})" if best == top else
+             f"{score} peaks at {names[best]} ({values[best]:.3f}) and falls to {values[top]:.3f} at the pooled "
+             "features: the top stages are specialised to ImageNet")
+    gap_words = (f"the BN statistics of the early stages shift {'much' if low_level_gap > BN_GAP_HIGH else 'little'} "
+                 f"(mean KL {low_level_gap:.2f}, threshold {BN_GAP_HIGH:g})")
+    if not different:
+        domain = "similar domain"
+        if small:
+            depth, action = top, "head only"
+        elif large:
+            depth, action = max(0, top - 4), "fine-tune the upper half"
+        else:
+            depth, action = max(0, top - 2), "fine-tune the top"
+    else:
+        domain = "different domain"
+        depth = best
+        if large:
+            depth, action = -1, "fine-tune everything from the pretrained weights"
+        elif small:  # calibrated: Fashion-MNIST at 10 per class lost 10 points with the head only
+            depth = max(0, min(best, top - 2))
+            action = f"train above {names[depth]} (the best boundary {names[best]}, and never the head alone)"
+        else:  # calibrated: with 100+ per class fine-tuning from the first stage beat every deeper freeze
+            depth, action = 0, f"fine-tune everything above {names[0]}"
+    freeze = names[depth] if depth >= 0 else None
+    reasons = {"freeze_up_to": f"{data_words}; {trend} and {gap_words}: {domain}, {size_word} data -> {action}"}
+    native = summary.get("native_size")
+    image_size = summary["image_size"]
+    if native and max(native) * 4 <= input_size:
+        wanted = min(input_size, max(4 * max(native), MIN_FINAL_MAP * stride))
+        reasons["image_size"] = (f"{max(native)}px images: {wanted}px gives the backbone's last feature map "
+                                 f"{wanted // stride}x{wanted // stride} pixels (stride {stride}; at least "
+                                 f"{MIN_FINAL_MAP} wide, at least 4x upscaled)")
+        image_size = wanted
+    else:
+        reasons["image_size"] = f"the images are large enough: {image_size}px"
+    factor = SMALL_DATA_BACKBONE_LR if small else 0.3
+    epochs = 5 if small else 2
+    reasons["backbone_lr"] = (f"{factor:g} x --lr" + (": few examples per class, small steps keep the pretrained "
+                                                      "features" if small else ": tfl's default"))
+    reasons["epochs"] = ("10 head epochs (cached, seconds each), then " + str(epochs) + " fine-tune epochs"
+                         + (" (small data: more passes)" if small else ""))
+    return {"freeze_up_to": freeze, "image_size": int(image_size), "backbone_lr": lr * factor, "head_epochs": 10,
+            "epochs": epochs, "score": score, "best_boundary": names[best], "domain": domain, "data_size": size_word,
+            "low_level_bn_gap": round(low_level_gap, 6), "reasons": reasons}
+
+
+# -- outputs -------------------------------------------------------------------------------------------------------
+def write_outputs(out: str, result: dict) -> None:
+    from tfl.training import rundir
+
+    folder = rundir.RunDir(out)
+    folder.write_json(ADVISE_JSON, result)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result["boundaries"])
+    rundir.atomic_write(folder.file(ADVISE_CSV), buffer.getvalue().encode())
+    write_figure(result, folder.file(ADVISE_PNG))
+
+
+def write_figure(result: dict, path: str) -> str:
+    """Four panels against the boundary: LogME, H-score, probe accuracy, BN gap; the recommendation marked."""
+    from tfl.reporting.figures import STAGE_LINE, _figure, _finish
+
+    rows = result["boundaries"]
+    names = [row["boundary"] for row in rows]
+    x = np.arange(len(names))
+    figure = _figure((15, 3.8))
+    axes = figure.subplots(1, 4)
+    chosen = result["recommendation"]["freeze_up_to"]
+    for ax, key, title in zip(axes, (*SCORES, "bn_gap"), ("LogME", "H-score (shrunk)", "linear probe accuracy",
+                                                           "BN gap (KL to ImageNet stats)")):
+        values = [np.nan if row.get(key) is None else row[key] for row in rows]
+        ax.plot(x, values, marker="o", markersize=4)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_title(title)
+        if chosen in names:
+            ax.axvline(names.index(chosen), **STAGE_LINE)
+    title = (f"{result['backbone']} on {result['dataset']} at {result['image_size']}px: --freeze-up-to "
+             f"{chosen or 'none'} (dashed)")
+    return _finish(figure, axes, title, path)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'boundary':<10}{'dim':>6}{'LogME':>10}{'H-score':>10}{'probe acc':>11}{'BN gap':>9}{'seconds':>9}"]
+    for row in result["boundaries"]:
+        gap = "-" if row.get("bn_gap") is None else f"{row['bn_gap']:.3f}"
+        seconds = row["logme_seconds"] + row["h_score_seconds"] + row["probe_seconds"]
+        lines.append(f"{row['boundary']:<10}{row['dim']:>6}{row['logme']:>10.4f}{row['h_score']:>10.3f}"
+                     f"{row['probe_accuracy']:>11.3f}{gap:>9}{seconds:>9.2f}")
+    rec = result["recommendation"]
+    d = result["data"]
+    lines.append("")
+    lines.append(f"data: {d['train_examples']:,} train images, {d['num_classes']} classes, {d['min_per_class']}-"
+                 f"{d['max_per_class']} per class (balance {d['balance']:.2f}), native "
+                 f"{'x'.join(map(str, d['native_size'])) if d['native_size'] else 'mixed'} px, scored at "
+                 f"{result['image_size']}px on {result['sample']['rows']} sampled images (pass "
+                 f"{'reused' if result['pass']['reused'] else 'computed'}, {result['pass']['seconds']:.1f}s)")
+    lines.append(f"recommendation: --freeze-up-to {rec['freeze_up_to'] or 'none'} --image-size {rec['image_size']} "
+                 f"--backbone-lr {rec['backbone_lr']:g} --head-epochs {rec['head_epochs']} --epochs {rec['epochs']}")
+    for what, why in rec["reasons"].items():
+        lines.append(f"  {what}: {why}")
+    return "\n".join(lines)
