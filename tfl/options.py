@@ -11,3 +11,4 @@ TFLITE_MODES = ("float32", "float16", "int8")
 BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
+TEACHER_LOGITS = ("auto", "cached", "online")  # tfl distill: teacher outputs computed once, or per batch
