@@ -18,7 +18,8 @@ Members, each a normal run directory under the output directory (tfl evaluate, r
   student/         --student distilled from the teacher
   labels_only/     the same student, seed and epoch budget, trained on the labels only (--no-baseline: skipped)
   generation<k>/   with --born-again N instead of the student: k = 1..N has the teacher's architecture (backbone,
-                   image size, head) and learns from generation k-1 (generation 0 = the teacher), seed + k - 1
+                   image size, head) and learns from generation k-1 (generation 0 = the teacher); one seed for
+                   all (the seed also draws the validation split, which every generation must share)
 A student trains as tfl finetune does (--head-epochs on the head, then --epochs above --freeze-up-to) when it
 starts from pretrained weights, and every layer for --head-epochs + --epochs epochs when it starts from random
 weights (batch norm trains too, momentum 0.9 as compare's scratch arm).
@@ -238,6 +239,17 @@ def check_classes(teacher: Teacher, class_names, dataset: str) -> str | None:
     return None
 
 
+def log_split_mismatch(teacher: Teacher, opts: JobOptions, log) -> None:
+    """A warning when the teacher's run drew its validation split otherwise: it may have trained on this run's
+    validation rows, which then flatter the student's selection (the test split is never trained on)."""
+    cfg = teacher.config
+    differ = [f"--{name.replace('_', '-')} {cfg[name]} (here {getattr(opts, name)})"
+              for name in ("dataset", "val_split", "seed") if name in cfg and cfg[name] != getattr(opts, name)]
+    if differ:
+        log(f"warning: the teacher's run used {', '.join(differ)}: its training rows may include this run's "
+            "validation rows")
+
+
 def forward(model, jit: bool = False):
     """float32 images [B, S, S, 3] (0..255) at any size -> the model's logits, in inference mode; one trace."""
     import tensorflow as tf
@@ -374,6 +386,7 @@ def member_recipe(teacher_path: str | None, state: dict, log) -> "callable":
             note = check_classes(teacher, job.class_names, opts.dataset)
             if note:
                 log(note)
+            log_split_mismatch(teacher, opts, log)
             digest = teacher.digest()
             config["teacher_digest"] = digest
             online = opts.teacher_logits == "online"
@@ -463,7 +476,7 @@ def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[Membe
         for k in range(1, opts.born_again + 1):
             path = os.path.join(out, f"generation{k}")
             members.append(member_options(opts, f"generation{k}", teacher.backbone, weights, path, previous,
-                                          opts.seed + k - 1, arch))
+                                          opts.seed, arch))
             previous = path
         if opts.baseline:
             members.append(member_options(opts, "labels_only", teacher.backbone, weights,
