@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -109,9 +110,21 @@ def test_the_compact_cnn_is_a_small_random_init_student():
 
 
 # -- runs -----------------------------------------------------------------------------------------------------------
-def test_students_are_run_directories_and_cached_logits_equal_online_ones(data, teacher, tmp_path):
-    out = tmp_path / "distill"
-    result = run_distill("--teacher", teacher, "--dataset", data, *TINY, "--output-dir", out)
+def distill_args(data, teacher):
+    return ["--teacher", teacher, "--dataset", data, *TINY, *FAST, "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def distilled(data, teacher, tmp_path_factory):
+    """An uninterrupted distillation: the student and its labels-only baseline."""
+    out = tmp_path_factory.mktemp("distilled") / "run"
+    result = CliRunner().invoke(cli, ["distill", *distill_args(data, teacher), "--output-dir", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout[result.stdout.index("{\n"):])
+
+
+def test_students_are_run_directories_and_cached_logits_equal_online_ones(data, teacher, distilled, tmp_path):
+    out, result = distilled
     rows = {row["role"]: row for row in result["models"]}
     assert list(rows) == ["teacher", "student", "labels_only"]
     for row in rows.values():
@@ -129,6 +142,11 @@ def test_students_are_run_directories_and_cached_logits_equal_online_ones(data, 
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["accuracy"] == rows["student"]["test_accuracy"]
 
+    png = sorted(pathlib.Path(data, "test", "circle").glob("*.png"))[0]
+    predicted = CliRunner().invoke(cli, ["predict", str(png), "--run", str(out / "student"), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert {t["label"] for t in json.loads(predicted.stdout)[0]["top"]} == {"circle", "square"}
+
     # The cached entry holds what the teacher computes per batch, row for row.
     loaded = d.load_teacher(teacher)
     cache = ArrayCache(default_cache_dir(), 2**30)
@@ -145,7 +163,7 @@ def test_students_are_run_directories_and_cached_logits_equal_online_ones(data, 
     np.testing.assert_allclose(cached.data, online, rtol=1e-5, atol=1e-5)
 
     # A run with the teacher on every batch trains to the same numbers as one from the cached logits.
-    again = run_distill("--teacher", teacher, "--dataset", data, *TINY, "--no-baseline", "--teacher-logits", "online",
+    again = run_distill(*distill_args(data, teacher), "--no-baseline", "--teacher-logits", "online",
                         "--output-dir", tmp_path / "online")
     assert again["members"][0]["teacher_logits"] == "online"
     for a, b in zip(history(out / "student"), history(tmp_path / "online" / "student")):
@@ -196,25 +214,34 @@ def test_a_teacher_with_other_classes_is_refused_naming_the_difference(data, tea
     assert "the teacher's only: triangle; the data's only: square" in result.output
 
 
-def test_a_killed_distillation_resumes_to_the_uninterrupted_result(data, teacher, tmp_path, monkeypatch):
-    args = ["--teacher", teacher, "--dataset", data, *TINY, *FAST, "--epochs", "3", "--no-baseline"]
+@pytest.mark.parametrize("args,message", [
+    (["--teacher-logits", "cached", "--augment"], "--teacher-logits cached cannot be used with --augment"),
+    (["--born-again", "1", "--student", "efficientnet_lite0"], "born-again generations have the teacher's"),
+    (["--student", "nosuchnet"], "unknown backbone 'nosuchnet'"),
+    (["--head-epochs", "0", "--epochs", "0"], "their sum >= 1"),
+])
+def test_bad_options_are_one_line_errors(teacher, args, message):
+    result = CliRunner().invoke(cli, ["distill", "--teacher", teacher, *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_killed_distillation_resumes_to_the_uninterrupted_result(data, teacher, distilled, tmp_path, monkeypatch):
+    args, out = distill_args(data, teacher), tmp_path / "run"
     cache = str(tmp_path / "cache")
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}
-    env["TFL_CACHE_DIR"] = cache
-    killed = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "distill", *args, "--output-dir",
-                             str(tmp_path / "run")], cwd=ROOT, env={**env, "TFL_FAULT": "kill-at-step:2:2"},
+    killed = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "distill", *args, "--output-dir", str(out)],
+                            cwd=ROOT, env={**env, "TFL_CACHE_DIR": cache, "TFL_FAULT": "kill-at-step:2:2"},
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert (tmp_path / "run" / "student" / "checkpoints" / "latest").read_text().strip() == "ckpt-0001.npz"
+    assert (out / "student" / "checkpoints" / "latest").read_text().strip() == "ckpt-0001.npz"
 
     monkeypatch.setenv("TFL_CACHE_DIR", cache)
-    resumed = CliRunner().invoke(cli, ["distill", *args, "--output-dir", str(tmp_path / "run")])
+    resumed = CliRunner().invoke(cli, ["distill", *args, "--output-dir", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after epoch 1" in resumed.output
     assert "reused from an earlier run" in resumed.output  # the killed run's teacher pass
-    result = CliRunner().invoke(cli, ["distill", *args, "--output-dir", str(tmp_path / "reference")])
-    assert result.exit_code == 0, result.output
-    a, b = tmp_path / "run" / "student", tmp_path / "reference" / "student"
-    assert len(history(a)) == 3 and history(a) == history(b)
-    final, reference = checkpoint_arrays(a, 3), checkpoint_arrays(b, 3)
-    assert final.keys() == reference.keys() and all(np.array_equal(final[k], reference[k]) for k in final)
+    reference = distilled[0]
+    for member in ("student", "labels_only"):
+        assert len(history(out / member)) == 3 and history(out / member) == history(reference / member)
+        final, expected = checkpoint_arrays(out / member, 3), checkpoint_arrays(reference / member, 3)
+        assert final.keys() == expected.keys() and all(np.array_equal(final[k], expected[k]) for k in final)
