@@ -12,10 +12,3 @@ run --born-again 1 --output-dir "$OUT/born_again"
 # the same compact_cnn student with the teacher run on every batch, 3 epochs: the per-epoch cost of not caching
 run --student compact_cnn --head-epochs 0 --epochs 3 --no-baseline --teacher-logits online --output-dir "$OUT/compact_cnn_online"
 uptime >&2
-# Born-again on the teacher's own data (all 54,000 training images, its 10 + 2 epochs): the paper's setting. Long
-# (~30 min on a loaded 2-core machine); run with FULL=1.
-if [ -n "$FULL" ]; then
-  echo "+ tfl distill --born-again 1 (all training images)" >&2; uptime >&2
-  nice -n 10 $PY cli.py distill --teacher "$TEACHER" --born-again 1 --no-baseline --output-dir "$OUT/born_again_full"
-  uptime >&2
-fi
