@@ -134,7 +134,8 @@ def test_students_are_run_directories_and_cached_logits_equal_online_ones(data, 
     with open(out / "distill.csv") as f:
         assert f.readline().strip().split(",") == list(d.COLUMNS)
     student = json.loads((out / "student" / "config.json").read_text())
-    assert (student["role"], student["teacher"], student["temperature"], student["alpha"]) == ("student", teacher, 4.0, 0.1)
+    assert (student["role"], student["teacher"], student["temperature"], student["alpha"]) == (
+        "student", teacher, 4.0, 0.1)
     assert json.loads((out / "labels_only" / "config.json").read_text())["teacher"] is None
     assert "val_agreement" in history(out / "student")[0] and "val_agreement" not in history(out / "labels_only")[0]
 
@@ -212,6 +213,13 @@ def test_a_teacher_with_other_classes_is_refused_naming_the_difference(data, tea
                                       "--output-dir", str(tmp_path / "out2")])
     assert result.exit_code == 2, result.output
     assert "the teacher's only: triangle; the data's only: square" in result.output
+    # Without classes.json only the class count can be checked, and the architecture comes from the model.
+    os.remove(folder / "classes.json")
+    bare = d.load_teacher(str(folder / "teacher.keras"))
+    assert bare.classes is None and bare.backbone == "compact_cnn" and bare.image_size == 32
+    assert "only its class count (2) was checked" in d.check_classes(bare, ["circle", "square"], data)
+    with pytest.raises(ValueError, match="outputs 2 classes but --dataset"):
+        d.check_classes(bare, ["circle", "square", "dot"], data)
 
 
 @pytest.mark.parametrize("args,message", [

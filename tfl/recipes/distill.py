@@ -26,7 +26,8 @@ weights (batch norm trains too, momentum 0.9 as compare's scratch arm).
 
 distill.json / distill.csv hold per model (teacher, members, the generations' ensemble): test accuracy,
 parameters, model file size, inference images/s at batch 1 and 64 (measured here, on this machine's load),
-median epoch seconds (the median leaves out the first epoch's tracing); distill.png plots accuracy against parameters and against throughput.
+median epoch seconds (the median leaves out the first epoch's tracing); distill.png plots accuracy against
+parameters and against throughput.
 """
 
 from __future__ import annotations
@@ -205,7 +206,11 @@ def load_teacher(path: str) -> Teacher:
         raise ValueError(f"--teacher {path!r}: not a readable Keras model file ({err})") from None
     if problems:
         raise ValueError(f"--teacher {path!r}: refused, its config names code: {'; '.join(problems[:3])}")
-    model = keras.saving.load_model(path, custom_objects=reuse.custom_objects(), compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(path, custom_objects=reuse.custom_objects(), compile=False, safe_mode=True)
+    except Exception as err:  # noqa: BLE001 - whatever Keras cannot rebuild is the file's problem
+        raise ValueError(f"--teacher {path!r}: Keras cannot rebuild it ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from None
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.CLASSES)
     classes = None
     if os.path.isfile(beside):
@@ -501,7 +506,9 @@ def distill(opts: DistillOptions, log=print) -> dict:
     teacher = load_teacher(opts.teacher)
     state = {"teachers": {opts.teacher: teacher}}
     members = plan_members(opts, out, teacher)
-    settings = {"options": dataclasses.asdict(opts), "teacher_logits": resolved_mode(opts),
+    unused = ("backbone", "weights")  # --student and --student-weights (or the teacher's) say what each member is
+    settings = {"options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in unused},
+                "teacher_logits": resolved_mode(opts),
                 "members": [{"role": m.role, "backbone": m.backbone, "teacher": m.teacher, "seed": m.seed,
                              "image_size": m.image_size, "run_dir": m.output_dir} for m in members]}
     result = {"output_dir": out, "settings": settings, "models": [], "members": []}
