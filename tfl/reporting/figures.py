@@ -251,6 +251,7 @@ def write_distill(models: list[dict], path: str, title: str | None = None) -> st
             ax.annotate(_short(row["role"], 14), (x, row["test_accuracy"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
     size_ax.set_title("accuracy vs size")
