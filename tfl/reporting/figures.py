@@ -237,6 +237,8 @@ def _save(figure, path: str) -> str:
 def write_distill(models: list[dict], path: str, title: str | None = None) -> str:
     """`tfl distill`'s figure: test accuracy against parameters (left) and against inference images/s at batch 64
     (right), one labelled point per model (teacher, students, generations, ensemble); log x on both."""
+    from matplotlib.ticker import NullFormatter
+
     if not models:
         raise ValueError(f"write_distill needs at least one model row, got none (for {path})")
     figure = _figure((12, 4.4))
@@ -252,6 +254,7 @@ def write_distill(models: list[dict], path: str, title: str | None = None) -> st
                         fontsize=8)
         ax.set_xscale("log")
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels its minor ticks on top of each other
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
     size_ax.set_title("accuracy vs size")
