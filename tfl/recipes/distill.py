@@ -91,18 +91,7 @@ class DistillationLoss:
         self.label_smoothing, self.teacher = label_smoothing, teacher
 
     def teacher_logits(self, batch: dict):
-        import tensorflow as tf
-
-        from tfl.data.pipeline import IMAGE
-
-        if TEACHER_COLUMN in batch:
-            logits = batch[TEACHER_COLUMN]
-        elif self.teacher is not None and IMAGE in batch:
-            logits = self.teacher(batch[IMAGE])
-        else:
-            raise ValueError(f"the distillation loss needs a {TEACHER_COLUMN!r} column or image batches and a teacher; "
-                             f"the batch has {', '.join(batch)}")
-        return tf.stop_gradient(tf.cast(logits, tf.float32))
+        return batch_teacher_logits(batch, self.teacher)
 
     def __call__(self, batch: dict, logits):
         import keras
@@ -111,7 +100,7 @@ class DistillationLoss:
         from tfl.data.pipeline import LABEL
 
         student = tf.cast(logits, tf.float32)
-        teacher = self.teacher_logits(batch)
+        teacher = batch_teacher_logits(batch, self.teacher)
         onehot = tf.one_hot(batch[LABEL], self.num_classes)
         hard = keras.losses.categorical_crossentropy(onehot, student, from_logits=True,
                                                      label_smoothing=self.label_smoothing)
@@ -123,6 +112,25 @@ class DistillationLoss:
         return loss * tf.cast(batch["sample_weight"], loss.dtype) if "sample_weight" in batch else loss
 
 
+def batch_teacher_logits(batch: dict, teacher=None):
+    """The teacher's logits for a batch: its TEACHER_COLUMN (cached), else teacher(batch[IMAGE]) (online).
+
+    A plain function, not a method: inside the train step tf.function converts the hooks it calls, and a converted
+    bound method was handed its instance twice when the whole test suite ran (TypeError: 3 arguments for 2)."""
+    import tensorflow as tf
+
+    from tfl.data.pipeline import IMAGE
+
+    if TEACHER_COLUMN in batch:
+        logits = batch[TEACHER_COLUMN]
+    elif teacher is not None and IMAGE in batch:
+        logits = teacher(batch[IMAGE])
+    else:
+        raise ValueError(f"the distillation loss needs a {TEACHER_COLUMN!r} column or image batches and a teacher; "
+                         f"the batch has {', '.join(batch)}")
+    return tf.stop_gradient(tf.cast(logits, tf.float32))
+
+
 def distill_metrics(loss: DistillationLoss):
     """accuracy on the labels, and agreement: the student's top class is the teacher's."""
     import tensorflow as tf
@@ -131,7 +139,8 @@ def distill_metrics(loss: DistillationLoss):
 
     def metrics(batch, logits):
         top = tf.argmax(logits, -1, output_type=tf.int32)
-        agree = tf.equal(top, tf.argmax(loss.teacher_logits(batch), -1, output_type=tf.int32))
+        teacher = batch_teacher_logits(batch, loss.teacher)
+        agree = tf.equal(top, tf.argmax(teacher, -1, output_type=tf.int32))
         return {**accuracy(batch, logits), "agreement": tf.cast(agree, tf.float32)}
 
     return metrics
