@@ -113,10 +113,8 @@ class DistillationLoss:
 
 
 def batch_teacher_logits(batch: dict, teacher=None):
-    """The teacher's logits for a batch: its TEACHER_COLUMN (cached), else teacher(batch[IMAGE]) (online).
-
-    A plain function, not a method: inside the train step tf.function converts the hooks it calls, and a converted
-    bound method was handed its instance twice when the whole test suite ran (TypeError: 3 arguments for 2)."""
+    """The teacher's logits for a batch: its TEACHER_COLUMN (cached), else teacher(batch[IMAGE]) (online); the
+    loss and the agreement metric share it."""
     import tensorflow as tf
 
     from tfl.data.pipeline import IMAGE
