@@ -14,8 +14,9 @@ quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-
 
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
 from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, IMAGE_EXTENSIONS,  # noqa: E402
-                         OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TFLITE_MODES, UNFREEZE)
+                         OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS, TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
+from tfl.recipes.distill import DistillOptions  # noqa: E402
 from tfl.recipes.finetune import FinetuneOptions  # noqa: E402
 
 
@@ -500,6 +501,72 @@ def compare(arms, as_json, **options):
     opts = job_options(CompareOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
     result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
                           root_of=lambda run_dir: os.path.dirname(os.path.dirname(os.path.dirname(run_dir))))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- distill -----------------------------------------------------------------------------------------------------
+def without(options, *names):
+    """A shared option group minus the options named (by parameter name), for a command that replaces them."""
+    def decorate(f):
+        f = options(f)
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in names]
+        return f
+    return decorate
+
+
+DISTILL = DistillOptions()
+
+
+@cli.command(cls=OrderedRulesCommand)
+@click.option("--teacher", required=True, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.keras",
+              help="The frozen teacher: a run directory (tfl finetune, compare, distill) or a .keras model file "
+                   "(classes.json beside it is checked against the data's classes when present).")
+@click.option("--student", default=DISTILL.student, show_default=True,
+              help="The student's backbone, a name from `tfl backbones` (compact_cnn: ~0.33 M parameters, random "
+                   "init; efficientnet_lite0 with --image-size 56: pretrained at a lower resolution).")
+@click.option("--student-weights", default=DISTILL.student_weights, show_default=True,
+              help="'default' (the student backbone's pretrained weights, random init when it has none), 'none' or "
+                   "a weights file. A random-init student trains every layer for --head-epochs + --epochs epochs.")
+@click.option("--temperature", default=DISTILL.temperature, show_default=True, type=float, callback=positive,
+              metavar="T", help="Softens both distributions: softmax(logits / T).")
+@click.option("--alpha", default=DISTILL.alpha, show_default=True, type=click.FloatRange(0, 1),
+              help="loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || "
+                   "softmax(student/T)); the T^2 factor keeps the soft term's gradients on the label term's scale. "
+                   "0 = soft targets only.")
+@click.option("--born-again", default=DISTILL.born_again, show_default=True, callback=non_negative, metavar="N",
+              help="Born-Again Networks: instead of --student, N generations with the teacher's architecture, "
+                   "generation k+1 learning from generation k; reports each and their ensemble.")
+@click.option("--teacher-logits", type=click.Choice(TEACHER_LOGITS), default=DISTILL.teacher_logits,
+              show_default=True,
+              help="cached: one teacher pass over train and val, kept in --cache-dir for later runs; online: the "
+                   "teacher runs on every batch (the student then trains on images, no boundary cache); auto: "
+                   "online with --augment, else cached.")
+@click.option("--baseline/--no-baseline", default=DISTILL.baseline, show_default=True,
+              help="Also train the same student on the labels only, with the same seed and epochs.")
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Train on a seeded, stratified share F of each class's training examples.")
+@click.option("--throughput-seconds", default=DISTILL.throughput_seconds, show_default=True, type=float,
+              callback=positive, help="How long each model's inference images/s is timed, per batch size (1, 64).")
+@DATA_OPTIONS
+@without(MODEL_OPTIONS, "backbone", "weights")
+@TRAIN_OPTIONS
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where distill.json/.csv/.png and every member's run directory go (default: "
+                   "runs/<time>-distill-<dataset>). Rerun with the same directory to continue an interrupted run.")
+@click.option("--json", "as_json", is_flag=True, help="Print distill.json instead of the table.")
+def distill(as_json, **options):
+    """Knowledge distillation (Hinton et al. 2015) from a teacher into a student, or Born-Again Networks.
+
+    Trains the student on the teacher's softened outputs and the labels, and (unless --no-baseline) the same
+    student on the labels only with the same budget. Without --augment the teacher's logits are computed once
+    and cached. Each model is a normal run directory (`tfl evaluate`, `report`, `export`, `predict`). Writes
+    distill.json and distill.csv (per model: test accuracy, parameters, file size, images/s at batch 1 and 64)
+    and distill.png (accuracy against parameters and against throughput); prints the table.
+    """
+    from tfl.recipes.distill import distill as run, format_table
+
+    opts = job_options(DistillOptions, options)
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True), root_of=os.path.dirname)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

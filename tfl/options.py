@@ -14,3 +14,4 @@ SPLITS = ("train", "val", "test")
 # Image files tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF; an export's
 # serving_default decodes JPEG, PNG, GIF and BMP bytes, as TF Serving does). EXIF orientation is ignored everywhere.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TEACHER_LOGITS = ("auto", "cached", "online")  # tfl distill: teacher outputs computed once, or per batch

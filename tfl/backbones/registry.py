@@ -44,5 +44,5 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    from tfl.backbones import efficientnet_lite, keras_apps, resnet  # noqa: F401
+    from tfl.backbones import compact_cnn, efficientnet_lite, keras_apps, resnet  # noqa: F401
 

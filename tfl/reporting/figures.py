@@ -232,3 +232,36 @@ def _save(figure, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, buffer.getvalue())
     return path
+
+
+def write_distill(models: list[dict], path: str, title: str | None = None) -> str:
+    """`tfl distill`'s figure: test accuracy against parameters (left) and against inference images/s at batch 64
+    (right), one labelled point per model (teacher, students, generations, ensemble); log x on both."""
+    from matplotlib.ticker import NullFormatter
+
+    if not models:
+        raise ValueError(f"write_distill needs at least one model row, got none (for {path})")
+    figure = _figure((12, 4.4))
+    size_ax, speed_ax = figure.subplots(1, 2)
+    for ax, key, label in ((size_ax, "params", "parameters"),
+                           (speed_ax, "images_per_second_batch64", "inference images/s at batch 64")):
+        for row in models:
+            x = row.get(key)
+            if not x:
+                continue
+            ax.scatter([x], [row["test_accuracy"]], s=36, label=f"{row['role']} ({row['model']}, {row['image_size']}px)")
+            ax.annotate(_short(row["role"], 14), (x, row["test_accuracy"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels its minor ticks on top of each other
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+    size_ax.set_title("accuracy vs size")
+    speed_ax.set_title("accuracy vs throughput (this machine)")
+    speed_ax.legend(fontsize=7, loc="lower left")
+    for ax in (size_ax, speed_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
