@@ -11,3 +11,5 @@ TFLITE_MODES = ("float32", "float16", "int8")
 BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
+CL_SCENARIOS = ("class-il", "task-il")  # tfl forgetting --scenario
+CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --strategies
