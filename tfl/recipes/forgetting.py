@@ -66,6 +66,7 @@ FORGETTING_PNG, CURVES_PNG = "forgetting.png", "accuracy_curves.png"
 COLUMNS = ("strategy", "scenario", "tasks", "acc", "average_incremental_accuracy", "bwt", "forgetting",
            "min_old_accuracy", "train_seconds", "wall_seconds", "run_dir")
 FISHER_SAMPLES = 1024  # rows of a finished task the EWC Fisher is estimated on
+FISHER_BATCH = 32  # examples whose per-example gradients are computed at once
 MASKED = -1e9  # the logit of a class outside the mask: exp() of it is exactly 0
 
 
@@ -258,6 +259,14 @@ class MaskedCrossEntropy:
                                                               masked_logits(logits, batch[MASK]))
 
 
+def no_loss(batch, logits):
+    """The test pass's loss hook: none (a class-IL test row of an untrained task has its own class masked out, so
+    its cross-entropy would be ~1e9; only accuracies are reported)."""
+    import tensorflow as tf
+
+    return tf.zeros(tf.shape(logits)[:1], tf.float32)
+
+
 def masked_accuracy(batch, logits) -> dict:
     import tensorflow as tf
 
@@ -329,6 +338,30 @@ class ElasticPenalty(MaskedCrossEntropy):
         return loss + 0.5 * self.lam * penalty
 
 
+def diagonal_fisher(model, variables, batches) -> list[np.ndarray]:
+    """mean over the batches' rows of (d log p(label | x) / d v)^2 for every variable v, p the softmax of the
+    model's logits masked to the row's batch[MASK], the model in inference mode."""
+    import tensorflow as tf
+
+    from tfl.data.pipeline import LABEL
+    from tfl.training.trainer import model_inputs
+
+    @tf.function
+    def squared_grads(batch):
+        with tf.GradientTape() as tape:
+            logits = masked_logits(model(model_inputs(batch), training=False), batch[MASK])
+            log_p = -tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(batch[LABEL], tf.int32), logits)
+        # Per-example gradients (the Fisher needs them, not the batch mean's), vectorised by the jacobian.
+        return [tf.reduce_sum(tf.square(j), axis=0) for j in tape.jacobian(log_p, variables)]
+
+    total, rows = [np.zeros(v.shape, np.float32) for v in variables], 0
+    for batch in batches:
+        for t, g in zip(total, squared_grads(batch)):
+            t += g.numpy()
+        rows += int(batch[LABEL].shape[0])
+    return [t / max(rows, 1) for t in total]
+
+
 # -- one strategy's task sequence ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SequenceState:
@@ -381,6 +414,7 @@ class Sequence:
         self.tasks = parse_tasks(opts.tasks, job.class_names)
         self.C = len(job.class_names)
         self.own, self.seen = task_masks(self.tasks, self.C)
+        self.per_task = PerTaskAccuracy(len(self.tasks))  # one object: the test pass is traced once
         self.task_of = np.full(self.C, -1, np.int64)
         for t, classes in enumerate(self.tasks):
             self.task_of[list(classes)] = t
@@ -516,7 +550,7 @@ class Sequence:
         rows = self.rows(self.test_split, [c for task in self.tasks for c in task])
         data, steps = self.ordered(self.test_split, rows, seen_row)
         result = self.job.trainer.evaluate_all(data, self.test_split, steps, self.eval_model,
-                                               loss=MaskedCrossEntropy(), metrics=PerTaskAccuracy(len(self.tasks)))
+                                               loss=no_loss, metrics=self.per_task)
         return [round(result[f"hits{t}"] / result[f"rows{t}"], 6) if result[f"rows{t}"] else math.nan
                 for t in range(len(self.tasks))]
 
@@ -549,28 +583,11 @@ class Sequence:
         """Diagonal empirical Fisher of the trained variables on up to FISHER_SAMPLES of `rows` (seeded)."""
         import tensorflow as tf
 
-        from tfl.data.pipeline import LABEL
-        from tfl.training.trainer import model_inputs
-
         rng = np.random.default_rng([self.opts.seed, len(self.state.R)])
         picked = np.sort(rng.choice(rows, min(FISHER_SAMPLES, len(rows)), replace=False))
-        variables = [v for g in self.groups for v in g.variables]
-        model = self._model()
-
-        @tf.function
-        def squared_grads(batch):
-            with tf.GradientTape() as tape:
-                logits = masked_logits(model(model_inputs(batch), training=False), batch[MASK])
-                log_p = -tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(batch[LABEL], tf.int32), logits)
-            return [tf.square(g) for g in tape.gradient(log_p, variables)]
-
-        order = tf.data.Dataset.from_tensor_slices(picked.reshape(-1, 1))
+        order = tf.data.Dataset.from_tensor_slices(picked).batch(FISHER_BATCH)
         data = self.job.inputs.batches("train", self.boundary, order, self.columns("train", seen_row))
-        total = [np.zeros(v.shape, np.float32) for v in variables]
-        for batch in data:  # one example at a time: the Fisher needs per-example gradients
-            for t, g in zip(total, squared_grads(batch)):
-                t += g.numpy()
-        return [t / len(picked) for t in total]
+        return diagonal_fisher(self._model(), [v for g in self.groups for v in g.variables], data)
 
     def finish(self) -> dict:
         job, state = self.job, self.state
