@@ -530,7 +530,6 @@ class Sequence:
             self.after_task(k, rows)
             state.seconds.append(round(time.time() - started, 2))
             state.done = k + 1
-        job.inputs.log_summary(trainer.history)
         return self.finish()
 
     def loss(self, k: int):
