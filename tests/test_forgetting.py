@@ -333,3 +333,13 @@ def test_training_on_images_when_nothing_is_cached(data, tmp_path):
     run = forgetting(opts, log=lines.append)["strategies"][0]
     assert not any(line.startswith("cache: pooled") for line in lines)
     assert np.shape(run["R"]) == (2, 2) and run["R"][0][1] == 0.0 and run["tasks"] == [[0, 1], [2, 3]]
+
+
+def test_task_il_on_a_frozen_backbone_cannot_forget(data, tmp_path):
+    """Masked logits give no gradient to other tasks' output weights, and nothing else trains: every old task keeps
+    exactly the accuracy it had when its task ended."""
+    opts = ForgettingOptions(**{**TINY, "epochs": 1}, dataset=data, output_dir=str(tmp_path), scenario="task-il",
+                             strategies=("naive",))
+    R = forgetting(opts, log=lambda *_: None)["strategies"][0]["R"]
+    assert [R[i][j] for i in range(3) for j in range(i)] == [R[j][j] for i in range(3) for j in range(i)]
+    assert M.bwt(R) == 0.0 and M.forgetting(R) == 0.0
