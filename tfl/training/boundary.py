@@ -245,7 +245,7 @@ class StageInputs:
     def activations(self, boundary: str, split: str) -> Entry:
         """The cached activations of `split` at `boundary`: those feed() prepared, else computed from the images
         (or reused from the cache directory)."""
-        entry = self.entries.get((boundary, split)) or self._own.get((boundary, split))
+        entry = self.entries.get((boundary, split), self._own.get((boundary, split)))
         if entry is None:
             key = self._key(boundary, split)
             entry = self.cache.lookup(key)
