@@ -13,8 +13,9 @@ from tfl.tf_logging import quiet_tensorflow
 quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-up notices stay out of the output
 
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
-from tfl.options import (BENCH_CASES, CACHE_MODES, EXPORT_FORMATS, FREEZE_MODES, IMAGE_EXTENSIONS,  # noqa: E402
-                         OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS, TFLITE_MODES, UNFREEZE)
+from tfl.options import (BENCH_CASES, CACHE_MODES, CL_SCENARIOS, CL_STRATEGIES, EXPORT_FORMATS,  # noqa: E402
+                         FREEZE_MODES, IMAGE_EXTENSIONS, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS,
+                         TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
 from tfl.recipes.distill import DistillOptions  # noqa: E402
 from tfl.recipes.finetune import FinetuneOptions  # noqa: E402
@@ -566,6 +567,68 @@ def distill(as_json, **options):
     from tfl.recipes.distill import distill as run, format_table
 
     opts = job_options(DistillOptions, options)
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True), root_of=os.path.dirname)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- forgetting --------------------------------------------------------------------------------------------------
+def forgetting_defaults():
+    from tfl.recipes.forgetting import ForgettingOptions
+
+    return ForgettingOptions()
+
+
+FORGETTING = forgetting_defaults()
+
+
+@cli.command(cls=OrderedRulesCommand)
+@click.option("--tasks", metavar="C,C;C,C;...",
+              help="The task split: classes (indices or names) separated by ',', tasks by ';', e.g. '0,1;2,3;4,5'. "
+                   "A class may be in one task only; classes in no task are left out.  [default: consecutive pairs "
+                   "(0,1), (2,3), ...]")
+@click.option("--scenario", type=click.Choice(CL_SCENARIOS), default=FORGETTING.scenario, show_default=True,
+              help="class-il: one classifier over every class seen so far (unseen classes' logits masked out, "
+                   "as a head that grows per task). task-il: the task is known, every row's logits are masked to its "
+                   "task's classes, in training and at test time.")
+@click.option("--strategies", default=",".join(CL_STRATEGIES), show_default=True, metavar="S[,S]",
+              help="naive: sequential fine-tuning. replay: a class-balanced buffer of --memory past examples mixed "
+                   "into every batch. lwf: Learning without Forgetting, the previous model's outputs on old classes "
+                   "distilled. ewc: diagonal-Fisher penalty (online). joint: all tasks at once, the upper bound.")
+@click.option("--memory", default=FORGETTING.memory, show_default=True, callback=positive, metavar="M",
+              help="replay: at most M training examples of past tasks, equally many per class.")
+@click.option("--lwf-alpha", default=FORGETTING.lwf_alpha, show_default=True, type=float, callback=non_negative,
+              help="lwf: weight of the distillation term.")
+@click.option("--temperature", default=FORGETTING.temperature, show_default=True, type=float, callback=positive,
+              help="lwf: softmax temperature of the distillation (Li & Hoiem used 2).")
+@click.option("--ewc-lambda", default=FORGETTING.ewc_lambda, show_default=True, type=float, callback=non_negative,
+              help="ewc: strength of the penalty lambda/2 * sum F (theta - theta*)^2.")
+@click.option("--finetune/--frozen-backbone", default=FORGETTING.finetune, show_default=True,
+              help="--finetune: every task also trains the layers above --freeze-up-to, the backbone at "
+                   "--backbone-lr. Default: the backbone stays frozen and every task trains the head on pooled "
+                   "features cached once for the whole run.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@click.option("--devices", type=int, callback=positive, metavar="N",
+              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory "
+                   "(<strategy>/) go (default: runs/<time>-forgetting-<dataset>). Run again with the same "
+                   "directory to continue an interrupted run exactly.")
+@click.option("--json", "as_json", is_flag=True, help="Print forgetting.json instead of the table.")
+def forgetting(strategies, as_json, **options):
+    """Catastrophic forgetting: train the tasks one after another, test on every task after each.
+
+    Every strategy trains the same fresh model, --epochs epochs per task (--head-epochs is not used), on each
+    task's own classes. Writes forgetting.json (per strategy: tasks, the accuracy matrix R[i][j] = accuracy on
+    task j after training task i, ACC, average incremental accuracy, BWT, forgetting, per-task forgetting, the
+    minimum accuracy of an old task, seconds), forgetting.csv, accuracy_matrix.csv, forgetting.png (a heatmap of R
+    per strategy) and accuracy_curves.png; prints the table.
+    """
+    from tfl.recipes.forgetting import ForgettingOptions, forgetting as run, format_table
+
+    names = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    opts = job_options(ForgettingOptions, {**options, "strategies": names})
     result = run_training(run, opts, log=lambda message: click.echo(message, err=True), root_of=os.path.dirname)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 

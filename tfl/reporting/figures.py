@@ -265,3 +265,73 @@ def write_distill(models: list[dict], path: str, title: str | None = None) -> st
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+def write_forgetting_heatmaps(runs: list[dict], path: str, title: str | None = None) -> str:
+    """`tfl forgetting`'s forgetting.png: one heatmap of R per strategy, R[i][j] = accuracy on task j (columns)
+    after training task i (rows), 0..1, each cell labelled. runs: [{"strategy", "R"}] (joint: one row)."""
+    if not runs:
+        raise ValueError(f"write_forgetting_heatmaps needs at least one strategy, got none (for {path})")
+    columns = min(len(runs), 3)
+    rows = -(-len(runs) // columns)
+    figure = _figure((4.2 * columns, 3.8 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    image = None
+    for ax, run in zip(axes, runs):
+        matrix = [[_number(v) for v in row] for row in run["R"]]
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        tasks = len(matrix[0]) if matrix else 0
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 else "white")
+        ax.set_xticks(range(tasks), [str(j + 1) for j in range(tasks)])
+        labels = ["all"] if run["strategy"] == "joint" else [str(i + 1) for i in range(len(matrix))]
+        ax.set_yticks(range(len(matrix)), labels)
+        ax.set_xlabel("test task")
+        ax.set_ylabel("after training task")
+        ax.set_title(run["strategy"])
+    for ax in axes[len(runs):]:
+        ax.set_axis_off()
+    if image is not None:
+        figure.colorbar(image, ax=list(axes[: len(runs)]), shrink=0.8, label="accuracy")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def write_accuracy_curves(runs: list[dict], path: str, title: str | None = None) -> str:
+    """`tfl forgetting`'s accuracy_curves.png: per strategy, each task's test accuracy as tasks are added (from the
+    task that trains it on) and, dashed, the mean over the tasks seen so far. Joint (trained once on every task) is
+    drawn as points at the last task in every panel."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not runs:
+        raise ValueError(f"write_accuracy_curves needs at least one strategy, got none (for {path})")
+    sequential = [run for run in runs if run["strategy"] != "joint"] or runs
+    joint = next((run for run in runs if run["strategy"] == "joint"), None)
+    columns = min(len(sequential), 3)
+    rows = -(-len(sequential) // columns)
+    figure = _figure((4.4 * columns, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, run in zip(axes, sequential):
+        matrix = [[_number(v) for v in row] for row in run["R"]]
+        tasks = len(matrix[0]) if matrix else 0
+        offset = tasks - len(matrix)  # joint alone: its one row is "after the last task"
+        for j in range(tasks):
+            points = [(i + 1 + offset, row[j]) for i, row in enumerate(matrix) if i + offset >= j]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=f"task {j + 1}")
+        seen = [(i + 1 + offset, sum(row[: i + 1 + offset]) / (i + 1 + offset)) for i, row in enumerate(matrix)]
+        ax.plot(*zip(*seen), color="black", linestyle="--", linewidth=1.2, label="mean of seen")
+        if joint is not None and joint is not run:
+            ax.scatter([tasks] * tasks, [_number(v) for v in joint["R"][0]], marker="x", color="0.4", s=18,
+                       label="joint")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("tasks trained")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(run["strategy"])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    for ax in axes[len(sequential):]:
+        ax.set_axis_off()
+    return _finish(figure, axes[: len(sequential)], title, path)

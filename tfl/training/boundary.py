@@ -109,6 +109,7 @@ class StageInputs:
         self._stores: dict[str, ImageStore] = dict(stores or {})  # split -> decoded images, built on first use
         self.extra = dict(extra or {})  # split -> {column: array row-aligned with the split}: added to every batch
         self._models: dict[str, keras.Model] = {}
+        self._own: dict[tuple[str, str], Entry] = {}  # activations() computed for a recipe (e.g. the test split)
         self._functions: dict[tuple, Callable] = {}
         self._spent = 0.0  # seconds spent computing cache entries in this run
 
@@ -239,6 +240,40 @@ class StageInputs:
                                          persist=False)
             self._stores[split] = ImageStore(entry.data, entry.labels, self.image_size)
         return self._stores[split]
+
+    # -- a recipe's own batches ---------------------------------------------------------------------------------------
+    def add_split(self, split: str, source, count: int, data_id: dict) -> None:
+        """Another split (e.g. test) that batches() can serve, cached like train and val (same keys)."""
+        self.sources[split], self.counts[split], self.data_ids[split] = source, count, data_id
+
+    def labels(self, split: str, boundary: str | None) -> np.ndarray:
+        """The labels of `split`'s rows, in the order batches() indexes them."""
+        return self.activations(boundary, split).labels if boundary else self._store(split).labels
+
+    def activations(self, boundary: str, split: str) -> Entry:
+        """The cached activations of `split` at `boundary`: those feed() prepared, else computed from the images
+        (or reused from the cache directory)."""
+        entry = self.entries.get((boundary, split), self._own.get((boundary, split)))
+        if entry is None:
+            key = self._key(boundary, split)
+            entry = self.cache.lookup(key)
+            if entry is None:
+                entry = self._compute(boundary, split, key, None)
+            self._own[(boundary, split)] = entry
+            self.log(self._describe(boundary, split, entry))
+        return entry
+
+    def batches(self, split: str, boundary: str | None, order: tf.data.Dataset, extra: dict | None = None,
+                epoch: int | None = None) -> tf.data.Dataset:
+        """Batches of `split` in `order` (a dataset of int64 index batches, any composition): cached activations at
+        `boundary`, or images when it is None (augmented with --augment for train, seeded by `epoch`). `extra`:
+        columns row-aligned with the split."""
+        if boundary is None:
+            augment = self.augment and split == "train" and epoch is not None
+            return self._store(split).batches(order, augment, epoch_seed(self.seed, epoch or 0), extra=extra)
+        entry = self.activations(boundary, split)
+        columns = {FEATURES: entry.data, LABEL: entry.labels, **(extra or {})}
+        return gather_batches(order, columns).prefetch(tf.data.AUTOTUNE)
 
     # -- computing the cache ------------------------------------------------------------------------------------------
     def _finished(self, stage: str, history) -> bool:

@@ -274,6 +274,9 @@ class Trainer:
         self._finished_stages = set()  # after a resume: stages the snapshot had finished
         self._resume_stage = None  # the snapshot state of the stage a resume continues, until that stage starts
         self._resume_optimizers = None  # group -> (schedule config, arrays, variables) from the snapshot, used once
+        # () -> (JSON-able state, {name: array}) a recipe keeps in every checkpoint (a continual-learning strategy's
+        # buffer, old outputs, Fisher); a resumed recipe reads them back as state["recipe"] and arrays "recipe.<name>".
+        self.recipe_state: Callable[[], tuple[dict, dict]] | None = None
 
     @property
     def best_accuracy(self) -> float:
@@ -542,6 +545,10 @@ class Trainer:
             "history": [dataclasses.asdict(r) for r in self.history],
             "variables": [[v.path, list(v.shape)] for v in self.model.variables],
         }
+        if self.recipe_state is not None:
+            recipe, recipe_arrays = self.recipe_state()
+            state["recipe"] = recipe
+            arrays.update({f"recipe.{name}": np.asarray(value) for name, value in recipe_arrays.items()})
         return checkpoint.Snapshot(len(self.history), state, arrays)
 
     def resume(self, snapshot: checkpoint.Snapshot) -> None:
