@@ -518,7 +518,7 @@ def without(options, *names):
 DISTILL = DistillOptions()
 
 
-@cli.command(cls=OrderedRulesCommand)
+@cli.command(cls=OrderedRulesCommand, short_help="Knowledge distillation (Hinton et al. 2015) and Born-Again Networks.")
 @click.option("--teacher", required=True, type=click.Path(exists=True), metavar="RUN_DIR|MODEL.keras",
               help="The frozen teacher: a run directory (tfl finetune, compare, distill) or a .keras model file "
                    "(classes.json beside it is checked against the data's classes when present).")
