@@ -381,6 +381,11 @@ TRAIN_OPTIONS = shared(
                       "and learning rates, the options as hparams, the freeze plan): `tensorboard --logdir runs/`."),
 )
 
+# Recipes that run many jobs in one process take --devices alone (no multi-worker).
+DEVICES_OPTION = click.option("--devices", type=int, callback=positive, metavar="N",
+                              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N "
+                                   "logical devices.")
+
 DISTRIBUTION_OPTIONS = shared(
     click.option("--strategy", type=click.Choice(STRATEGIES), default=JOB.strategy, show_default=True,
                  help="tf.distribute strategy. one_device: the first GPU, else the CPU. mirrored: every GPU, or "
@@ -388,8 +393,7 @@ DISTRIBUTION_OPTIONS = shared(
                       "--worker-hosts); the chief (worker 0) writes the run directory. tpu: TPUStrategy on $TPU_NAME "
                       "(default 'local'). auto: multi_worker with 2+ workers, mirrored with --devices 2+ or 2+ GPUs, "
                       "else default."),
-    click.option("--devices", type=int, callback=positive, metavar="N",
-                 help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices."),
+    DEVICES_OPTION,
     click.option("--worker-hosts", callback=parse_hosts, metavar="HOST:PORT,...",
                  help="Every worker's address, chief first, the same list on each worker; with --task-index it "
                       "writes TF_CONFIG for multi_worker."),
@@ -483,8 +487,7 @@ def parse_fractions(ctx, param, value):
 @DATA_OPTIONS
 @MODEL_OPTIONS
 @TRAIN_OPTIONS
-@click.option("--devices", type=int, callback=positive, metavar="N",
-              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
+@DEVICES_OPTION
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Where compare.json/.csv/.png and every arm's run directory (<arm>/frac<F>/seed<S>/) go "
                    "(default: runs/<time>-compare-<dataset>).")
@@ -609,8 +612,7 @@ FORGETTING = forgetting_defaults()
 @DATA_OPTIONS
 @MODEL_OPTIONS
 @TRAIN_OPTIONS
-@click.option("--devices", type=int, callback=positive, metavar="N",
-              help="Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices.")
+@DEVICES_OPTION
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory "
                    "(<strategy>/) go (default: runs/<time>-forgetting-<dataset>). Run again with the same "

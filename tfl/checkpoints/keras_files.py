@@ -349,13 +349,17 @@ def _refusal(path: str, problems: list[str], advice: str) -> str:
     return f"refusing to rebuild {path}: its config.json asks for {shown}. {advice}"
 
 
+def _open_zip(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"cannot read {path}: not a readable zip archive ({exc})") from None
+
+
 def check_keras_archive(path: str, custom_objects: Mapping[str, object] | None = None) -> None:
     """Raise CheckpointError unless Keras may rebuild `path` in safe mode: the same member, size, nesting and class
     checks read_keras_archive makes, for callers that load the model with Keras themselves."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"cannot read {path}: not a readable zip archive ({exc})") from None
+    zf = _open_zip(path)
     with zf:
         problems = _audited_config(zf, path, custom_objects)
     if problems:
@@ -365,10 +369,7 @@ def check_keras_archive(path: str, custom_objects: Mapping[str, object] | None =
 
 def read_keras_archive(path: str, unsafe: bool = False,
                        custom_objects: Mapping[str, object] | None = None) -> tuple[dict, dict]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"cannot read {path}: not a readable zip archive ({exc})") from None
+    zf = _open_zip(path)
     with zf:
         problems = _audited_config(zf, path, custom_objects)
         if problems and not unsafe:
