@@ -15,6 +15,7 @@ Test hook (documented, used by tests/test_resume.py): the environment variable T
 SIGKILL at a chosen point, to test crash safety deterministically:
   TFL_FAULT=kill-during-save:N   while saving the checkpoint of epoch N, after half of it reached its temp file
   TFL_FAULT=kill-at-step:N:S     right after training step S of epoch N (epochs count across stages from 1)
+  TFL_FAULT=interrupt-at-step:N:S  the same point, but SIGINT (what Ctrl-C sends) instead of SIGKILL
 """
 
 from __future__ import annotations

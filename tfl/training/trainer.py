@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import signal
 import sys
 import time
 from typing import Callable
@@ -189,19 +191,23 @@ class Callback:
 
 
 class FaultHook(Callback):
-    """TFL_FAULT=kill-at-step:N:S (see tfl.training.checkpoint): SIGKILL right after step S of epoch N."""
+    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S (see tfl.training.checkpoint): SIGKILL, or SIGINT as
+    Ctrl-C sends it, to this process right after step S of epoch N."""
 
-    def __init__(self, at: tuple[int, int]):
-        self.at = tuple(at)
+    def __init__(self, at: tuple[int, int], interrupt: bool = False):
+        self.at, self.interrupt = tuple(at), interrupt
 
     def on_batch_end(self, epoch: int, step: int) -> None:
         if (epoch, step) == self.at:
-            checkpoint.kill_now()
+            if self.interrupt:
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                checkpoint.kill_now()
 
 
 def default_callbacks() -> list[Callback]:
-    at = checkpoint.injected_fault("kill-at-step")
-    return [FaultHook(at)] if at else []
+    kill, interrupt = checkpoint.injected_fault("kill-at-step"), checkpoint.injected_fault("interrupt-at-step")
+    return [FaultHook(kill)] if kill else [FaultHook(interrupt, interrupt=True)] if interrupt else []
 
 
 class Progress:
