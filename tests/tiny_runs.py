@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,8 +71,12 @@ def start(args, env: dict | None = None) -> Child:
     """`python cli.py finetune ARGS` in the background."""
     child_env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}
     child_env.update(env or {})
+    # SIGINT back to its default in the child: a test suite started in the background by a non-interactive shell
+    # (`make test &`, as CI may) runs with SIGINT ignored, the child would inherit that, and Python would then never
+    # turn a Ctrl-C into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "finetune", *map(str, args)], cwd=ROOT,
-                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return Child(proc)
 
 
