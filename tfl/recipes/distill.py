@@ -41,6 +41,7 @@ import statistics
 import time
 
 from tfl import job as jobs
+from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 
@@ -583,8 +584,8 @@ def score_models(opts: DistillOptions, teacher: Teacher, members: list[dict], sp
         rows.append({"role": role, "model": backbone or model.name, "image_size": int(model.inputs[0].shape[1]),
                      "test_accuracy": round(accuracy, 6), "params": int(model.count_params()),
                      "file_bytes": os.path.getsize(path),
-                     "images_per_second_batch1": round(speeds[1], 1),
-                     "images_per_second_batch64": round(speeds[64], 1),
+                     "images_per_second_batch1": significant(speeds[1]),
+                     "images_per_second_batch64": significant(speeds[64]),
                      "epoch_seconds": round(statistics.median(epochs), 2) if epochs else None,
                      "teacher_seconds": member["teacher_seconds"] if member else None,
                      "run_dir": member["run_dir"] if member else teacher.path, "eval_split": split})
@@ -598,8 +599,8 @@ def score_models(opts: DistillOptions, teacher: Teacher, members: list[dict], sp
                      "test_accuracy": round(float(np.mean(np.argmax(mean, -1) == labels)), 6),
                      "params": sum(r["params"] for r in generations),
                      "file_bytes": sum(r["file_bytes"] for r in generations),
-                     **{f"images_per_second_batch{b}": round(1.0 / sum(1.0 / r[f"images_per_second_batch{b}"]
-                                                                       for r in generations), 1)
+                     **{f"images_per_second_batch{b}": significant(1.0 / sum(1.0 / r[f"images_per_second_batch{b}"]
+                                                                             for r in generations))
                         for b in THROUGHPUT_BATCHES},
                      "epoch_seconds": None, "teacher_seconds": None, "run_dir": None, "eval_split": split})
     return rows
