@@ -14,7 +14,7 @@ quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-
 
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
 from tfl.options import (BENCH_CASES, CACHE_MODES, CL_SCENARIOS, CL_STRATEGIES, EXPORT_FORMATS,  # noqa: E402
-                         FREEZE_MODES, IMAGE_EXTENSIONS, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS,
+                         FREEZE_MODES, IMAGE_EXTENSIONS, MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS,
                          TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
 from tfl.recipes.distill import DistillOptions  # noqa: E402
@@ -374,8 +374,13 @@ TRAIN_OPTIONS = shared(
     click.option("--jit/--no-jit", default=JOB.jit, show_default=True,
                  help="XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 "
                       "ran 10x slower with XLA than without)."),
-    click.option("--mixed-precision/--no-mixed-precision", default=JOB.mixed_precision, show_default=True,
-                 help="Compute in bfloat16 with float32 weights and float32 logits/loss."),
+    click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION), default=JOB.mixed_precision,
+                 show_default=True,
+                 help="Compute in half precision (float32 weights, logits and loss): auto times a few train steps "
+                      "in float32 and in the device's fast half precision (bfloat16 on CPUs with avx512_bf16/"
+                      "amx_bf16; bfloat16 or float16 on GPUs by compute capability) and keeps the faster, "
+                      "remembered in the cache directory; on forces it, off is float32. $TFL_MIXED_PRECISION sets "
+                      "what auto means."),
     click.option("--tensorboard/--no-tensorboard", default=JOB.tensorboard, show_default=True,
                  help="Write TensorBoard event files under <run>/tensorboard/ (per-step and per-epoch loss, accuracy "
                       "and learning rates, the options as hparams, the freeze plan): `tensorboard --logdir runs/`."),

@@ -259,7 +259,7 @@ def test_mixed_precision_computes_in_bfloat16_with_float32_logits_and_leaves_the
 
     from tfl import models
 
-    model = models.build_classifier("mobilenet", 3, 32, "none", mixed_precision=True)
+    model = models.build_classifier("mobilenet", 3, 32, "none", precision="bfloat16")
     assert keras.config.dtype_policy().name == "float32"
     assert model.get_layer("head_dropout").compute_dtype == "bfloat16"
     assert models.backbone_of(model).get_layer("conv1").compute_dtype == "bfloat16"

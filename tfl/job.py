@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable
 
+from tfl.options import PRECISIONS
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_DATASET = "fashion_mnist"
 RESTORE_REPORT = "restore_report.json"
@@ -34,7 +36,9 @@ SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px)
 # Settings a resumed run may change: where files are, how the work is spread (the global batch and learning
 # rates are still compared), what happens after training. Any other difference is refused.
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
-                     "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard")
+                     "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard",
+                     # how the precision was chosen may change; the precision itself ("precision") may not
+                     "mixed_precision", "precision_choice")
 
 
 @dataclasses.dataclass
@@ -89,7 +93,7 @@ class JobOptions:
     cache_budget: str | None = None  # memory for cached arrays, e.g. "4G"; default min(25% of RAM, 4 GiB)
     cache_dir: str | None = None  # persisted cache entries; default $TFL_CACHE_DIR or ~/.cache/tfl
     jit: bool = False  # XLA-compile the train/eval steps and the cache extraction
-    mixed_precision: bool = False  # bfloat16 compute, float32 variables and logits
+    mixed_precision: str = "auto"  # auto | on | off: half-precision compute where measured faster (tfl.precision)
     tensorboard: bool = True  # event files under <run>/tensorboard/
 
 
@@ -214,6 +218,7 @@ class Job:
     started: float
     train_rows: object = None  # the rows of splits.train trained on (--label-fraction, --limit-train); None: all
     advice: dict | None = None  # --freeze-up-to auto: what tfl advise measured and chose (advice.json)
+    precision: object = None  # tfl.precision.Choice: what the model computes in, and why
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -259,9 +264,10 @@ class Job:
         log(f"data: {splits.name}: {n_train} train / {splits.num_examples['val']} val / "
             f"{splits.num_examples.get('test', 0)} test, {len(splits.class_names)} classes, images at {image_size}px")
 
+        choice = choose_precision(opts, strategy, len(splits.class_names), image_size, batch, log)
         with strategy.scope():
             model = models.build_classifier(opts.backbone, len(splits.class_names), image_size, opts.weights,
-                                            opts.head_hidden, opts.dropout, opts.mixed_precision)
+                                            opts.head_hidden, opts.dropout, choice.precision)
         restored = reuse.restore_classifier(model, spec, init, opts.reuse, opts.reuse_exclude, opts.rename,
                                               log) if init else None
         plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
@@ -269,7 +275,7 @@ class Job:
             # Fail on a plan the freeze mode cannot apply now, not after an earlier stage has trained.
             freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
         return cls(opts, log, strategy, scratch, spec, splits, image_size, train_source, n_train, batch, model, plan,
-                   restored, started, train_rows=rows, advice=advice)
+                   restored, started, train_rows=rows, advice=advice, precision=choice)
 
     # -- derived facts ------------------------------------------------------------------------------------------------
     @property
@@ -321,6 +327,7 @@ class Job:
                        "num_examples": {**self.splits.num_examples, "train": self.n_train},
                        "dataset_fingerprint": self.splits.fingerprint, "replicas": self.replicas,
                        "global_batch_size": self.batch, "stages": [_stage_record(s) for s in stages],
+                       "precision": self.precision.precision, "precision_choice": self.precision.to_json(),
                        "versions": versions(), "command": sys.argv}
         if self.advice:  # opts hold the resolved depth; resume compares it, and that it was chosen by auto
             self.config["freeze_up_to_requested"] = self.advice["requested"]
@@ -344,7 +351,8 @@ class Job:
                                                  if self.scratch else ""))
         cfg = TrainConfig(optimizer=opts.optimizer, weight_decay=opts.weight_decay, schedule=opts.schedule,
                           warmup_epochs=opts.warmup_epochs, step_size=opts.step_size, gamma=opts.gamma,
-                          label_smoothing=opts.label_smoothing, early_stopping=opts.early_stopping, jit=opts.jit)
+                          label_smoothing=opts.label_smoothing, early_stopping=opts.early_stopping, jit=opts.jit,
+                          loss_scale=self.precision.precision == "float16")
         callbacks = [*callbacks, _HistoryWriter(self)]
         if opts.tensorboard and not self.scratch:
             callbacks.append(_tensorboard(run.file(TENSORBOARD), self.config, plan))
@@ -430,6 +438,32 @@ class Job:
 
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics
+
+
+def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: int, batch: int, log):
+    """--mixed-precision: tfl.precision.resolve for this run's model; a resumed run keeps the precision in its
+    config.json; every worker of a multi-worker run takes the chief's choice."""
+    from tfl import precision
+    from tfl.training import checkpoint, rundir, strategy as strategies
+
+    saved = None
+    if opts.output_dir and checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS)):
+        try:
+            saved = rundir.RunDir(opts.output_dir, create=False).read_json(rundir.CONFIG).get("precision")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # no readable config: the resume check says so
+    per_replica = batch // strategy.num_replicas_in_sync
+    key = {"backbone": opts.backbone, "image_size": image_size, "freeze_up_to": opts.freeze_up_to,
+           "batch_size": per_replica, "freeze_mode": opts.freeze_mode, "train_bn": opts.train_bn}
+    measure = lambda p: precision.time_train_steps(opts.backbone, num_classes, image_size,  # noqa: E731
+                                                   opts.freeze_up_to, per_replica, p)
+    choice = precision.resolve(opts.mixed_precision, key, measure, opts.cache_dir,
+                               saved if saved in PRECISIONS else None, log)
+    chief = strategies.chief_value(strategy, PRECISIONS.index(choice.precision))
+    if PRECISIONS[chief] != choice.precision:
+        choice = precision.Choice(PRECISIONS[chief], choice.requested, "the chief worker's choice")
+    log(choice.describe())
+    return choice
 
 
 def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, train_bn: bool, steps_per_epoch: int,

@@ -82,13 +82,17 @@ def build_classifier(
     weights: str | None = "default",
     head_hidden: tuple[int, ...] = (),
     dropout: float = 0.2,
-    mixed_precision: bool = False,
+    precision: str = "float32",
 ) -> keras.Model:
-    """mixed_precision: every layer computes in bfloat16 with float32 variables, except the logits (float32, so
-    softmax and the loss see float32)."""
+    """precision (tfl.precision): "float32", or "bfloat16" / "float16": every layer computes in that with float32
+    variables, except the logits (float32, so softmax and the loss see float32)."""
+    from tfl.precision import POLICY
+
+    if precision not in POLICY:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(POLICY)}")
     previous = keras.config.dtype_policy()
-    if mixed_precision:
-        keras.config.set_dtype_policy("mixed_bfloat16")
+    if precision != "float32":
+        keras.config.set_dtype_policy(POLICY[precision])
     try:
         return _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout)
     finally:

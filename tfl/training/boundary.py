@@ -378,6 +378,8 @@ class StageInputs:
             "data": self.data_ids[split],
             "pipeline": PIPELINE_VERSION,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            # half-precision compute gives other values (float32 entries keep their earlier keys)
+            **({"compute_dtype": self.backbone.compute_dtype} if self.backbone.compute_dtype != "float32" else {}),
         }
 
     # -- reporting --------------------------------------------------------------------------------------------------

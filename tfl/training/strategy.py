@@ -101,6 +101,16 @@ def check_workers_agree(strategy, value: int, what: str) -> None:
         raise ValueError(f"the workers disagree on {what} (one value per replica: {values})")
 
 
+def chief_value(strategy, value: int) -> int:
+    """The chief's `value` on every worker of a multi-worker run (each worker's own elsewhere)."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return value
+    values = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0).numpy().tolist()
+    return int(values[0])
+
+
 def _cluster_size(tf_config: str | None) -> int:
     if not tf_config:
         return 0

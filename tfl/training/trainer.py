@@ -56,6 +56,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     early_stopping: int | None = None  # the default patience of every stage
     jit: bool = False  # XLA-compile the train and eval steps
+    loss_scale: bool = False  # float16 compute: every optimizer is a LossScaleOptimizer (dynamic loss scaling)
 
 
 @dataclasses.dataclass
@@ -301,16 +302,20 @@ class Trainer:
         bounds = np.cumsum([0] + [len(g.variables) for g in groups])
 
         def step(batch):
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=self.cfg.loss_scale) as tape:
                 outputs = train_model(self.inputs_fn(batch), training=True)
                 per_example = self.loss_fn(batch, outputs)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 if train_model.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(train_model.losses))
-            grads = tape.gradient(loss, variables)
+                # float16: each group's optimizer scales the loss by its own dynamic scale and unscales (or skips
+                # a step whose gradients overflowed) in apply, so each group takes the gradient of its own scaled loss.
+                scaled = [opt.scale_loss(loss) for opt in optimizers] if self.cfg.loss_scale else None
+            grads = [] if scaled else tape.gradient(loss, variables)
             for i, opt in enumerate(optimizers):
-                pairs = list(zip(grads[bounds[i]:bounds[i + 1]], variables[bounds[i]:bounds[i + 1]]))
-                opt.apply_gradients(pairs)
+                group = variables[bounds[i]:bounds[i + 1]]
+                opt.apply_gradients(list(zip(tape.gradient(scaled[i], group) if scaled else grads[bounds[i]:bounds[i + 1]],
+                                             group)))
             return self._sums(batch, outputs, per_example)
 
         return self._distributed(step)
@@ -497,6 +502,8 @@ class Trainer:
                 schedule = (WarmupSchedule(**saved[g.name][0]) if carried else
                             WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch, cfg.gamma))
                 opt = make_optimizer(cfg, schedule)
+                if cfg.loss_scale:
+                    opt = keras.optimizers.LossScaleOptimizer(opt)
                 opt.build(g.variables)
                 if carried:
                     arrays = saved[g.name][1]
