@@ -227,9 +227,12 @@ def test_finetune_gives_the_same_losses_with_and_without_the_cache(tmp_path):
         results[mode] = finetune(options, log=logs[mode].append)
     off, on = _history(tmp_path / "off"), _history(tmp_path / "on")
     assert len(off) == len(on) == 3
-    for a, b in zip(off, on):
+    # The cache is extracted with BN folded into the convolutions (tfl.training.bn_folding): the same function, float
+    # rounding apart. Head epochs agree to 1e-4; fine-tuning on 24 images at a high lr amplifies the rounding.
+    for epoch, (a, b) in enumerate(zip(off, on)):
+        tolerance = 1e-4 if epoch < 2 else 5e-3  # two head epochs, then one fine-tune epoch
         for name in a:
-            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), name
+            assert b[name] == pytest.approx(a[name], rel=tolerance, abs=1e-5), name
     assert off[0]["train_loss"] != pytest.approx(off[1]["train_loss"], rel=1e-2)  # it trained: the losses move
     assert results["on"]["test_accuracy"] == pytest.approx(results["off"]["test_accuracy"], abs=1e-6)
     assert not any(m.startswith("cache:") for m in logs["off"])
