@@ -15,8 +15,13 @@ fine-tuning stage), so the comparison is one of speed; tfl then restores its bes
 as it always does. Times cover training (and per-epoch validation), not model building or test evaluation.
 Accuracy is on a test subset after training. The physical limit is the backbone's forward FLOPs (conv and
 dense layers, counted from their shapes) times the images that must pass through it once, divided by the
-measured float32 matmul rate; `fraction_of_peak` is that limit over tfl's time (for fine-tuning it leaves out
-the backward pass, so it understates how close tfl is).
+measured matmul rate of the case's own precision (float32, or bfloat16 for the *_bf16 cases);
+`fraction_of_peak` is that limit over tfl's time (for fine-tuning it leaves out the backward pass, so it
+understates how close tfl is).
+
+A shared machine makes every number a measure of the load: each case records the load average before and after
+and the share of the CPU other processes took while it ran (from /proc/stat, less this process's own CPU time);
+above BUSY_SHARE the case is marked busy and a warning says so. Compare ratios from one run on an idle machine.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import time
 from typing import Callable
 
 from tfl.options import BENCH_CASES as CASES
+
+BUSY_SHARE = 0.10  # other processes took more than this share of the CPU during a case: its times are not tfl's
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # what the speed depends on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,7 @@ class BenchConfig:
     resnet_size: int = 224
     resnet_images: int = 256
     matmul_size: int = 2048
+    serving_images: int = 256  # JPEGs through the exported SavedModel (and Keras predict), at batch 1 and 64
     seed: int = 0
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
@@ -59,49 +68,110 @@ class BenchConfig:
 
 FULL = BenchConfig()
 QUICK = BenchConfig(image_size=64, train=1024, val=256, test=512, head_epochs=3, finetune_epochs=2,
-                    resnet_size=128, resnet_images=64, matmul_size=1024)
+                    resnet_size=128, resnet_images=64, matmul_size=1024, serving_images=128)
 
 
 def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> dict:
     """{"machine": {...}, "cases": [{"name", "tfl_seconds", "baseline_seconds", "speedup", "tfl_accuracy",
-    "baseline_accuracy", "fraction_of_peak", ...}]}"""
+    "baseline_accuracy", "fraction_of_peak", "precision", "load", ...}], "busy": bool, "warnings": [...]}"""
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()  # as tfl finetune runs: cached and uncached runs then agree
-    peak = matmul_flops(cfg.matmul_size)
-    log(f"bench: float32 matmul {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} core(s)")
-    results = []
+    peaks = {p: matmul_flops(cfg.matmul_size, p) for p in ("float32", "bfloat16")}
+    log(f"bench: matmul {peaks['float32'] / 1e9:.1f} GFLOP/s float32, {peaks['bfloat16'] / 1e9:.1f} bfloat16, on "
+        f"{os.cpu_count()} core(s)")
+    results, warnings = [], []
     with tempfile.TemporaryDirectory(prefix="tfl-bench-cache-") as cache_dir:
-        data = _load(cfg, log) if {"head_only", "partial_finetune"} & set(cases) else None
+        data = _load(cfg, log) if {"head_only", "partial_finetune", "serving"} & set(cases) else None
         for case in cases:
             # Each case its own cache directory: the cached run pays for extraction, the warm one reuses it.
             case_cache = os.path.join(cache_dir, case)
-            if case == "head_only":
-                results.append(_transfer_case(case, cfg, data, peak, cfg.head_epochs, 0, None, case_cache, log))
-            elif case == "partial_finetune":
-                results.append(_transfer_case(case, cfg, data, peak, cfg.finetune_head_epochs, cfg.finetune_epochs,
-                                              cfg.freeze_up_to, case_cache, log))
-            else:
-                results.append(_resnet_case(cfg, peak, log))
-    return {"machine": machine_info(peak), "cases": results}
+            with LoadWatch() as watch:
+                if case == "head_only":
+                    result = _transfer_case(case, cfg, data, peaks, cfg.head_epochs, 0, None, case_cache, log)
+                elif case == "partial_finetune":
+                    result = _transfer_case(case, cfg, data, peaks, cfg.finetune_head_epochs, cfg.finetune_epochs,
+                                            cfg.freeze_up_to, case_cache, log)
+                elif case == "serving":
+                    result = _serving_case(cfg, data, log)
+                else:
+                    result = _resnet_case(cfg, peaks, "bfloat16" if case.endswith("_bf16") else "float32", log)
+            result["load"] = watch.report()
+            if result["load"]["busy"]:
+                warnings.append(f"{case}: other processes used {result['load']['others_cpu_share']:.0%} of the CPU "
+                                f"(load average {result['load']['before']} -> {result['load']['after']}): its times "
+                                "measure the load, not tfl; run the bench on an idle machine")
+                log("warning: " + warnings[-1])
+            results.append(result)
+    return {"machine": machine_info(peaks), "cases": results, "busy": bool(warnings), "warnings": warnings}
+
+
+class LoadWatch:
+    """The load average before and after a block, and the share of the machine's CPU time that other processes
+    used during it: the busy jiffies of /proc/stat less this process's own user + system time."""
+
+    def __enter__(self):
+        self.before, self.start = _loadavg(), self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        self.after, self.end = _loadavg(), self._sample()
+
+    @staticmethod
+    def _sample():
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), _busy_cpu_seconds(), usage.ru_utime + usage.ru_stime
+
+    def others_share(self) -> float | None:
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, self.end
+        if busy0 is None or busy1 is None or t1 <= t0:
+            return None
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
+
+    def report(self) -> dict:
+        share = self.others_share()
+        return {"before": self.before, "after": self.after,
+                "others_cpu_share": None if share is None else round(share, 3),
+                "busy": share is not None and share > BUSY_SHARE}
+
+
+def _loadavg():
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process has spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- measurements ------------------------------------------------------------------------------------------------------
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's practical float32 peak (FLOP/s): the best n x n by n x n matmul rate after a warm-up, of
-    TensorFlow's and numpy's BLAS, whichever is faster here."""
+def matmul_flops(n: int = 2048, precision: str = "float32", repeats: int = 5) -> float:
+    """This machine's practical peak (FLOP/s) in `precision`: the best n x n by n x n matmul rate after a warm-up,
+    of TensorFlow's and (float32) numpy's BLAS, whichever is faster here."""
     import numpy as np
     import tensorflow as tf
 
-    a = tf.random.stateless_normal([n, n], seed=[1, 2])
-    b = tf.random.stateless_normal([n, n], seed=[3, 4])
-    product = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
-    x, y = a.numpy(), b.numpy()
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    a = tf.cast(tf.random.stateless_normal([n, n], seed=[1, 2]), dtype)
+    b = tf.cast(tf.random.stateless_normal([n, n], seed=[3, 4]), dtype)
+    product = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y), tf.float32)))
+    runs = [lambda: product(a, b).numpy()]
+    if precision == "float32":
+        x, y = a.numpy(), b.numpy()
+        runs.append(lambda: np.matmul(x, y))
     best = float("inf")
-    for run in (lambda: product(a, b).numpy(), lambda: np.matmul(x, y)):
+    for run in runs:
         run()
         for _ in range(repeats):
             start = time.perf_counter()
@@ -139,25 +209,22 @@ def forward_flops(model) -> int:
     return total
 
 
-def machine_info(peak: float) -> dict:
+def machine_info(peaks: dict) -> dict:
     import resource
 
     import keras
     import tensorflow as tf
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     from tfl.cache import physical_memory
+    from tfl.precision import cpu_info, device
 
-    memory = physical_memory()
+    cpu, memory = cpu_info(), physical_memory()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory / 2**30, 1) if memory else None,
-        "gpus": len(tf.config.list_physical_devices("GPU")), "matmul_gflops": significant(peak / 1e9),
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cpu": cpu["model"], "cores": os.cpu_count(), "cpu_flags": [f for f in FLAGS if f in cpu["flags"]],
+        "fast_half_precision": device()["half"], "memory_gb": round(memory / 2**30, 1) if memory else None,
+        "gpus": len(tf.config.list_physical_devices("GPU")), "matmul_gflops": significant(peaks["float32"] / 1e9),
+        "matmul_gflops_by_precision": {p: significant(v / 1e9) for p, v in peaks.items()},
+        "load_average": _loadavg(),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
     }
@@ -198,7 +265,8 @@ def _batches(store, cfg: BenchConfig, training: bool):
 
 
 # -- the Lite0 cases -----------------------------------------------------------------------------------------------------
-def _transfer_case(name, cfg, data, peak, head_epochs, epochs, freeze_up_to, cache_dir, log) -> dict:
+def _transfer_case(name, cfg, data, peaks, head_epochs, epochs, freeze_up_to, cache_dir, log) -> dict:
+    peak = peaks["float32"]
     images = (cfg.train + cfg.val) * (head_epochs + epochs)  # images the epoch budget passes through the model
     cached = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "on", cache_dir)
     log(f"{name}: tfl with cache {cached['seconds']:.1f}s, test accuracy {cached['accuracy']:.4f}")
@@ -211,7 +279,14 @@ def _transfer_case(name, cfg, data, peak, head_epochs, epochs, freeze_up_to, cac
     flops = cached["flops"]
     limit = flops * (cfg.train + cfg.val) / peak
     result = _case(name, cached, baseline, limit)
+    training = cached["seconds"] - cached["extraction_seconds"]
     result.update({
+        "precision": "float32",
+        # where the cold run's time went: one backbone pass filling the cache, then the epochs on cached activations
+        "cold_breakdown_seconds": {"cache_extraction": significant(cached["extraction_seconds"]),
+                                   "training": significant(training)},
+        "extraction_fraction_of_peak": significant(limit / cached["extraction_seconds"]),
+        "extraction_images_per_second": significant((cfg.train + cfg.val) / cached["extraction_seconds"]),
         "tfl_warm_seconds": significant(warm["seconds"]),
         "warm_speedup": _ratio(baseline["seconds"], warm["seconds"]),
         "tfl_nocache_seconds": significant(uncached["seconds"]),
@@ -264,7 +339,7 @@ def _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, cache, cache_dir) -> 
         trainer.restore_best()
         _, accuracy = trainer.evaluate(_batches(data.stores["test"], cfg, False))
     return {"seconds": seconds, "accuracy": accuracy, "history": list(trainer.history),
-            "flops": forward_flops(models.backbone_of(model))}
+            "flops": forward_flops(models.backbone_of(model)), "extraction_seconds": inputs.spent_seconds}
 
 
 def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
@@ -313,8 +388,9 @@ def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
 
 
 # -- ResNet50 frozen forward --------------------------------------------------------------------------------------------
-def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
-    """Frozen forward throughput: tfl's cache extraction vs Keras predict, random weights, synthetic images."""
+def _resnet_case(cfg: BenchConfig, peaks: dict, precision: str, log) -> dict:
+    """Frozen forward throughput: tfl's cache extraction vs Keras predict, random weights, synthetic images, in
+    float32 or (resnet50_forward_bf16) bfloat16 compute."""
     import keras
     import numpy as np
 
@@ -324,7 +400,7 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
 
     keras.utils.set_random_seed(cfg.seed)
     size, n = cfg.resnet_size, cfg.resnet_images
-    model = models.build_classifier("resnet50", 10, size, "none")
+    model = models.build_classifier("resnet50", 10, size, "none", precision=precision)
     flops = forward_flops(models.backbone_of(model))
     pixels = np.random.default_rng(cfg.seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     store = ImageStore(pixels, np.zeros(n, np.int32), size)
@@ -332,7 +408,7 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
     extract = frozen_forward(model, POOLED)
     extract(next(iter(batches))[IMAGE])  # trace outside the clock, as predict's warm-up below
     start = time.perf_counter()
-    tfl_out = np.concatenate([extract(batch[IMAGE]).numpy() for batch in batches])
+    tfl_out = np.concatenate([np.asarray(extract(batch[IMAGE]), np.float32) for batch in batches])
     tfl_seconds = time.perf_counter() - start
 
     features = models.submodel(model, end=models.POOL)
@@ -340,18 +416,65 @@ def _resnet_case(cfg: BenchConfig, peak: float, log) -> dict:
     images_only = batches.map(lambda batch: batch[IMAGE])
     features.predict(images_only.take(1), verbose=0)
     start = time.perf_counter()
-    keras_out = features.predict(images_only, verbose=0)
+    keras_out = np.asarray(features.predict(images_only, verbose=0), np.float32)
     baseline_seconds = time.perf_counter() - start
-    if not np.allclose(tfl_out, keras_out, rtol=1e-3, atol=1e-3):
+    tolerance = 1e-3 if precision == "float32" else 5e-2  # bfloat16 keeps 8 bits of mantissa
+    scale = max(1.0, float(np.abs(keras_out).max()))
+    if not np.allclose(tfl_out, keras_out, rtol=tolerance, atol=tolerance * scale):
         raise RuntimeError("bench: tfl's frozen forward and Keras predict disagree; the comparison is void")
-    limit = flops * n / peak
-    log(f"resnet50_forward: tfl {tfl_seconds:.1f}s ({n / tfl_seconds:.1f} img/s, {limit / tfl_seconds:.0%} of the "
+    limit = flops * n / peaks[precision]
+    name = "resnet50_forward" + ("_bf16" if precision == "bfloat16" else "")
+    log(f"{name}: tfl {tfl_seconds:.1f}s ({n / tfl_seconds:.1f} img/s, {limit / tfl_seconds:.0%} of the {precision} "
         f"matmul peak), Keras predict {baseline_seconds:.1f}s")
-    result = _case("resnet50_forward", {"seconds": tfl_seconds, "accuracy": None},
+    result = _case(name, {"seconds": tfl_seconds, "accuracy": None},
                    {"seconds": baseline_seconds, "accuracy": None}, limit)
     result.update({"images_per_second": {"tfl": significant(n / tfl_seconds), "baseline": significant(n / baseline_seconds)},
-                   "backbone": "resnet50", "image_size": size, "images": n,
+                   "precision": precision, "backbone": "resnet50", "image_size": size, "images": n,
                    "backbone_gflops_per_image": significant(flops / 1e9)})
+    return result
+
+
+# -- serving an export ---------------------------------------------------------------------------------------------------
+def _serving_case(cfg: BenchConfig, data, log) -> dict:
+    """An exported SavedModel's serving_default on JPEG bytes (decode, resize, model, softmax, top-k) at batch 1
+    and 64, next to Keras predict on the decoded, resized pixels at the same batch sizes."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfl import models
+    from tfl.data.pipeline import IMAGE, index_order
+    from tfl.export.saved_model import SERVING_SIGNATURE, write_saved_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = models.build_classifier(cfg.backbone, data.num_classes, cfg.image_size, cfg.weights)
+    store = data.stores["test"]
+    n = min(cfg.serving_images, store.count)
+    order = index_order(store.count, n, training=False, seed=cfg.seed)
+    pixels = next(iter(store.batches(order)))[IMAGE].numpy()[:n]  # at the model's size, as the pipeline makes them
+    native = store.images[:n]  # the dataset's own stored images, encoded as a client would send them
+    jpegs = [tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=95).numpy() for image in native]
+    result = {"name": "serving", "backbone": cfg.backbone, "image_size": cfg.image_size, "images": n,
+              "precision": "float32", "images_per_second": {}}
+    with tempfile.TemporaryDirectory(prefix="tfl-bench-export-") as export_dir:
+        labels = "\n".join(str(i) for i in range(data.num_classes)) + "\n"
+        write_saved_model(model, labels, export_dir, top_k=min(5, data.num_classes))
+        serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
+        for batch in (1, 64):
+            chunks = [jpegs[i: i + batch] for i in range(0, n, batch)]
+            serve(image_bytes=tf.constant(chunks[0]))  # warm-up
+            start = time.perf_counter()
+            for chunk in chunks:
+                serve(image_bytes=tf.constant(chunk))["probabilities"].numpy()
+            served = time.perf_counter() - start
+            model.predict(pixels[:batch], batch_size=batch, verbose=0)  # warm-up
+            start = time.perf_counter()
+            model.predict(pixels, batch_size=batch, verbose=0)
+            predicted = time.perf_counter() - start
+            result["images_per_second"][f"saved_model_jpeg_batch{batch}"] = significant(n / served)
+            result["images_per_second"][f"keras_predict_batch{batch}"] = significant(n / predicted)
+            log(f"serving: batch {batch}: SavedModel serving_default on JPEG bytes {n / served:.1f} img/s, "
+                f"Keras predict on pixels {n / predicted:.1f} img/s")
     return result
 
 
@@ -381,14 +504,34 @@ def significant(value: float, digits: int = 4) -> float:
 
 def format_table(report: dict) -> str:
     m = report["machine"]
-    lines = [f"{m['cpu']}, {m['cores']} cores, matmul peak {m['matmul_gflops']} GFLOP/s, TF {m['tensorflow']}",
-             f"{'case':<18} {'tfl s':>8} {'base s':>8} {'speedup':>8} {'tfl acc':>8} {'base acc':>8} {'% peak':>7}"
-             f" {'no-cache s':>10} {'warm s':>7}"]
+    peaks = ", ".join(f"{v} {p}" for p, v in m["matmul_gflops_by_precision"].items())
+    lines = [f"{m['cpu']}, {m['cores']} cores ({' '.join(m['cpu_flags']) or 'no AVX flags'}), matmul peak GFLOP/s: "
+             f"{peaks}, TF {m['tensorflow']}",
+             f"{'case':<22} {'tfl s':>8} {'base s':>8} {'speedup':>8} {'tfl acc':>8} {'base acc':>8} {'% peak':>7}"
+             f" {'no-cache s':>10} {'warm s':>7}  load before -> after, others' CPU"]
     for c in report["cases"]:
+        load = c.get("load") or {}
+        share = load.get("others_cpu_share")
+        where = (f"  {load.get('before', ['?'])[0]} -> {load.get('after', ['?'])[0]}, "
+                 f"{'?' if share is None else f'{share:.0%}'}{' BUSY' if load.get('busy') else ''}")
+        if c["name"] == "serving":
+            ips = c["images_per_second"]
+            lines.append(f"{'serving':<22} img/s  SavedModel on JPEG bytes: batch 1 {ips['saved_model_jpeg_batch1']}, "
+                         f"batch 64 {ips['saved_model_jpeg_batch64']}; Keras predict: batch 1 "
+                         f"{ips['keras_predict_batch1']}, batch 64 {ips['keras_predict_batch64']}{where}")
+            continue
         acc = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        lines.append(f"{c['name']:<18} {c['tfl_seconds']:>8.1f} {c['baseline_seconds']:>8.1f} {c['speedup']:>7.2f}x "
+        lines.append(f"{c['name']:<22} {c['tfl_seconds']:>8.1f} {c['baseline_seconds']:>8.1f} {c['speedup']:>7.2f}x "
                      f"{acc(c['tfl_accuracy']):>8} {acc(c['baseline_accuracy']):>8} {c['fraction_of_peak']:>7.1%}"
-                     f" {c.get('tfl_nocache_seconds', float('nan')):>10.1f} {c.get('tfl_warm_seconds', float('nan')):>7.1f}")
+                     f" {c.get('tfl_nocache_seconds', float('nan')):>10.1f} {c.get('tfl_warm_seconds', float('nan')):>7.1f}"
+                     + where)
+        if "cold_breakdown_seconds" in c:
+            parts = c["cold_breakdown_seconds"]
+            lines.append(f"{'':<22} cold run: cache extraction {parts['cache_extraction']:.1f}s "
+                         f"({c['extraction_images_per_second']:.0f} img/s, {c['extraction_fraction_of_peak']:.0%} of "
+                         f"peak), training {parts['training']:.1f}s")
         if "epoch_speedup" in c:
-            lines.append(f"{'':<18} stage-2 epoch with boundary cache {c['epoch_speedup']:.2f}x faster than recomputing")
+            lines.append(f"{'':<22} stage-2 epoch with boundary cache {c['epoch_speedup']:.2f}x faster than recomputing")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -115,6 +115,11 @@ class StageInputs:
         self._spent = 0.0  # seconds spent computing cache entries in this run
 
     # -- deciding ---------------------------------------------------------------------------------------------------
+    @property
+    def spent_seconds(self) -> float:
+        """Seconds this run spent computing cache entries (0 when every one was reused)."""
+        return self._spent
+
     def plan(self, stages) -> None:
         """Decide which stages train on cached activations. stages: [(name, FreezePlan, epochs)] in run order.
 
