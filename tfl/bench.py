@@ -521,10 +521,10 @@ def format_table(report: dict) -> str:
                          f"{ips['keras_predict_batch1']}, batch 64 {ips['keras_predict_batch64']}{where}")
             continue
         acc = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+        seconds = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
         lines.append(f"{c['name']:<22} {c['tfl_seconds']:>8.1f} {c['baseline_seconds']:>8.1f} {c['speedup']:>7.2f}x "
                      f"{acc(c['tfl_accuracy']):>8} {acc(c['baseline_accuracy']):>8} {c['fraction_of_peak']:>7.1%}"
-                     f" {c.get('tfl_nocache_seconds', float('nan')):>10.1f} {c.get('tfl_warm_seconds', float('nan')):>7.1f}"
-                     + where)
+                     f" {seconds(c.get('tfl_nocache_seconds')):>10} {seconds(c.get('tfl_warm_seconds')):>7}" + where)
         if "cold_breakdown_seconds" in c:
             parts = c["cold_breakdown_seconds"]
             lines.append(f"{'':<22} cold run: cache extraction {parts['cache_extraction']:.1f}s "
