@@ -182,3 +182,11 @@ def test_auto_on_a_real_run_times_once_then_remembers(auto, tmp_path):
         second = CliRunner().invoke(cli.cli, [*args, "--output-dir", str(tmp_path / "b")])
         assert second.exit_code == 0 and "remembered" in second.output
         assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == config["precision"]
+
+
+def test_a_run_from_before_the_precision_option_resumes_with_its_precision():
+    from tfl.job import saved_precision
+
+    assert saved_precision({"mixed_precision": False}) == "float32"
+    assert saved_precision({"mixed_precision": True}) == "bfloat16"  # the old flag meant mixed_bfloat16
+    assert saved_precision({"mixed_precision": "auto", "precision": "float16"}) == "float16"

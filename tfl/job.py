@@ -375,6 +375,7 @@ class Job:
             return None
         previous = rundir.RunDir(opts.output_dir, create=False)
         saved = {**previous.read_json(rundir.CONFIG), "classes": previous.read_json(rundir.CLASSES)}
+        saved.setdefault("precision", saved_precision(saved))
         differences = checkpoint.config_differences(saved, {**self.config, "classes": self.class_names},
                                                     RESUME_MAY_CHANGE)
         if differences:
@@ -440,6 +441,13 @@ class Job:
         return metrics
 
 
+def saved_precision(config: dict) -> str | None:
+    """The precision a run's config.json records; runs from before --mixed-precision auto stored a bool."""
+    if "precision" in config:
+        return config["precision"]
+    return "bfloat16" if config.get("mixed_precision") is True else "float32"
+
+
 def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: int, batch: int, log):
     """--mixed-precision: tfl.precision.resolve for this run's model; a resumed run keeps the precision in its
     config.json; every worker of a multi-worker run takes the chief's choice."""
@@ -449,7 +457,7 @@ def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: i
     saved = None
     if opts.output_dir and checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS)):
         try:
-            saved = rundir.RunDir(opts.output_dir, create=False).read_json(rundir.CONFIG).get("precision")
+            saved = saved_precision(rundir.RunDir(opts.output_dir, create=False).read_json(rundir.CONFIG))
         except (OSError, ValueError, AttributeError):
             saved = None  # no readable config: the resume check says so
     per_replica = batch // strategy.num_replicas_in_sync
