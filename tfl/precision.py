@@ -146,8 +146,8 @@ def resolve(mode: str, key: dict, measure: Callable[[str], float], cache_dir: st
     log(f"precision: timing {TIMED_STEPS} train steps in float32 and {dev['half']} ({dev['why']}) ...")
     seconds = {p: measure(p) for p in ("float32", dev["half"])}
     best = min(seconds, key=seconds.get)
-    reason = (f"measured faster ({seconds['float32'] / seconds[dev['half']]:.2f}x float32's speed in "
-              f"{dev['half']}); {dev['why']}")
+    other = dev["half"] if best == "float32" else "float32"
+    reason = f"{best} measured {seconds[other] / seconds[best]:.2f}x faster than {other}; {dev['why']}"
     choice = Choice(best, requested, reason, {p: round(s, 5) for p, s in seconds.items()})
     _remember(memory, full_key, choice, log)
     return choice
