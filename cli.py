@@ -635,6 +635,67 @@ def forgetting(strategies, as_json, **options):
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+# --- dann --------------------------------------------------------------------------------------------------------
+from tfl.options import DANN_SHIFTS  # noqa: E402
+
+
+def dann_defaults():
+    from tfl.recipes.dann import DannOptions
+
+    return DannOptions()
+
+
+DANN = dann_defaults()
+
+
+@cli.command(cls=OrderedRulesCommand, short_help="Domain adaptation: DANN (gradient reversal) vs source-only.")
+@click.option("--target-shift", type=click.Choice(DANN_SHIFTS), default=DANN.target_shift, show_default=True,
+              help="The target domain: a deterministic shifted copy of --dataset. invert: 255 - x; tint: dark blue "
+                   "background, orange garments; texture: on diagonal stripes. Target training images are shifted "
+                   "train rows the source does not use (see --limit-train); target val/test: the shifted val/test.")
+@click.option("--target", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="The target domain as an image folder with --dataset's classes (ROOT/{train,val,test}/<class>/...): "
+                   "its train images are the unlabeled target, its test (else val) labels only score. Replaces "
+                   "--target-shift.")
+@click.option("--arms", default=",".join(DANN.arms), show_default=True, metavar="ARM[,ARM]",
+              help="source_only: the same network and batches with lambda fixed at 0 (no reversed gradient reaches "
+                   "the features). dann: lambda(p) = lambda_max * (2 / (1 + exp(-10 p)) - 1).")
+@click.option("--seeds", default=DANN.seeds, show_default=True, callback=positive, metavar="N",
+              help="Every arm runs with seeds --seed, --seed+1, ...; a seed where DANN's target accuracy is below "
+                   "source-only's is flagged.")
+@click.option("--domain-hidden", default=DANN.domain_hidden, show_default=True, callback=positive, metavar="N",
+              help="Units of the domain classifier's hidden layer (Dense N ReLU, then Dense 1).")
+@click.option("--lambda-max", default=DANN.lambda_max, show_default=True, type=float, callback=positive,
+              help="Scales the gradient-reversal schedule (the paper: 1).")
+@click.option("--lambda-gamma", default=DANN.lambda_gamma, show_default=True, type=float, callback=positive,
+              help="The schedule's steepness: lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (the paper: 10).")
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Label a seeded, stratified share F of each class's training examples as the source.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where dann.json/.csv/.png and every run directory (<arm>/seed<S>/) go (default: "
+                   "runs/<time>-dann-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print dann.json instead of the table.")
+def dann(arms, as_json, **options):
+    """Unsupervised domain adaptation with a domain-adversarial network (DANN, Ganin et al. 2016).
+
+    The backbone stays frozen (its pooled features are cached once); the trainable block above it (--head-hidden,
+    default 256 units) feeds the label head and, through a gradient-reversal layer, a domain classifier. Labeled
+    source, unlabeled target; --head-epochs epochs per run (--epochs is not used), the weights after the last
+    epoch are kept (no target labels select anything). Writes dann.json, dann.csv (per arm and seed: source and
+    target test accuracy, the domain classifier's val accuracy) and dann.png; prints the table.
+    """
+    from tfl.recipes.dann import DannOptions, dann as run, format_table
+
+    opts = job_options(DannOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
+                          root_of=lambda run_dir: os.path.dirname(os.path.dirname(run_dir)))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 # --- evaluate / predict ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
