@@ -64,6 +64,7 @@ TEXTURE_PERIOD, TEXTURE_MEAN, TEXTURE_AMPLITUDE = 6.0, 90.0, 70.0  # diagonal st
 class DannOptions(JobOptions):
     target_shift: str = "invert"
     target: str | None = None  # an image folder with the dataset's classes; replaces --target-shift
+    target_limit: int | None = None  # at most this many target training images
     seeds: int = 3  # --seed, --seed + 1, ...
     arms: tuple[str, ...] = ARMS
     domain_hidden: int = 256
@@ -79,6 +80,7 @@ class ArmOptions(JobOptions):
     arm: str = ""
     target_shift: str | None = None
     target: str | None = None
+    target_limit: int | None = None
     domain_hidden: int = 256
     lambda_max: float = 1.0
     lambda_gamma: float = 10.0
@@ -228,18 +230,24 @@ class Target:
     note: str = ""
 
 
-def target_rows(size: int, source_rows, seed: int) -> tuple[np.ndarray, str]:
+TARGET_ROWS_SEED = 7919  # the target rows are part of the data's definition: the same for every seed (and cached once)
+
+
+def target_rows(size: int, source_rows, limit: int | None = None) -> tuple[np.ndarray, str]:
     """The train rows whose shifted copies are the unlabeled target: rows the source does not use (as many as it
-    uses, seeded), else the source's own rows."""
+    uses, at most `limit`), else (the source uses every row) up to `limit` of the source's own rows; drawn with
+    TARGET_ROWS_SEED."""
     from tfl.data import random_rows
 
     used = np.arange(size) if source_rows is None else np.sort(np.asarray(source_rows, np.int64))
     rest = np.setdiff1d(np.arange(size), used)
+    note = ""
     if len(rest) == 0:
-        return used, ("the target training images are shifted copies of the source's own rows (their labels are "
-                      "never used); --limit-train makes them disjoint")
-    picked = rest[np.sort(random_rows(len(rest), min(len(used), len(rest)), seed + 7919))]
-    return picked.astype(np.int64), ""
+        rest, note = used, ("the target training images are shifted copies of rows the source also uses (their "
+                            "labels are never used); --limit-train makes them disjoint")
+    count = min(len(used), len(rest), limit or len(rest))
+    picked = rest[np.sort(random_rows(len(rest), count, TARGET_ROWS_SEED))] if count < len(rest) else rest
+    return picked.astype(np.int64), note
 
 
 def make_target(job: Job) -> Target:
@@ -261,7 +269,7 @@ def make_target(job: Job) -> Target:
                       (getattr(other, test), other.num_examples[test], data_identity(other.fingerprint, test)))
     shift = opts.target_shift
     size = splits.num_examples["train"]
-    rows, note = target_rows(size, job.train_rows, opts.seed)
+    rows, note = target_rows(size, job.train_rows, opts.target_limit)
     train = data.take_rows(shifted(splits.train, shift), size, rows)
 
     def ident(split, subset=None):
@@ -443,7 +451,8 @@ def arm_options(opts: DannOptions, arm: str, seed: int, output_dir: str) -> ArmO
     shared.update(output_dir=output_dir, seed=seed, resume=False, export=False,
                   head_hidden=opts.head_hidden or DEFAULT_ADAPTER, epochs=0)
     return ArmOptions(**shared, arm=arm, target_shift=None if opts.target else opts.target_shift, target=opts.target,
-                      domain_hidden=opts.domain_hidden, lambda_max=opts.lambda_max, lambda_gamma=opts.lambda_gamma)
+                      target_limit=opts.target_limit, domain_hidden=opts.domain_hidden, lambda_max=opts.lambda_max,
+                      lambda_gamma=opts.lambda_gamma)
 
 
 def dann(opts: DannOptions, log=print) -> dict:
