@@ -543,7 +543,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{seed:>4}  {arm:<12}{r['source_test_accuracy']:>12.4f}{r['target_test_accuracy']:>12.4f}"
                          f"{r['val_domain_accuracy']:>11.4f}{mark}")
     for arm, s in result["summary"].items():
-        lines.append(f"mean  {arm:<12} source {pooled.format_mean_sd(s['source_test_accuracy_mean'], s['source_test_accuracy_sd'])}"
-                     f"  target {pooled.format_mean_sd(s['target_test_accuracy_mean'], s['target_test_accuracy_sd'])}"
-                     f"  (n={s['n']})")
+        source = pooled.format_mean_sd(s["source_test_accuracy_mean"], s["source_test_accuracy_sd"])
+        target = pooled.format_mean_sd(s["target_test_accuracy_mean"], s["target_test_accuracy_sd"])
+        lines.append(f"mean  {arm:<12} source {source}  target {target}  (n={s['n']})")
     return "\n".join(lines)

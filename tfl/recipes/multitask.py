@@ -257,8 +257,8 @@ def run_recipe(job: Job) -> dict:
     pooled.keep_in_checkpoints(job, variables)
     _, feed = pooled.pooled_feed(job, stage)
     params = int(sum(np.prod(v.shape) for v in variables))
-    job.log(f"multitask: {opts.arm}, tasks {', '.join(f'{t.name} ({t.num_classes} classes, weight {weights[t.name]:g})' for t in tasks)}, "
-            f"{params:,} trainable parameters")
+    described = ", ".join(f"{t.name} ({t.num_classes} classes, weight {weights[t.name]:g})" for t in tasks)
+    job.log(f"multitask: {opts.arm}, tasks {described}, {params:,} trainable parameters")
     job.log(Trainer.header())
     job.trainer.run_stage(stage.name, model, [ParamGroup("tasks", variables, job.lr)], stage.epochs, feed.train,
                           feed.val, job.steps_per_epoch, job.batch, job.steps("val"), eval_model=model,
@@ -326,8 +326,8 @@ def multitask(opts: MultitaskOptions, log=print) -> dict:
     from tfl.training import rundir
 
     out = opts.output_dir or rundir.default_path("multitask", opts.dataset)
-    result = {"output_dir": out, "settings": {"options": dataclasses.asdict(opts), "tasks_file": default_tasks_path(opts),
-                                              "tasks": names}, "runs": [], "summary": []}
+    settings = {"options": dataclasses.asdict(opts), "tasks_file": default_tasks_path(opts), "tasks": names}
+    result = {"output_dir": out, "settings": settings, "runs": [], "summary": []}
     for seed in [opts.seed + i for i in range(opts.seeds)]:
         for arm, folder, tasks in planned_runs(opts, names):
             log(f"multitask: seed {seed}, {folder}")

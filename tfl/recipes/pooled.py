@@ -51,7 +51,7 @@ def pooled_feed(job: Job, stage: Stage):
         graph = freezing.training_graph(job.model, stage.plan, job.opts.freeze_mode, job.opts.train_bn)
     feed = job.inputs.feed(stage.name, graph, job.trainer.history)
     if feed.boundary != POOLED:
-        raise ValueError(f"the pooled features could not be cached (see the cache: lines above); this recipe trains "
+        raise ValueError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
                          "on them only. Raise --cache-budget or free space in --cache-dir")
     return jobs.param_groups(graph, stage), feed
 
@@ -75,8 +75,11 @@ def features(job: Job, split: str, source=None, count: int | None = None, data_i
 def keep_in_checkpoints(job: Job, variables: list) -> None:
     """Save `variables` (not the classifier's) in every checkpoint; after a resume, load them back now."""
     variables = list(variables)
-    job.trainer.recipe_state = lambda: ({"extra_variables": len(variables)},
-                                        {RECIPE_WEIGHT.format(i): np.asarray(v.numpy()) for i, v in enumerate(variables)})
+    def state():
+        return ({"extra_variables": len(variables)},
+                {RECIPE_WEIGHT.format(i): np.asarray(v.numpy()) for i, v in enumerate(variables)})
+
+    job.trainer.recipe_state = state
     snapshot = job.snapshot
     if snapshot is not None and "recipe" in snapshot.state:
         for i, v in enumerate(variables):

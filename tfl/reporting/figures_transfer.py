@@ -28,14 +28,17 @@ def write_dann(runs: list[dict], curves: dict[str, list[dict]], path: str, title
     seeds_ax.set_xlim(-0.3, len(arms) - 0.7)
     seeds_ax.set_ylabel("test accuracy")
     seeds_ax.set_title("target test accuracy per seed (dotted: source test)")
-    for name, rows in curves.items():
+    colours = {arm: f"C{i}" for i, arm in enumerate(arms)}
+    for name, rows in curves.items():  # name: "<arm> seed <s>"
+        arm = name.split(" ")[0]
         epochs = [int(float(row["epoch"])) for row in rows]
+        first = name == next(n for n in curves if n.split(" ")[0] == arm)
         curve_ax.plot(epochs, [_number(row.get("val_target_accuracy")) for row in rows], marker=".",
-                      label=f"{name}: target acc")
+                      color=colours.get(arm), label=f"{arm}: target accuracy" if first else None)
         curve_ax.plot(epochs, [_number(row.get("val_domain_accuracy")) for row in rows], linestyle="--",
-                      label=f"{name}: domain acc")
+                      color=colours.get(arm), label=f"{arm}: domain classifier accuracy" if first else None)
     curve_ax.set_xlabel("epoch")
-    curve_ax.set_title("val: target accuracy (monitoring) and domain classifier accuracy")
+    curve_ax.set_title("val, every seed: target accuracy (monitoring only) and domain accuracy")
     return _finish(figure, [seeds_ax, curve_ax], title, path)
 
 
