@@ -415,7 +415,10 @@ def finish(job: Job, model, target: Target, schedule: LambdaSchedule, started: f
                "val_accuracy": round(last.val.get("accuracy", math.nan), 6),
                "val_target_accuracy": round(last.val.get("target_accuracy", math.nan), 6),
                "val_domain_accuracy": round(last.val.get("domain_accuracy", math.nan), 6),
-               "final_lambda": round(schedule.value, 6), "epochs_run": len(job.trainer.history),
+               # lambda at the last step, from the schedule (also when a rerun finds every epoch done)
+               "final_lambda": round(schedule.lambda_max * dann_lambda(len(job.trainer.history) / opts.head_epochs,
+                                                                      schedule.gamma), 6),
+               "epochs_run": len(job.trainer.history),
                "train_seconds": round(time.time() - started, 1),
                "source_train_examples": job.n_train, "target_train_examples": n_target}
     run.write_json(rundir.METRICS, metrics)

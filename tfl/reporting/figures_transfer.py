@@ -38,7 +38,7 @@ def write_dann(runs: list[dict], curves: dict[str, list[dict]], path: str, title
         curve_ax.plot(epochs, [_number(row.get("val_domain_accuracy")) for row in rows], linestyle="--",
                       color=colours.get(arm), label=f"{arm}: domain classifier accuracy" if first else None)
     curve_ax.set_xlabel("epoch")
-    curve_ax.set_title("val, every seed: target accuracy (monitoring only) and domain accuracy")
+    curve_ax.set_title("val, every seed: target acc. (monitoring only), domain acc.")
     return _finish(figure, [seeds_ax, curve_ax], title, path)
 
 
