@@ -640,6 +640,134 @@ def forgetting(strategies, as_json, **options):
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+# --- dann --------------------------------------------------------------------------------------------------------
+from tfl.options import DANN_SHIFTS  # noqa: E402
+
+
+def dann_defaults():
+    from tfl.recipes.dann import DannOptions
+
+    return DannOptions()
+
+
+DANN = dann_defaults()
+
+
+@cli.command(cls=OrderedRulesCommand, short_help="Domain adaptation: DANN (gradient reversal) vs source-only.")
+@click.option("--target-shift", type=click.Choice(DANN_SHIFTS), default=DANN.target_shift, show_default=True,
+              help="The target domain: a deterministic shifted copy of --dataset. invert: 255 - x; tint: dark blue "
+                   "background, orange garments; texture: on diagonal stripes. Target training images are shifted "
+                   "train rows the source does not use (see --limit-train); target val/test: the shifted val/test.")
+@click.option("--target", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="The target domain as an image folder with --dataset's classes (ROOT/{train,val,test}/<class>/...): "
+                   "its train images are the unlabeled target, its test (else val) labels only score. Replaces "
+                   "--target-shift.")
+@click.option("--target-limit", type=int, callback=positive, metavar="N",
+              help="With --target-shift: at most N target training images (seeded), e.g. to bound the one-time "
+                   "feature extraction of the shifted copies.")
+@click.option("--arms", default=",".join(DANN.arms), show_default=True, metavar="ARM[,ARM]",
+              help="source_only: the same network and batches with lambda fixed at 0 (no reversed gradient reaches "
+                   "the features). dann: lambda(p) = lambda_max * (2 / (1 + exp(-10 p)) - 1).")
+@click.option("--seeds", default=DANN.seeds, show_default=True, callback=positive, metavar="N",
+              help="Every arm runs with seeds --seed, --seed+1, ...; a seed where DANN's target accuracy is below "
+                   "source-only's is flagged.")
+@click.option("--domain-hidden", default=DANN.domain_hidden, show_default=True, callback=positive, metavar="N",
+              help="Units of the domain classifier's hidden layer (Dense N ReLU, then Dense 1).")
+@click.option("--lambda-max", default=DANN.lambda_max, show_default=True, type=float, callback=positive,
+              help="Scales the gradient-reversal schedule (the paper: 1).")
+@click.option("--lambda-gamma", default=DANN.lambda_gamma, show_default=True, type=float, callback=positive,
+              help="The schedule's steepness: lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (the paper: 10).")
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Label a seeded, stratified share F of each class's training examples as the source.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where dann.json/.csv/.png and every run directory (<arm>/seed<S>/) go (default: "
+                   "runs/<time>-dann-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print dann.json instead of the table.")
+def dann(arms, as_json, **options):
+    """Unsupervised domain adaptation with a domain-adversarial network (DANN, Ganin et al. 2016).
+
+    The backbone stays frozen (its pooled features are cached once); the trainable block above it (--head-hidden,
+    default 256 units) feeds the label head and, through a gradient-reversal layer, a domain classifier. Labeled
+    source, unlabeled target; --head-epochs epochs per run (--epochs is not used), the weights after the last
+    epoch are kept (no target labels select anything). Writes dann.json, dann.csv (per arm and seed: source and
+    target test accuracy, the domain classifier's val accuracy) and dann.png; prints the table.
+    """
+    from tfl.recipes.dann import DannOptions, dann as run, format_table
+
+    opts = job_options(DannOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
+                          root_of=lambda run_dir: os.path.dirname(os.path.dirname(run_dir)))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- multitask ---------------------------------------------------------------------------------------------------
+def multitask_defaults():
+    from tfl.recipes.multitask import MultitaskOptions
+
+    return MultitaskOptions()
+
+
+MULTITASK = multitask_defaults()
+
+
+def parse_task_weights(ctx, param, values):
+    weights = []
+    for value in values:
+        name, sep, number = value.rpartition("=")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = None
+        if not sep or not name or weight is None or not weight >= 0:
+            raise click.BadParameter(f"{value!r} is not TASK=WEIGHT with a weight >= 0, e.g. coarse=0.5")
+        weights.append((name, weight))
+    return tuple(weights)
+
+
+@cli.command(cls=OrderedRulesCommand, short_help="Multi-task learning: hard vs soft parameter sharing vs single-task.")
+@click.option("--tasks", type=click.Path(exists=True, dir_okay=False), metavar="FILE.json",
+              help="The label map: a JSON object task -> dataset class -> that task's label. A class a task leaves "
+                   "out is not in its loss or accuracy.  [default for fashion_mnist: tfl/assets/"
+                   "fashion_mnist_tasks.json, the 10 classes (fine) and tops/bottoms/footwear/bags (coarse)]")
+@click.option("--task-weight", "task_weights", multiple=True, metavar="TASK=W", callback=parse_task_weights,
+              help="The weight of TASK's loss (repeatable; default 1 each).")
+@click.option("--arms", default=",".join(MULTITASK.arms), show_default=True, metavar="ARM[,ARM]",
+              help="hard: one shared block above the frozen backbone, a head per task. soft: a block per task with "
+                   "an L2 penalty pulling corresponding layers together. single: one model per task, trained alone.")
+@click.option("--soft-penalty", default=MULTITASK.soft_penalty, show_default=True, type=float, callback=non_negative,
+              metavar="L", help="soft: L * sum over corresponding layers and task pairs of ||W_a - W_b||^2.")
+@click.option("--seeds", default=MULTITASK.seeds, show_default=True, callback=positive, metavar="N",
+              help="Every run repeats with seeds --seed, --seed+1, ...; the table gives mean ± sd.")
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Train on a seeded, stratified share F of each class's training examples.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where multitask.json/.csv/.png and every run directory (<arm>[_<task>]/seed<S>/) go (default: "
+                   "runs/<time>-multitask-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print multitask.json instead of the table.")
+def multitask(arms, as_json, **options):
+    """Multi-task learning on one frozen backbone: hard vs soft parameter sharing vs one model per task.
+
+    The backbone's pooled features are cached once; the block above it (--head-hidden, default 256 units) and a
+    head per task train for --head-epochs epochs (--epochs is not used) with the loss sum_t w_t CE_t, and every
+    run keeps its weights after the last epoch. Writes multitask.json, multitask.csv (per run and task: test
+    accuracy, weight, trainable parameters) and multitask.png; prints the table.
+    """
+    from tfl.recipes.multitask import MultitaskOptions, format_table, multitask as run
+
+    opts = job_options(MultitaskOptions, {**options, "arms": tuple(a.strip() for a in arms.split(",") if a.strip())})
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
+                          root_of=lambda run_dir: os.path.dirname(os.path.dirname(run_dir)))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 # --- evaluate / predict ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")

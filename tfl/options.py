@@ -19,3 +19,4 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 TEACHER_LOGITS = ("auto", "cached", "online")  # tfl distill: teacher outputs computed once, or per batch
 CL_SCENARIOS = ("class-il", "task-il")  # tfl forgetting --scenario
 CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --strategies
+DANN_SHIFTS = ("invert", "tint", "texture")  # tfl dann --target-shift: the shifted copy of the dataset made as target

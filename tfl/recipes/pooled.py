@@ -1,0 +1,131 @@
+"""What `tfl dann` and `tfl multitask` share: a trainable block on the frozen backbone's pooled features.
+
+Both recipes keep the pretrained backbone frozen up to its global average pool and play their game (a domain
+classifier behind a gradient-reversal layer; several task heads) on a small block above it. The pooled features
+come from the boundary cache (tfl.training.boundary: one backbone pass per image, persisted and reused by later
+runs), so an epoch costs seconds on a CPU. Training goes through the Job's Trainer (its loss and metrics hooks,
+dict batches, checkpoints); variables that are not part of the Job's classifier (a domain classifier, task
+heads) ride in every checkpoint as the recipe's state (Trainer.recipe_state) and come back on a resume.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+from tfl.job import Job, Stage
+
+RECIPE_WEIGHT = "weight{:05d}"  # names of the extra variables' arrays in a checkpoint (prefixed "recipe.")
+
+
+def head_stage(job: Job, name: str, epochs: int) -> Stage:
+    """One stage training the classifier's head layers (above the pool) at --lr, everything below frozen."""
+    from tfl.freezing import head_only_plan
+
+    return Stage(name, head_only_plan(job.plan), epochs, {"head": job.lr})
+
+
+def check_pooled_options(opts, command: str) -> None:
+    """The options under which the block trains on cached pooled features, checked before any data is read."""
+    if opts.augment:
+        raise ValueError(f"--augment: tfl {command} trains on the frozen backbone's pooled features, cached once, so "
+                         "there are no images to augment; drop --augment")
+    if opts.cache == "off":
+        raise ValueError(f"--cache off: tfl {command} trains on the frozen backbone's cached pooled features; use "
+                         "--cache auto or on")
+    if opts.head_epochs < 1:
+        raise ValueError(f"--head-epochs {opts.head_epochs}: the block above the frozen backbone trains for "
+                         "--head-epochs epochs; give at least 1")
+    if opts.worker_hosts:
+        raise ValueError(f"tfl {command} trains its runs one after another in one process; --worker-hosts (a "
+                         "multi-worker run) is not supported, use --devices for several local replicas")
+
+
+def pooled_feed(job: Job, stage: Stage):
+    """(param groups of the head, the StageFeed) for `stage`, refusing anything but cached pooled features."""
+    from tfl import freezing, job as jobs
+    from tfl.training.boundary import POOLED
+
+    with job.strategy.scope():
+        graph = freezing.training_graph(job.model, stage.plan, job.opts.freeze_mode, job.opts.train_bn)
+    feed = job.inputs.feed(stage.name, graph, job.trainer.history)
+    if feed.boundary != POOLED:
+        raise ValueError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
+                         "on them only. Raise --cache-budget or free space in --cache-dir")
+    return jobs.param_groups(graph, stage), feed
+
+
+def feature_width(job: Job) -> int:
+    from tfl.models import backbone_of
+
+    return int(backbone_of(job.model).output.shape[-1])
+
+
+def features(job: Job, split: str, source=None, count: int | None = None, data_id: dict | None = None):
+    """The cached pooled features of `split` (an Entry: .data [N, F], .labels [N]); a split the Job does not have
+    (a target domain, the test split) is added from `source` first."""
+    from tfl.training.boundary import POOLED
+
+    if source is not None:
+        job.inputs.add_split(split, source, count, data_id)
+    return job.inputs.activations(POOLED, split)
+
+
+def keep_in_checkpoints(job: Job, variables: list) -> None:
+    """Save `variables` (not the classifier's) in every checkpoint; after a resume, load them back now."""
+    variables = list(variables)
+    def state():
+        return ({"extra_variables": len(variables)},
+                {RECIPE_WEIGHT.format(i): np.asarray(v.numpy()) for i, v in enumerate(variables)})
+
+    job.trainer.recipe_state = state
+    snapshot = job.snapshot
+    if snapshot is not None and "recipe" in snapshot.state:
+        for i, v in enumerate(variables):
+            v.assign(snapshot.arrays["recipe." + RECIPE_WEIGHT.format(i)])
+
+
+def head_block(job: Job, inputs):
+    """Call the classifier's head layers above the pool on `inputs`: (the last hidden activation, the logits)."""
+    from tfl.models import LOGITS, POOL, head_layers
+
+    x = inputs
+    for layer in head_layers(job.model):
+        if layer.name == POOL:
+            continue
+        if layer.name == LOGITS:
+            return x, layer(x)
+        x = layer(x)
+    raise ValueError(f"{job.model.name} has no {LOGITS!r} layer")
+
+
+def in_order(entry, batch: int, rows=None):
+    """(features, labels) batches of an Entry in row order (`rows`: these rows only, in this order)."""
+    import tensorflow as tf
+
+    from tfl.data.pipeline import FEATURES, LABEL, gather_batches
+
+    rows = np.arange(len(entry.labels), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    order = tf.data.Dataset.from_tensor_slices(rows).batch(batch)
+    return gather_batches(order, {FEATURES: entry.data, LABEL: entry.labels})
+
+
+def predict(model, entry, batch: int, output: str | None = None) -> np.ndarray:
+    """`model`'s outputs (the `output` key of a dict model) on every row of an Entry, in inference mode."""
+    from tfl.data.pipeline import FEATURES
+
+    parts = []
+    for b in in_order(entry, batch):
+        out = model(b[FEATURES], training=False)
+        parts.append(np.asarray(out[output] if output else out, np.float32))
+    return np.concatenate(parts)
+
+
+def mean_sd(values) -> tuple[float, float | None]:
+    values = [float(v) for v in values]
+    return round(statistics.mean(values), 6), (round(statistics.stdev(values), 6) if len(values) > 1 else None)
+
+
+def format_mean_sd(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f} ± {'-' if sd is None else f'{sd:.4f}'}"
