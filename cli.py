@@ -635,6 +635,49 @@ def forgetting(strategies, as_json, **options):
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+# --- self-train ---------------------------------------------------------------------------------------------------
+def self_train_defaults():
+    from tfl.recipes.self_training import SelfTrainOptions
+
+    return SelfTrainOptions()
+
+
+SELF_TRAIN = self_train_defaults()
+
+
+@cli.command("self-train", cls=OrderedRulesCommand, short_help="Self-training with pseudo-labels on unlabeled data.")
+@click.option("--labeled-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Keep a seeded, stratified share F of each class's training rows labeled; the rest of train is the "
+                   "unlabeled pool (its true labels only score the pseudo-labels).")
+@click.option("--unlabeled", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="A folder of unlabeled images (searched recursively), added to the unlabeled pool.")
+@click.option("--threshold", default=SELF_TRAIN.threshold, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="An unlabeled row becomes a pseudo-label when its top softmax probability is at least this.")
+@click.option("--rounds", default=SELF_TRAIN.rounds, show_default=True, callback=non_negative, metavar="N",
+              help="Rounds with pseudo-labels after round 0 (the labeled-only baseline); each starts from the same "
+                   "initial weights and trains --head-epochs epochs.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@RUN_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print self_training.json instead of the table.")
+def self_train(as_json, **options):
+    """Self-training: train on the labeled rows, pseudo-label the confident unlabeled ones, retrain; repeat.
+
+    The backbone stays frozen: every round trains the head on pooled features cached once (one backbone pass
+    for the whole run). Per round: how many unlabeled rows passed --threshold, overall and per class, and (with
+    --labeled-fraction) how many of those pseudo-labels are right. The output directory is a normal run
+    directory (model.keras: the best round by validation accuracy) plus self_training.json, self_training.csv
+    and self_training.png; prints the table.
+    """
+    from tfl.recipes.self_training import SelfTrainOptions, format_table, self_train as run
+
+    result = run_training(run, job_options(SelfTrainOptions, options), log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 # --- evaluate / predict ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A run directory from `tfl finetune`.")
