@@ -177,7 +177,12 @@ def features_of(job, split: str):
     from tfl.job import Stage
     from tfl.training import boundary
 
-    inputs = boundary.for_job(job, [Stage("probe", head_only_plan(job.plan), 1, {"head": job.lr})])
+    from tfl import freezing
+
+    plan = head_only_plan(job.plan)
+    with job.strategy.scope():  # the whole backbone frozen, as tfl finetune's head stage: the same cache entries
+        freezing.training_graph(job.model, plan, job.opts.freeze_mode, job.opts.train_bn)
+    inputs = boundary.for_job(job, [Stage("probe", plan, 1, {"head": job.lr})])
     if split == "test":
         if job.splits.test is None:
             raise ValueError(f"--split test: {job.splits.name} has no test split; use --split val or train")
