@@ -13,8 +13,9 @@ from tfl.tf_logging import quiet_tensorflow
 quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-up notices stay out of the output
 
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
-from tfl.options import (BENCH_CASES, CACHE_MODES, CL_SCENARIOS, CL_STRATEGIES, EXPORT_FORMATS,  # noqa: E402
-                         FREEZE_MODES, IMAGE_EXTENSIONS, MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES, TEACHER_LOGITS,
+from tfl.options import (BALANCE, BENCH_CASES, CACHE_MODES, CL_SCENARIOS, CL_STRATEGIES, EXPORT_FORMATS,  # noqa: E402
+                         FREEZE_MODES, IMAGE_EXTENSIONS, MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES,
+                         TEACHER_LOGITS,
                          TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
 from tfl.recipes.distill import DistillOptions  # noqa: E402
@@ -455,6 +456,10 @@ FINETUNE = FinetuneOptions()
 @click.option("--lr-decay-per-stage", default=FINETUNE.lr_decay_per_stage, show_default=True, type=float, metavar="F",
               help="Gradual: discriminative learning rates, stage k below the top at --backbone-lr / F^k (ULMFiT used "
                    "2.6); 1 keeps one rate.")
+@click.option("--balance", type=click.Choice(BALANCE), default=FINETUNE.balance, show_default=True,
+              help="For imbalanced classes. sampler: every epoch draws its batches with replacement, each class "
+                   "equally likely; loss: each training row's loss weighted by n / (classes x its class's count). "
+                   "Validation and test stay unweighted; config.json records the counts and weights.")
 @DISTRIBUTION_OPTIONS
 @RUN_OPTIONS
 def finetune(**options):
@@ -637,6 +642,116 @@ def forgetting(strategies, as_json, **options):
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
     opts = job_options(ForgettingOptions, {**options, "strategies": names})
     result = run_training(run, opts, log=lambda message: click.echo(message, err=True), root_of=os.path.dirname)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- self-train ---------------------------------------------------------------------------------------------------
+def self_train_defaults():
+    from tfl.recipes.self_training import SelfTrainOptions
+
+    return SelfTrainOptions()
+
+
+SELF_TRAIN = self_train_defaults()
+
+
+@cli.command("self-train", cls=OrderedRulesCommand, short_help="Self-training with pseudo-labels on unlabeled data.")
+@click.option("--labeled-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Keep a seeded, stratified share F of each class's training rows labeled; the rest of train is the "
+                   "unlabeled pool (its true labels only score the pseudo-labels).")
+@click.option("--unlabeled", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="A folder of unlabeled images (searched recursively), added to the unlabeled pool.")
+@click.option("--threshold", default=SELF_TRAIN.threshold, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="An unlabeled row becomes a pseudo-label when its top softmax probability is at least this.")
+@click.option("--rounds", default=SELF_TRAIN.rounds, show_default=True, callback=non_negative, metavar="N",
+              help="Rounds with pseudo-labels after round 0 (the labeled-only baseline); each starts from the same "
+                   "initial weights and trains --head-epochs epochs.")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@RUN_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print self_training.json instead of the table.")
+def self_train(as_json, **options):
+    """Self-training: train on the labeled rows, pseudo-label the confident unlabeled ones, retrain; repeat.
+
+    The backbone stays frozen: every round trains the head on pooled features cached once (one backbone pass
+    for the whole run). Per round: how many unlabeled rows passed --threshold, overall and per class, and (with
+    --labeled-fraction) how many of those pseudo-labels are right. The output directory is a normal run
+    directory (model.keras: the best round by validation accuracy) plus self_training.json, self_training.csv
+    and self_training.png; prints the table.
+    """
+    from tfl.recipes.self_training import SelfTrainOptions, format_table, self_train as run
+
+    result = run_training(run, job_options(SelfTrainOptions, options), log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- fewshot ------------------------------------------------------------------------------------------------------
+def fewshot_defaults():
+    from tfl.recipes.fewshot import FewShotOptions
+
+    return FewShotOptions()
+
+
+FEWSHOT = fewshot_defaults()
+
+
+def parse_shots(ctx, param, value):
+    try:
+        shots = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of shot counts, e.g. 1,5") from None
+    if not shots or min(shots) < 1:
+        raise click.BadParameter(f"{value!r}: give one or more K >= 1, e.g. 1,5")
+    return shots
+
+
+@cli.command(short_help="N-way K-shot episodes: prototypes vs a linear head on frozen features.")
+@click.option("--ways", default=FEWSHOT.ways, show_default=True, type=click.IntRange(2), metavar="N",
+              help="Classes per episode.")
+@click.option("--shots", default=",".join(map(str, FEWSHOT.shots)), show_default=True, callback=parse_shots,
+              metavar="K[,K]", help="Support images per class; one result per K, on the same episodes.")
+@click.option("--queries", default=FEWSHOT.queries, show_default=True, callback=positive, metavar="Q",
+              help="Query images per class and episode.")
+@click.option("--episodes", default=FEWSHOT.episodes, show_default=True, callback=positive, help="Episodes per K.")
+@click.option("--split", type=click.Choice(SPLITS), default=FEWSHOT.split, show_default=True,
+              help="The split the episodes are drawn from.")
+@click.option("--head-steps", default=FEWSHOT.head_steps, show_default=True, callback=positive,
+              help="linear: full-batch gradient steps of the head on the support set.")
+@click.option("--head-lr", default=FEWSHOT.head_lr, show_default=True, type=float, callback=positive,
+              help="linear: the head's learning rate (on L2-normalised features).")
+@click.option("--head-decay", default=FEWSHOT.head_decay, show_default=True, type=float, callback=non_negative,
+              help="linear: L2 weight decay of the head.")
+@DATA_OPTIONS
+@click.option("--backbone", default=JOB.backbone, show_default=True, help="A name from `tfl backbones`.")
+@click.option("--weights", default=JOB.weights, show_default=True,
+              help="'default' (the backbone's ImageNet weights), 'none' (random init) or a path to a weights file.")
+@click.option("--seed", default=JOB.seed, show_default=True, help="Seeds the val split and the episodes.")
+@click.option("--batch-size", default=JOB.batch_size, show_default=True, callback=positive,
+              help="Images per batch of the feature pass.")
+@click.option("--cache", type=click.Choice(CACHE_MODES), default=JOB.cache, show_default=True,
+              help="on/auto: the pooled features persist in --cache-dir and later runs reuse them; off: not kept.")
+@click.option("--cache-budget", metavar="SIZE", callback=size_value, help="Memory for cached arrays, e.g. 4G.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where the features persist.  [default: $TFL_CACHE_DIR or ~/.cache/tfl]")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where fewshot.json/.csv, fewshot_episodes.csv and fewshot.png go (default: "
+                   "runs/<time>-fewshot-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print fewshot.json instead of the table.")
+def fewshot(as_json, **options):
+    """Few-shot classification on frozen features: N-way K-shot episodes, prototypes (class means, cosine) vs a
+    linear head trained on the support set.
+
+    One backbone pass gives the pooled features of --split (cached). Every episode draws --ways classes, --queries
+    queries and K support images per class (the same classes and queries for every K); a class with fewer than
+    max(K) + Q images stops the run, naming it. Reports mean query accuracy ± the 95 % interval over the episodes
+    for each K and method. Writes fewshot.json, fewshot.csv, fewshot_episodes.csv and fewshot.png.
+    """
+    from tfl.recipes.fewshot import FewShotOptions, fewshot as run, format_table
+
+    result = run_library(run, FewShotOptions(**options), log=lambda message: click.echo(message, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

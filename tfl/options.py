@@ -20,3 +20,4 @@ TEACHER_LOGITS = ("auto", "cached", "online")  # tfl distill: teacher outputs co
 CL_SCENARIOS = ("class-il", "task-il")  # tfl forgetting --scenario
 CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --strategies
 DANN_SHIFTS = ("invert", "tint", "texture")  # tfl dann --target-shift: the shifted copy of the dataset made as target
+BALANCE = ("none", "sampler", "loss")  # tfl finetune --balance: class-balanced sampling or class-weighted loss

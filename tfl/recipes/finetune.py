@@ -28,11 +28,15 @@ class FinetuneOptions(JobOptions):
     unfreeze_every: int = 1  # gradual: epochs between unfreezing steps
     unfreeze_schedule: str | None = None  # gradual: "head:2,block7:1,block6:1" (stage:epochs), overrides the above
     lr_decay_per_stage: float = 1.0  # gradual: stage k below the top at backbone_lr / F^k
+    balance: str = "none"  # class balance for imbalanced data: none, sampler or loss (tfl.recipes.balance)
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
     if opts.unfreeze not in UNFREEZE:
         raise ValueError(f"--unfreeze {opts.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
+    from tfl.recipes.balance import check_balance
+
+    check_balance(opts.balance)
     recipe = gradual if opts.unfreeze == "gradual" else two_stage
     _check_gradual_options(opts)
     return jobs.run(opts, recipe, log)
@@ -44,9 +48,20 @@ def two_stage(job: Job) -> dict:
     opts = job.opts
     stages = [Stage("head", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr}),
               Stage("finetune", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})]
-    job.prepare(stages)
+    _prepare_balanced(job, stages)
     job.train(stages)
     return job.finish()
+
+
+def _prepare_balanced(job: Job, stages: list[Stage], config: dict | None = None) -> None:
+    """job.prepare, with --balance's loss weights (an extra column) or sampler (the epoch order) when asked."""
+    from tfl.recipes import balance
+
+    how = getattr(job.opts, "balance", "none")  # compare's two_stage arm shares this recipe, without the option
+    extra, record = balance.apply(job, how)
+    job.prepare(stages, config={**(config or {}), **({"balance_record": record} if record else {})}, extra=extra)
+    if how == "sampler":
+        balance.install_sampler(job)
 
 
 def gradual(job: Job) -> dict:
@@ -58,7 +73,7 @@ def gradual(job: Job) -> dict:
                     group_of=group_per_stage)]
     stages += unfreeze_stages(job.plan, steps, job.lr, job.backbone_lr, job.opts.lr_decay_per_stage)
     job.log("gradual unfreezing: " + ", ".join(f"{s.name} {s.epochs} epoch(s)" for s in stages[1:]))
-    job.prepare(stages, config={"unfreeze_steps": [list(step) for step in steps]})
+    _prepare_balanced(job, stages, config={"unfreeze_steps": [list(step) for step in steps]})
     job.train(stages)
     return job.finish()
 

@@ -113,6 +113,9 @@ class StageInputs:
         self._own: dict[tuple[str, str], Entry] = {}  # activations() computed for a recipe (e.g. the test split)
         self._functions: dict[tuple, Callable] = {}
         self._spent = 0.0  # seconds spent computing cache entries in this run
+        # epoch -> int64 index batches of the training rows, replacing the seeded permutation (a recipe's sampler,
+        # e.g. tfl.recipes.balance); cached activations and images alike are gathered in its order.
+        self.train_order: Callable[[int], tf.data.Dataset] | None = None
 
     # -- deciding ---------------------------------------------------------------------------------------------------
     @property
@@ -228,6 +231,8 @@ class StageInputs:
         """Train: epoch `epoch`'s permutation of the row indices, in full batches. Other splits: 0..n-1."""
         if epoch is None:
             return index_order(self.counts[split], self.batch_size, training=False, seed=self.seed)
+        if self.train_order is not None and split == "train":
+            return self.train_order(epoch)
         return index_order(self.counts[split], self.batch_size, training=True, seed=epoch_seed(self.seed, epoch),
                            drop_remainder=True)
 

@@ -1,0 +1,454 @@
+"""`tfl self-train`: self-training with pseudo-labels (our tutorial's loop; Lee 2013, "Pseudo-Label").
+
+Round 0 trains on the labeled rows only: the labeled-only baseline. After every round the model (its best epoch by
+validation accuracy) predicts every unlabeled row; the rows whose top softmax probability is >= --threshold get
+that class as their label, and the next round trains on the labeled rows plus these pseudo-labeled ones. The
+selection is made afresh from the whole unlabeled pool after each round (a row may enter, stay or leave), and
+every round starts from the same initial weights and trains --head-epochs epochs, so round k differs from round 0
+only by the pseudo-labels it sees (the same budget, seed and data order rule): the gain over round 0 is the
+pseudo-labels' and not more epochs'.
+
+Where the unlabeled rows come from:
+  --labeled-fraction F   a seeded, stratified share F of each class's training rows is labeled (tfl.data's
+                         stratified_rows, as --label-fraction elsewhere); the other training rows are unlabeled,
+                         and since their true labels are known the pseudo-labels' accuracy is reported.
+  --unlabeled DIR        every image file under DIR (recursively) is unlabeled; there is no accuracy to report
+                         for them. With --labeled-fraction as well, both pools are used.
+
+The backbone stays frozen: every round trains the head on pooled features cached once (tfl.training.boundary;
+one backbone pass over train, val, test and the unlabeled folder for the whole run, reused by later runs), and
+predicting the unlabeled pool is a pass of the head over cached features. The validation split stays fully
+labeled (it selects each round's best epoch, as in every tfl run), which is generous to both the baseline and
+self-training alike.
+
+The output directory is a normal run directory (history.csv has one stage per round, model.keras the best round
+by validation accuracy; tfl evaluate / report / export take it) plus self_training.json (settings, per round: rows
+trained on, validation and test accuracy, how many unlabeled rows passed the threshold overall and per class, and
+the pseudo-labels' accuracy overall and per class where true labels exist), self_training.csv (one row per round)
+and self_training.png. A run interrupted anywhere resumes exactly (the checkpoint after every epoch holds the
+round and the current pseudo-labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import time
+
+import numpy as np
+
+from tfl import job as jobs
+from tfl.job import Job, JobOptions, Stage
+
+SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
+COLUMNS = ("round", "labeled", "pseudo_labeled", "pseudo_accuracy_trained", "val_accuracy", "test_accuracy",
+           "passed", "passed_accuracy", "unlabeled")
+POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's rest, and the --unlabeled folder
+
+
+@dataclasses.dataclass
+class SelfTrainOptions(JobOptions):
+    labeled_fraction: float | None = None  # None: every training row is labeled (then --unlabeled is needed)
+    unlabeled: str | None = None  # a folder of unlabeled images
+    threshold: float = 0.9  # the top softmax probability a pseudo-label needs
+    rounds: int = 3  # self-training rounds after round 0 (the labeled-only baseline)
+
+
+def check_options(opts: SelfTrainOptions) -> None:
+    from tfl.data import check_label_fraction
+
+    if opts.label_fraction is not None:
+        raise ValueError(f"--label-fraction {opts.label_fraction}: tfl self-train takes --labeled-fraction (the rest "
+                         "of train becomes its unlabeled pool)")
+    if opts.labeled_fraction is None and not opts.unlabeled:
+        raise ValueError("tfl self-train needs unlabeled data: give --labeled-fraction F (a share of each class's "
+                         "training rows stays labeled, the rest is unlabeled) or --unlabeled DIR (a folder of images)")
+    if opts.labeled_fraction is not None:
+        check_label_fraction(opts.labeled_fraction)
+        if opts.labeled_fraction >= 1.0 and not opts.unlabeled:
+            raise ValueError("--labeled-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
+                             "or --unlabeled DIR")
+    if opts.unlabeled and not os.path.isdir(opts.unlabeled):
+        raise ValueError(f"--unlabeled {opts.unlabeled!r}: not a directory; give a folder of image files")
+    if not 0.0 < opts.threshold < 1.0:
+        raise ValueError(f"--threshold {opts.threshold}: the confidence a pseudo-label needs must be in (0, 1), "
+                         "e.g. 0.9")
+    if opts.rounds < 0:
+        raise ValueError(f"--rounds {opts.rounds}: must be >= 0 (0 trains the labeled-only baseline alone)")
+    if opts.head_epochs < 1:
+        raise ValueError(f"--head-epochs {opts.head_epochs}: every round trains the head that many epochs; give >= 1")
+    if opts.augment:
+        raise ValueError("--augment: tfl self-train trains every round on features cached once from the unaugmented "
+                         "images (and predicts the unlabeled pool on them); drop --augment")
+    if opts.worker_hosts:
+        raise ValueError("tfl self-train runs in one process; --worker-hosts (a multi-worker run) is not supported, "
+                         "use --devices for several local replicas")
+
+
+# -- the unlabeled folder ----------------------------------------------------------------------------------------------
+def unlabeled_folder(root: str, skip_bad_images: bool = False, log=print):
+    """(dataset of (image, -1) elements, count, fingerprint) for every image file under `root`, in sorted order."""
+    from tfl.data.decode import decode_files
+    from tfl.data.errors import DataError, list_some
+    from tfl.data.fingerprint import fingerprint
+    from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, inspect_image
+
+    root = os.path.abspath(os.path.expanduser(root))
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not paths:
+        raise DataError(f"--unlabeled {root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it or below it")
+    infos, bad = [], []
+    for path in paths:
+        try:
+            infos.append((path, inspect_image(path)))
+        except BadImage as err:
+            bad.append(f"{path}  ({err})")
+    if bad and not skip_bad_images:
+        raise DataError(f"--unlabeled: {len(bad)} file(s) under {root} are not readable images:\n{list_some(bad)}\n"
+                        "Delete or fix them, or pass --skip-bad-images to go on without them.")
+    if bad:
+        log(f"warning: skipping {len(bad)} unreadable file(s) under {root}:\n{list_some(bad)}")
+    if not infos:
+        raise DataError(f"--unlabeled {root}: no readable image")
+    stats = [(os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in infos]
+    ds = decode_files([p for p, _ in infos], [-1] * len(infos), [info.needs_pillow for _, info in infos])
+    return ds, len(infos), fingerprint("unlabeled_folder", stats)
+
+
+# -- selection ---------------------------------------------------------------------------------------------------------
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(-1, keepdims=True)
+
+
+def select(probabilities: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose top probability is >= threshold, their top class), rows in increasing order."""
+    confidence = probabilities.max(-1)
+    rows = np.flatnonzero(confidence >= threshold).astype(np.int64)
+    return rows, probabilities[rows].argmax(-1).astype(np.int32)
+
+
+def selection_record(pools: dict, class_names: list[str], truths: dict) -> dict:
+    """How many rows passed, overall and per (pseudo-)class, and where true labels exist (truths[pool] >= 0) the
+    pseudo-labels' accuracy, overall and per pseudo-class (its precision)."""
+    labels = np.concatenate([pools[p][1] for p in POOLS if p in pools]) if pools else np.zeros(0, np.int32)
+    truth = np.concatenate([truths[p][pools[p][0]] for p in POOLS if p in pools]) if pools else np.zeros(0)
+    known = truth >= 0
+    per_class, per_class_accuracy = {}, {}
+    for c, name in enumerate(class_names):
+        mine = labels == c
+        per_class[name] = int(mine.sum())
+        checked = mine & known
+        per_class_accuracy[name] = round(float(np.mean(labels[checked] == truth[checked])), 6) if checked.any() \
+            else None
+    return {"passed": int(len(labels)), "per_class": per_class,
+            "accuracy": round(float(np.mean(labels[known] == truth[known])), 6) if known.any() else None,
+            "checked": int(known.sum()), "per_class_accuracy": per_class_accuracy,
+            "from_pool": {p: int(len(pools[p][0])) for p in POOLS if p in pools}}
+
+
+# -- the recipe --------------------------------------------------------------------------------------------------------
+class SelfTraining:
+    """One run: the job's model, the cached features of every pool, the rounds."""
+
+    def __init__(self, job: Job):
+        from tfl.freezing import head_only_plan
+        from tfl.training import boundary
+
+        self.job, self.opts = job, job.opts
+        opts = self.opts
+        self.initial = [np.array(v.numpy()) for v in job.model.weights]  # every round starts here
+        self.stages = [Stage(f"round{k}", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr})
+                       for k in range(opts.rounds + 1)]
+        config = {"recipe": "self_train"}
+        self.folder = None
+        if opts.unlabeled:
+            self.folder = unlabeled_folder(opts.unlabeled, opts.skip_bad_images, job.log)
+            config["unlabeled_fingerprint"] = self.folder[2]
+        job.prepare(self.stages, config=config)
+        splits = job.splits
+        self.test_split = "test" if splits.test is not None else "val"
+        if self.test_split == "test":
+            job.inputs.add_split("test", splits.test, splits.num_examples["test"],
+                                 boundary.data_identity(splits.fingerprint, "test"))
+        if self.folder:
+            ds, count, fp = self.folder
+            job.inputs.add_split("unlabeled", ds, count, boundary.data_identity(fp, "unlabeled"))
+        self.state = {"done": 0, "records": []}
+        self.pseudo = {}  # pool -> (rows, pseudo labels) the current round trains on
+        if job.snapshot is not None and "recipe" in job.snapshot.state:
+            self.state = job.snapshot.state["recipe"]
+            arrays = job.snapshot.arrays
+            for pool in self.state.get("pools", []):
+                self.pseudo[pool] = (np.asarray(arrays[f"recipe.{pool}_rows"], np.int64),
+                                     np.asarray(arrays[f"recipe.{pool}_labels"], np.int32))
+        job.trainer.recipe_state = self.to_checkpoint
+
+    def to_checkpoint(self):
+        state = {**self.state, "pools": sorted(self.pseudo)}
+        arrays = {}
+        for pool, (rows, labels) in self.pseudo.items():
+            arrays[f"{pool}_rows"], arrays[f"{pool}_labels"] = rows, labels
+        return state, arrays
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def _feed(self) -> None:
+        from tfl import data, freezing
+
+        job = self.job
+        epochs_run = {}
+        for result in job.trainer.history:
+            epochs_run[result.stage] = epochs_run.get(result.stage, 0) + 1
+        # Fed as the first round still to train (after a resume, a finished stage gets no cache).
+        stage = next((s for s in self.stages if epochs_run.get(s.name, 0) < s.epochs), self.stages[-1])
+        with job.strategy.scope():
+            graph = freezing.training_graph(job.model, stage.plan, self.opts.freeze_mode, self.opts.train_bn)
+        self.groups = jobs.param_groups(graph, stage)
+        self.trainable = graph.trainable_stages()
+        feed = job.inputs.feed(stage.name, graph, job.trainer.history)
+        self.boundary, self.train_model, self.eval_model = feed.boundary, feed.model, feed.eval_model
+        self.val = feed.val
+        labels = np.asarray(job.inputs.labels("train", self.boundary), np.int64)
+        fraction = self.opts.labeled_fraction
+        self.labeled = (data.stratified_rows(labels, fraction, self.opts.seed) if fraction is not None
+                        else np.arange(len(labels), dtype=np.int64))
+        self.truth = {"train": labels}
+        pool_rows = {"train": np.setdiff1d(np.arange(len(labels)), self.labeled).astype(np.int64)}
+        if self.folder:
+            self.truth["unlabeled"] = np.full(self.folder[1], -1, np.int64)
+            pool_rows["unlabeled"] = np.arange(self.folder[1], dtype=np.int64)
+        self.pool_rows = {p: r for p, r in pool_rows.items() if len(r)}
+        if len(self.labeled) < job.batch:
+            raise ValueError(f"--batch-size {job.batch} is larger than the {len(self.labeled)} labeled examples; "
+                             "lower it or raise --labeled-fraction")
+
+    def _rows(self, split: str):
+        """The rows of `split` the trainer gathers from: cached features, or decoded images without a cache."""
+        if self.boundary is not None:
+            return self.job.inputs.activations(self.boundary, split).data
+        return self.job.inputs._store(split).images  # noqa: SLF001 - the decoded images StageInputs keeps
+
+    def _round_columns(self) -> dict:
+        """The round's training rows gathered once: the labeled rows, then each pool's pseudo-labeled rows."""
+        from tfl.data.pipeline import FEATURES, IMAGE, LABEL
+
+        parts = [(self._rows("train")[self.labeled], self.truth["train"][self.labeled].astype(np.int32))]
+        for pool in POOLS:
+            if pool in self.pseudo and len(self.pseudo[pool][0]):
+                rows, labels = self.pseudo[pool]
+                parts.append((self._rows(pool)[rows], labels))
+        key = FEATURES if self.boundary is not None else IMAGE
+        return {key: np.concatenate([p[0] for p in parts]), LABEL: np.concatenate([p[1] for p in parts])}
+
+    def _train_batches(self, columns: dict):
+        from tfl.data.pipeline import IMAGE, gather_batches, index_order, to_model_input
+        from tfl.training.trainer import epoch_seed
+
+        count, batch, image_size = len(columns["label"]), self.job.batch, self.job.image_size
+
+        def to_input(b):
+            return {**b, IMAGE: to_model_input(b[IMAGE], image_size)} if IMAGE in b else b
+
+        def batches(epoch):
+            order = index_order(count, batch, training=True, seed=epoch_seed(self.opts.seed, epoch),
+                                drop_remainder=True)
+            return gather_batches(order, columns, to_input)
+
+        return batches, count // batch
+
+    def _ordered(self, split: str, rows: np.ndarray | None = None):
+        import tensorflow as tf
+
+        count = self.job.inputs.counts[split]
+        rows = np.arange(count, dtype=np.int64) if rows is None else rows
+        order = tf.data.Dataset.from_tensor_slices(rows).batch(self.job.batch)
+        return self.job.inputs.batches(split, self.boundary, order), -(-len(rows) // self.job.batch)
+
+    def predict(self, split: str, rows: np.ndarray) -> np.ndarray:
+        from tfl.training.trainer import model_inputs
+
+        data, _ = self._ordered(split, rows)
+        model = self.eval_model or self.job.model
+        return np.concatenate([np.asarray(model(model_inputs(b), training=False), np.float32) for b in data])
+
+    def test_accuracy(self) -> float:
+        data, steps = self._ordered(self.test_split)
+        return self.job.trainer.evaluate_all(data, self.test_split, steps, self.eval_model)["accuracy"]
+
+    # -- the rounds ----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tfl.training.trainer import StagePolicy, Trainer
+
+        job, trainer, opts = self.job, self.job.trainer, self.opts
+        self._feed()
+        unlabeled = sum(len(r) for r in self.pool_rows.values())
+        job.log(f"self-train: {len(self.labeled)} labeled rows, {unlabeled} unlabeled ("
+                + ", ".join(f"{p}: {len(r)}" for p, r in self.pool_rows.items()) + f"), threshold {opts.threshold:g}, "
+                f"{opts.rounds} round(s) after the labeled-only round 0")
+        header = Trainer.header()
+        snapshot_stage = job.snapshot.state["stage"] if job.snapshot is not None else None
+        for k in range(self.state["done"], opts.rounds + 1):
+            started = time.time()
+            stage = self.stages[k]
+            if snapshot_stage != stage.name:  # a new round (not one a resume continues): the initial weights
+                for variable, value in zip(job.model.weights, self.initial):
+                    variable.assign(value)
+            columns = self._round_columns()
+            train, steps = self._train_batches(columns)
+            pseudo_count = len(columns["label"]) - len(self.labeled)
+            trained_accuracy = self._trained_accuracy()
+            job.log(f"self-train: round {k}/{opts.rounds}: {len(self.labeled)} labeled + {pseudo_count} pseudo-labeled"
+                    " rows" + (f" (pseudo-labels {trained_accuracy:.4f} right)" if trained_accuracy is not None else ""))
+            if header:
+                job.log(header)
+                header = None
+            val_steps = job.steps("val")
+            trainer.run_stage(stage.name, self.train_model, self.groups, stage.epochs, train, self.val, steps,
+                              job.batch, val_steps, eval_model=self.eval_model, policy=StagePolicy(restore_best=True),
+                              trainable=self.trainable)
+            test = self.test_accuracy()
+            self.pseudo = {}
+            for pool, rows in self.pool_rows.items():
+                picked, labels = select(softmax(self.predict(pool, rows)), opts.threshold)
+                self.pseudo[pool] = (rows[picked], labels)
+            chosen = selection_record(self.pseudo, job.class_names, self.truth)
+            record = {"round": k, "labeled": int(len(self.labeled)), "pseudo_labeled": int(pseudo_count),
+                      "pseudo_accuracy_trained": trained_accuracy,
+                      "val_accuracy": round(trainer.stage_best[stage.name]["value"], 6),
+                      "best_epoch": trainer.stage_best[stage.name]["epoch"], "test_accuracy": round(test, 6),
+                      "unlabeled": unlabeled, "selected": chosen, "seconds": round(time.time() - started, 1)}
+            self.state["records"].append(record)
+            self.state["done"] = k + 1
+            accuracy = f", {chosen['accuracy']:.4f} of them right" if chosen["accuracy"] is not None else ""
+            job.log(f"self-train: round {k}: {self.test_split} accuracy {test:.4f}; {chosen['passed']} of {unlabeled} "
+                    f"unlabeled rows passed {opts.threshold:g}{accuracy}; per class "
+                    + " ".join(f"{name}:{n}" for name, n in chosen["per_class"].items()))
+        return self.finish()
+
+    def _trained_accuracy(self) -> float | None:
+        """The accuracy of the pseudo-labels this round trains on, over the rows with true labels."""
+        rows, labels = self.pseudo.get("train", (np.zeros(0, np.int64), np.zeros(0)))
+        return round(float(np.mean(labels == self.truth["train"][rows])), 6) if len(rows) else None
+
+    def finish(self) -> dict:
+        from tfl.training import rundir
+
+        job, trainer = self.job, self.job.trainer
+        trainer.restore_best()  # the best round by validation accuracy
+        test = self.test_accuracy()
+        job.model.trainable = True
+        job.run_dir.save_model(job.model)
+        records = self.state["records"]
+        metrics = {"test_accuracy": round(test, 6), "val_accuracy": round(trainer.best_accuracy, 6),
+                   "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history), "eval_split": self.test_split,
+                   "baseline_test_accuracy": records[0]["test_accuracy"],
+                   "last_round_test_accuracy": records[-1]["test_accuracy"],
+                   "train_seconds": round(time.time() - job.started, 1)}
+        job.run_dir.write_json(rundir.METRICS, metrics)
+        trainer.finish()
+        if self.opts.export and not job.scratch:
+            from tfl.export.saved_model import export_saved_model
+
+            metrics["export_dir"] = export_saved_model(job.run_dir.path, log=job.log)
+        result = {"settings": {"labeled_fraction": self.opts.labeled_fraction, "unlabeled": self.opts.unlabeled,
+                               "threshold": self.opts.threshold, "rounds": self.opts.rounds, "seed": self.opts.seed,
+                               "head_epochs": self.opts.head_epochs, "backbone": self.opts.backbone,
+                               "image_size": job.image_size, "dataset": self.opts.dataset},
+                  "classes": job.class_names, "rounds": records, "metrics": metrics}
+        write_outputs(job.run_dir.path, result)
+        job.log(f"self-train: best round by val accuracy: {self.test_split} accuracy {test:.4f} (round 0, labeled "
+                f"only: {records[0]['test_accuracy']:.4f}); wrote {SELF_JSON}, {SELF_CSV} and {SELF_PNG} in "
+                f"{job.run_dir.path}")
+        return {**result, "output_dir": job.run_dir.path}
+
+
+def self_train(opts: SelfTrainOptions, log=print) -> dict:
+    """Round 0 on the labeled rows, then --rounds rounds with pseudo-labels; returns what self_training.json holds,
+    plus output_dir."""
+    check_options(opts)
+    return jobs.run(opts, lambda job: SelfTraining(job).run(), log)
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------------
+def csv_rows(result: dict) -> list[dict]:
+    rows = []
+    for r in result["rounds"]:
+        chosen = r["selected"]
+        row = {"round": r["round"], "labeled": r["labeled"], "pseudo_labeled": r["pseudo_labeled"],
+               "pseudo_accuracy_trained": r["pseudo_accuracy_trained"], "val_accuracy": r["val_accuracy"],
+               "test_accuracy": r["test_accuracy"], "passed": chosen["passed"], "passed_accuracy": chosen["accuracy"],
+               "unlabeled": r["unlabeled"]}
+        row.update({f"passed_{name}": n for name, n in chosen["per_class"].items()})
+        rows.append(row)
+    return rows
+
+
+def write_outputs(out: str, result: dict) -> None:
+    from tfl.training import rundir
+
+    folder = rundir.RunDir(out)
+    folder.write_json(SELF_JSON, result)
+    rows = csv_rows(result)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    rundir.atomic_write(folder.file(SELF_CSV), buffer.getvalue().encode())
+    write_figure(result, folder.file(SELF_PNG))
+
+
+def write_figure(result: dict, path: str) -> str:
+    """Test accuracy per round (round 0 = labeled only, dashed) and, per round, how many unlabeled rows passed the
+    threshold and how many of those were right."""
+    from tfl.reporting.figures import _figure, _save  # noqa: PLC2701 - the shared Agg figure and atomic save
+
+    records = result["rounds"]
+    figure = _figure((10, 3.8))
+    acc_ax, count_ax = figure.subplots(1, 2)
+    rounds = [r["round"] for r in records]
+    acc_ax.plot(rounds, [r["test_accuracy"] for r in records], marker="o", label="self-training")
+    acc_ax.axhline(records[0]["test_accuracy"], color="0.5", linestyle="--", label="labeled only (round 0)")
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.legend(fontsize=8)
+    passed = [r["selected"]["passed"] for r in records]
+    count_ax.bar(rounds, passed, color="tab:blue", alpha=0.5, label="passed the threshold")
+    right = [round(r["selected"]["accuracy"] * r["selected"]["checked"]) if r["selected"]["accuracy"] is not None
+             else None for r in records]
+    if any(v is not None for v in right):
+        count_ax.bar(rounds, [v or 0 for v in right], color="tab:green", alpha=0.7, label="of them right")
+    count_ax.set_xlabel("after round")
+    count_ax.set_ylabel("unlabeled rows")
+    count_ax.legend(fontsize=8)
+    for ax in (acc_ax, count_ax):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(rounds)
+    s = result["settings"]
+    figure.suptitle(f"self-training, {s['backbone']} {s['image_size']}px, labeled fraction "
+                    f"{s['labeled_fraction']}, threshold {s['threshold']:g}")
+    return _save(figure, path)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'round':>5}{'labeled':>9}{'pseudo':>8}{'ps.acc':>8}{'val acc':>9}{'test acc':>9}{'passed':>8}"
+             f"{'pass acc':>9}"]
+
+    def num(v, width):
+        return f"{v:>{width}.4f}" if v is not None else f"{'-':>{width}}"
+
+    for r in result["rounds"]:
+        chosen = r["selected"]
+        lines.append(f"{r['round']:>5}{r['labeled']:>9}{r['pseudo_labeled']:>8}{num(r['pseudo_accuracy_trained'], 8)}"
+                     f"{r['val_accuracy']:>9.4f}{r['test_accuracy']:>9.4f}{chosen['passed']:>8}"
+                     f"{num(chosen['accuracy'], 9)}")
+    m = result["metrics"]
+    lines.append(f"best round by val: test accuracy {m['test_accuracy']:.4f} (labeled only: "
+                 f"{m['baseline_test_accuracy']:.4f})")
+    return "\n".join(lines)
