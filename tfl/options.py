@@ -17,3 +17,4 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 TEACHER_LOGITS = ("auto", "cached", "online")  # tfl distill: teacher outputs computed once, or per batch
 CL_SCENARIOS = ("class-il", "task-il")  # tfl forgetting --scenario
 CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --strategies
+PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective
