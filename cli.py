@@ -15,8 +15,7 @@ quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-
 from tfl.job import BACKBONE_LR_FACTOR, JobOptions  # noqa: E402
 from tfl.options import (BALANCE, BENCH_CASES, CACHE_MODES, CL_SCENARIOS, CL_STRATEGIES, EXPORT_FORMATS,  # noqa: E402
                          FREEZE_MODES, IMAGE_EXTENSIONS, MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SPLITS, STRATEGIES,
-                         TEACHER_LOGITS,
-                         TFLITE_MODES, UNFREEZE)
+                         PRETEXT_OBJECTIVES, TEACHER_LOGITS, TFLITE_MODES, UNFREEZE)
 from tfl.recipes.compare import ARMS as COMPARE_ARMS, REGISTRY as COMPARE_REGISTRY  # noqa: E402
 from tfl.recipes.distill import DistillOptions  # noqa: E402
 from tfl.recipes.finetune import FinetuneOptions  # noqa: E402
@@ -752,6 +751,59 @@ def fewshot(as_json, **options):
     from tfl.recipes.fewshot import FewShotOptions, fewshot as run, format_table
 
     result = run_library(run, FewShotOptions(**options), log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+# --- pretext -----------------------------------------------------------------------------------------------------
+def pretext_defaults():
+    from tfl.recipes.pretext import PretextOptions
+
+    return PretextOptions()
+
+
+PRETEXT = pretext_defaults()
+
+
+@cli.command(cls=OrderedRulesCommand, short_help="Self-supervised pretext pretraining (rotation, SimCLR), then fine-tunes.")
+@click.option("--objective", type=click.Choice(PRETEXT_OBJECTIVES), default=PRETEXT.objective, show_default=True,
+              help="rotation (Gidaris et al. 2018): predict which of 0/90/180/270 degrees each image was turned by. "
+                   "simclr (Chen et al. 2020): two random views of each image find each other among the batch "
+                   "(NT-Xent).")
+@click.option("--pretext-epochs", default=PRETEXT.pretext_epochs, show_default=True, callback=positive,
+              help="Epochs of pretext training over the train split's images (--limit-train N of them), labels "
+                   "ignored.")
+@click.option("--temperature", default=PRETEXT.temperature, show_default=True, type=float, callback=positive,
+              help="simclr: NT-Xent's temperature.")
+@click.option("--projection-dim", default=PRETEXT.projection_dim, show_default=True, callback=positive,
+              help="simclr: the projection head's output size (after --head-hidden, default 128).")
+@click.option("--label-fraction", "label_fractions", default=",".join(f"{f:g}" for f in PRETEXT.label_fractions),
+              show_default=True, callback=parse_fractions, metavar="F[,F]",
+              help="Then fine-tune at each seeded, stratified share F of the labels, from the initial weights and "
+                   "from the pretext backbone, same seed and --head-epochs/--epochs budget.")
+@click.option("--finetune/--no-finetune", default=PRETEXT.finetune, show_default=True,
+              help="--no-finetune: pretrain only and write backbone.keras (for tfl finetune --init-from).")
+@DATA_OPTIONS
+@MODEL_OPTIONS
+@TRAIN_OPTIONS
+@DEVICES_OPTION
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where pretext.json/.csv/.png, backbone.keras, the pretext run (pretext/) and the fine-tunes "
+                   "(frac<F>/baseline, frac<F>/pretext) go (default: runs/<time>-pretext-<dataset>).")
+@click.option("--json", "as_json", is_flag=True, help="Print pretext.json instead of the table.")
+def pretext(as_json, **options):
+    """Self-supervised pretext pretraining on unlabeled images, then fine-tuning from it.
+
+    Continues training --backbone from --weights on the images of --dataset's train split with a pretext head,
+    labels ignored, and saves the backbone as backbone.keras (`tfl finetune --init-from <out>/backbone.keras`).
+    Then, at each --label-fraction, fine-tunes from the initial weights and from the pretext backbone with the
+    same budget. Writes pretext.json, pretext.csv (arm, label_fraction, test_accuracy, ...) and pretext.png;
+    prints the table.
+    """
+    from tfl.recipes.pretext import PretextOptions, format_table, pretext as run
+
+    opts = job_options(PretextOptions, options)
+    result = run_training(run, opts, log=lambda message: click.echo(message, err=True),
+                          root_of=lambda run_dir: os.path.dirname(os.path.dirname(run_dir)))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

@@ -163,8 +163,9 @@ def check_finite(opts) -> None:
             raise ValueError(f"--{field.name.replace('_', '-')} {value}: must be a finite number")
 
 
-def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print) -> dict:
-    """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics.
+def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=None) -> dict:
+    """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics. `targets`: see
+    Job.setup.
 
     In a multi-worker run every worker calls this. Only the chief writes the run directory, holding its lock
     (rundir.RunLock) for the whole run; the others write the same files into a temporary directory, removed at
@@ -192,10 +193,10 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print) -> dict:
             has_checkpoint = checkpoint.has_checkpoint(os.path.join(path, rundir.CHECKPOINTS))
             for removed in rundir.check_reusable(path, opts.overwrite, has_checkpoint):
                 log(f"--overwrite: removed {removed}")
-            return recipe(Job.setup(opts, log, strategy, scratch=None))
+            return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets))
     scratch = tempfile.mkdtemp(prefix=f"tfl-{strategies.worker_name(strategy)}-")
     try:
-        return recipe(Job.setup(opts, log, strategy, scratch))
+        return recipe(Job.setup(opts, log, strategy, scratch, targets=targets))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -219,6 +220,7 @@ class Job:
     train_rows: object = None  # the rows of splits.train trained on (--label-fraction, --limit-train); None: all
     advice: dict | None = None  # --freeze-up-to auto: what tfl advise measured and chose (advice.json)
     precision: object = None  # tfl.precision.Choice: what the model computes in, and why
+    targets: list | None = None  # the model's output names when they are not the data's classes (a pretext task)
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -228,7 +230,9 @@ class Job:
 
     # -- the first half: data, model, plan --------------------------------------------------------------------------
     @classmethod
-    def setup(cls, opts: JobOptions, log, strategy, scratch: str | None = None) -> "Job":
+    def setup(cls, opts: JobOptions, log, strategy, scratch: str | None = None, targets=None) -> "Job":
+        """`targets`: names of the model's outputs when they are not the data's classes (a pretext task's
+        rotations); the model gets one logit per target, classes.json lists them, the data's labels stay."""
         import keras
         import tensorflow as tf
 
@@ -266,7 +270,8 @@ class Job:
 
         choice = choose_precision(opts, strategy, len(splits.class_names), image_size, batch, log)
         with strategy.scope():
-            model = models.build_classifier(opts.backbone, len(splits.class_names), image_size, opts.weights,
+            outputs = len(targets) if targets is not None else len(splits.class_names)
+            model = models.build_classifier(opts.backbone, outputs, image_size, opts.weights,
                                             opts.head_hidden, opts.dropout, choice.precision)
         restored = reuse.restore_classifier(model, spec, init, opts.reuse, opts.reuse_exclude, opts.rename,
                                               log) if init else None
@@ -275,7 +280,8 @@ class Job:
             # Fail on a plan the freeze mode cannot apply now, not after an earlier stage has trained.
             freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
         return cls(opts, log, strategy, scratch, spec, splits, image_size, train_source, n_train, batch, model, plan,
-                   restored, started, train_rows=rows, advice=advice, precision=choice)
+                   restored, started, train_rows=rows, advice=advice, precision=choice,
+                   targets=list(targets) if targets is not None else None)
 
     # -- derived facts ------------------------------------------------------------------------------------------------
     @property
@@ -298,7 +304,8 @@ class Job:
 
     @property
     def class_names(self) -> list:
-        return list(self.splits.class_names)
+        """The model's outputs: the data's classes, or the recipe's targets."""
+        return list(self.targets) if self.targets is not None else list(self.splits.class_names)
 
     def steps(self, split: str) -> int:
         count = self.n_train if split == "train" else self.splits.num_examples.get(split, 0)
@@ -306,11 +313,12 @@ class Job:
 
     # -- the second half: caches, run directory, resume point, trainer -----------------------------------------------
     def prepare(self, stages: list[Stage], config: dict | None = None, loss=None, metrics=None, extra=None,
-                callbacks=(), select: str = "val_accuracy") -> "Job":
+                callbacks=(), select: str = "val_accuracy", inputs=None) -> "Job":
         """Plan the stage inputs (--cache on refuses here, before the run directory exists), write the run
         directory (or find the resume point in it) and make the trainer. `config`: the recipe's own settings,
         recorded in config.json and compared on resume; loss/metrics/extra/callbacks/select: see Trainer and
-        StageInputs."""
+        StageInputs; inputs: what the model is called on (Trainer's `inputs` hook, default the batch's images or
+        cached features)."""
         from tfl import models
         from tfl.training import boundary, checkpoint, rundir, strategy as strategies
         from tfl.training.trainer import TrainConfig, Trainer
@@ -358,7 +366,8 @@ class Job:
             callbacks.append(_tensorboard(run.file(TENSORBOARD), self.config, plan))
         self.trainer = Trainer(self.strategy, self.model, len(self.class_names), cfg, self.log,
                                checkpoint.CheckpointManager(run.file(rundir.CHECKPOINTS)), loss=loss, metrics=metrics,
-                               callbacks=callbacks, select=select)
+                               callbacks=callbacks, select=select,
+                               **({"inputs": inputs} if inputs is not None else {}))
         if self.snapshot:
             self.trainer.resume(self.snapshot)
             self.log(f"resuming after epoch {self.snapshot.epoch} (stage {self.snapshot.state['stage']}) from the "

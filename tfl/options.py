@@ -21,3 +21,4 @@ CL_SCENARIOS = ("class-il", "task-il")  # tfl forgetting --scenario
 CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --strategies
 DANN_SHIFTS = ("invert", "tint", "texture")  # tfl dann --target-shift: the shifted copy of the dataset made as target
 BALANCE = ("none", "sampler", "loss")  # tfl finetune --balance: class-balanced sampling or class-weighted loss
+PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective

@@ -1,0 +1,440 @@
+"""`tfl pretext`: self-supervised pretext pretraining on unlabeled images, then fine-tuning from the result.
+
+The backbone keeps pretraining on the images of --dataset's train split (--limit-train N of them), their labels
+ignored, with a pretext head on top:
+
+  rotation  Gidaris et al., "Unsupervised Representation Learning by Predicting Image Rotations" (ICLR 2018):
+            every image is shown at 0, 90, 180 and 270 degrees in the same batch and a 4-way head predicts which.
+            loss = the mean cross-entropy over the four copies; "accuracy" is rotation accuracy.
+  simclr    Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (ICML 2020): two
+            random views of every image (resized crop, flip, brightness and contrast jitter), a projection MLP
+            (--head-hidden, default 128, then --projection-dim), and NT-Xent at --temperature: each view must find
+            its partner among the 2B - 1 other views of the batch (of its replica). "accuracy" is that top-1.
+
+Both are hooks of the one training loop (tfl.training.trainer): an `inputs` hook makes the rotated copies or the
+views from the image batch, a `loss` hook scores the outputs; nothing else changes (the boundary cache is off,
+since the inputs are transformed images). With random initial weights every layer trains, batch norm too; with
+pretrained weights the layers above --freeze-up-to do, the backbone at --backbone-lr and the head at --lr.
+
+Output directory:
+  pretext/          the pretext run (a normal run directory: config, history, curves, checkpoints; its model.keras
+                    is backbone + pretext head, its classes.json names the pretext targets)
+  backbone.keras    the pretrained backbone alone: `tfl finetune --backbone B --init-from <out>/backbone.keras`
+                    restores every backbone weight by name and trains a new head as usual
+  frac<F>/baseline/ and frac<F>/pretext/  (unless --no-finetune) for each --label-fraction F, the same fine-tune
+                    from the initial weights and from backbone.keras, same seed and budget: random initial weights
+                    train every layer for --head-epochs + --epochs (as compare's scratch arm); pretrained ones
+                    train as tfl finetune does (--head-epochs on the head, then --epochs above --freeze-up-to)
+  pretext.json, pretext.csv  the pretext run's summary and one row per fine-tune (test accuracy, ...)
+  pretext.png       test accuracy against the label fraction per arm and the arms' val curves (without
+                    fine-tunes: the pretext run's curves)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import time
+
+from tfl import job as jobs
+from tfl.job import Job, JobOptions, Stage
+from tfl.options import PRETEXT_OBJECTIVES
+
+PRETEXT_JSON, PRETEXT_CSV, PRETEXT_PNG = "pretext.json", "pretext.csv", "pretext.png"
+BACKBONE_FILE = "backbone.keras"
+ROTATIONS = ("rot0", "rot90", "rot180", "rot270")  # k quarter turns counter-clockwise, k = the target
+SIMCLR_HIDDEN = (128,)  # the projection MLP's hidden layer when --head-hidden is not given
+COLUMNS = ("arm", "start", "label_fraction", "seed", "test_accuracy", "best_val_accuracy", "epochs", "wall_seconds",
+           "train_examples", "run_dir")
+
+
+@dataclasses.dataclass
+class PretextOptions(JobOptions):
+    objective: str = "rotation"
+    pretext_epochs: int = 5
+    temperature: float = 0.5  # simclr: NT-Xent's temperature
+    projection_dim: int = 64  # simclr: the projection's output size
+    label_fractions: tuple[float, ...] = (0.01, 0.1)  # the fine-tunes' shares of the labels
+    finetune: bool = True  # then fine-tune from the initial and the pretext weights at each label fraction
+
+
+@dataclasses.dataclass
+class PretextRunOptions(JobOptions):
+    """The pretext run's options; config.json records these with the rest (and a resume compares them)."""
+
+    recipe: str = "pretext"
+    objective: str = "rotation"
+    temperature: float | None = None
+    projection_dim: int | None = None
+
+
+@dataclasses.dataclass
+class ArmOptions(JobOptions):
+    recipe: str = "pretext"
+    arm: str = ""  # baseline: the initial weights; pretext: backbone.keras
+    start: str = ""  # the initial weights the comparison started from (random, or the backbone's default)
+
+
+# -- the objectives -------------------------------------------------------------------------------------------------
+def rotate_batch(images):
+    """[B, S, S, C] -> [4B, S, S, C]: the batch at 0, 90, 180, 270 degrees (counter-clockwise), in that order."""
+    import tensorflow as tf
+
+    return tf.concat([tf.image.rot90(images, k) for k in range(4)], axis=0)
+
+
+class Rotation:
+    """Rotation prediction: the inputs hook makes the four copies, the loss is the mean CE over them per image."""
+
+    targets = ROTATIONS
+
+    def inputs(self, batch: dict):
+        from tfl.data.pipeline import IMAGE
+
+        return rotate_batch(batch[IMAGE])
+
+    def _per_copy(self, logits):
+        import tensorflow as tf
+
+        logits = tf.cast(logits, tf.float32)
+        logits = tf.reshape(logits, [4, -1, len(ROTATIONS)])  # [rotation, image, logit]
+        labels = tf.broadcast_to(tf.range(4)[:, None], tf.shape(logits)[:2])
+        return logits, labels
+
+    def loss(self, batch: dict, logits):
+        import tensorflow as tf
+
+        logits, labels = self._per_copy(logits)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return tf.reduce_mean(ce, axis=0)
+
+    def metrics(self, batch: dict, logits) -> dict:
+        import tensorflow as tf
+
+        logits, labels = self._per_copy(logits)
+        hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        return {"accuracy": tf.reduce_mean(hit, axis=0)}
+
+
+def simclr_views(images, min_scale: float = 0.3, jitter: float = 0.4):
+    """A random view of each image in [B, S, S, 3] (0..255): a resized crop of 30-100 % of the area (aspect 3/4 to
+    4/3), a horizontal flip half the time, brightness and contrast jitter of +-40 %."""
+    import math
+
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, size = shape[0], shape[1]
+    area = tf.random.uniform([n], min_scale, 1.0)
+    log_ratio = tf.random.uniform([n], math.log(3 / 4), math.log(4 / 3))
+    ratio = tf.exp(log_ratio)
+    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+    y0 = tf.random.uniform([n]) * (1.0 - h)
+    x0 = tf.random.uniform([n]) * (1.0 - w)
+    boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+    views = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(n), tf.stack([size, size]))
+    flip = tf.random.uniform([n, 1, 1, 1]) < 0.5
+    views = tf.where(flip, tf.reverse(views, axis=[2]), views)
+    brightness = tf.random.uniform([n, 1, 1, 1], -jitter, jitter) * 255.0
+    contrast = tf.random.uniform([n, 1, 1, 1], 1.0 - jitter, 1.0 + jitter)
+    mean = tf.reduce_mean(views, axis=[1, 2, 3], keepdims=True)
+    views = (views - mean) * contrast + mean + brightness
+    return tf.clip_by_value(views, 0.0, 255.0)
+
+
+class SimCLR:
+    """Two views per image; NT-Xent over the 2B projections, per image the mean of its two views' terms."""
+
+    def __init__(self, projection_dim: int, temperature: float):
+        self.targets = tuple(f"z{i}" for i in range(projection_dim))
+        self.temperature = float(temperature)
+
+    def inputs(self, batch: dict):
+        import tensorflow as tf
+
+        from tfl.data.pipeline import IMAGE
+
+        images = batch[IMAGE]
+        return tf.concat([simclr_views(images), simclr_views(images)], axis=0)
+
+    def _logits(self, outputs):
+        """[2B, 2B] similarity logits (self-similarity masked out) and each row's positive."""
+        import tensorflow as tf
+
+        z = tf.math.l2_normalize(tf.cast(outputs, tf.float32), axis=-1)
+        n2 = tf.shape(z)[0]
+        n = n2 // 2
+        sim = tf.matmul(z, z, transpose_b=True) / self.temperature
+        sim = sim - tf.eye(n2) * 1e9
+        positive = tf.concat([tf.range(n, n2), tf.range(0, n)], axis=0)
+        return sim, positive, n
+
+    def loss(self, batch: dict, outputs):
+        import tensorflow as tf
+
+        sim, positive, n = self._logits(outputs)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive, logits=sim)
+        return (ce[:n] + ce[n:]) / 2.0
+
+    def metrics(self, batch: dict, outputs) -> dict:
+        import tensorflow as tf
+
+        sim, positive, n = self._logits(outputs)
+        hit = tf.cast(tf.equal(tf.argmax(sim, -1, output_type=tf.int32), positive), tf.float32)
+        return {"accuracy": (hit[:n] + hit[n:]) / 2.0}
+
+
+def objective_for(opts) -> Rotation | SimCLR:
+    if opts.objective == "rotation":
+        return Rotation()
+    if opts.objective == "simclr":
+        return SimCLR(opts.projection_dim, opts.temperature)
+    raise ValueError(f"--objective {opts.objective!r}: choose one of {', '.join(PRETEXT_OBJECTIVES)}")
+
+
+# -- the pretext run ------------------------------------------------------------------------------------------------
+def starts_random(opts: JobOptions) -> bool:
+    from tfl import models
+    from tfl.backbones import registry
+
+    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None
+
+
+def random_init_everything(job: Job):
+    """Every layer trains, batch norm at compare's scratch momentum (random statistics must follow the weights)."""
+    import keras
+
+    from tfl.freezing import leaf_layers, make_plan
+    from tfl.recipes.compare import SCRATCH_BN_MOMENTUM
+
+    for layer in leaf_layers(job.model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = SCRATCH_BN_MOMENTUM
+    return make_plan(job.spec, job.model, None)
+
+
+def pretext_recipe(out: str, state: dict):
+    def recipe(job: Job) -> dict:
+        from tfl import models
+        from tfl.training import rundir
+
+        opts = job.opts
+        objective = objective_for(opts)
+        state["splits"] = job.splits
+        if starts_random(opts):
+            stage = Stage("pretext", random_init_everything(job), opts.epochs, {"backbone": job.lr, "head": job.lr})
+        else:
+            stage = Stage("pretext", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})
+        job.prepare([stage], config={"pretext_targets": list(objective.targets)}, loss=objective.loss,
+                    metrics=objective.metrics, inputs=objective.inputs)
+        job.train([stage])
+        metrics = job.finish(loss=objective.loss, metrics=objective.metrics,
+                             extra_metrics={"objective": opts.objective})
+        path = os.path.join(out, BACKBONE_FILE)
+        if not job.scratch:
+            rundir.save_keras(models.backbone_of(job.model), path)
+            job.log(f"pretext: saved the backbone to {path} (tfl finetune --init-from {path})")
+        metrics["backbone_file"] = path
+        return metrics
+
+    return recipe
+
+
+def pretext_options(opts: PretextOptions, out: str) -> PretextRunOptions:
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
+    values = {**shared, "output_dir": os.path.join(out, "pretext"), "epochs": opts.pretext_epochs, "head_epochs": 0,
+              "label_fraction": None, "cache": "off", "export": False, "resume": False}
+    if opts.objective == "simclr" and not opts.head_hidden:
+        values["head_hidden"] = SIMCLR_HIDDEN
+    run = PretextRunOptions(**values, objective=opts.objective)
+    if opts.objective == "simclr":
+        run.temperature, run.projection_dim = opts.temperature, opts.projection_dim
+    if starts_random(run):
+        run.freeze_up_to, run.rules, run.train_bn = None, (), True
+    return run
+
+
+# -- the fine-tunes -------------------------------------------------------------------------------------------------
+def arm_recipe(random_start: bool):
+    def recipe(job: Job) -> dict:
+        from tfl.freezing import head_only_plan
+
+        opts = job.opts
+        if random_start:  # both arms alike: every layer, as compare's scratch arm
+            stages = [Stage("scratch", random_init_everything(job), opts.head_epochs + opts.epochs,
+                            {"backbone": job.lr, "head": job.lr})]
+        else:
+            stages = [Stage("head", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr}),
+                      Stage("finetune", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})]
+        job.prepare(stages, config={"arm_stages": [s.name for s in stages]})
+        job.train(stages)
+        return job.finish()
+
+    return recipe
+
+
+def start_name(opts: JobOptions) -> str:
+    from tfl import models
+    from tfl.backbones import registry
+
+    return models.resolve_weights(registry.get(opts.backbone), opts.weights) or "random"
+
+
+def arm_options(opts: PretextOptions, arm: str, fraction: float, out: str) -> ArmOptions:
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
+    values = {**shared, "output_dir": os.path.join(out, f"frac{fraction:g}", arm), "label_fraction": fraction,
+              "limit_train": None, "resume": False, "export": False}
+    if arm == "pretext":
+        # The backbone comes from the pretext run; building the initial weights first would be wasted.
+        values.update(init_from=os.path.join(out, BACKBONE_FILE), weights="none", reuse=(), reuse_exclude=(),
+                      rename=())
+    member = ArmOptions(**values, arm=arm, start=start_name(opts))
+    if starts_random(opts):
+        member.freeze_up_to, member.rules, member.train_bn = None, (), True
+    return member
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+def check_options(opts: PretextOptions) -> None:
+    from tfl.backbones import registry
+    from tfl.data import check_label_fraction
+
+    registry.get(opts.backbone)
+    objective_for(opts)
+    if opts.pretext_epochs < 1:
+        raise ValueError(f"--pretext-epochs {opts.pretext_epochs}: must be >= 1")
+    if not opts.temperature > 0:
+        raise ValueError(f"--temperature {opts.temperature}: must be > 0 (SimCLR used 0.1-1; default 0.5)")
+    if opts.projection_dim < 1:
+        raise ValueError(f"--projection-dim {opts.projection_dim}: must be >= 1")
+    if opts.objective != "simclr":
+        defaults = PretextOptions()
+        given = [f"--{name.replace('_', '-')}" for name in ("temperature", "projection_dim")
+                 if getattr(opts, name) != getattr(defaults, name)]
+        if given:
+            raise ValueError(f"{' and '.join(given)} shape(s) the simclr objective; add --objective simclr or drop "
+                             f"{'them' if len(given) > 1 else 'it'}")
+    if opts.init_from is not None:
+        raise ValueError("--init-from: tfl pretext starts from --weights; to continue from a file, fine-tune with "
+                         "--init-from, or pretrain from --weights")
+    if opts.finetune:
+        if not opts.label_fractions:
+            raise ValueError("--label-fraction: give at least one fraction for the fine-tunes, or --no-finetune")
+        for fraction in opts.label_fractions:
+            check_label_fraction(fraction)
+        if opts.head_epochs < 0 or opts.epochs < 0 or opts.head_epochs + opts.epochs < 1:
+            raise ValueError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: the fine-tunes' budget; "
+                             "each must be >= 0 and their sum >= 1")
+    if opts.label_fraction is not None:
+        raise ValueError(f"label_fraction {opts.label_fraction}: tfl pretext takes label_fractions (a tuple) instead")
+    if opts.worker_hosts:
+        raise ValueError("tfl pretext trains its runs one after another in one process; --worker-hosts (a "
+                         "multi-worker run) is not supported, use --devices for several local replicas")
+
+
+def pretext(opts: PretextOptions, log=print) -> dict:
+    """The pretext run, then (unless --no-finetune) baseline and pretext fine-tunes at every label fraction;
+    returns what pretext.json holds, plus output_dir."""
+    check_options(opts)
+    import keras
+
+    from tfl.training import rundir
+
+    out = opts.output_dir or rundir.default_path("pretext", opts.dataset)
+    fractions = tuple(dict.fromkeys(map(float, opts.label_fractions))) if opts.finetune else ()
+    result = {"output_dir": out, "settings": {"options": dataclasses.asdict(opts), "start": start_name(opts),
+                                              "label_fractions": list(fractions)},
+              "pretext": None, "runs": []}
+    state: dict = {}
+    run_opts = pretext_options(opts, out)
+    objective = objective_for(opts)
+    log(f"pretext: {opts.objective} on {opts.dataset}'s train images (labels ignored), {opts.backbone} from "
+        f"{start_name(opts)} weights, {opts.pretext_epochs} epoch(s)")
+    keras.backend.clear_session()
+    started = time.time()
+    metrics = jobs.run(run_opts, pretext_recipe(out, state), log, targets=objective.targets)
+    result["pretext"] = {"objective": opts.objective, "test_accuracy": metrics["test_accuracy"],
+                         "test_loss": metrics["test_loss"], "val_accuracy": metrics["val_accuracy"],
+                         "epochs": metrics["epochs_run"], "eval_split": metrics["eval_split"],
+                         "wall_seconds": round(time.time() - started, 1), "run_dir": metrics["run_dir"],
+                         "backbone_file": metrics["backbone_file"]}
+    write_tables(out, result)
+    for fraction in fractions:
+        for arm in ("baseline", "pretext"):
+            member = arm_options(opts, arm, fraction, out)
+            log(f"pretext: fine-tune {arm} ({'backbone.keras' if arm == 'pretext' else member.start + ' weights'}), "
+                f"label fraction {fraction:g}")
+            keras.backend.clear_session()
+            started = time.time()
+            metrics = jobs.run(member, arm_recipe(starts_random(opts)), log)
+            result["runs"].append(_row(member, metrics, time.time() - started))
+            write_tables(out, result)
+    write_figure(out, result, opts)
+    log(f"pretext: wrote {os.path.join(out, PRETEXT_JSON)}, {PRETEXT_CSV} and {PRETEXT_PNG}")
+    return result
+
+
+def _row(member: ArmOptions, metrics: dict, seconds: float) -> dict:
+    from tfl.training import rundir
+
+    config = rundir.RunDir(metrics["run_dir"], create=False).read_json(rundir.CONFIG)
+    return {"arm": member.arm, "start": member.start, "label_fraction": member.label_fraction, "seed": member.seed,
+            "test_accuracy": metrics["test_accuracy"], "best_val_accuracy": metrics["val_accuracy"],
+            "epochs": metrics["epochs_run"], "wall_seconds": round(seconds, 1),
+            "train_examples": config["num_examples"]["train"], "run_dir": metrics["run_dir"]}
+
+
+def write_tables(out: str, result: dict) -> None:
+    from tfl.training import rundir
+
+    folder = rundir.RunDir(out)
+    folder.write_json(PRETEXT_JSON, {k: v for k, v in result.items() if k != "output_dir"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(result["runs"])
+    rundir.atomic_write(folder.file(PRETEXT_CSV), buffer.getvalue().encode())
+
+
+def write_figure(out: str, result: dict, opts: PretextOptions) -> None:
+    from tfl.reporting.figures import read_history_csv, write_compare, write_curves
+    from tfl.training import rundir
+
+    dataset = os.path.basename(os.path.normpath(opts.dataset))
+    path = os.path.join(out, PRETEXT_PNG)
+    if not result["runs"]:
+        rows = read_history_csv(os.path.join(result["pretext"]["run_dir"], rundir.HISTORY))
+        write_curves(rows, path, title=f"{opts.objective} pretext, {opts.backbone} on {dataset}")
+        return
+    summary = [{"arm": arm_label(row), "label_fraction": row["label_fraction"],
+                "test_accuracy_mean": row["test_accuracy"], "test_accuracy_sd": None} for row in result["runs"]]
+    largest = max(row["label_fraction"] for row in result["runs"])
+    curves = {arm_label(row): read_history_csv(os.path.join(row["run_dir"], rundir.HISTORY))
+              for row in result["runs"] if row["label_fraction"] == largest}
+    write_compare(summary, curves, path, title=f"{opts.backbone} on {dataset}: {arm_label_start(result)} vs + "
+                                               f"{opts.objective} pretext ({opts.pretext_epochs} epochs)")
+
+
+def arm_label(row: dict) -> str:
+    start = "random init" if row["start"] == "random" else row["start"]
+    return start if row["arm"] == "baseline" else f"{start} + pretext"
+
+
+def arm_label_start(result: dict) -> str:
+    start = result["settings"]["start"]
+    return "random init" if start == "random" else start
+
+
+def format_table(result: dict) -> str:
+    p = result["pretext"]
+    lines = [f"pretext {p['objective']}: {p['eval_split']} pretext accuracy {p['test_accuracy']:.4f} after "
+             f"{p['epochs']} epoch(s), {p['wall_seconds']:.0f}s; backbone in {p['backbone_file']}"]
+    if result["runs"]:
+        lines.append(f"{'arm':<28}{'fraction':>9}{'train':>8}{'test acc':>10}{'val acc':>9}{'wall s':>8}")
+        for row in result["runs"]:
+            lines.append(f"{arm_label(row):<28}{row['label_fraction']:>9g}{row['train_examples']:>8}"
+                         f"{row['test_accuracy']:>10.4f}{row['best_val_accuracy']:>9.4f}{row['wall_seconds']:>8.1f}")
+    return "\n".join(lines)
