@@ -18,9 +18,7 @@ a failing run leaves the finished rows behind; compare.png is drawn at the end.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import statistics
 import time
@@ -224,11 +222,7 @@ def write_tables(out: str, result: dict) -> None:
 
     folder = rundir.RunDir(out)
     folder.write_json(COMPARE_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(result["runs"])
-    rundir.atomic_write(folder.file(COMPARE_CSV), buffer.getvalue().encode())
+    folder.write_csv(COMPARE_CSV, COLUMNS, result["runs"])
 
 
 def _history(runs: list[dict], arm: str, fraction: float, seed: int) -> list[dict]:

@@ -35,9 +35,7 @@ seed) and dann.png (target accuracy per seed, and the target accuracy curves), r
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import time
@@ -512,11 +510,7 @@ def write_outputs(out: str, result: dict) -> None:
 
     folder = rundir.RunDir(out)
     folder.write_json(DANN_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(result["runs"])
-    rundir.atomic_write(folder.file(DANN_CSV), buffer.getvalue().encode())
+    folder.write_csv(DANN_CSV, COLUMNS, result["runs"], extrasaction="ignore")
     curves = {}
     for r in result["runs"]:
         path = os.path.join(r["run_dir"], rundir.HISTORY)

@@ -32,9 +32,7 @@ parameters and against throughput.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import statistics
@@ -619,11 +617,7 @@ def write_tables(out: str, result: dict) -> None:
 
     folder = rundir.RunDir(out)
     folder.write_json(DISTILL_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(result["models"])
-    rundir.atomic_write(folder.file(DISTILL_CSV), buffer.getvalue().encode())
+    folder.write_csv(DISTILL_CSV, COLUMNS, result["models"], extrasaction="ignore")
 
 
 def format_table(result: dict) -> str:

@@ -22,9 +22,7 @@ and multitask.png (test accuracy per task and arm), rewritten after every run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import re
@@ -384,11 +382,7 @@ def write_outputs(out: str, result: dict) -> None:
 
     folder = rundir.RunDir(out)
     folder.write_json(MULTITASK_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows(result["runs"]))
-    rundir.atomic_write(folder.file(MULTITASK_CSV), buffer.getvalue().encode())
+    folder.write_csv(MULTITASK_CSV, COLUMNS, rows(result["runs"]))
     opts = result["settings"]["options"]
     write_multitask(result["summary"], folder.file(MULTITASK_PNG),
                     title=f"{opts['backbone']} (frozen) on {os.path.basename(os.path.normpath(opts['dataset']))}: "

@@ -32,9 +32,7 @@ Output directory:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 
@@ -392,11 +390,7 @@ def write_tables(out: str, result: dict) -> None:
 
     folder = rundir.RunDir(out)
     folder.write_json(PRETEXT_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(result["runs"])
-    rundir.atomic_write(folder.file(PRETEXT_CSV), buffer.getvalue().encode())
+    folder.write_csv(PRETEXT_CSV, COLUMNS, result["runs"])
 
 
 def write_figure(out: str, result: dict, opts: PretextOptions) -> None:

@@ -240,6 +240,14 @@ class RunDir:
         text = json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False)
         atomic_write(self.file(name), (text + "\n").encode())
 
+    def write_csv(self, name: str, fieldnames, rows, extrasaction: str = "raise") -> None:
+        """rows (dicts) as CSV with a header, written atomically; extrasaction as csv.DictWriter's."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction=extrasaction)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.file(name), buffer.getvalue().encode())
+
     def read_json(self, name: str):
         path = self.file(name)
         if not os.path.isfile(path):
