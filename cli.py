@@ -1159,9 +1159,18 @@ def bench(quick, cases, as_json):
 @click.option("--weights", default=JOB.weights, show_default=True,
               help="'default' (the backbone's ImageNet weights) or a path to a weights file.")
 @click.option("--sample", default=1000, show_default=True, callback=positive, metavar="N",
-              help="Training images scored, stratified by class (all when fewer); 1/3 of them test the linear probe.")
+              help="Training images scored, stratified by class (all when fewer); 1/3 of them test the linear probe. "
+                   "The proxy fine-tunes on at most this many.")
+@click.option("--proxy-epochs", default=2, show_default=True, callback=non_negative, metavar="N",
+              help="Proxy: at every other boundary (and the pooled features) run finetune's two-stage recipe, "
+                   "--head-epochs then N fine-tune epochs, on at most --sample images; the depth is the deepest "
+                   "within one standard error of the best val accuracy. 0: no proxy, the score rules decide.")
+@click.option("--head-epochs", default=JOB.head_epochs, show_default=True, callback=non_negative,
+              help="The proxy's head epochs (on cached features).")
+@click.option("--batch-size", default=JOB.batch_size, show_default=True, callback=positive,
+              help="The proxy's batch size.")
 @click.option("--lr", default=JOB.lr, show_default=True, type=float, callback=positive,
-              help="The head's learning rate the backbone-lr recommendation scales.")
+              help="The head's learning rate: the proxy's, and the one the backbone-lr recommendation scales.")
 @click.option("--seed", default=JOB.seed, show_default=True, help="Seeds the val split and the sample.")
 @click.option("--cache-budget", metavar="SIZE", callback=size_value, help="Memory for cached arrays, e.g. 4G.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -1175,9 +1184,10 @@ def advise(as_json, **options):
 
     One backbone pass over a stratified sample captures every canonical stage's output (globally pooled) and
     every BatchNorm layer's input statistics. Per boundary: LogME, H-score and a held-out linear-probe accuracy;
-    per stage: the BN domain gap (KL to the stored ImageNet statistics). Recommends --freeze-up-to, the input
-    size, the backbone learning rate and epochs, with the reasons. `tfl finetune --freeze-up-to auto` runs the
-    same advice (the same cached pass) and trains with it.
+    per stage: the BN domain gap (KL to the stored ImageNet statistics). Then the proxy: short two-stage
+    fine-tunes above every other boundary, scored on the val split. Recommends --freeze-up-to (from the proxy;
+    from rules on the scores with --proxy-epochs 0), the input size, the backbone learning rate and epochs, with
+    the reasons. `tfl finetune --freeze-up-to auto` runs the same advice (the same cached pass) and trains with it.
     """
     from tfl.recipes.advise import AdviseOptions, advise as run, format_table
 

@@ -9,7 +9,10 @@ calibration.json and calibration.md (the table in README "tfl advise") to --work
 Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made here (seeded):
   fmnist10 / fmnist100 / fmnist1000   Fashion-MNIST, 10 / 100 / 1,000 train images per class
   fmnist100_inverted                  the same 100 per class with 255 - pixel (a made-up shift)
+  fmnist100_blurred                   the same 100 per class, Gaussian-blurred (radius 2 px): a shift held out
+                                      from the rules' thresholds (they were set on the four sets before it)
   digits                              scikit-learn's 8x8 digits (1,797 images; 0..16 scaled to 0..255)
+  digits20                            20 of those per class (the same val and test): small, different
 Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits
@@ -30,10 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEPTHS = ("stem", "block2", "block4", "block6", "head")  # --freeze-up-to values tried, shallow to deep
-DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits")  # fmnist1000: add with --datasets
+DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits", "fmnist1000", "fmnist100_blurred", "digits20")
 FINETUNE = ["--image-size", "64", "--head-epochs", "8", "--epochs", "4", "--batch-size", "32", "--seed", "0",
             "--no-tensorboard"]
-ADVISE = ["--image-size", "64", "--sample", "1000", "--seed", "0"]
+# The proxy's budget is FINETUNE's with 2 fine-tune epochs on at most --sample images.
+ADVISE = ["--image-size", "64", "--sample", "1000", "--seed", "0", "--head-epochs", "8", "--batch-size", "32",
+          "--proxy-epochs", "2"]
+SCORE_NAMES = ("logme", "h_score", "probe_accuracy", "proxy_accuracy")
 SEED = 0
 FMNIST_VAL, FMNIST_TEST = 30, 100  # per class
 
@@ -86,21 +92,30 @@ def make_datasets(work: str, names) -> dict:
                 continue
             n = int(name[len("fmnist"):].split("_")[0])
             train = np.sort(np.concatenate([rows["train"][y[rows["train"]] == c][:n] for c in range(10)]))
-            shift = (lambda a: 255 - a) if name.endswith("_inverted") else (lambda a: a)
+            shift = {"inverted": lambda a: 255 - a, "blurred": blur}.get(name.split("_")[-1], lambda a: a)
             folders[name] = write_folder(os.path.join(work, "data", name), {
                 "train": (shift(x[train]), y[train]), "val": (shift(x[rows["val"]]), y[rows["val"]]),
                 "test": (shift(xt[test]), yt[test])})
-    if "digits" in names:
+    if "digits" in names or "digits20" in names:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
         order = np.random.default_rng(SEED).permutation(len(images))
         train, val, test = order[:1200], order[1200:1450], order[1450:]
-        folders["digits"] = write_folder(os.path.join(work, "data", "digits"), {
-            "train": (images[train], digits.target[train]), "val": (images[val], digits.target[val]),
-            "test": (images[test], digits.target[test])})
+        few = np.sort(np.concatenate([train[digits.target[train] == c][:20] for c in range(10)]))
+        for name, rows in (("digits", train), ("digits20", few)):
+            if name in names:
+                folders[name] = write_folder(os.path.join(work, "data", name), {
+                    "train": (images[rows], digits.target[rows]), "val": (images[val], digits.target[val]),
+                    "test": (images[test], digits.target[test])})
     return folders
+
+
+def blur(images: np.ndarray) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    return np.stack([np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(2))) for a in images])
 
 
 def run(args: list[str], log) -> float:
@@ -133,7 +148,7 @@ def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
         entry = result["datasets"].get(name, {"runs": {}})
         log(f"{name}: {folders[name]}")
         advise_dir = os.path.join(work, "advise", name)
-        if not os.path.isfile(os.path.join(advise_dir, "advise.json")):
+        if not _has_proxy(os.path.join(advise_dir, "advise.json")):
             entry["advise_seconds"] = round(run(["advise", "--dataset", folders[name], *ADVISE, "--cache-dir",
                                                     cache_dir, "--output-dir", advise_dir], log), 1)
         with open(os.path.join(advise_dir, "advise.json")) as f:
@@ -158,6 +173,13 @@ def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
     return result
 
 
+def _has_proxy(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("proxy"))
+
+
 def stage_index(advice: dict, depth: str | None) -> int:
     names = [row["boundary"] for row in advice["boundaries"]]
     return -1 if depth is None else names.index(depth)
@@ -170,24 +192,26 @@ def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
     depths = [d for d in DEPTHS if d in runs]
     accuracy = [runs[d]["test_accuracy"] for d in depths]
     taus = {score: round(kendall_tau([by_boundary[d][score] for d in depths], accuracy), 3)
-            for score in ("logme", "h_score", "probe_accuracy")}
+            for score in SCORE_NAMES if all(by_boundary[d].get(score) is not None for d in depths)}
     best = max(depths, key=lambda d: (runs[d]["test_accuracy"], DEPTHS.index(d)))  # ties: the cheaper, deeper
     # The rules as the code has them now (they may have changed since advise.json was written).
     rec = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
-                    advice["data"]["backbone_input_size"], advice["lr"])
+                    advice["data"]["backbone_input_size"], advice["lr"],
+                    score="proxy_accuracy" if "proxy_accuracy" in taus else "logme", proxy=advice.get("proxy"))
     chosen = rec["freeze_up_to"]
     distance = abs(stage_index(advice, chosen) - stage_index(advice, best))
     by_score = {}  # the same rules driven by each score: which depth, and is it within one stage of the best
     for score in taus:
         other = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
-                          advice["data"]["backbone_input_size"], advice["lr"], score=score)["freeze_up_to"]
+                          advice["data"]["backbone_input_size"], advice["lr"], score=score,
+                          proxy=advice.get("proxy"))["freeze_up_to"]
         by_score[score] = {"recommended": other,
                            "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
     argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
     return {"tau": taus, "best_depth": best, "recommended": chosen, "stage_distance": distance,
             "within_one_stage": distance <= 1, "score_argmax_depth": argmax, "rules_by_score": by_score,
             "bn_gap_per_stage": advice["bn_gap_per_stage"], "low_level_bn_gap": rec["low_level_bn_gap"],
-            "scores": {d: {k: by_boundary[d][k] for k in ("logme", "h_score", "probe_accuracy")} for d in depths},
+            "scores": {d: {k: by_boundary[d].get(k) for k in SCORE_NAMES} for d in depths},
             "reason": rec["reasons"]["freeze_up_to"]}
 
 
@@ -210,10 +234,11 @@ def overall(datasets: dict) -> dict:
     done = [d for d in datasets.values() if "tau" in d]
     if not done:
         return {}
-    mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done])), 3) for s in done[0]["tau"]}
+    mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done if s in d["tau"]])), 3)
+                for s in SCORE_NAMES if any(s in d["tau"] for d in done)}
     within = sum(d["within_one_stage"] for d in done)
-    by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done)}/{len(done)}"
-                for s in done[0]["tau"]}
+    by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done if s in d['rules_by_score'])}/"
+                   f"{sum(s in d['rules_by_score'] for d in done)}" for s in mean_tau}
     return {"mean_tau": mean_tau, "within_one_stage": f"{within}/{len(done)}",
             "within_one_stage_share": round(within / len(done), 3), "within_one_stage_by_score": by_score}
 
@@ -227,28 +252,32 @@ def _write(work: str, result: dict) -> None:
 
 def table(result: dict) -> str:
     depths = result["depths"]
-    lines = ["| dataset | " + " | ".join(depths) + " | best | advised | tau LogME | tau H-score | tau probe |",
-             "|---" * (len(depths) + 6) + "|"]
+    taus = ("logme", "h_score", "probe_accuracy", "proxy_accuracy")
+    lines = ["| dataset | " + " | ".join(depths) + " | best | advised (proxy) | advised (LogME rules) | tau LogME | "
+             "tau H-score | tau probe | tau proxy |", "|---" * (len(depths) + 8) + "|"]
+    tau = lambda d, s: f"{d['tau'][s]:.2f}" if s in d["tau"] else "-"  # noqa: E731
     for name, d in result["datasets"].items():
         if "tau" not in d:
             continue
         accs = [f"{d['runs'][x]['test_accuracy']:.3f}" if x in d["runs"] else "-" for x in depths]
+        rules = d["rules_by_score"]["logme"]
         lines.append(f"| {name} | " + " | ".join(accs) + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
-                     f"{'' if d['within_one_stage'] else ' (off)'} | {d['tau']['logme']:.2f} | "
-                     f"{d['tau']['h_score']:.2f} | {d['tau']['probe_accuracy']:.2f} |")
+                     f"{'' if d['within_one_stage'] else ' (off)'} | {rules['recommended'] or 'none'}"
+                     f"{'' if rules['within_one_stage'] else ' (off)'} | " + " | ".join(tau(d, s) for s in taus) + " |")
     o = result.get("overall") or {}
     if o:
-        lines.append(f"| mean / share | " + " | ".join("" for _ in depths) + f" | | {o['within_one_stage']} within one "
-                     f"stage | {o['mean_tau']['logme']:.2f} | {o['mean_tau']['h_score']:.2f} | "
-                     f"{o['mean_tau']['probe_accuracy']:.2f} |")
+        m = o["mean_tau"]
+        lines.append("| mean / share | " + " | ".join("" for _ in depths) + f" | | {o['within_one_stage']} within one "
+                     f"stage | {o['within_one_stage_by_score'].get('logme', '-')} | "
+                     + " | ".join(f"{m[s]:.2f}" if s in m else "-" for s in taus) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/tfl-calibrate", help="Data folders, runs and the results go here.")
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated, from: fmnist10, fmnist100, "
-                        "fmnist1000, fmnist100_inverted, digits.")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated, from: "
+                        + ", ".join(DATASETS) + ".")
     parser.add_argument("--cache-dir", default=None, help="tfl's cache (default: <work>/cache).")
     parser.add_argument("--summarise-only", action="store_true",
                         help="Recompute the summaries (the current rules) from <work>'s runs; train nothing.")

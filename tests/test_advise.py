@@ -192,6 +192,41 @@ def test_recommend_upscales_small_images(native, expected):
     assert small and rec["epochs"] == 5
 
 
+def proxied(accuracies: dict, val_examples: int, per_class=100):
+    summary, scores, gap = synthetic(per_class, RISING)
+    for row in scores:
+        row[adv.PROXY] = accuracies.get(row["boundary"])
+    settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples}
+    return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings)
+
+
+def test_proxy_depths_are_every_other_boundary_and_the_pooled_features():
+    assert adv.proxy_depths(STAGES) == ["stem", "block2", "block4", "block6", "head"]
+    assert adv.proxy_depths(STAGES[:6]) == ["stem", "block2", "block4", "block5"]
+    assert adv.proxy_depths(["stem"]) == ["stem"]
+
+
+def test_proxy_picks_the_deepest_depth_within_one_standard_error_of_the_best():
+    accuracies = {"stem": 0.84, "block2": 0.83, "block4": 0.81, "block6": 0.79, "head": 0.77}
+    # 300 val images: se = sqrt(0.84 * 0.16 / 300) = 0.0212; block2 (0.01 below) is within it, block4 (0.03) not
+    rec = proxied(accuracies, 300)
+    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem" and rec["score"] == adv.PROXY
+    assert rec["proxy_standard_error"] == pytest.approx(np.sqrt(0.84 * 0.16 / 300), abs=1e-6)
+    assert "within one standard error (0.021)" in rec["reasons"]["freeze_up_to"]
+    assert "stem 0.840, block2 0.830" in rec["reasons"]["freeze_up_to"]
+    # 10,000 val images: se 0.0037, so nothing else is within it
+    assert proxied(accuracies, 10_000)["freeze_up_to"] == "stem"
+    # ties go to the deeper boundary, and the size, lr and epochs advice is the rules' own
+    tied = proxied({"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}, 10_000, per_class=50)
+    assert tied["freeze_up_to"] == "head" and tied["epochs"] == 5 and tied["image_size"] == 112
+
+
+def test_proxy_needs_proxy_rows():
+    summary, scores, gap = synthetic(100, RISING)
+    with pytest.raises(ValueError, match="proxy_accuracy"):
+        adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY)
+
+
 # -- end to end -------------------------------------------------------------------------------------------------
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
@@ -202,7 +237,8 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
     cache = tmp_path / "cache"
     common = ["--dataset", data, "--backbone", "mobilenet", "--weights", "none", "--image-size", "32",
               "--val-split", "0.25", "--cache-dir", cache]
-    result = run("advise", *common, "--output-dir", tmp_path / "advice", "--json")
+    result = run("advise", *common, "--output-dir", tmp_path / "advice", "--head-epochs", "1", "--batch-size", "8",
+                 "--proxy-epochs", "1", "--json")
     assert result.exit_code == 0, result.output
     advice = json.loads(result.stdout)
     for name in ("advise.json", "advise.csv", "advise.png"):
@@ -213,7 +249,27 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
     assert advice["sample"]["rows"] == 24 and advice["data"]["examples_per_class"] == {"circle": 12, "square": 12}
     assert all(np.isfinite(row["logme"]) and 0 <= row["probe_accuracy"] <= 1 for row in advice["boundaries"])
     assert advice["pass"]["reused"] is False
-    chosen = advice["recommendation"]["freeze_up_to"]
+    # The proxy: a real two-stage run above every other boundary, its val accuracy the score that chose the depth.
+    proxy_depths = ["stem", "block2", "block4", "block5"]
+    assert advice["proxy"]["depths"] == proxy_depths and advice["proxy"]["val_examples"] == 8
+    assert advice["proxy"]["epochs"] == 1 and advice["proxy"]["train_rows"] == 24
+    for row in advice["boundaries"]:
+        if row["boundary"] in proxy_depths:
+            metrics = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "metrics.json").read_text())
+            assert row["proxy_accuracy"] == metrics["val_accuracy"] and 0 <= row["proxy_accuracy"] <= 1
+            plan = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "freeze_plan.json").read_text())
+            assert plan["freeze_up_to"] == row["boundary"]
+        else:
+            assert row["proxy_accuracy"] is None
+    assert advice["recommendation"]["score"] == "proxy_accuracy"
+    assert advice["recommendation"]["freeze_up_to"] in proxy_depths
+    assert "proxy fine-tuning (1 head + 1 fine-tune epochs on 24 images)" in advice["recommendation"]["reasons"][
+        "freeze_up_to"]
+    rules = run("advise", *common, "--output-dir", tmp_path / "rules", "--proxy-epochs", "0", "--json")
+    assert rules.exit_code == 0, rules.output
+    rules = json.loads(rules.stdout)
+    assert rules["proxy"] is None and rules["recommendation"]["score"] == "logme" and rules["pass"]["reused"]
+    assert not (tmp_path / "rules" / "proxy").exists()
 
     flags = [flag for flag in TINY if flag not in ("--freeze-up-to", "block4")]
     out = tmp_path / "run"
@@ -222,9 +278,15 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
-    assert f"--freeze-up-to auto -> {chosen or 'none'}" in result.output
     recorded = json.loads((out / "advice.json").read_text())
-    assert recorded["requested"] == "auto" and recorded["resolved"]["freeze_up_to"] == chosen
+    assert recorded["requested"] == "auto"
+    # auto ran its own proxy (finetune's --head-epochs 1 and batch 8, the default 2 fine-tune epochs), in a
+    # temporary directory it removed
+    assert recorded["proxy"]["epochs"] == adv.PROXY_EPOCHS and recorded["proxy"]["batch_size"] == 8
+    assert not os.path.exists(recorded["proxy"]["runs"])
+    chosen = recorded["recommendation"]["freeze_up_to"]
+    assert recorded["resolved"]["freeze_up_to"] == chosen and chosen in proxy_depths
+    assert f"--freeze-up-to auto -> {chosen}" in result.output
     assert [row["boundary"] for row in recorded["boundaries"]] == stages
     config = json.loads((out / "config.json").read_text())
     assert config["freeze_up_to_requested"] == "auto" and config["freeze_up_to"] == chosen

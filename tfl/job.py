@@ -258,7 +258,7 @@ class Job:
         if opts.freeze_up_to == "auto":  # tfl advise decides: a concrete stage (and size) from here on
             from tfl.recipes.advise import resolve_auto
 
-            opts, advice = resolve_auto(opts, spec, splits, train_source, n_train, rows, log)
+            opts, advice = resolve_auto(opts, spec, splits, train_source, n_train, rows, log, strategy)
         image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         replicas = strategy.num_replicas_in_sync
         batch = opts.batch_size * replicas  # the global batch; --batch-size is per replica

@@ -13,7 +13,14 @@
    linear probe fitted on 2/3 of it and scored on the held-out 1/3; each timed.
 4. The BatchNorm domain gap: KL divergence between the target's activation statistics and the moving ones stored
    with the ImageNet weights, per layer, averaged per canonical stage.
-5. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
+5. The proxy (--proxy-epochs, default 2; 0 turns it off): `tfl finetune`'s own two-stage recipe, run at every
+   other boundary (and the pooled features) on at most --sample training rows with --proxy-epochs fine-tune
+   epochs, scored by its validation accuracy. The frozen-feature scores rise with depth while fine-tuning above
+   a boundary gains more the shallower it is, so they cannot rank depths (README "tfl advise"); the proxy
+   measures what they cannot: how much training above each boundary adds on this data.
+6. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
+   With the proxy: the deepest boundary within one standard error of the best proxy accuracy; without: rules on
+   the data size, the scores' peak and the BN gap.
 
 The rules in `recommend` and their thresholds come from scripts/calibrate_advise.py (README, "tfl advise").
 """
@@ -30,16 +37,19 @@ import time
 
 import numpy as np
 
-from tfl.job import JobOptions
+from tfl.job import ADVICE, JobOptions
 
-ADVISE_JSON, ADVISE_CSV, ADVISE_PNG, ADVICE_JSON = "advise.json", "advise.csv", "advise.png", "advice.json"
+ADVISE_JSON, ADVISE_CSV, ADVISE_PNG = "advise.json", "advise.csv", "advise.png"
 AUTO = "auto"  # --freeze-up-to auto
 FORMAT = 1  # of the cached pass; bump when what it holds changes
 DEFAULT_SAMPLE = 1000
 PROBE_HOLDOUT = 1 / 3  # of the sample, stratified, scores the linear probe
 PASS_BATCH = 64
-SCORES = ("logme", "h_score", "probe_accuracy")
-COLUMNS = ("boundary", "layer", "dim", *SCORES, "bn_gap", "logme_seconds", "h_score_seconds", "probe_seconds")
+SCORES = ("logme", "h_score", "probe_accuracy")  # of the frozen features at a boundary, from the one pass
+PROXY = "proxy_accuracy"  # val accuracy of a short two-stage fine-tune above the boundary
+PROXY_EPOCHS = 2  # fine-tune epochs per proxy run (after --head-epochs on cached features)
+COLUMNS = ("boundary", "layer", "dim", *SCORES, PROXY, "bn_gap", "logme_seconds", "h_score_seconds", "probe_seconds",
+           "proxy_seconds")
 
 # -- the rules' thresholds (calibrated: see scripts/calibrate_advise.py and README "tfl advise") --------------------
 SMALL_PER_CLASS = 100  # below this many training examples per class the data is "small"
@@ -55,7 +65,8 @@ SMALL_DATA_BACKBONE_LR = 0.1  # x --lr for the backbone with small data (tfl's d
 
 @dataclasses.dataclass
 class AdviseOptions(JobOptions):
-    sample: int = DEFAULT_SAMPLE  # training rows scored, stratified by class
+    sample: int = DEFAULT_SAMPLE  # training rows scored, stratified by class; at most this many train the proxy
+    proxy_epochs: int = PROXY_EPOCHS  # 0: no proxy fine-tuning, the rules decide
 
 
 def check_sample(sample: int) -> None:
@@ -81,29 +92,70 @@ def advise(opts: AdviseOptions, log=print) -> dict:
                                skip_bad_images=opts.skip_bad_images, log=log)
     source, n_train, rows = _train_part(splits, opts)
     image_size = jobs.pick_image_size(opts.image_size, spec.input_size, splits.native_size)
-    result = measure(opts, spec, splits, source, n_train, rows, image_size, log)
     out = opts.output_dir or rundir.default_path("advise", opts.dataset)
+    result = measure(opts, spec, splits, source, n_train, rows, image_size, log, proxy_root=os.path.join(out, "proxy"))
     write_outputs(out, result)
     log(f"advise: wrote {os.path.join(out, ADVISE_JSON)}, {ADVISE_CSV} and {ADVISE_PNG}")
     return {**result, "output_dir": out}
 
 
-def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log=print) -> tuple[JobOptions, dict]:
+def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log=print,
+                 strategy=None) -> tuple[JobOptions, dict]:
     """`--freeze-up-to auto`: measure, then return opts with freeze_up_to the recommended stage (and image_size
-    the recommended size when --image-size was not given), and the advice to record as advice.json."""
+    the recommended size when --image-size was not given), and the advice to record as advice.json. The proxy
+    runs go to a temporary directory; on a multi-worker `strategy` every worker takes the chief's depth."""
+    import shutil
+    import tempfile
+
     from tfl import job as jobs
+    from tfl.training import strategy as strategies
 
     sample = getattr(opts, "sample", DEFAULT_SAMPLE)
     check_sample(sample)
+    recorded = _resumed_advice(opts)
+    if recorded is not None:  # a resume keeps its advice (config.json then checks the depth is the same)
+        resolved = recorded["resolved"]
+        log(f"advise: --freeze-up-to auto -> {resolved['freeze_up_to'] or 'none'} at {resolved['image_size']}px, "
+            f"as this run's {ADVICE} records (resuming)")
+        return dataclasses.replace(opts, freeze_up_to=resolved["freeze_up_to"],
+                                   image_size=opts.image_size or resolved["image_size"]), recorded
     image_size = jobs.pick_image_size(opts.image_size, spec.input_size, splits.native_size)
-    advice = measure(opts, spec, splits, source, n_train, rows, image_size, log)
+    scratch = tempfile.mkdtemp(prefix="tfl-advise-proxy-")
+    try:
+        advice = measure(opts, spec, splits, source, n_train, rows, image_size, log, proxy_root=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     chosen = advice["recommendation"]
+    names = [row["boundary"] for row in advice["boundaries"]]
+    index = names.index(chosen["freeze_up_to"]) if chosen["freeze_up_to"] in names else -1
+    if strategy is not None and strategies.chief_value(strategy, index + 1) - 1 != index:
+        index = strategies.chief_value(strategy, index + 1) - 1
+        chosen = {**chosen, "freeze_up_to": names[index] if index >= 0 else None,
+                  "reasons": {**chosen["reasons"], "freeze_up_to": "the chief worker's choice"}}
+        advice["recommendation"] = chosen
     size = opts.image_size or chosen["image_size"]
     if size != image_size:  # scored at the default size; the run trains at the recommended one
         log(f"advise: images at {size}px instead of {image_size}px: {chosen['reasons']['image_size']}")
     log(f"advise: --freeze-up-to auto -> {chosen['freeze_up_to'] or 'none'}: {chosen['reasons']['freeze_up_to']}")
     advice = {"requested": AUTO, "resolved": {"freeze_up_to": chosen["freeze_up_to"], "image_size": size}, **advice}
     return dataclasses.replace(opts, freeze_up_to=chosen["freeze_up_to"], image_size=size), advice
+
+
+def _resumed_advice(opts) -> dict | None:
+    """The advice.json of the run being resumed in opts.output_dir (a checkpoint there, no --overwrite)."""
+    from tfl.training import checkpoint, rundir
+
+    if not opts.output_dir or opts.overwrite:
+        return None
+    path = os.path.join(opts.output_dir, ADVICE)
+    if not (os.path.isfile(path) and checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS))):
+        return None
+    try:
+        with open(path) as f:
+            advice = json.load(f)
+        return advice if isinstance(advice.get("resolved"), dict) and "freeze_up_to" in advice["resolved"] else None
+    except (OSError, ValueError):
+        return None  # unreadable: advise afresh; the resume then compares what it chose
 
 
 def _train_part(splits, opts):
@@ -118,8 +170,10 @@ def _train_part(splits, opts):
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
-def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log=print) -> dict:
-    """The data summary, the scores per boundary, the BN gap per stage and the recommendation (advise.json)."""
+def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log=print,
+            proxy_root: str | None = None) -> dict:
+    """The data summary, the scores per boundary, the BN gap per stage, the proxy fine-tuning runs (under
+    proxy_root, when --proxy-epochs > 0) and the recommendation (advise.json)."""
     started = time.time()
     labels = _train_labels(splits, source, rows)
     sample = stratified_sample(labels, getattr(opts, "sample", DEFAULT_SAMPLE), opts.seed)
@@ -137,10 +191,20 @@ def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log
     for row in scores:
         row["bn_gap"] = gaps.get(row["boundary"])
     stride = info["stride"]
-    recommendation = recommend(summary, scores, gaps, stride, spec.input_size, opts.lr)
+    epochs = getattr(opts, "proxy_epochs", PROXY_EPOCHS)
+    proxy = None
+    if epochs > 0 and proxy_root:
+        proxy = proxy_runs(opts, [row["boundary"] for row in scores], image_size, n_train, epochs, proxy_root,
+                           splits.num_examples.get("val", 0), log)
+        for row in scores:
+            row[PROXY] = proxy["accuracy"].get(row["boundary"])
+            row["proxy_seconds"] = proxy["seconds"].get(row["boundary"])
+    recommendation = recommend(summary, scores, gaps, stride, spec.input_size, opts.lr,
+                               score=PROXY if proxy else "logme", proxy=proxy and proxy["settings"])
     result = {"dataset": splits.name, "backbone": opts.backbone, "image_size": image_size, "stride": stride,
               "lr": opts.lr, "data": summary,
               "sample": {"rows": len(sample), "probe_fit": len(fit), "probe_held_out": len(held), "seed": opts.seed},
+              "proxy": proxy and proxy["settings"],
               "boundaries": scores, "bn_gap_per_stage": gaps, "recommendation": recommendation,
               "pass": {"reused": info["reused"], "seconds": round(info["seconds"], 2), "cache": info.get("path")},
               "seconds": round(time.time() - started, 2)}
@@ -209,6 +273,48 @@ def score_boundary(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, he
     row["probe_accuracy"] = round(t.probe_accuracy(features[fit], labels[fit], features[held], labels[held]), 6)
     row["probe_seconds"] = round(time.perf_counter() - start, 4)
     return row
+
+
+def proxy_depths(names: list[str]) -> list[str]:
+    """The boundaries the proxy fine-tunes above: every other one from the stem, and the pooled features."""
+    picked = list(names[::2])
+    if names and names[-1] not in picked:
+        picked.append(names[-1])
+    return picked
+
+
+def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: int, root: str, val_examples: int,
+               log) -> dict:
+    """`tfl finetune`'s two-stage recipe above each of proxy_depths(names): --head-epochs on the frozen
+    backbone (cached), then `epochs` fine-tune epochs, on at most --sample training rows (seeded), in float32,
+    one device, everything else as opts; each run directory under root. Returns the best val accuracy per
+    boundary, the seconds, and the settings (advise.json "proxy")."""
+    from tfl import job as jobs
+    from tfl.precision import untouched_random_state
+    from tfl.recipes.finetune import FinetuneOptions, two_stage
+
+    rows = min(n_train, getattr(opts, "sample", DEFAULT_SAMPLE))
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
+    base = FinetuneOptions(**{**shared, "image_size": image_size, "epochs": epochs,
+                              "limit_train": rows if rows < n_train else opts.limit_train,
+                              "mixed_precision": "off", "strategy": "default", "devices": None, "worker_hosts": (),
+                              "task_index": None, "export": False, "tensorboard": False, "resume": False,
+                              "overwrite": True, "init_from": opts.init_from, "freeze_up_to": None})
+    accuracy, seconds = {}, {}
+    depths = proxy_depths(names)
+    log(f"advise: proxy fine-tuning above {len(depths)} boundaries ({', '.join(depths)}): {opts.head_epochs} head + "
+        f"{epochs} fine-tune epochs on {rows:,} training images each")
+    for i, depth in enumerate(depths, 1):
+        started = time.time()
+        run_opts = dataclasses.replace(base, freeze_up_to=depth, output_dir=os.path.join(root, depth))
+        with untouched_random_state():  # the advised run itself starts from the same random state as without
+            metrics = jobs.run(run_opts, two_stage, log=lambda message: None)
+        accuracy[depth], seconds[depth] = metrics["val_accuracy"], round(time.time() - started, 2)
+        log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
+            f"({seconds[depth]:.0f}s)")
+    settings = {"depths": depths, "head_epochs": opts.head_epochs, "epochs": epochs, "train_rows": rows,
+                "batch_size": opts.batch_size, "seed": opts.seed, "val_examples": int(val_examples), "runs": root}
+    return {"accuracy": accuracy, "seconds": seconds, "settings": settings}
 
 
 def stage_boundaries(spec, backbone) -> list[tuple[str, str]]:
@@ -342,13 +448,17 @@ def stage_gaps(bn: dict, spec) -> dict:
 
 # -- the rules -----------------------------------------------------------------------------------------------------
 def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_size: int, lr: float,
-              score: str = "logme") -> dict:
+              score: str = "logme", proxy: dict | None = None) -> dict:
     """--freeze-up-to, image size, backbone lr and epochs, with reasons. Pure: summary (data_summary), scores
     (one row per boundary, stem first, the pooled features last), gaps (stage -> BN gap), stride (input pixels per
-    pixel of the backbone's last feature map), input_size (the backbone's), lr (the head's)."""
+    pixel of the backbone's last feature map), input_size (the backbone's), lr (the head's). score=PROXY: the
+    rows' proxy accuracies decide the depth (proxy_depth; `proxy` is advise.json's "proxy" settings); any other
+    score drives the rules below."""
     if not scores:
         raise ValueError("recommend needs the scores of at least one boundary")
     names = [row["boundary"] for row in scores]
+    if score == PROXY:
+        return _with_size_lr_epochs(summary, stride, input_size, lr, proxy_depth(summary, scores, gaps, proxy))
     values = np.array([row[score] for row in scores], np.float64)
     top = len(names) - 1
     per_class = summary["median_per_class"]
@@ -388,7 +498,55 @@ def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_
         else:  # calibrated: with 100+ per class fine-tuning from the first stage beat every deeper freeze
             depth, action = 0, f"fine-tune everything above {names[0]}"
     freeze = names[depth] if depth >= 0 else None
-    reasons = {"freeze_up_to": f"{data_words}; {trend} and {gap_words}: {domain}, {size_word} data -> {action}"}
+    return _with_size_lr_epochs(summary, stride, input_size, lr, {
+        "freeze_up_to": freeze, "score": score, "best_boundary": names[best], "domain": domain,
+        "data_size": size_word, "low_level_bn_gap": round(low_level_gap, 6),
+        "reasons": {"freeze_up_to": f"{data_words}; {trend} and {gap_words}: {domain}, {size_word} data -> {action}"}})
+
+
+def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | None) -> dict:
+    """The deepest boundary whose proxy accuracy is within one standard error of the best one's (Breiman's
+    one-standard-error rule: of depths the proxy cannot tell apart, freeze the most; it trains fewer weights and
+    runs faster). The standard error is the binomial one of the best accuracy on the proxy's val images."""
+    tried = [(i, row[PROXY]) for i, row in enumerate(scores) if row.get(PROXY) is not None]
+    if not tried:
+        raise ValueError(f"recommend(score={PROXY!r}) needs rows with {PROXY}")
+    names = [row["boundary"] for row in scores]
+    best_i, best = max(tried, key=lambda t: (t[1], t[0]))
+    n_val = max(1, int((proxy or {}).get("val_examples") or 0))
+    se = math.sqrt(max(best * (1 - best), 0.0) / n_val)
+    depth = max(i for i, value in tried if value >= best - se)
+    per_class = summary["median_per_class"]
+    size_word = "small" if per_class < SMALL_PER_CLASS else ("large" if per_class >= LARGE_PER_CLASS else "medium-sized")
+    early = [gaps[s] for s in names[: max(1, len(names) // 3)] if gaps.get(s) is not None]
+    low_level_gap = float(np.mean(early)) if early else 0.0
+    measured = ", ".join(f"{names[i]} {value:.3f}" for i, value in tried)
+    settings = proxy or {}
+    rows = settings.get("train_rows")
+    budget = (f"{settings.get('head_epochs', '?')} head + {settings.get('epochs', '?')} fine-tune epochs on "
+              f"{rows:,} images" if rows else "a short fine-tune")
+    if depth == best_i:
+        pick = f"{names[depth]} is best"
+    else:
+        pick = (f"the best is {names[best_i]}; {names[depth]}, {best - scores[depth][PROXY]:.3f} below it, is "
+                f"within one standard error ({se:.3f}) and freezes more")
+    larger = rows is not None and rows < summary["train_examples"]
+    reason = (f"{summary['train_examples']:,} images, {summary['num_classes']} classes ({per_class:g} per class: "
+              f"{size_word} data); proxy fine-tuning ({budget}), val accuracy per --freeze-up-to: {measured}; "
+              f"{pick} -> --freeze-up-to {names[depth]}"
+              + (f" (measured on {rows:,} of the {summary['train_examples']:,} images: with all of them, freezing "
+                 "less tends to gain more)" if larger else ""))
+    domain = "different domain" if low_level_gap > BN_GAP_HIGH else "similar domain"
+    return {"freeze_up_to": names[depth], "score": PROXY, "best_boundary": names[best_i], "domain": domain,
+            "data_size": size_word, "low_level_bn_gap": round(low_level_gap, 6), "proxy_standard_error": round(se, 6),
+            "reasons": {"freeze_up_to": reason}}
+
+
+def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float, chosen: dict) -> dict:
+    """The depth's recommendation plus the input size, backbone lr and epochs (the same whatever chose the depth)."""
+    reasons = dict(chosen["reasons"])
+    per_class = summary["median_per_class"]
+    small = per_class < SMALL_PER_CLASS
     native = summary.get("native_size")
     image_size = summary["image_size"]
     if native and max(native) * 4 <= input_size:
@@ -405,9 +563,8 @@ def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_
                                                       "features" if small else ": tfl's default"))
     reasons["epochs"] = ("10 head epochs (cached, seconds each), then " + str(epochs) + " fine-tune epochs"
                          + (" (small data: more passes)" if small else ""))
-    return {"freeze_up_to": freeze, "image_size": int(image_size), "backbone_lr": lr * factor, "head_epochs": 10,
-            "epochs": epochs, "score": score, "best_boundary": names[best], "domain": domain, "data_size": size_word,
-            "low_level_bn_gap": round(low_level_gap, 6), "reasons": reasons}
+    return {**chosen, "image_size": int(image_size), "backbone_lr": lr * factor, "head_epochs": 10, "epochs": epochs,
+            "reasons": reasons}
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------
@@ -425,19 +582,22 @@ def write_outputs(out: str, result: dict) -> None:
 
 
 def write_figure(result: dict, path: str) -> str:
-    """Four panels against the boundary: LogME, H-score, probe accuracy, BN gap; the recommendation marked."""
+    """A panel per score against the boundary (LogME, H-score, probe accuracy, the proxy's accuracy where it
+    ran) and the BN gap; the recommendation marked."""
     from tfl.reporting.figures import STAGE_LINE, _figure, _finish
 
     rows = result["boundaries"]
     names = [row["boundary"] for row in rows]
     x = np.arange(len(names))
-    figure = _figure((15, 3.8))
-    axes = figure.subplots(1, 4)
+    panels = [(key, title) for key, title in zip((*SCORES, PROXY, "bn_gap"), (
+        "LogME", "H-score (shrunk)", "linear probe accuracy", "proxy fine-tune val accuracy",
+        "BN gap (KL to ImageNet stats)")) if any(row.get(key) is not None for row in rows)]
+    figure = _figure((3.75 * len(panels), 3.8))
+    axes = figure.subplots(1, len(panels))
     chosen = result["recommendation"]["freeze_up_to"]
-    for ax, key, title in zip(axes, (*SCORES, "bn_gap"), ("LogME", "H-score (shrunk)", "linear probe accuracy",
-                                                           "BN gap (KL to ImageNet stats)")):
-        values = [np.nan if row.get(key) is None else row[key] for row in rows]
-        ax.plot(x, values, marker="o", markersize=4)
+    for ax, (key, title) in zip(axes, panels):
+        shown = [i for i, row in enumerate(rows) if row.get(key) is not None]  # the proxy: every other boundary
+        ax.plot(x[shown], [rows[i][key] for i in shown], marker="o", markersize=4)
         ax.set_xticks(x, names, rotation=45, ha="right")
         ax.set_title(title)
         if chosen in names:
@@ -448,12 +608,14 @@ def write_figure(result: dict, path: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'boundary':<10}{'dim':>6}{'LogME':>10}{'H-score':>10}{'probe acc':>11}{'BN gap':>9}{'seconds':>9}"]
+    lines = [f"{'boundary':<10}{'dim':>6}{'LogME':>10}{'H-score':>10}{'probe acc':>11}{'proxy acc':>11}{'BN gap':>9}"
+             f"{'seconds':>9}"]
     for row in result["boundaries"]:
         gap = "-" if row.get("bn_gap") is None else f"{row['bn_gap']:.3f}"
-        seconds = row["logme_seconds"] + row["h_score_seconds"] + row["probe_seconds"]
+        proxy = "-" if row.get(PROXY) is None else f"{row[PROXY]:.3f}"
+        seconds = row["logme_seconds"] + row["h_score_seconds"] + row["probe_seconds"] + (row.get("proxy_seconds") or 0)
         lines.append(f"{row['boundary']:<10}{row['dim']:>6}{row['logme']:>10.4f}{row['h_score']:>10.3f}"
-                     f"{row['probe_accuracy']:>11.3f}{gap:>9}{seconds:>9.2f}")
+                     f"{row['probe_accuracy']:>11.3f}{proxy:>11}{gap:>9}{seconds:>9.2f}")
     rec = result["recommendation"]
     d = result["data"]
     lines.append("")
