@@ -1161,14 +1161,17 @@ def bench(quick, cases, as_json):
 @click.option("--sample", default=1000, show_default=True, callback=positive, metavar="N",
               help="Training images scored, stratified by class (all when fewer); 1/3 of them test the linear probe. "
                    "The proxy fine-tunes on at most this many.")
-@click.option("--proxy-epochs", default=2, show_default=True, callback=non_negative, metavar="N",
-              help="Proxy: at every other boundary (and the pooled features) run finetune's two-stage recipe, "
-                   "--head-epochs then N fine-tune epochs, on at most --sample images; the depth is the deepest "
-                   "within one standard error of the best val accuracy. 0: no proxy, the score rules decide.")
 @click.option("--head-epochs", default=JOB.head_epochs, show_default=True, callback=non_negative,
-              help="The proxy's head epochs (on cached features).")
+              help="The planned run's head epochs (on cached features): the proxy's.")
+@click.option("--epochs", default=JOB.epochs, show_default=True, callback=non_negative,
+              help="The planned run's fine-tune epochs: the proxy's, unless --proxy-epochs.")
 @click.option("--batch-size", default=JOB.batch_size, show_default=True, callback=positive,
-              help="The proxy's batch size.")
+              help="The planned run's batch size: the proxy's.")
+@click.option("--proxy-epochs", type=click.IntRange(min=0), metavar="N",
+              help="Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, "
+                   "--head-epochs then N fine-tune epochs, on at most --sample images; the depth is the deepest "
+                   "within one standard error of the best val accuracy. Default: --epochs (a shorter proxy ranks "
+                   "depths differently). 0: no proxy, rules on the scores decide.")
 @click.option("--lr", default=JOB.lr, show_default=True, type=float, callback=positive,
               help="The head's learning rate: the proxy's, and the one the backbone-lr recommendation scales.")
 @click.option("--seed", default=JOB.seed, show_default=True, help="Seeds the val split and the sample.")

@@ -36,9 +36,9 @@ DEPTHS = ("stem", "block2", "block4", "block6", "head")  # --freeze-up-to values
 DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits", "fmnist1000", "fmnist100_blurred", "digits20")
 FINETUNE = ["--image-size", "64", "--head-epochs", "8", "--epochs", "4", "--batch-size", "32", "--seed", "0",
             "--no-tensorboard"]
-# The proxy's budget is FINETUNE's with 2 fine-tune epochs on at most --sample images.
-ADVISE = ["--image-size", "64", "--sample", "1000", "--seed", "0", "--head-epochs", "8", "--batch-size", "32",
-          "--proxy-epochs", "2"]
+# The proxy's budget is FINETUNE's, on at most --sample images.
+ADVISE = ["--image-size", "64", "--sample", "1000", "--seed", "0", "--head-epochs", "8", "--epochs", "4",
+          "--batch-size", "32"]
 SCORE_NAMES = ("logme", "h_score", "probe_accuracy", "proxy_accuracy")
 SEED = 0
 FMNIST_VAL, FMNIST_TEST = 30, 100  # per class
@@ -177,7 +177,9 @@ def _has_proxy(path: str) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        return bool(json.load(f).get("proxy"))
+        proxy = json.load(f).get("proxy")
+    return bool(proxy) and [proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]] == [
+        int(ADVISE[ADVISE.index(flag) + 1]) for flag in ("--head-epochs", "--epochs", "--batch-size")]
 
 
 def stage_index(advice: dict, depth: str | None) -> int:

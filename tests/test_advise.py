@@ -280,10 +280,11 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
     assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
     recorded = json.loads((out / "advice.json").read_text())
     assert recorded["requested"] == "auto"
-    # auto ran its own proxy (finetune's --head-epochs 1 and batch 8, the default 2 fine-tune epochs), in a
+    # auto ran its own proxy with the run's budget (TINY's --head-epochs 1 and --epochs 2, batch 8), in a
     # temporary directory it removed
-    assert recorded["proxy"]["epochs"] == adv.PROXY_EPOCHS and recorded["proxy"]["batch_size"] == 8
-    assert not os.path.exists(recorded["proxy"]["runs"])
+    proxy = recorded["proxy"]
+    assert (proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]) == (1, 2, 8)
+    assert not os.path.exists(proxy["runs"])
     chosen = recorded["recommendation"]["freeze_up_to"]
     assert recorded["resolved"]["freeze_up_to"] == chosen and chosen in proxy_depths
     assert f"--freeze-up-to auto -> {chosen}" in result.output
