@@ -316,7 +316,9 @@ MODEL_OPTIONS = shared(
     click.option("--unsafe", "init_unsafe", is_flag=True, help=UNSAFE_HELP),
     click.option("--freeze-up-to", metavar="X", default=JOB.freeze_up_to, show_default=True, callback=freeze_up_to_value,
                  help=FREEZE_HELP["up_to"] + " 'none' unfreezes the whole backbone after the head stage; 'auto' lets "
-                      "`tfl advise` choose (and the input size, unless --image-size is given; advice.json says why). The default "
+                      "`tfl advise` choose, by short runs of this recipe above every other boundary on at most 1,000 "
+                      "images with this run's epochs (and the input size, unless --image-size is given; advice.json "
+                      "says why). The default "
                       "gave the best accuracy within 20 minutes for the embedded default on a 2-core CPU; a shallower "
                       "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px on a 2-core "
                       "AVX-512 CPU: 146s an epoch at block4, 3s with everything frozen)."),
@@ -1169,8 +1171,8 @@ def bench(quick, cases, as_json):
               help="The planned run's batch size: the proxy's.")
 @click.option("--proxy-epochs", type=click.IntRange(min=0), metavar="N",
               help="Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, "
-                   "--head-epochs then N fine-tune epochs, on at most --sample images; the depth is the deepest "
-                   "within one standard error of the best val accuracy. Default: --epochs (a shorter proxy ranks "
+                   "--head-epochs then N fine-tune epochs, on at most --sample images; the depth is the one with "
+                   "the best val accuracy (ties: the deeper). Default: --epochs (a shorter proxy ranks "
                    "depths differently). 0: no proxy, rules on the scores decide.")
 @click.option("--lr", default=JOB.lr, show_default=True, type=float, callback=positive,
               help="The head's learning rate: the proxy's, and the one the backbone-lr recommendation scales.")

@@ -202,15 +202,22 @@ def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
                     score="proxy_accuracy" if "proxy_accuracy" in taus else "logme", proxy=advice.get("proxy"))
     chosen = rec["freeze_up_to"]
     distance = abs(stage_index(advice, chosen) - stage_index(advice, best))
+    def regret(depth):  # test accuracy lost against the best depth tried (None: that depth was not run)
+        return round(runs[best]["test_accuracy"] - runs[depth]["test_accuracy"], 6) if depth in runs else None
+
     by_score = {}  # the same rules driven by each score: which depth, and is it within one stage of the best
-    for score in taus:
+    variants = [(score, score, 0.0) for score in taus]
+    if "proxy_accuracy" in taus:  # the first choice of rule: the deepest within one standard error of the best
+        variants.append(("proxy_one_se", "proxy_accuracy", 1.0))
+    for name, score, margin in variants:
         other = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
                           advice["data"]["backbone_input_size"], advice["lr"], score=score,
-                          proxy=advice.get("proxy"))["freeze_up_to"]
-        by_score[score] = {"recommended": other,
-                           "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
+                          proxy=advice.get("proxy"), margin_se=margin)["freeze_up_to"]
+        by_score[name] = {"recommended": other, "regret": regret(other),
+                          "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
     argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
-    return {"tau": taus, "best_depth": best, "recommended": chosen, "stage_distance": distance,
+    return {"tau": taus, "best_depth": best, "recommended": chosen, "regret": regret(chosen),
+            "stage_distance": distance,
             "within_one_stage": distance <= 1, "score_argmax_depth": argmax, "rules_by_score": by_score,
             "bn_gap_per_stage": advice["bn_gap_per_stage"], "low_level_bn_gap": rec["low_level_bn_gap"],
             "scores": {d: {k: by_boundary[d].get(k) for k in SCORE_NAMES} for d in depths},
@@ -239,10 +246,15 @@ def overall(datasets: dict) -> dict:
     mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done if s in d["tau"]])), 3)
                 for s in SCORE_NAMES if any(s in d["tau"] for d in done)}
     within = sum(d["within_one_stage"] for d in done)
+    variants = [v for v in (*SCORE_NAMES, "proxy_one_se") if any(v in d["rules_by_score"] for d in done)]
     by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done if s in d['rules_by_score'])}/"
-                   f"{sum(s in d['rules_by_score'] for d in done)}" for s in mean_tau}
+                   f"{sum(s in d['rules_by_score'] for d in done)}" for s in variants}
+    regrets = {s: [d["rules_by_score"][s].get("regret") for d in done if s in d["rules_by_score"]] for s in variants}
+    mean_regret = {s: (round(float(np.mean([r for r in v if r is not None])), 4) if any(r is not None for r in v)
+                       else None) for s, v in regrets.items()}
     return {"mean_tau": mean_tau, "within_one_stage": f"{within}/{len(done)}",
-            "within_one_stage_share": round(within / len(done), 3), "within_one_stage_by_score": by_score}
+            "within_one_stage_share": round(within / len(done), 3), "within_one_stage_by_score": by_score,
+            "mean_regret_by_score": mean_regret}
 
 
 def _write(work: str, result: dict) -> None:

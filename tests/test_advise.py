@@ -192,12 +192,13 @@ def test_recommend_upscales_small_images(native, expected):
     assert small and rec["epochs"] == 5
 
 
-def proxied(accuracies: dict, val_examples: int, per_class=100):
+def proxied(accuracies: dict, val_examples: int, per_class=100, margin_se=adv.PROXY_MARGIN_SE):
     summary, scores, gap = synthetic(per_class, RISING)
     for row in scores:
         row[adv.PROXY] = accuracies.get(row["boundary"])
     settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples}
-    return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings)
+    return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings,
+                         margin_se=margin_se)
 
 
 def test_proxy_depths_are_every_other_boundary_and_the_pooled_features():
@@ -206,19 +207,27 @@ def test_proxy_depths_are_every_other_boundary_and_the_pooled_features():
     assert adv.proxy_depths(["stem"]) == ["stem"]
 
 
-def test_proxy_picks_the_deepest_depth_within_one_standard_error_of_the_best():
-    accuracies = {"stem": 0.84, "block2": 0.83, "block4": 0.81, "block6": 0.79, "head": 0.77}
-    # 300 val images: se = sqrt(0.84 * 0.16 / 300) = 0.0212; block2 (0.01 below) is within it, block4 (0.03) not
-    rec = proxied(accuracies, 300)
-    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem" and rec["score"] == adv.PROXY
-    assert rec["proxy_standard_error"] == pytest.approx(np.sqrt(0.84 * 0.16 / 300), abs=1e-6)
-    assert "within one standard error (0.021)" in rec["reasons"]["freeze_up_to"]
-    assert "stem 0.840, block2 0.830" in rec["reasons"]["freeze_up_to"]
-    # 10,000 val images: se 0.0037, so nothing else is within it
-    assert proxied(accuracies, 10_000)["freeze_up_to"] == "stem"
+ACCURACIES = {"stem": 0.84, "block2": 0.83, "block4": 0.81, "block6": 0.79, "head": 0.77}
+
+
+def test_proxy_picks_the_best_depth_and_ties_go_deeper():
+    rec = proxied(ACCURACIES, 300)
+    assert rec["freeze_up_to"] == "stem" and rec["best_boundary"] == "stem" and rec["score"] == adv.PROXY
+    assert "stem 0.840, block2 0.830" in rec["reasons"]["freeze_up_to"] and "stem is best" in rec["reasons"][
+        "freeze_up_to"]
     # ties go to the deeper boundary, and the size, lr and epochs advice is the rules' own
-    tied = proxied({"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}, 10_000, per_class=50)
+    tied = proxied({"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}, 300, per_class=50)
     assert tied["freeze_up_to"] == "head" and tied["epochs"] == 5 and tied["image_size"] == 112
+
+
+def test_proxy_with_a_margin_is_the_one_standard_error_rule():
+    # 300 val images: se = sqrt(0.84 * 0.16 / 300) = 0.0212; block2 (0.01 below) is within it, block4 (0.03) not
+    rec = proxied(ACCURACIES, 300, margin_se=1.0)
+    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem"
+    assert rec["proxy_standard_error"] == pytest.approx(np.sqrt(0.84 * 0.16 / 300), abs=1e-6)
+    assert "within 1 standard error(s) (0.021)" in rec["reasons"]["freeze_up_to"]
+    # 10,000 val images: se 0.0037, so nothing else is within it
+    assert proxied(ACCURACIES, 10_000, margin_se=1.0)["freeze_up_to"] == "stem"
 
 
 def test_proxy_needs_proxy_rows():
