@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import cli
 from tfl.data.pipeline import LABEL
 from tfl.recipes import dann as D
+from tfl.training import checkpoint, trainer as trainer_module
 from tiny_runs import image_folder
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
@@ -223,3 +224,56 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     classes = runner.invoke(cli.cli, ["dann", "--dataset", data, "--target", other, "--seeds", "1", *TINY,
                                       "--output-dir", str(tmp_path / "o")])
     assert classes.exit_code == 2 and "same classes" in classes.output and "Traceback" not in classes.output
+
+
+# -- resume -----------------------------------------------------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+class StopAt(trainer_module.Callback):
+    """Stops the run right after the checkpoint of the given epoch of the given stage."""
+
+    def __init__(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def on_epoch_end(self, result):
+        if (result.stage, result.epoch) == (self.stage, self.epoch):
+            raise Stop
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_resume_in_the_middle_of_the_dann_arm_is_exact(tmp_path, monkeypatch):
+    """Stopped after the DANN arm's first of 3 epochs, the rerun restores the domain classifier and its optimizer,
+    continues lambda's schedule from the checkpoint's step, and ends where an uninterrupted run ends."""
+    data = image_folder(tmp_path / "data", classes=("c0", "c1", "c2"), per_class=16)
+
+    def opts(name):
+        return D.DannOptions(dataset=data, image_size=32, head_epochs=3, batch_size=8, val_split=0.25,
+                             tensorboard=False, domain_hidden=16, head_hidden=(32,), seeds=1, arms=("dann",),
+                             target_shift="texture", limit_train=20, output_dir=str(tmp_path / name))
+
+    quiet = lambda *_: None  # noqa: E731
+    reference = D.dann(opts("reference"), log=quiet)["runs"][0]
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [StopAt("dann", 1)])
+    with pytest.raises(Stop):
+        D.dann(opts("run"), log=quiet)
+    run_dir = os.path.join(tmp_path, "run", "dann", "seed0")
+    snapshot = checkpoint.load_latest(os.path.join(run_dir, "checkpoints"), log=quiet)
+    assert snapshot.epoch == 1 and snapshot.state["stage"] == "dann" and not snapshot.state["stage_done"]
+    assert snapshot.state["recipe"] == {"extra_variables": 4}  # the domain classifier's kernels and biases
+    assert snapshot.state["groups"] == ["head", "domain"] and any(k.startswith("opt.domain.") for k in snapshot.arrays)
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [])
+    lines = []
+    resumed = D.dann(opts("run"), log=lines.append)["runs"][0]
+    assert any("resuming after epoch 1" in line for line in lines)
+    timing = ("train_seconds", "wall_seconds", "run_dir")
+    assert {k: v for k, v in resumed.items() if k not in timing} == \
+        {k: v for k, v in reference.items() if k not in timing}
+    assert resumed["epochs_run"] == 3 and resumed["final_lambda"] == round(D.dann_lambda(1.0), 6)
+    assert _history(run_dir) == _history(reference["run_dir"])  # every epoch's domain accuracy and loss too
+    np.testing.assert_array_equal(_logits_kernel(run_dir), _logits_kernel(reference["run_dir"]))

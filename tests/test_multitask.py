@@ -14,6 +14,7 @@ import cli
 from tfl.data.idx_source import FASHION_MNIST_CLASSES
 from tfl.data.pipeline import LABEL
 from tfl.recipes import multitask as M
+from tfl.training import checkpoint, trainer as trainer_module
 from tiny_runs import image_folder
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
@@ -145,3 +146,81 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     assert syntax.exit_code == 2 and "TASK=WEIGHT" in syntax.output
     missing = runner.invoke(cli.cli, ["multitask", "--dataset", data, *TINY])
     assert missing.exit_code == 2 and "--tasks is required" in missing.output
+
+
+# -- resume ----------------------------------------------------------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+class StopAt(trainer_module.Callback):
+    """Stops the run right after the checkpoint of the given epoch of the given stage."""
+
+    def __init__(self, stage, epoch):
+        self.stage, self.epoch = stage, epoch
+
+    def on_epoch_end(self, result):
+        if (result.stage, result.epoch) == (self.stage, self.epoch):
+            raise Stop
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_resume_in_the_middle_of_the_soft_sharing_arm_is_exact(tmp_path, monkeypatch):
+    """Stopped after the soft arm's first of 3 epochs (a block and a head per task, the penalty pulling the blocks
+    together, dropout before them), the rerun restores every task's block and head and their optimizer and ends
+    where an uninterrupted run ends."""
+    data = image_folder(tmp_path / "data", classes=("c0", "c1", "c2"), per_class=12)
+    tasks = _write(tmp_path / "tasks.json", {"fine": {"c0": "c0", "c1": "c1", "c2": "c2"},
+                                             "odd": {"c0": "no", "c1": "yes", "c2": "no"}})
+
+    def opts(name):
+        return M.MultitaskOptions(dataset=data, tasks=tasks, image_size=32, head_epochs=3, batch_size=8,
+                                  val_split=0.25, tensorboard=False, head_hidden=(16,), arms=("soft",),
+                                  soft_penalty=0.1, task_weights=(("odd", 0.5),), output_dir=str(tmp_path / name))
+
+    quiet = lambda *_: None  # noqa: E731
+    reference = M.multitask(opts("reference"), log=quiet)["runs"][0]
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [StopAt("soft", 1)])
+    with pytest.raises(Stop):
+        M.multitask(opts("run"), log=quiet)
+    run_dir = os.path.join(tmp_path, "run", "soft", "seed0")
+    snapshot = checkpoint.load_latest(os.path.join(run_dir, "checkpoints"), log=quiet)
+    assert snapshot.epoch == 1 and snapshot.state["stage"] == "soft" and not snapshot.state["stage_done"]
+    # two blocks and two heads (kernels and biases) and the dropout's seed-generator state
+    assert snapshot.state["recipe"]["extra_variables"] == 9
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [])
+    lines = []
+    resumed = M.multitask(opts("run"), log=lines.append)["runs"][0]
+    assert any("resuming after epoch 1" in line for line in lines)
+    timing = ("train_seconds", "wall_seconds", "run_dir")
+    assert {k: v for k, v in resumed.items() if k not in timing} == \
+        {k: v for k, v in reference.items() if k not in timing}
+    assert resumed["epochs_run"] == 3
+    assert _history(run_dir) == _history(reference["run_dir"])  # every epoch's per-task accuracies and loss too
+    final = [checkpoint.load_latest(os.path.join(d, "checkpoints"), log=quiet) for d in (run_dir, reference["run_dir"])]
+    assert final[0].epoch == final[1].epoch == 3
+    for name in (k for k in final[1].arrays if k.startswith("recipe.")):  # the blocks and heads after the last epoch
+        np.testing.assert_array_equal(final[0].arrays[name], final[1].arrays[name])
+
+
+def test_a_checkpoint_with_another_count_of_recipe_variables_is_refused_not_misread():
+    """A checkpoint from before the dropout's seed state was kept (8 arrays, 9 variables now) names the mismatch."""
+    from types import SimpleNamespace
+
+    from tfl.recipes import pooled
+
+    variables = [tf.Variable(np.zeros(2, np.float32)) for _ in range(3)]
+    snapshot = checkpoint.Snapshot(4, {"recipe": {"extra_variables": 2}},
+                                   {f"recipe.weight{i:05d}": np.ones(2, np.float32) for i in range(2)})
+    job = SimpleNamespace(trainer=SimpleNamespace(recipe_state=None), snapshot=snapshot)
+    with pytest.raises(checkpoint.ResumeError, match="holds 2 of the recipe's own variables but this run has 3"):
+        pooled.keep_in_checkpoints(job, variables)
+    assert all(not v.numpy().any() for v in variables)  # nothing was assigned
+    snapshot.state["recipe"]["extra_variables"] = 3
+    snapshot.arrays["recipe.weight00002"] = np.ones(2, np.float32)
+    pooled.keep_in_checkpoints(job, variables)
+    assert all(v.numpy().tolist() == [1.0, 1.0] for v in variables)

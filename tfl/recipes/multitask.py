@@ -252,7 +252,9 @@ def run_recipe(job: Job) -> dict:
     loss = MultiTaskLoss(tasks, weights, opts.label_smoothing, groups, opts.soft_penalty if sharing == "soft" else 0)
     metrics = TaskMetrics(tasks)
     job.prepare([stage], config={"task_labels": {t.name: t.labels for t in tasks}}, loss=loss, metrics=metrics)
-    pooled.keep_in_checkpoints(job, variables)
+    # Every variable of the block, not only the trained ones: the dropout's seed-generator state too, so a resumed
+    # run draws the same dropout masks as an uninterrupted one.
+    pooled.keep_in_checkpoints(job, variables + model.non_trainable_variables)
     _, feed = pooled.pooled_feed(job, stage)
     params = int(sum(np.prod(v.shape) for v in variables))
     described = ", ".join(f"{t.name} ({t.num_classes} classes, weight {weights[t.name]:g})" for t in tasks)

@@ -82,6 +82,13 @@ def keep_in_checkpoints(job: Job, variables: list) -> None:
     job.trainer.recipe_state = state
     snapshot = job.snapshot
     if snapshot is not None and "recipe" in snapshot.state:
+        saved = snapshot.state["recipe"].get("extra_variables")
+        if saved != len(variables):
+            from tfl.training.checkpoint import ResumeError
+
+            raise ResumeError(f"the checkpoint of epoch {snapshot.epoch} holds {saved} of the recipe's own variables "
+                              f"but this run has {len(variables)} (it was written by another version of the "
+                              "recipe); start over with --overwrite or another --output-dir")
         for i, v in enumerate(variables):
             v.assign(snapshot.arrays["recipe." + RECIPE_WEIGHT.format(i)])
 
