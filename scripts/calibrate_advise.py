@@ -13,6 +13,8 @@ Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made
                                       from the rules' thresholds (they were set on the four sets before it)
   digits                              scikit-learn's 8x8 digits (1,797 images; 0..16 scaled to 0..255)
   digits20                            20 of those per class (the same val and test): small, different
+  fmnist300, fmnist1000_inverted      more training images than the proxy's 1,000: held out from the rule for
+                                      that case (set on fmnist1000)
 Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits
@@ -33,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEPTHS = ("stem", "block2", "block4", "block6", "head")  # --freeze-up-to values tried, shallow to deep
-DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits", "fmnist1000", "fmnist100_blurred", "digits20")
+DATASETS = ("fmnist10", "fmnist100", "fmnist100_inverted", "digits", "fmnist1000", "fmnist100_blurred", "digits20",
+            "fmnist300", "fmnist1000_inverted")
 FINETUNE = ["--image-size", "64", "--head-epochs", "8", "--epochs", "4", "--batch-size", "32", "--seed", "0",
             "--no-tensorboard"]
 # The proxy's budget is FINETUNE's, on at most --sample images.
@@ -135,7 +138,7 @@ def run(args: list[str], log) -> float:
     return time.time() - started
 
 
-def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
+def calibrate(work: str, names, cache_dir: str, log=print, seeds=(SEED,)) -> dict:
     from tfl.recipes.transferability import kendall_tau
 
     folders = make_datasets(work, names)
@@ -153,24 +156,41 @@ def calibrate(work: str, names, cache_dir: str, log=print) -> dict:
                                                     cache_dir, "--output-dir", advise_dir], log), 1)
         with open(os.path.join(advise_dir, "advise.json")) as f:
             advice = json.load(f)
-        for depth in DEPTHS:
-            if depth in entry["runs"]:
+        for seed, depth in [(seed, depth) for seed in seeds for depth in DEPTHS]:
+            runs = seed_runs(entry, seed)
+            if depth in runs:
                 continue
-            run_dir = os.path.join(work, "runs", name, depth)
-            seconds = run(["finetune", "--dataset", folders[name], "--freeze-up-to", depth, *FINETUNE,
+            run_dir = os.path.join(work, "runs", name, *([] if seed == SEED else [f"seed{seed}"]), depth)
+            finetune = FINETUNE.copy()
+            finetune[finetune.index("--seed") + 1] = str(seed)
+            seconds = run(["finetune", "--dataset", folders[name], "--freeze-up-to", depth, *finetune,
                            "--cache-dir", cache_dir, "--output-dir", run_dir], log)
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 metrics = json.load(f)
-            entry["runs"][depth] = {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
-                                    "seconds": round(seconds, 1)}
+            runs[depth] = {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"],
+                           "seconds": round(seconds, 1)}
             result["datasets"][name] = entry
             _write(work, result)
-        entry.update(summarise(advice, entry["runs"], kendall_tau))
+        entry.update(summarise(advice, entry, kendall_tau))
         result["datasets"][name] = entry
         _write(work, result)
     result["overall"] = overall(result["datasets"])
     _write(work, result)
     return result
+
+
+def seed_runs(entry: dict, seed: int) -> dict:
+    """The fine-tuning runs of one seed: "runs" holds SEED's (the advice's seed), "seed_runs" the others'."""
+    return entry["runs"] if seed == SEED else entry.setdefault("seed_runs", {}).setdefault(str(seed), {})
+
+
+def mean_runs(entry: dict) -> tuple[dict, list]:
+    """Test accuracy per depth averaged over the seeds run at every depth; and those seeds."""
+    by_seed = {SEED: entry["runs"], **{int(k): v for k, v in entry.get("seed_runs", {}).items()}}
+    seeds = [s for s, runs in sorted(by_seed.items()) if all(d in runs for d in DEPTHS)] or [SEED]
+    depths = [d for d in DEPTHS if all(d in by_seed[s] for s in seeds)]
+    return {d: {"test_accuracy": round(float(np.mean([by_seed[s][d]["test_accuracy"] for s in seeds])), 6)}
+            for d in depths}, seeds
 
 
 def _has_proxy(path: str) -> bool:
@@ -187,8 +207,16 @@ def stage_index(advice: dict, depth: str | None) -> int:
     return -1 if depth is None else names.index(depth)
 
 
-def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
+def summarise(advice: dict, entry: dict, kendall_tau) -> dict:
+    """Scores against the test accuracy per depth (the mean over the seeds run), the advice against the best."""
     from tfl.recipes.advise import recommend
+
+    runs, seeds = mean_runs(entry)
+    between = None  # how well one seed's accuracies rank another's: the ceiling for any score
+    if len(seeds) > 1:
+        first, second = (seed_runs(entry, s) for s in seeds[:2])
+        between = round(kendall_tau([first[d]["test_accuracy"] for d in DEPTHS],
+                                    [second[d]["test_accuracy"] for d in DEPTHS]), 3)
 
     by_boundary = {row["boundary"]: row for row in advice["boundaries"]}
     depths = [d for d in DEPTHS if d in runs]
@@ -216,7 +244,8 @@ def summarise(advice: dict, runs: dict, kendall_tau) -> dict:
         by_score[name] = {"recommended": other, "regret": regret(other),
                           "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
     argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
-    return {"tau": taus, "best_depth": best, "recommended": chosen, "regret": regret(chosen),
+    return {"tau": taus, "seeds": seeds, "mean_test_accuracy": {d: runs[d]["test_accuracy"] for d in depths},
+            "tau_between_seeds": between, "best_depth": best, "recommended": chosen, "regret": regret(chosen),
             "stage_distance": distance,
             "within_one_stage": distance <= 1, "score_argmax_depth": argmax, "rules_by_score": by_score,
             "bn_gap_per_stage": advice["bn_gap_per_stage"], "low_level_bn_gap": rec["low_level_bn_gap"],
@@ -233,7 +262,7 @@ def resummarise(work: str) -> dict:
         if len(entry["runs"]) < 2:
             continue
         with open(os.path.join(work, "advise", name, "advise.json")) as f:
-            entry.update(summarise(json.load(f), entry["runs"], kendall_tau))
+            entry.update(summarise(json.load(f), entry, kendall_tau))
     result["overall"] = overall(result["datasets"])
     _write(work, result)
     return result
@@ -267,23 +296,26 @@ def _write(work: str, result: dict) -> None:
 def table(result: dict) -> str:
     depths = result["depths"]
     taus = ("logme", "h_score", "probe_accuracy", "proxy_accuracy")
-    lines = ["| dataset | " + " | ".join(depths) + " | best | advised (proxy) | advised (LogME rules) | tau LogME | "
-             "tau H-score | tau probe | tau proxy |", "|---" * (len(depths) + 8) + "|"]
+    lines = ["| dataset (seeds) | " + " | ".join(depths) + " | best | advised (proxy) | advised (LogME rules) | "
+             "tau LogME | tau H-score | tau probe | tau proxy | tau seed 0 vs 1 |", "|---" * (len(depths) + 9) + "|"]
     tau = lambda d, s: f"{d['tau'][s]:.2f}" if s in d["tau"] else "-"  # noqa: E731
     for name, d in result["datasets"].items():
         if "tau" not in d:
             continue
-        accs = [f"{d['runs'][x]['test_accuracy']:.3f}" if x in d["runs"] else "-" for x in depths]
+        means = d.get("mean_test_accuracy") or {}
+        accs = [f"{means[x]:.3f}" if x in means else "-" for x in depths]
         rules = d["rules_by_score"]["logme"]
-        lines.append(f"| {name} | " + " | ".join(accs) + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
+        between = "-" if d.get("tau_between_seeds") is None else f"{d['tau_between_seeds']:.2f}"
+        lines.append(f"| {name} ({len(d.get('seeds') or [0])}) | " + " | ".join(accs) + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
                      f"{'' if d['within_one_stage'] else ' (off)'} | {rules['recommended'] or 'none'}"
-                     f"{'' if rules['within_one_stage'] else ' (off)'} | " + " | ".join(tau(d, s) for s in taus) + " |")
+                     f"{'' if rules['within_one_stage'] else ' (off)'} | " + " | ".join(tau(d, s) for s in taus)
+                     + f" | {between} |")
     o = result.get("overall") or {}
     if o:
         m = o["mean_tau"]
         lines.append("| mean / share | " + " | ".join("" for _ in depths) + f" | | {o['within_one_stage']} within one "
                      f"stage | {o['within_one_stage_by_score'].get('logme', '-')} | "
-                     + " | ".join(f"{m[s]:.2f}" if s in m else "-" for s in taus) + " |")
+                     + " | ".join(f"{m[s]:.2f}" if s in m else "-" for s in taus) + " | |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +325,8 @@ def main():
     parser.add_argument("--datasets", default=",".join(DATASETS), help="Comma-separated, from: "
                         + ", ".join(DATASETS) + ".")
     parser.add_argument("--cache-dir", default=None, help="tfl's cache (default: <work>/cache).")
+    parser.add_argument("--seeds", default=str(SEED), help="Comma-separated fine-tuning seeds (the data splits and "
+                        "the advice keep seed 0); the accuracy per depth is their mean.")
     parser.add_argument("--summarise-only", action="store_true",
                         help="Recompute the summaries (the current rules) from <work>'s runs; train nothing.")
     args = parser.parse_args()
@@ -302,7 +336,7 @@ def main():
         return
     os.makedirs(args.work, exist_ok=True)
     result = calibrate(args.work, names, args.cache_dir or os.path.join(args.work, "cache"),
-                       log=lambda m: print(m, flush=True))
+                       log=lambda m: print(m, flush=True), seeds=[int(x) for x in args.seeds.split(",")])
     print(table(result))
 
 
