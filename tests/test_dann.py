@@ -16,7 +16,7 @@ import cli
 from tfl.data.pipeline import LABEL
 from tfl.recipes import dann as D
 from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import image_folder
+from tiny_runs import Stop, history_rows, image_folder, stop_at
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
         "--domain-hidden", "16", "--head-hidden", "32"]
@@ -227,26 +227,6 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 
 
 # -- resume -----------------------------------------------------------------------------------------------------
-class Stop(Exception):
-    pass
-
-
-class StopAt(trainer_module.Callback):
-    """Stops the run right after the checkpoint of the given epoch of the given stage."""
-
-    def __init__(self, stage, epoch):
-        self.stage, self.epoch = stage, epoch
-
-    def on_epoch_end(self, result):
-        if (result.stage, result.epoch) == (self.stage, self.epoch):
-            raise Stop
-
-
-def _history(run_dir):
-    with open(os.path.join(run_dir, "history.csv")) as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
 def test_resume_in_the_middle_of_the_dann_arm_is_exact(tmp_path, monkeypatch):
     """Stopped after the DANN arm's first of 3 epochs, the rerun restores the domain classifier and its optimizer,
     continues lambda's schedule from the checkpoint's step, and ends where an uninterrupted run ends."""
@@ -259,7 +239,7 @@ def test_resume_in_the_middle_of_the_dann_arm_is_exact(tmp_path, monkeypatch):
 
     quiet = lambda *_: None  # noqa: E731
     reference = D.dann(opts("reference"), log=quiet)["runs"][0]
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [StopAt("dann", 1)])
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(1, "dann")])
     with pytest.raises(Stop):
         D.dann(opts("run"), log=quiet)
     run_dir = os.path.join(tmp_path, "run", "dann", "seed0")
@@ -275,5 +255,5 @@ def test_resume_in_the_middle_of_the_dann_arm_is_exact(tmp_path, monkeypatch):
     assert {k: v for k, v in resumed.items() if k not in timing} == \
         {k: v for k, v in reference.items() if k not in timing}
     assert resumed["epochs_run"] == 3 and resumed["final_lambda"] == round(D.dann_lambda(1.0), 6)
-    assert _history(run_dir) == _history(reference["run_dir"])  # every epoch's domain accuracy and loss too
+    assert history_rows(run_dir) == history_rows(reference["run_dir"])  # every epoch's domain accuracy and loss too
     np.testing.assert_array_equal(_logits_kernel(run_dir), _logits_kernel(reference["run_dir"]))

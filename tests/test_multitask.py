@@ -15,7 +15,7 @@ from tfl.data.idx_source import FASHION_MNIST_CLASSES
 from tfl.data.pipeline import LABEL
 from tfl.recipes import multitask as M
 from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import image_folder
+from tiny_runs import Stop, history_rows, image_folder, stop_at
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
         "--head-hidden", "16"]
@@ -149,26 +149,6 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 
 
 # -- resume ----------------------------------------------------------------------------------------------------------
-class Stop(Exception):
-    pass
-
-
-class StopAt(trainer_module.Callback):
-    """Stops the run right after the checkpoint of the given epoch of the given stage."""
-
-    def __init__(self, stage, epoch):
-        self.stage, self.epoch = stage, epoch
-
-    def on_epoch_end(self, result):
-        if (result.stage, result.epoch) == (self.stage, self.epoch):
-            raise Stop
-
-
-def _history(run_dir):
-    with open(os.path.join(run_dir, "history.csv")) as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
 def test_resume_in_the_middle_of_the_soft_sharing_arm_is_exact(tmp_path, monkeypatch):
     """Stopped after the soft arm's first of 3 epochs (a block and a head per task, the penalty pulling the blocks
     together, dropout before them), the rerun restores every task's block and head and their optimizer and ends
@@ -184,7 +164,7 @@ def test_resume_in_the_middle_of_the_soft_sharing_arm_is_exact(tmp_path, monkeyp
 
     quiet = lambda *_: None  # noqa: E731
     reference = M.multitask(opts("reference"), log=quiet)["runs"][0]
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [StopAt("soft", 1)])
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(1, "soft")])
     with pytest.raises(Stop):
         M.multitask(opts("run"), log=quiet)
     run_dir = os.path.join(tmp_path, "run", "soft", "seed0")
@@ -200,7 +180,7 @@ def test_resume_in_the_middle_of_the_soft_sharing_arm_is_exact(tmp_path, monkeyp
     assert {k: v for k, v in resumed.items() if k not in timing} == \
         {k: v for k, v in reference.items() if k not in timing}
     assert resumed["epochs_run"] == 3
-    assert _history(run_dir) == _history(reference["run_dir"])  # every epoch's per-task accuracies and loss too
+    assert history_rows(run_dir) == history_rows(reference["run_dir"])  # every epoch's per-task accuracies and loss too
     final = [checkpoint.load_latest(os.path.join(d, "checkpoints"), log=quiet) for d in (run_dir, reference["run_dir"])]
     assert final[0].epoch == final[1].epoch == 3
     for name in (k for k in final[1].arrays if k.startswith("recipe.")):  # the blocks and heads after the last epoch

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import cli
 from tfl.recipes.self_training import SelfTrainOptions, check_options, select, selection_record, self_train
 from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import image_folder
+from tiny_runs import Stop, image_folder, stop_at
 
 CLASSES = ("c0", "c1", "c2", "c3")
 TINY = dict(backbone="efficientnet_lite0", image_size=32, head_epochs=2, val_split=0.25, batch_size=8, lr=0.01,
@@ -128,27 +128,12 @@ def test_the_cli_refuses_a_missing_pool_with_exit_2(data, tmp_path):
     assert result.exit_code == 2 and "--labeled-fraction F" in result.output
 
 
-class Stop(Exception):
-    pass
-
-
-class StopAt(trainer_module.Callback):
-    """Stops the run right after the checkpoint of the given epoch (1-based, across rounds)."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, result):
-        if result.epoch == self.epoch:
-            raise Stop
-
-
 def test_resume_in_the_middle_of_a_round_is_exact(data, reference, tmp_path, monkeypatch):
     """Stopped after epoch 3 (the first of round 1, which trains on round 0's pseudo-labels), the rerun continues
     from the checkpoint and ends with the uninterrupted run's rounds."""
     opts = SelfTrainOptions(**TINY, dataset=data, output_dir=str(tmp_path / "run"), labeled_fraction=0.5,
                             threshold=0.3, rounds=2)
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [StopAt(3)])
+    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(3)])
     with pytest.raises(Stop):
         self_train(opts, log=lambda *_: None)
     state = checkpoint.load_latest(os.path.join(tmp_path, "run", "checkpoints"), log=lambda *_: None).state

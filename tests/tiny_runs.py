@@ -103,3 +103,28 @@ def history(run_dir) -> list[dict]:
 
 def largest_change(a: dict, b: dict, prefix: str = "model.") -> float:
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a if k.startswith(prefix))
+
+
+# -- interrupting a run in-process (exact-resume tests) --------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+def stop_at(epoch, stage=None):
+    """A trainer callback that stops the run right after the checkpoint of `epoch` (1-based; of `stage` when
+    given): monkeypatch tfl.training.trainer.default_callbacks to return [stop_at(...)]."""
+    from tfl.training import trainer
+
+    class StopAt(trainer.Callback):
+        def on_epoch_end(self, result):
+            if result.epoch == epoch and stage in (None, result.stage):
+                raise Stop
+
+    return StopAt()
+
+
+def history_rows(run_dir):
+    """history.csv without its timing column."""
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
