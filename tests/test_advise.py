@@ -262,6 +262,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
     proxy_depths = ["stem", "block2", "block4", "block5"]
     assert advice["proxy"]["depths"] == proxy_depths and advice["proxy"]["val_examples"] == 8
     assert advice["proxy"]["epochs"] == 1 and advice["proxy"]["train_rows"] == 24
+    assert advice["proxy"]["image_size"] == 32  # --image-size; without it, the size the advice recommends
     for row in advice["boundaries"]:
         if row["boundary"] in proxy_depths:
             metrics = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "metrics.json").read_text())

@@ -195,7 +195,9 @@ def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log
     epochs = proxy_epochs(opts)
     proxy = None
     if epochs > 0 and proxy_root:
-        proxy = proxy_runs(opts, [row["boundary"] for row in scores], image_size, n_train, epochs, proxy_root,
+        # The proxy trains as the run will: at --image-size, else at the size the advice will recommend.
+        size = opts.image_size or recommended_image_size(summary, stride, spec.input_size)[0]
+        proxy = proxy_runs(opts, [row["boundary"] for row in scores], size, n_train, epochs, proxy_root,
                            splits.num_examples.get("val", 0), log)
         for row in scores:
             row[PROXY] = proxy["accuracy"].get(row["boundary"])
@@ -312,7 +314,7 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
     accuracy, seconds = {}, {}
     depths = proxy_depths(names)
     log(f"advise: proxy fine-tuning above {len(depths)} boundaries ({', '.join(depths)}): {opts.head_epochs} head + "
-        f"{epochs} fine-tune epochs on {rows:,} training images each")
+        f"{epochs} fine-tune epochs on {rows:,} training images at {image_size}px each")
     for i, depth in enumerate(depths, 1):
         started = time.time()
         run_opts = dataclasses.replace(base, freeze_up_to=depth, output_dir=os.path.join(root, depth))
@@ -321,7 +323,7 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
         accuracy[depth], seconds[depth] = metrics["val_accuracy"], round(time.time() - started, 2)
         log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
             f"({seconds[depth]:.0f}s)")
-    settings = {"depths": depths, "head_epochs": opts.head_epochs, "epochs": epochs, "train_rows": rows,
+    settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs, "train_rows": rows,
                 "batch_size": opts.batch_size, "seed": opts.seed, "val_examples": int(val_examples), "runs": root}
     return {"accuracy": accuracy, "seconds": seconds, "settings": settings}
 
@@ -562,21 +564,24 @@ def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | Non
             "reasons": {"freeze_up_to": reason}}
 
 
+def recommended_image_size(summary: dict, stride: int, input_size: int) -> tuple[int, str]:
+    """Small images are upscaled until the backbone's last feature map is MIN_FINAL_MAP pixels wide (and at least
+    4x); others keep the size they were scored at. Returns (size, reason)."""
+    native = summary.get("native_size")
+    if native and max(native) * 4 <= input_size:
+        wanted = min(input_size, max(4 * max(native), MIN_FINAL_MAP * stride))
+        return wanted, (f"{max(native)}px images: {wanted}px gives the backbone's last feature map "
+                        f"{wanted // stride}x{wanted // stride} pixels (stride {stride}; at least {MIN_FINAL_MAP} wide, "
+                        "at least 4x upscaled)")
+    return summary["image_size"], f"the images are large enough: {summary['image_size']}px"
+
+
 def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float, chosen: dict) -> dict:
     """The depth's recommendation plus the input size, backbone lr and epochs (the same whatever chose the depth)."""
     reasons = dict(chosen["reasons"])
     per_class = summary["median_per_class"]
     small = per_class < SMALL_PER_CLASS
-    native = summary.get("native_size")
-    image_size = summary["image_size"]
-    if native and max(native) * 4 <= input_size:
-        wanted = min(input_size, max(4 * max(native), MIN_FINAL_MAP * stride))
-        reasons["image_size"] = (f"{max(native)}px images: {wanted}px gives the backbone's last feature map "
-                                 f"{wanted // stride}x{wanted // stride} pixels (stride {stride}; at least "
-                                 f"{MIN_FINAL_MAP} wide, at least 4x upscaled)")
-        image_size = wanted
-    else:
-        reasons["image_size"] = f"the images are large enough: {image_size}px"
+    image_size, reasons["image_size"] = recommended_image_size(summary, stride, input_size)
     factor = SMALL_DATA_BACKBONE_LR if small else 0.3
     epochs = 5 if small else 2
     reasons["backbone_lr"] = (f"{factor:g} x --lr" + (": few examples per class, small steps keep the pretrained "
