@@ -306,7 +306,8 @@ def table(result: dict) -> str:
         accs = [f"{means[x]:.3f}" if x in means else "-" for x in depths]
         rules = d["rules_by_score"]["logme"]
         between = "-" if d.get("tau_between_seeds") is None else f"{d['tau_between_seeds']:.2f}"
-        lines.append(f"| {name} ({len(d.get('seeds') or [0])}) | " + " | ".join(accs) + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
+        lines.append(f"| {name} ({len(d.get('seeds') or [0])}) | " + " | ".join(accs)
+                     + f" | {d['best_depth']} | {d['recommended'] or 'none'}"
                      f"{'' if d['within_one_stage'] else ' (off)'} | {rules['recommended'] or 'none'}"
                      f"{'' if rules['within_one_stage'] else ' (off)'} | " + " | ".join(tau(d, s) for s in taus)
                      + f" | {between} |")

@@ -16,9 +16,9 @@
 5. The proxy (--proxy-epochs, default the planned run's --epochs; 0 turns it off): `tfl finetune`'s own
    two-stage recipe with the run's budget, above every other boundary (and the pooled features), on at most
    --sample training rows, scored by its validation accuracy. With no more training rows than --sample it is
-   the run itself at each depth, and the advice is a choice by validation accuracy. The frozen-feature scores rise with depth while fine-tuning above
-   a boundary gains more the shallower it is, so they cannot rank depths (README "tfl advise"); the proxy
-   measures what they cannot: how much training above each boundary adds on this data.
+   the run itself at each depth, and the advice is a choice by validation accuracy. The frozen-feature scores
+   rise with depth while fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths
+   (README "tfl advise"); the proxy measures what they cannot: how much training above each boundary adds.
 6. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
    With the proxy: the boundary with the best proxy accuracy (ties: the deeper); without: rules on the data
    size, the scores' peak and the BN gap.
@@ -129,8 +129,9 @@ def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log
     chosen = advice["recommendation"]
     names = [row["boundary"] for row in advice["boundaries"]]
     index = names.index(chosen["freeze_up_to"]) if chosen["freeze_up_to"] in names else -1
-    if strategy is not None and strategies.chief_value(strategy, index + 1) - 1 != index:
-        index = strategies.chief_value(strategy, index + 1) - 1
+    chief = strategies.chief_value(strategy, index + 1) - 1 if strategy is not None else index
+    if chief != index:
+        index = chief
         chosen = {**chosen, "freeze_up_to": names[index] if index >= 0 else None,
                   "reasons": {**chosen["reasons"], "freeze_up_to": "the chief worker's choice"}}
         advice["recommendation"] = chosen
@@ -310,7 +311,7 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
                               "limit_train": rows if rows < n_train else opts.limit_train,
                               "mixed_precision": "off", "strategy": "default", "devices": None, "worker_hosts": (),
                               "task_index": None, "export": False, "tensorboard": False, "resume": False,
-                              "overwrite": True, "init_from": opts.init_from, "freeze_up_to": None})
+                              "overwrite": True, "freeze_up_to": None})
     accuracy, seconds = {}, {}
     depths = proxy_depths(names)
     log(f"advise: proxy fine-tuning above {len(depths)} boundaries ({', '.join(depths)}): {opts.head_epochs} head + "
@@ -323,8 +324,9 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
         accuracy[depth], seconds[depth] = metrics["val_accuracy"], round(time.time() - started, 2)
         log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
             f"({seconds[depth]:.0f}s)")
-    settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs, "train_rows": rows,
-                "batch_size": opts.batch_size, "seed": opts.seed, "val_examples": int(val_examples), "runs": root}
+    settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs,
+                "train_rows": rows, "batch_size": opts.batch_size, "seed": opts.seed,
+                "val_examples": int(val_examples), "runs": root}
     return {"accuracy": accuracy, "seconds": seconds, "settings": settings}
 
 
@@ -469,7 +471,8 @@ def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_
         raise ValueError("recommend needs the scores of at least one boundary")
     names = [row["boundary"] for row in scores]
     if score == PROXY:
-        return _with_size_lr_epochs(summary, stride, input_size, lr, proxy_depth(summary, scores, gaps, proxy, margin_se))
+        chosen = proxy_depth(summary, scores, gaps, proxy, margin_se)
+        return _with_size_lr_epochs(summary, stride, input_size, lr, chosen)
     values = np.array([row[score] for row in scores], np.float64)
     top = len(names) - 1
     per_class = summary["median_per_class"]
@@ -571,8 +574,8 @@ def recommended_image_size(summary: dict, stride: int, input_size: int) -> tuple
     if native and max(native) * 4 <= input_size:
         wanted = min(input_size, max(4 * max(native), MIN_FINAL_MAP * stride))
         return wanted, (f"{max(native)}px images: {wanted}px gives the backbone's last feature map "
-                        f"{wanted // stride}x{wanted // stride} pixels (stride {stride}; at least {MIN_FINAL_MAP} wide, "
-                        "at least 4x upscaled)")
+                        f"{wanted // stride}x{wanted // stride} pixels (stride {stride}; at least {MIN_FINAL_MAP} "
+                        "wide, at least 4x upscaled)")
     return summary["image_size"], f"the images are large enough: {summary['image_size']}px"
 
 
