@@ -1,4 +1,5 @@
-"""Tiny `cli.py finetune` runs in child processes, for tests/test_resume.py and tests/test_distribute.py.
+"""Tiny `cli.py finetune` (or another recipe's) runs in child processes, for tests/test_resume.py,
+tests/test_distribute.py and tests/test_recipes_distribute.py.
 
 Child processes because logical devices and the multi-worker cluster must be set up in a fresh TensorFlow,
 and because a run killed with SIGKILL must not take the test process with it.
@@ -67,14 +68,14 @@ class Child:
         return f"exit {self.proc.returncode}\n{self.out[-3000:]}\n{self.err[-3000:]}"
 
 
-def start(args, env: dict | None = None) -> Child:
-    """`python cli.py finetune ARGS` in the background."""
+def start(args, env: dict | None = None, command: str = "finetune") -> Child:
+    """`python cli.py COMMAND ARGS` (default: finetune) in the background."""
     child_env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}
     child_env.update(env or {})
     # SIGINT back to its default in the child: a test suite started in the background by a non-interactive shell
     # (`make test &`, as CI may) runs with SIGINT ignored, the child would inherit that, and Python would then never
     # turn a Ctrl-C into KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "finetune", *map(str, args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), command, *map(str, args)], cwd=ROOT,
                             env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return Child(proc)

@@ -47,7 +47,7 @@ def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: 
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy("/gpu:0" if _gpu_count() else "/cpu:0")
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(_local_devices(devices) if devices else None)
+        return _mirrored(tf, _local_devices(devices) if devices else None)
     if name == "multi_worker":
         if devices:
             if not _gpu_count() and devices > 1:
@@ -146,6 +146,21 @@ def _local_devices(n: int) -> list[str]:
     except RuntimeError:  # TensorFlow already initialised its devices in this process
         raise ValueError(f"--devices {n}: TensorFlow's devices are already initialised in this process; "
                          "choose the devices before anything else runs TensorFlow (a fresh process)") from None
+
+
+# One MirroredStrategy per device list for the whole process. Recipes that run several jobs one after another
+# (dann, multitask, pretext, compare, ...) ask for the strategy once per job; a second MirroredStrategy over the
+# same devices restarts the collective keys, so its all-reduces meet the first one's cached collective instances
+# and fail as soon as the gradients have another size ("Shape mismatch in the collective instance 100",
+# tensorflow/tensorflow#62790) -- or silently reuse them when the sizes happen to agree.
+_MIRRORED: dict = {}
+
+
+def _mirrored(tf, devices: list[str] | None):
+    key = tuple(devices) if devices else None
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(devices)
+    return _MIRRORED[key]
 
 
 def _tpu_strategy(tf):

@@ -1,0 +1,163 @@
+"""The multi-run recipes under MirroredStrategy over 2 logical CPUs give the numbers of one device: tfl dann,
+multitask, self-train and pretext, each run once with --devices 2 --batch-size 4 in a child process and once here
+on one device with --batch-size 8 (the same global batch). tfl fewshot has no --devices (it trains nothing
+through the strategy), so it is not here.
+
+dann, multitask and pretext run several jobs one after another in one process; each job asks for the strategy
+again, and a second MirroredStrategy over the same devices used to collide with the first one's collectives
+(multitask's soft arm after the hard arm, pretext's fine-tunes after the pretext run: "Shape mismatch in the
+collective instance 100"). Dropout is 0 and pretext trains only the layers above block7 with BN frozen: each
+replica draws its own dropout and drop-connect masks and normalises over its own share of the batch."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from tiny_runs import checkpoint_arrays, history, image_folder, largest_change, start
+
+TOLERANCE = 1e-6  # float sums in another order; an epoch of training moves the weights by orders of magnitude more
+COMMON = ["--image-size", "32", "--val-split", "0.25", "--lr", "0.01", "--dropout", "0", "--no-tensorboard"]
+
+
+def recipes(tmp):
+    """name -> (command, arguments but --batch-size/--devices/--output-dir, run directories under the output)."""
+    three = image_folder(tmp / "shapes3", classes=("c0", "c1", "c2"), per_class=16)  # 36 train, 12 val, 12 test
+    tasks = tmp / "tasks.json"
+    tasks.write_text(json.dumps({"fine": {"c0": "c0", "c1": "c1", "c2": "c2"},
+                                 "odd": {"c0": "no", "c1": "yes", "c2": "no"}}))
+    return {
+        "dann": ("dann", ["--dataset", three, "--target-shift", "texture", "--seeds", "1", "--limit-train", "20",
+                          "--head-epochs", "2", "--domain-hidden", "16", "--head-hidden", "32", *COMMON],
+                 ["source_only/seed0", "dann/seed0"]),
+        # soft after hard: another block, so gradients of another size in the second job of the process
+        "multitask": ("multitask", ["--dataset", three, "--tasks", tasks, "--task-weight", "odd=0.5", "--arms",
+                                    "hard,soft", "--soft-penalty", "0.1", "--head-epochs", "2", "--head-hidden", "16",
+                                    *COMMON],
+                      ["hard/seed0", "soft/seed0"]),
+        "self-train": ("self-train", ["--dataset", image_folder(tmp / "shapes4", classes=("c0", "c1", "c2", "c3")),
+                                      "--labeled-fraction", "0.5", "--threshold", "0.3", "--rounds", "2",
+                                      "--head-epochs", "2", *COMMON],
+                       ["."]),
+        # EfficientNet-Lite0's ImageNet weights, top conv and head trained (no drop-connect above block7)
+        "pretext": ("pretext", ["--dataset", image_folder(tmp / "shapes2"), "--freeze-up-to", "block7",
+                                "--pretext-epochs", "2", "--head-epochs", "1", "--epochs", "1", "--label-fraction",
+                                "1", *COMMON],
+                    ["pretext", "frac1/baseline", "frac1/pretext"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every recipe's 2-replica child at once (each with its own cache directory); meanwhile the one-device
+    references run in this process. Returns (tmp, {name: (command args, run dirs, child, reference result)})."""
+    tmp = tmp_path_factory.mktemp("recipes-distribute")
+    table = recipes(tmp)
+    children = {name: start([*args, "--batch-size", "4", "--devices", "2", "--output-dir", tmp / "devices2" / name],
+                            {"TFL_CACHE_DIR": str(tmp / f"cache-{name}")}, command=command)
+                for name, (command, args, _) in table.items()}
+    references = {}
+    for name, (command, args, _) in table.items():
+        references[name] = CliRunner().invoke(cli, [command, *map(str, args), "--batch-size", "8",
+                                                    "--output-dir", str(tmp / "devices1" / name)])
+    return tmp, {name: (table[name][2], children[name].wait(), references[name]) for name in table}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_two_replicas_match_one(tmp, name, run_dirs, child, reference):
+    """Both runs succeed, and every job's config, history and last checkpoint (weights and optimizer state) agree."""
+    assert reference.exit_code == 0, reference.output
+    assert child.returncode == 0, child.why()
+    assert "2 replica(s)" in child.err and "Traceback" not in child.err
+    for run in run_dirs:
+        two, one = tmp / "devices2" / name / run, tmp / "devices1" / name / run
+        config = read_json(two / "config.json")
+        assert (config["replicas"], config["global_batch_size"], config["batch_size"]) == (2, 8, 4)
+        assert (read_json(one / "config.json")["replicas"], read_json(one / "config.json")["global_batch_size"]) \
+            == (1, 8)
+        rows, expected = history(two), history(one)
+        assert len(rows) == len(expected) >= 2
+        for row, want in zip(rows, expected, strict=True):
+            assert row.keys() == want.keys()
+            for key, value in row.items():
+                try:
+                    assert float(value) == pytest.approx(float(want[key]), abs=2e-6), (run, row["epoch"], key)
+                except ValueError:  # stage, trainable
+                    assert value == want[key]
+        last = len(rows)
+        ours, theirs = checkpoint_arrays(two, last), checkpoint_arrays(one, last)
+        assert ours.keys() == theirs.keys()
+        worst = max(float(np.max(np.abs(ours[k].astype(np.float64) - theirs[k]))) for k in ours if ours[k].size)
+        assert worst < TOLERANCE, (run, worst)
+        # The last epoch trained (the optimizer state moves even where a stage restored its best weights).
+        before = checkpoint_arrays(one, last - 1)
+        common = {k: theirs[k] for k in theirs.keys() & before.keys() if theirs[k].shape == before[k].shape}
+        assert largest_change(common, before, prefix="") > 1000 * TOLERANCE
+    return tmp / "devices2" / name, tmp / "devices1" / name
+
+
+def test_dann_over_two_replicas_matches_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "dann", *by["dann"])
+    ours, theirs = read_json(two / "dann.json"), read_json(one / "dann.json")
+    assert [r["arm"] for r in ours["runs"]] == ["source_only", "dann"]
+    for run, want in zip(ours["runs"], theirs["runs"], strict=True):
+        for key in ("source_test_accuracy", "target_test_accuracy", "val_domain_accuracy", "final_lambda"):
+            assert 0.0 <= run[key] <= 1.0
+            assert run[key] == pytest.approx(want[key], abs=1e-6), key
+    assert ours["runs"][0]["final_lambda"] == 0.0 and ours["runs"][1]["final_lambda"] > 0.99
+    assert ours["comparisons"] == theirs["comparisons"]
+    assert os.path.getsize(two / "dann.png") > 1000 and (two / "dann.csv").exists()
+
+
+def test_multitask_soft_after_hard_over_two_replicas_matches_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "multitask", *by["multitask"])
+    ours, theirs = read_json(two / "multitask.json"), read_json(one / "multitask.json")
+    assert [r["arm"] for r in ours["runs"]] == ["hard", "soft"]
+    assert ours["runs"][1]["trainable_params"] - ours["runs"][0]["trainable_params"] == 1280 * 16 + 16
+    for run, want in zip(ours["runs"], theirs["runs"], strict=True):
+        assert run["test_accuracy"].keys() == {"fine", "odd"}
+        for task, accuracy in run["test_accuracy"].items():
+            assert 0.0 <= accuracy <= 1.0 and accuracy == pytest.approx(want["test_accuracy"][task], abs=1e-6)
+    with open(two / "multitask.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert os.path.getsize(two / "multitask.png") > 1000
+
+
+def test_self_train_over_two_replicas_matches_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "self-train", *by["self-train"])
+    ours, theirs = read_json(two / "self_training.json"), read_json(one / "self_training.json")
+    assert [r["round"] for r in ours["rounds"]] == [0, 1, 2]
+    for record, want in zip(ours["rounds"], theirs["rounds"], strict=True):
+        # the same pseudo-labels: the same rows passed the threshold, per class
+        assert (record["labeled"], record["pseudo_labeled"], record["selected"]["per_class"]) == \
+            (want["labeled"], want["pseudo_labeled"], want["selected"]["per_class"])
+        for key in ("val_accuracy", "test_accuracy"):
+            assert 0.0 <= record[key] <= 1.0 and record[key] == pytest.approx(want[key], abs=1e-6)
+    assert ours["rounds"][1]["pseudo_labeled"] > 0
+    assert ours["metrics"]["test_accuracy"] == pytest.approx(theirs["metrics"]["test_accuracy"], abs=1e-6)
+    assert (two / "model.keras").exists() and os.path.getsize(two / "self_training.png") > 1000
+
+
+def test_pretext_and_its_fine_tunes_over_two_replicas_match_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "pretext", *by["pretext"])
+    ours, theirs = read_json(two / "pretext.json"), read_json(one / "pretext.json")
+    for key in ("test_accuracy", "test_loss", "val_accuracy"):
+        assert ours["pretext"][key] == pytest.approx(theirs["pretext"][key], abs=2e-6), key
+    assert [r["arm"] for r in ours["runs"]] == ["baseline", "pretext"]
+    for run, want in zip(ours["runs"], theirs["runs"], strict=True):
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-6)
+        assert run["train_examples"] == want["train_examples"] == 24
+    assert (two / "backbone.keras").exists() and os.path.getsize(two / "pretext.png") > 1000
