@@ -13,8 +13,7 @@ Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made
                                       from the rules' thresholds (they were set on the four sets before it)
   digits                              scikit-learn's 8x8 digits (1,797 images; 0..16 scaled to 0..255)
   digits20                            20 of those per class (the same val and test): small, different
-  fmnist300, fmnist1000_inverted      more training images than the proxy's 1,000: held out from the rule for
-                                      that case (set on fmnist1000)
+  fmnist300, fmnist1000_inverted      more training images than the proxy's 1,000 (fmnist300 is in the README)
 Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits
