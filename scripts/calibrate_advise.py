@@ -17,7 +17,7 @@ Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made
 Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits
-    nice -n 10 python scripts/calibrate_advise.py --work /tmp/calibrate [--datasets fmnist10,digits]
+    nice -n 5 python scripts/calibrate_advise.py --work /tmp/calibrate [--datasets fmnist10,digits] [--seeds 0,1]
 """
 
 from __future__ import annotations
