@@ -565,6 +565,7 @@ DISTILL = DistillOptions()
 @DATA_OPTIONS
 @without(MODEL_OPTIONS, "backbone", "weights")
 @TRAIN_OPTIONS
+@DEVICES_OPTION
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Where distill.json/.csv/.png and every member's run directory go (default: "
                    "runs/<time>-distill-<dataset>). Rerun with the same directory to continue an interrupted run.")

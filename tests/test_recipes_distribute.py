@@ -1,13 +1,15 @@
 """The multi-run recipes under MirroredStrategy over 2 logical CPUs give the numbers of one device: tfl dann,
-multitask, self-train and pretext, each run once with --devices 2 --batch-size 4 in a child process and once here
-on one device with --batch-size 8 (the same global batch). tfl fewshot has no --devices (it trains nothing
-through the strategy), so it is not here.
+multitask, self-train, pretext, compare, distill and forgetting, each run once with --devices 2 --batch-size 4 in a
+child process and once here on one device with --batch-size 8 (the same global batch). tfl fewshot has no --devices
+(it trains nothing through the strategy), so it is not here.
 
-dann, multitask and pretext run several jobs one after another in one process; each job asks for the strategy
-again, and a second MirroredStrategy over the same devices used to collide with the first one's collectives
-(multitask's soft arm after the hard arm, pretext's fine-tunes after the pretext run: "Shape mismatch in the
-collective instance 100"). Dropout is 0 and pretext trains only the layers above block7 with BN frozen: each
-replica draws its own dropout and drop-connect masks and normalises over its own share of the batch."""
+All but self-train run several jobs one after another in one process; each job asks for the strategy again, and a
+second MirroredStrategy over the same devices used to collide with the first one's collectives (multitask's soft
+arm after the hard arm, pretext's fine-tunes after the pretext run: "Shape mismatch in the collective instance
+100"). distill loaded its teacher before its first job made the strategy, so --devices was refused (TensorFlow's
+devices were already initialised); it now makes the strategy first. Dropout is 0 and pretext, compare and distill
+train only the layers above block7 with BN frozen: each replica draws its own dropout and drop-connect masks and
+normalises over its own share of the batch."""
 
 import csv
 import json
@@ -27,6 +29,7 @@ COMMON = ["--image-size", "32", "--val-split", "0.25", "--lr", "0.01", "--dropou
 def recipes(tmp):
     """name -> (command, arguments but --batch-size/--devices/--output-dir, run directories under the output)."""
     three = image_folder(tmp / "shapes3", classes=("c0", "c1", "c2"), per_class=16)  # 36 train, 12 val, 12 test
+    two = image_folder(tmp / "shapes2")
     tasks = tmp / "tasks.json"
     tasks.write_text(json.dumps({"fine": {"c0": "c0", "c1": "c1", "c2": "c2"},
                                  "odd": {"c0": "no", "c1": "yes", "c2": "no"}}))
@@ -44,11 +47,35 @@ def recipes(tmp):
                                       "--head-epochs", "2", *COMMON],
                        ["."]),
         # EfficientNet-Lite0's ImageNet weights, top conv and head trained (no drop-connect above block7)
-        "pretext": ("pretext", ["--dataset", image_folder(tmp / "shapes2"), "--freeze-up-to", "block7",
+        "pretext": ("pretext", ["--dataset", two, "--freeze-up-to", "block7",
                                 "--pretext-epochs", "2", "--head-epochs", "1", "--epochs", "1", "--label-fraction",
                                 "1", *COMMON],
                     ["pretext", "frac1/baseline", "frac1/pretext"]),
+        # two arms: the probe on cached features, then tfl finetune's two stages above block7
+        "compare": ("compare", ["--dataset", two, "--arms", "linear_probe,two_stage", "--freeze-up-to", "block7",
+                                "--head-epochs", "1", "--epochs", "1", *COMMON],
+                    ["linear_probe/frac1/seed0", "two_stage/frac1/seed0"]),
+        # the student on cached teacher logits, then its labels-only baseline
+        "distill": ("distill", ["--teacher", teacher(tmp, two), "--dataset", two, "--student", "efficientnet_lite0",
+                                "--freeze-up-to", "block7", "--head-epochs", "1", "--epochs", "1",
+                                "--throughput-seconds", "0.01", *COMMON],
+                    ["student", "labels_only"]),
+        # replay's buffer rows in every batch, then ewc's Fisher and penalty; one epoch per task
+        "forgetting": ("forgetting", ["--dataset", image_folder(tmp / "shapes4f", classes=("c0", "c1", "c2", "c3")),
+                                      "--tasks", "0,1;2,3", "--strategies", "replay,ewc", "--memory", "4",
+                                      "--ewc-lambda", "100", "--epochs", "1", *COMMON],
+                       ["replay", "ewc"]),
     }
+
+
+def teacher(tmp, data):
+    """distill's teacher: a one-device `tfl finetune` run directory (compact_cnn from scratch, one epoch)."""
+    out = tmp / "teacher"
+    result = CliRunner().invoke(cli, ["finetune", "--dataset", data, "--backbone", "compact_cnn", "--weights", "none",
+                                      "--freeze-up-to", "none", "--head-epochs", "0", "--epochs", "1",
+                                      "--batch-size", "8", *COMMON, "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +188,59 @@ def test_pretext_and_its_fine_tunes_over_two_replicas_match_one_device(runs):
         assert run["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-6)
         assert run["train_examples"] == want["train_examples"] == 24
     assert (two / "backbone.keras").exists() and os.path.getsize(two / "pretext.png") > 1000
+
+
+def test_compare_arms_over_two_replicas_match_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "compare", *by["compare"])
+    ours, theirs = read_json(two / "compare.json"), read_json(one / "compare.json")
+    assert [r["arm"] for r in ours["runs"]] == ["linear_probe", "two_stage"]
+    assert ours["runs"][0]["trainable_params"] < ours["runs"][1]["trainable_params"]
+    for run, want in zip(ours["runs"], theirs["runs"], strict=True):
+        assert (run["epochs"], run["train_examples"]) == (want["epochs"], want["train_examples"]) == (2, 24)
+        for key in ("test_accuracy", "best_val_accuracy"):
+            assert 0.0 <= run[key] <= 1.0 and run[key] == pytest.approx(want[key], abs=1e-6), key
+    with open(two / "compare.csv") as f:
+        assert [row["arm"] for row in csv.DictReader(f)] == ["linear_probe", "two_stage"]
+    assert os.path.getsize(two / "compare.png") > 1000
+
+
+def test_distill_student_and_baseline_over_two_replicas_match_one_device(runs):
+    """The teacher loads before the first member's job: distill makes the strategy (the logical devices) first."""
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "distill", *by["distill"])
+    ours, theirs = read_json(two / "distill.json"), read_json(one / "distill.json")
+    assert [m["role"] for m in ours["members"]] == ["student", "labels_only"]
+    assert ours["members"][0]["teacher_logits"] == "cached" and ours["members"][1]["teacher"] is None
+    for member, want in zip(ours["members"], theirs["members"], strict=True):
+        for key in ("test_accuracy", "test_loss", "val_accuracy"):
+            assert member[key] == pytest.approx(want[key], abs=2e-6), (member["role"], key)
+    assert [m["role"] for m in ours["models"]] == ["teacher", "student", "labels_only"]
+    for model, want in zip(ours["models"], theirs["models"], strict=True):
+        assert 0.0 <= model["test_accuracy"] <= 1.0
+        assert (model["test_accuracy"], model["params"]) == (pytest.approx(want["test_accuracy"], abs=1e-6),
+                                                             want["params"])
+    # The student's distillation loss is not the baseline's cross-entropy: the teacher's logits were used.
+    assert history(two / "student")[0]["train_loss"] != history(two / "labels_only")[0]["train_loss"]
+    assert os.path.getsize(two / "distill.png") > 1000 and (two / "distill.csv").exists()
+
+
+def test_forgetting_strategies_over_two_replicas_match_one_device(runs):
+    tmp, by = runs
+    two, one = check_two_replicas_match_one(tmp, "forgetting", *by["forgetting"])
+    ours, theirs = read_json(two / "forgetting.json"), read_json(one / "forgetting.json")
+    assert [r["strategy"] for r in ours["strategies"]] == ["replay", "ewc"]
+    for run, want in zip(ours["strategies"], theirs["strategies"], strict=True):
+        assert run["tasks"] == [[0, 1], [2, 3]] and np.shape(run["R"]) == (2, 2)
+        assert run["R"][0][1] == 0.0  # class-IL: task 2's classes are masked out before it is trained
+        assert np.allclose(run["R"], want["R"], atol=1e-6, rtol=0), run["strategy"]
+        assert run["metrics"].keys() == want["metrics"].keys()
+        for key, value in run["metrics"].items():
+            if isinstance(value, float):
+                assert value == pytest.approx(want["metrics"][key], abs=1e-6), key
+    # replay mixed its buffer into task 2's batches; ewc's penalty added to task 2's loss: the two differ there.
+    replay, ewc = history(two / "replay"), history(two / "ewc")
+    assert (replay[0]["train_loss"], replay[0]["val_loss"]) == (ewc[0]["train_loss"], ewc[0]["val_loss"])
+    assert replay[1]["train_loss"] != ewc[1]["train_loss"]
+    for name in ("forgetting.png", "accuracy_curves.png"):
+        assert os.path.getsize(two / name) > 1000, name

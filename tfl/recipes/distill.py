@@ -506,9 +506,13 @@ def distill(opts: DistillOptions, log=print) -> dict:
     check_options(opts)
     import keras
 
-    from tfl.training import rundir
+    from tfl.training import rundir, strategy as strategies
 
     out = opts.output_dir or rundir.default_path("distill", opts.dataset)
+    # The strategy before the teacher loads: --devices splits the CPU into logical devices, which TensorFlow allows
+    # only before it initialises (loading a model does). Every member's jobs.run then gets this same strategy.
+    if opts.devices:
+        strategies.make_strategy(opts.strategy, opts.devices, opts.worker_hosts, opts.task_index)
     teacher = load_teacher(opts.teacher)
     state = {"teachers": {opts.teacher: teacher}}
     members = plan_members(opts, out, teacher)
