@@ -309,6 +309,40 @@ def test_resume_inside_the_sequence_is_exact(every_strategy, data, tmp_path, mon
     assert largest_change(checkpoint_arrays(run["run_dir"], EPOCHS), checkpoint_arrays(reference["run_dir"], EPOCHS)) == 0
 
 
+def test_a_run_killed_inside_task_2_resumes_to_the_uninterrupted_result(every_strategy, data, tmp_path):
+    """`tfl forgetting` SIGKILLed mid-epoch in replay's second task (a child process); the same command into the
+    same --output-dir continues replay from its last checkpoint (inside task 2: the buffer comes from it), then
+    runs ewc: forgetting.json ends as the uninterrupted run's, and so do every history and final checkpoint."""
+    from tiny_runs import checkpoint_arrays, history, start
+
+    out = tmp_path / "out"
+    args = ["--dataset", data, "--strategies", "replay,ewc", "--backbone", TINY["backbone"], "--image-size", "32",
+            "--epochs", "2", "--val-split", "0.25", "--batch-size", "8", "--lr", "0.01", "--memory", "6",
+            "--ewc-lambda", "100", "--no-tensorboard", "--output-dir", out]
+    killed = start(args, {"TFL_FAULT": "kill-at-step:4:2"}, command="forgetting")  # task 2's second epoch
+    assert killed.returncode == -9, killed.why()
+    assert (out / "replay" / "checkpoints" / "latest").read_text().strip() == "ckpt-0003.npz"
+    assert not (out / "ewc").exists() and not (out / fg.FORGETTING_JSON).exists()
+
+    resumed = CliRunner().invoke(cli.cli, ["forgetting", *map(str, args), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 3" in resumed.output and "Traceback" not in resumed.output
+    saved = _json(out / fg.FORGETTING_JSON)
+    reference = {run["strategy"]: run for run in every_strategy[1]["strategies"]}
+    assert [run["strategy"] for run in saved["strategies"]] == ["replay", "ewc"]
+    for run in saved["strategies"]:
+        want = reference[run["strategy"]]
+        assert (run["tasks"], run["R"], run["metrics"]) == (want["tasks"], want["R"], want["metrics"]), \
+            run["strategy"]
+        assert history(run["run_dir"]) == history(want["run_dir"])
+        final, expected = checkpoint_arrays(run["run_dir"], EPOCHS), checkpoint_arrays(want["run_dir"], EPOCHS)
+        assert final.keys() == expected.keys()
+        assert all(np.array_equal(final[k], expected[k]) for k in final), run["strategy"]
+    expected_rows = {row["strategy"]: row for row in _rows(every_strategy[0] / fg.FORGETTING_CSV)}
+    assert [row["acc"] for row in _rows(out / fg.FORGETTING_CSV)] == [expected_rows[s]["acc"] for s in
+                                                                      ("replay", "ewc")]
+
+
 def test_task_il_and_finetuning_above_the_freeze_boundary(data, tmp_path):
     """task-IL with the layers above block6 training (on cached block6 activations): the masks, LwF per old task,
     the Fisher over backbone and head variables."""
