@@ -192,11 +192,12 @@ def test_recommend_upscales_small_images(native, expected):
     assert small and rec["epochs"] == 5
 
 
-def proxied(accuracies: dict, val_examples: int, per_class=100, margin_se=adv.PROXY_MARGIN_SE):
+def proxied(accuracies: dict, val_examples: int, per_class=100, margin_se=adv.PROXY_MARGIN_SE, settings=None):
     summary, scores, gap = synthetic(per_class, RISING)
     for row in scores:
         row[adv.PROXY] = accuracies.get(row["boundary"])
-    settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples}
+    settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples,
+                **(settings or {})}
     return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings,
                          margin_se=margin_se)
 
@@ -215,9 +216,14 @@ def test_proxy_picks_the_best_depth_and_ties_go_deeper():
     assert rec["freeze_up_to"] == "stem" and rec["best_boundary"] == "stem" and rec["score"] == adv.PROXY
     assert "stem 0.840, block2 0.830" in rec["reasons"]["freeze_up_to"] and "stem is best" in rec["reasons"][
         "freeze_up_to"]
-    # ties go to the deeper boundary, and the size, lr and epochs advice is the rules' own
+    # ties go to the deeper boundary; the size advice is the rules' own (28 px images: 112 px)
     tied = proxied({"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}, 300, per_class=50)
-    assert tied["freeze_up_to"] == "head" and tied["epochs"] == 5 and tied["image_size"] == 112
+    assert tied["freeze_up_to"] == "head" and tied["image_size"] == 112
+    # without the proxy's rates (an older advise.json) the epochs and lr come from the rules
+    assert tied["epochs"] == 5 and tied["backbone_lr"] == pytest.approx(1e-3 * adv.SMALL_DATA_BACKBONE_LR)
+    measured = proxied(ACCURACIES, 300, per_class=50, settings={"backbone_lr": 3e-4})
+    assert (measured["head_epochs"], measured["epochs"], measured["backbone_lr"]) == (8, 2, 3e-4)
+    assert "the proxy's" in measured["reasons"]["epochs"]
 
 
 def test_proxy_with_a_margin_is_the_one_standard_error_rule():
@@ -272,6 +278,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
         else:
             assert row["proxy_accuracy"] is None
     assert advice["recommendation"]["score"] == "proxy_accuracy"
+    assert (advice["recommendation"]["head_epochs"], advice["recommendation"]["epochs"]) == (1, 1)
     assert advice["recommendation"]["freeze_up_to"] in proxy_depths
     assert "proxy fine-tuning (1 head + 1 fine-tune epochs on 24 images)" in advice["recommendation"]["reasons"][
         "freeze_up_to"]

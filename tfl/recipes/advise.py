@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from tfl.job import ADVICE, JobOptions
+from tfl.job import ADVICE, BACKBONE_LR_FACTOR, JobOptions
 
 ADVISE_JSON, ADVISE_CSV, ADVISE_PNG = "advise.json", "advise.csv", "advise.png"
 AUTO = "auto"  # --freeze-up-to auto
@@ -325,7 +325,9 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
         log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
             f"({seconds[depth]:.0f}s)")
     settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs,
-                "train_rows": rows, "batch_size": opts.batch_size, "seed": opts.seed,
+                "train_rows": rows, "batch_size": opts.batch_size, "lr": opts.lr,
+                "backbone_lr": opts.backbone_lr if opts.backbone_lr is not None else opts.lr * BACKBONE_LR_FACTOR,
+                "seed": opts.seed,
                 "val_examples": int(val_examples), "runs": root}
     return {"accuracy": accuracy, "seconds": seconds, "settings": settings}
 
@@ -472,7 +474,7 @@ def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_
     names = [row["boundary"] for row in scores]
     if score == PROXY:
         chosen = proxy_depth(summary, scores, gaps, proxy, margin_se)
-        return _with_size_lr_epochs(summary, stride, input_size, lr, chosen)
+        return _with_size_lr_epochs(summary, stride, input_size, lr, chosen, proxy)
     values = np.array([row[score] for row in scores], np.float64)
     top = len(names) - 1
     per_class = summary["median_per_class"]
@@ -579,12 +581,18 @@ def recommended_image_size(summary: dict, stride: int, input_size: int) -> tuple
     return summary["image_size"], f"the images are large enough: {summary['image_size']}px"
 
 
-def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float, chosen: dict) -> dict:
-    """The depth's recommendation plus the input size, backbone lr and epochs (the same whatever chose the depth)."""
+def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float, chosen: dict,
+                         proxy: dict | None = None) -> dict:
+    """The depth's recommendation plus the input size, backbone lr and epochs. After a proxy: its own budget and
+    rates, which the depth was measured with; else rules on the data size."""
     reasons = dict(chosen["reasons"])
     per_class = summary["median_per_class"]
     small = per_class < SMALL_PER_CLASS
     image_size, reasons["image_size"] = recommended_image_size(summary, stride, input_size)
+    if proxy and proxy.get("epochs") is not None and proxy.get("backbone_lr") is not None:
+        reasons["backbone_lr"] = reasons["epochs"] = "the proxy's, which the depth was measured with"
+        return {**chosen, "image_size": int(image_size), "backbone_lr": proxy["backbone_lr"],
+                "head_epochs": proxy["head_epochs"], "epochs": proxy["epochs"], "reasons": reasons}
     factor = SMALL_DATA_BACKBONE_LR if small else 0.3
     epochs = 5 if small else 2
     reasons["backbone_lr"] = (f"{factor:g} x --lr" + (": few examples per class, small steps keep the pretrained "
