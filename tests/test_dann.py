@@ -15,8 +15,7 @@ from click.testing import CliRunner
 import cli
 from tfl.data.pipeline import LABEL
 from tfl.recipes import dann as D
-from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import Stop, history_rows, image_folder, stop_at
+from tiny_runs import history_rows, image_folder, stop_then_resume
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
         "--domain-hidden", "16", "--head-hidden", "32"]
@@ -237,19 +236,11 @@ def test_resume_in_the_middle_of_the_dann_arm_is_exact(tmp_path, monkeypatch):
                              tensorboard=False, domain_hidden=16, head_hidden=(32,), seeds=1, arms=("dann",),
                              target_shift="texture", limit_train=20, output_dir=str(tmp_path / name))
 
-    quiet = lambda *_: None  # noqa: E731
-    reference = D.dann(opts("reference"), log=quiet)["runs"][0]
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(1, "dann")])
-    with pytest.raises(Stop):
-        D.dann(opts("run"), log=quiet)
     run_dir = os.path.join(tmp_path, "run", "dann", "seed0")
-    snapshot = checkpoint.load_latest(os.path.join(run_dir, "checkpoints"), log=quiet)
+    reference, snapshot, resumed, lines = stop_then_resume(D.dann, opts, "dann", run_dir, monkeypatch)
     assert snapshot.epoch == 1 and snapshot.state["stage"] == "dann" and not snapshot.state["stage_done"]
     assert snapshot.state["recipe"] == {"extra_variables": 4}  # the domain classifier's kernels and biases
     assert snapshot.state["groups"] == ["head", "domain"] and any(k.startswith("opt.domain.") for k in snapshot.arrays)
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [])
-    lines = []
-    resumed = D.dann(opts("run"), log=lines.append)["runs"][0]
     assert any("resuming after epoch 1" in line for line in lines)
     timing = ("train_seconds", "wall_seconds", "run_dir")
     assert {k: v for k, v in resumed.items() if k not in timing} == \

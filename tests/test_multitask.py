@@ -14,8 +14,8 @@ import cli
 from tfl.data.idx_source import FASHION_MNIST_CLASSES
 from tfl.data.pipeline import LABEL
 from tfl.recipes import multitask as M
-from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import Stop, history_rows, image_folder, stop_at
+from tfl.training import checkpoint
+from tiny_runs import history_rows, image_folder, stop_then_resume
 
 TINY = ["--image-size", "32", "--head-epochs", "2", "--batch-size", "8", "--val-split", "0.25", "--no-tensorboard",
         "--head-hidden", "16"]
@@ -162,26 +162,19 @@ def test_resume_in_the_middle_of_the_soft_sharing_arm_is_exact(tmp_path, monkeyp
                                   val_split=0.25, tensorboard=False, head_hidden=(16,), arms=("soft",),
                                   soft_penalty=0.1, task_weights=(("odd", 0.5),), output_dir=str(tmp_path / name))
 
-    quiet = lambda *_: None  # noqa: E731
-    reference = M.multitask(opts("reference"), log=quiet)["runs"][0]
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(1, "soft")])
-    with pytest.raises(Stop):
-        M.multitask(opts("run"), log=quiet)
     run_dir = os.path.join(tmp_path, "run", "soft", "seed0")
-    snapshot = checkpoint.load_latest(os.path.join(run_dir, "checkpoints"), log=quiet)
+    reference, snapshot, resumed, lines = stop_then_resume(M.multitask, opts, "soft", run_dir, monkeypatch)
     assert snapshot.epoch == 1 and snapshot.state["stage"] == "soft" and not snapshot.state["stage_done"]
     # two blocks and two heads (kernels and biases) and the dropout's seed-generator state
     assert snapshot.state["recipe"]["extra_variables"] == 9
-    monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [])
-    lines = []
-    resumed = M.multitask(opts("run"), log=lines.append)["runs"][0]
     assert any("resuming after epoch 1" in line for line in lines)
     timing = ("train_seconds", "wall_seconds", "run_dir")
     assert {k: v for k, v in resumed.items() if k not in timing} == \
         {k: v for k, v in reference.items() if k not in timing}
     assert resumed["epochs_run"] == 3
     assert history_rows(run_dir) == history_rows(reference["run_dir"])  # every epoch's per-task accuracies and loss too
-    final = [checkpoint.load_latest(os.path.join(d, "checkpoints"), log=quiet) for d in (run_dir, reference["run_dir"])]
+    final = [checkpoint.load_latest(os.path.join(d, "checkpoints"), log=lambda *_: None)
+             for d in (run_dir, reference["run_dir"])]
     assert final[0].epoch == final[1].epoch == 3
     for name in (k for k in final[1].arrays if k.startswith("recipe.")):  # the blocks and heads after the last epoch
         np.testing.assert_array_equal(final[0].arrays[name], final[1].arrays[name])

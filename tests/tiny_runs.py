@@ -129,3 +129,21 @@ def history_rows(run_dir):
     with open(os.path.join(run_dir, "history.csv")) as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
+
+def stop_then_resume(recipe, opts, stage: str, run_dir: str, monkeypatch):
+    """A pooled recipe's first run three ways: `recipe(opts("reference"))` uninterrupted; `recipe(opts("run"))`
+    stopped after the first epoch of `stage`; the same rerun. Returns (the reference's runs[0], the checkpoint
+    left at the stop in `run_dir`, the rerun's runs[0], the rerun's log lines)."""
+    from tfl.training import checkpoint, trainer
+
+    quiet = lambda *_: None  # noqa: E731
+    reference = recipe(opts("reference"), log=quiet)["runs"][0]
+    monkeypatch.setattr(trainer, "default_callbacks", lambda: [stop_at(1, stage)])
+    with pytest.raises(Stop):
+        recipe(opts("run"), log=quiet)
+    snapshot = checkpoint.load_latest(os.path.join(run_dir, "checkpoints"), log=quiet)
+    monkeypatch.setattr(trainer, "default_callbacks", lambda: [])
+    lines = []
+    resumed = recipe(opts("run"), log=lines.append)["runs"][0]
+    return reference, snapshot, resumed, lines
+
