@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml scripts/install_system_deps.sh
 	touch $@
 
 demo: setup
-	$(PY) cli.py finetune
+	$(VENV)/bin/tfl finetune
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tfl.recipes import advise as adv
 from tfl.recipes import transferability as t
 from tiny_runs import TINY, image_folder

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl import job as jobs
 from tfl.recipes import balance
 from tfl.recipes import finetune as finetune_module

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
+from tfl.cli import cli
 from tfl.cache import ArrayCache, parse_size
 
 

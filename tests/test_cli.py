@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
+from tfl.cli import cli
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
+from tfl.cli import cli
 from test_tf1_scenario import train_tf1
 from tfl.backbones import registry, resnet
 from tfl.checkpoints.mappings import to_keras

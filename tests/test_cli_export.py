@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from test_export import SIZE, evaluation_pixels, keras_probabilities, make_shapes, probe_files, tflite_probabilities
 from tfl.training.rundir import RunDir
 

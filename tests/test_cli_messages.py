@@ -9,7 +9,7 @@ import sys
 import click
 import pytest
 
-from cli import cli
+from tfl.cli import cli
 from tfl.tf_logging import _FilteredStderr, has_nvidia_driver, is_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl.data.pipeline import LABEL
 from tfl.recipes import dann as D
 from tiny_runs import history_rows, image_folder, stop_then_resume

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tfl.cache import ArrayCache, default_cache_dir
 from tfl.data.pipeline import IMAGE, LABEL
 from tfl.recipes import distill as d

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl.recipes.fewshot import (EpisodeSampler, FewShotOptions, interval, linear_predict, prototype_predict,
                                  run_episodes)
 from tiny_runs import image_folder

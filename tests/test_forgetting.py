@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl.data.pipeline import FEATURES, LABEL
 from tfl.recipes import forgetting as fg
 from tfl.recipes import forgetting_metrics as M

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tfl.checkpoints import CheckpointError, read_checkpoint
 from tfl.inference import predict_saved_model
 from tfl.training import rundir

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl.data.idx_source import FASHION_MNIST_CLASSES
 from tfl.data.pipeline import LABEL
 from tfl.recipes import multitask as M

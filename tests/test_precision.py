@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import keras
 
-import cli
+import tfl.cli as cli
 from tfl import models, precision
 from tfl.training.trainer import ParamGroup, TrainConfig, Trainer
 

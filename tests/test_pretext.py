@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tfl.data.pipeline import IMAGE, LABEL
 from tfl.recipes import pretext as p
 from tiny_runs import image_folder

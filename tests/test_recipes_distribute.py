@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tiny_runs import checkpoint_arrays, history, image_folder, largest_change, start
 
 TOLERANCE = 1e-6  # float sums in another order; an epoch of training moves the weights by orders of magnitude more

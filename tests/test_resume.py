@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from tfl.cli import cli
 from tfl.training import checkpoint
 from tiny_runs import TINY, checkpoint_arrays, history, image_folder, largest_change, start
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import keras
 
-import cli
+import tfl.cli as cli
 from tfl import cache
 from tfl.job import JobOptions, check_finite
 from tfl.recipes.finetune import FinetuneOptions, finetune

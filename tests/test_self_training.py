@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+import tfl.cli as cli
 from tfl.recipes.self_training import SelfTrainOptions, check_options, select, selection_record, self_train
 from tfl.training import checkpoint, trainer as trainer_module
 from tiny_runs import Stop, image_folder, stop_at

@@ -1,0 +1,5 @@
+"""`python -m tfl ...`: the tfl command line."""
+
+from tfl.cli import main
+
+main()
