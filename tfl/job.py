@@ -21,10 +21,8 @@ import sys
 import time
 from typing import Callable
 
-from tfl.options import PRECISIONS
+from tfl.options import DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401 (re-exported)
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_DATASET = "fashion_mnist"
 RESTORE_REPORT = "restore_report.json"
 ADVICE = "advice.json"  # --freeze-up-to auto: what tfl advise measured and chose
 CURVES = "curves.png"
@@ -39,62 +37,6 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard",
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice")
-
-
-@dataclasses.dataclass
-class JobOptions:
-    """Every option a training command shares; the CLI's defaults are these."""
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = "default"
-    init_from: str | None = None  # a checkpoint whose weights are restored by name before training
-    reuse: tuple[str, ...] = ()  # regexes over weight/layer names; () = every weight init_from has
-    reuse_exclude: tuple[str, ...] = ()
-    rename: tuple[tuple[str, str], ...] = ()  # (source regex, replacement) for init_from's names
-    init_unsafe: bool = False
-    dataset: str = DEFAULT_DATASET
-    data_dir: str | None = None
-    val_split: float = 0.1
-    skip_bad_images: bool = False
-    image_size: int | None = None
-    limit_train: int | None = None
-    label_fraction: float | None = None  # keep this share of each class's train examples (seeded, stratified)
-    freeze_up_to: str | None = "block4"
-    rules: tuple[tuple[str, str], ...] = ()
-    freeze_mode: str = "trainable"
-    train_bn: bool = False
-    head_hidden: tuple[int, ...] = ()
-    dropout: float = 0.2
-    head_epochs: int = 10
-    epochs: int = 4  # stage 2; the embedded default within 20 min (6 epochs: test 0.9460, but 21 min on 2 cores)
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    backbone_lr: float | None = None
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_size: int = 7
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    augment: bool = False
-    early_stopping: int | None = None
-    strategy: str = "auto"
-    devices: int | None = None  # replicas on this machine: the first N GPUs, or the CPU split N ways
-    worker_hosts: tuple[str, ...] = ()  # every worker's host:port, chief first; written to TF_CONFIG
-    task_index: int | None = None  # this process's place in worker_hosts
-    scale_lr: bool = False  # multiply the learning rates by the number of replicas
-    seed: int = 0
-    output_dir: str | None = None
-    resume: bool = False  # insist on continuing from output_dir's checkpoint (one is used anyway when present)
-    overwrite: bool = False  # start anew in a non-empty output_dir, deleting the earlier run's files there
-    export: bool = False  # then export a SavedModel to saved_models/<run name>/<next version>/
-    cache: str = "auto"  # boundary caching (tfl.training.boundary): auto = when valid, on = insist, off
-    cache_budget: str | None = None  # memory for cached arrays, e.g. "4G"; default min(25% of RAM, 4 GiB)
-    cache_dir: str | None = None  # persisted cache entries; default $TFL_CACHE_DIR or ~/.cache/tfl
-    jit: bool = False  # XLA-compile the train/eval steps and the cache extraction
-    mixed_precision: str = "auto"  # auto | on | off: half-precision compute where measured faster (tfl.precision)
-    tensorboard: bool = True  # event files under <run>/tensorboard/
 
 
 @dataclasses.dataclass
