@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tfl.errors import Unavailable
 
-class WeightsUnavailableError(RuntimeError):
+
+class WeightsUnavailableError(Unavailable):
     """Pretrained weights could not be fetched: offline, blocked, timed out, or a corrupt download.
 
     The message names the backbone, the file and URL wanted, where it would be cached, and how to supply
