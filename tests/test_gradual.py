@@ -91,9 +91,9 @@ def test_nothing_above_the_boundary_is_refused(classifier):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"unfreeze": "layerwise"}, "--unfreeze 'layerwise' is not one of two_stage, gradual"),
-    ({"unfreeze": "gradual", "lr_decay_per_stage": 0.5}, r"--lr-decay-per-stage 0.5: must be >= 1"),
-    ({"unfreeze": "gradual", "unfreeze_every": 0}, "--unfreeze-every 0: must be >= 1"),
+    ({"unfreeze_mode": "layerwise"}, "--unfreeze-mode 'layerwise' is not one of two_stage, gradual"),
+    ({"unfreeze_mode": "gradual", "lr_decay_per_stage": 0.5}, r"--lr-decay-per-stage 0.5: must be >= 1"),
+    ({"unfreeze_mode": "gradual", "unfreeze_every": 0}, "--unfreeze-every 0: must be >= 1"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, options, message):
     out = tmp_path / "run"
@@ -138,7 +138,7 @@ def test_a_frozen_rule_inside_an_open_stage_stays_frozen(classifier):
 # -- a tiny end-to-end run ----------------------------------------------------------------------------------------
 # 24 train / 8 val / 8 test images at 32 px, 3 steps an epoch; ImageNet weights, blocks up to block5 frozen.
 TINY = dict(backbone="efficientnet_lite0", weights="default", image_size=32, val_split=0.25, freeze_up_to="block5",
-            lr=LR, backbone_lr=BACKBONE_LR, batch_size=8, seed=3, unfreeze="gradual", lr_decay_per_stage=DECAY)
+            lr=LR, backbone_lr=BACKBONE_LR, batch_size=8, seed=3, unfreeze_mode="gradual", lr_decay_per_stage=DECAY)
 STAGE_LR = {"head": BACKBONE_LR, "block7": BACKBONE_LR / DECAY, "block6": BACKBONE_LR / DECAY ** 2}
 
 
@@ -250,7 +250,7 @@ STAGES = ["head", "+head", "+head", "+block7", "+block7", "+block6"]
 
 
 def cli_args(options: dict) -> list[str]:
-    """`cli.py finetune` arguments for FinetuneOptions fields (unfreeze="gradual" as `--unfreeze gradual`)."""
+    """`cli.py finetune` arguments for FinetuneOptions fields (unfreeze_mode="gradual" as `--unfreeze-mode gradual`)."""
     return [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 

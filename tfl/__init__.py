@@ -1,3 +1,36 @@
-"""tfl: transfer learning for TensorFlow/Keras — freeze, reuse, fine-tune, ship."""
+"""tfl: transfer learning for TensorFlow/Keras — freeze, reuse, fine-tune, ship.
+
+    import tfl
+    r = tfl.finetune(dataset="photos/", backbone="efficientnet_lite0", epochs=2)
+    print(r.metrics["test_accuracy"], r.run_dir)
+    model = r.load_model()
+
+Every `tfl` command is a function here with the command's options as keyword arguments (tfl.api). Importing tfl
+is light: TensorFlow loads when a function first needs it.
+"""
 
 __version__ = "0.1.0"
+
+from tfl.api import (Result, advise, compare, dann, distill, evaluate, export, fewshot, finetune, forgetting,  # noqa: E402
+                     load_model, multitask, predict, pretext, restore, self_train, set_progress)
+from tfl.errors import Unavailable, UsageError  # noqa: E402
+
+# The options classes, loaded on first use (tfl.FinetuneOptions, ...): they live beside their recipes.
+_OPTIONS = {"JobOptions": "tfl.options", "FinetuneOptions": "tfl.recipes.finetune",
+            "CompareOptions": "tfl.recipes.compare", "AdviseOptions": "tfl.recipes.advise",
+            "DistillOptions": "tfl.recipes.distill", "ForgettingOptions": "tfl.recipes.forgetting",
+            "PretextOptions": "tfl.recipes.pretext", "SelfTrainOptions": "tfl.recipes.self_training",
+            "FewShotOptions": "tfl.recipes.fewshot", "DannOptions": "tfl.recipes.dann",
+            "MultitaskOptions": "tfl.recipes.multitask"}
+
+__all__ = ["Result", "Unavailable", "UsageError", "advise", "compare", "dann", "distill", "evaluate", "export",
+           "fewshot", "finetune", "forgetting", "load_model", "multitask", "predict", "pretext", "restore",
+           "self_train", "set_progress", *_OPTIONS]
+
+
+def __getattr__(name):
+    if name in _OPTIONS:
+        import importlib
+
+        return getattr(importlib.import_module(_OPTIONS[name]), name)
+    raise AttributeError(f"module 'tfl' has no attribute {name!r}")

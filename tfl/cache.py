@@ -17,6 +17,7 @@ with an error rather than with SIGBUS in the middle of writing a memory map.
 
 from __future__ import annotations
 
+from tfl.errors import Unavailable
 import dataclasses
 import hashlib
 import json
@@ -105,7 +106,7 @@ class Entry:
         return f"disk at {self.path}"
 
 
-class NoRoom(RuntimeError):
+class NoRoom(Unavailable):
     """An entry bigger than the memory budget could not be written to the cache directory after all (it filled
     up or turned read-only after the plan was made); the caller recomputes instead."""
 

@@ -21,15 +21,12 @@ import sys
 import time
 from typing import Callable
 
-from tfl.options import DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401 (re-exported)
+from tfl.options import BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401
 
 RESTORE_REPORT = "restore_report.json"
 ADVICE = "advice.json"  # --freeze-up-to auto: what tfl advise measured and chose
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
-# Stage 2 backbone lr = 0.3 x the head lr unless --backbone-lr says. Measured on the embedded default: block4 with
-# 0.3 x lr reached 0.9375 test accuracy in 19 min, block5 with lr/10 0.9228 in 15 min (2 fine-tune epochs each).
-BACKBONE_LR_FACTOR = 0.3
 SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px) unless --image-size says
 # Settings a resumed run may change: where files are, how the work is spread (the global batch and learning
 # rates are still compared), what happens after training. Any other difference is refused.

@@ -1,5 +1,11 @@
-"""The choices every option can take, in one place, light to import: the library validates against these
-and the CLI offers them (defaults live in the options dataclasses, tfl.job.JobOptions and the recipes')."""
+"""Option facts in one place, light to import: the choices every option can take, and `JobOptions`, the options
+every training command shares, each field with its default, help text and check.
+
+A command's options are a dataclass (JobOptions, or a recipe's subclass of it). The command line is generated
+from the fields (tfl.cli.params): the flag, its help, metavar, choices and checks come from `option(...)`'s
+metadata, so a default or a help text is written once; `tfl.finetune(...)` and the other API functions take the
+same names as keyword arguments and apply the same checks (`check_options`).
+"""
 
 from __future__ import annotations
 
@@ -32,57 +38,229 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_DATASET = "fashion_mnist"
 
 
+# Option groups, in the order --help lists them after a command's own options.
+GROUPS = ("data", "model", "train", "distribution", "run")
+
+
+def option(default=None, help: str = "", *, group: str | None = None, flag: str | None = None,
+           metavar: str | None = None, choices: tuple | None = None, check=None, parse: str | None = None,
+           repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True):
+    """A dataclass field of a command's options, with what the command line and the checks need to know.
+
+    flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
+    check: "positive", "non_negative", or (low, high, low_open, high_open) for a range (None: unbounded);
+    parse: how the command line's text becomes the value, where the type does not say ("size", "hidden",
+    "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the command needs
+    a value (the default is a placeholder); cli=False: library only.
+    """
+    meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
+            "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The field's command-line spelling (its first name for an on/off pair)."""
+    return (field.metadata.get("flag") or "--" + field.name.replace("_", "-")).split("/")[0]
+
+
+def check_value(field: dataclasses.Field, value, named: bool = True) -> str | None:
+    """What is wrong with `value` for `field`, as a sentence (naming the flag unless named=False); None when fine."""
+    if value is None:
+        return None
+    meta = field.metadata
+    name = flag_of(field) + " " if named else ""
+    values = value if isinstance(value, tuple) and not meta.get("parse") else (value,)
+    for v in values:
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            return f"{name}{v}: must be a finite number"
+        if meta.get("choices") and v not in meta["choices"]:
+            return f"{name}{v!r} is not one of {', '.join(map(str, meta['choices']))}"
+        check = meta.get("check")
+        if check == "positive" and not v > 0:
+            return f"{name}{v}: must be > 0"
+        if check == "non_negative" and not v >= 0:
+            return f"{name}{v}: must be >= 0"
+        if isinstance(check, tuple):
+            low, high, low_open, high_open = check
+            if (low is not None and (v < low or (low_open and v == low))) or (
+                    high is not None and (v > high or (high_open and v == high))):
+                return f"{name}{v}: must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return None
+
+
+def check_options(opts) -> None:
+    """Apply every field's check (the ones the command line applies) to an options object; UsageError names the
+    first bad value and its flag."""
+    from tfl.errors import UsageError
+
+    for field in dataclasses.fields(opts):
+        problem = check_value(field, getattr(opts, field.name))
+        if problem:
+            raise UsageError(problem)
+
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_DATASET = "fashion_mnist"
+# Stage 2 backbone lr = 0.3 x the head lr unless --backbone-lr says. Measured on the embedded default: block4 with
+# 0.3 x lr reached 0.9375 test accuracy in 19 min, block5 with lr/10 0.9228 in 15 min (2 fine-tune epochs each).
+BACKBONE_LR_FACTOR = 0.3
+FREEZE_UP_TO_HELP = ("Freeze every layer from the input through the last layer of X: a canonical stage (stem, "
+                     "block1..blockN, head), a real layer name, or a layer-name prefix.")
+UNSAFE_HELP = ("Read a .keras archive whose config names code (Lambda layers, unregistered classes) anyway: its "
+               "weights come as raw <layer>/vars/<i> names; nothing from the file is run.")
+SIZE_HELP = "Memory for cached arrays and decoded images, e.g. 4G or 512M."
+CACHE_DIR_HELP = "  [default: $TFL_CACHE_DIR or ~/.cache/tfl]"
+FRACTION = (0, 1, True, False)  # a share of the labels: 0 < F <= 1
+
+
 @dataclasses.dataclass
 class JobOptions:
-    """Every option a training command shares; the CLI's defaults are these."""
+    """Every option a training command shares; the command line's defaults and help are these fields'."""
 
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = "default"
-    init_from: str | None = None  # a checkpoint whose weights are restored by name before training
-    reuse: tuple[str, ...] = ()  # regexes over weight/layer names; () = every weight init_from has
-    reuse_exclude: tuple[str, ...] = ()
-    rename: tuple[tuple[str, str], ...] = ()  # (source regex, replacement) for init_from's names
-    init_unsafe: bool = False
-    dataset: str = DEFAULT_DATASET
-    data_dir: str | None = None
-    val_split: float = 0.1
-    skip_bad_images: bool = False
-    image_size: int | None = None
-    limit_train: int | None = None
-    label_fraction: float | None = None  # keep this share of each class's train examples (seeded, stratified)
-    freeze_up_to: str | None = "block4"
-    rules: tuple[tuple[str, str], ...] = ()
-    freeze_mode: str = "trainable"
-    train_bn: bool = False
-    head_hidden: tuple[int, ...] = ()
-    dropout: float = 0.2
-    head_epochs: int = 10
-    epochs: int = 4  # stage 2; the embedded default within 20 min (6 epochs: test 0.9460, but 21 min on 2 cores)
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    backbone_lr: float | None = None
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_size: int = 7
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    augment: bool = False
-    early_stopping: int | None = None
-    strategy: str = "auto"
-    devices: int | None = None  # replicas on this machine: the first N GPUs, or the CPU split N ways
-    worker_hosts: tuple[str, ...] = ()  # every worker's host:port, chief first; written to TF_CONFIG
-    task_index: int | None = None  # this process's place in worker_hosts
-    scale_lr: bool = False  # multiply the learning rates by the number of replicas
-    seed: int = 0
-    output_dir: str | None = None
-    resume: bool = False  # insist on continuing from output_dir's checkpoint (one is used anyway when present)
-    overwrite: bool = False  # start anew in a non-empty output_dir, deleting the earlier run's files there
-    export: bool = False  # then export a SavedModel to saved_models/<run name>/<next version>/
-    cache: str = "auto"  # boundary caching (tfl.training.boundary): auto = when valid, on = insist, off
-    cache_budget: str | None = None  # memory for cached arrays, e.g. "4G"; default min(25% of RAM, 4 GiB)
-    cache_dir: str | None = None  # persisted cache entries; default $TFL_CACHE_DIR or ~/.cache/tfl
-    jit: bool = False  # XLA-compile the train/eval steps and the cache extraction
-    mixed_precision: str = "auto"  # auto | on | off: half-precision compute where measured faster (tfl.precision)
-    tensorboard: bool = True  # event files under <run>/tensorboard/
+    # data
+    dataset: str = option(DEFAULT_DATASET, group="data", help=(
+        "fashion_mnist or mnist (IDX files: --data-dir, /usr/share/datasets/fashion-mnist, the Keras cache, then "
+        "download), an image folder ROOT/{train,val,test}/<class>/*.jpg, or a tfds name such as cifar10."))
+    data_dir: str | None = option(None, group="data", metavar="DIRECTORY",
+                                  help="Where datasets are read from (tfds data_dir, IDX files).")
+    val_split: float = option(0.1, group="data", check=(0.01, 0.9, False, False), help=(
+        "Fraction of train held out (stratified, seeded) when there is no validation split."))
+    skip_bad_images: bool = option(False, group="data", help=(
+        "Skip unreadable image files instead of stopping (they are listed)."))
+    image_size: int | None = option(None, group="data", check="positive", help=(
+        "Input size. Default: the backbone's, or 4x the native size for small-image datasets (112px for "
+        "Fashion-MNIST)."))
+    limit_train: int | None = option(None, group="data", check="positive", metavar="N",
+                                     help="Train on a seeded random subset of N examples.")
+    label_fraction: float | None = option(None, group="data", check=FRACTION, metavar="F", help=(
+        "Train on a seeded, stratified share F of each class's training examples (0 < F <= 1)."))
+    # model
+    backbone: str = option(DEFAULT_BACKBONE, group="model", help="A name from `tfl backbones`.")
+    weights: str | None = option("default", group="model", help=(
+        "'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download for Keras "
+        "Applications), 'none' (random init), or a path to a weights file."))
+    init_from: str | None = option(None, group="model", metavar="FILE", help=(
+        "After building the model, before training, copy weights by name from FILE (any format `tfl "
+        "inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: restore_report.json "
+        "in the run directory says what was loaded, skipped and why."))
+    reuse: tuple[str, ...] = option((), group="model", repeat=True, metavar="REGEX", help=(
+        "With --init-from: restore only model weights or layers whose name fully matches REGEX (repeatable; e.g. "
+        "'hidden[123]'); each must be in FILE. Default: every weight FILE has."))
+    reuse_exclude: tuple[str, ...] = option((), group="model", repeat=True, metavar="REGEX",
+                                            help="With --init-from: never restore these (repeatable).")
+    rename: tuple[tuple[str, str], ...] = option((), group="model", repeat=True, parse="renames", metavar="SRC=DST",
+                                                 help=(
+        r"With --init-from: rename FILE's tensors, regex SRC (fullmatch) to DST with \1 groups, e.g. "
+        r"'(.*)/weights=\1/kernel'. Repeatable; applied in order."))
+    init_unsafe: bool = option(False, group="model", flag="--unsafe", help=UNSAFE_HELP)
+    freeze_up_to: str | None = option("block4", group="model", metavar="X", help=FREEZE_UP_TO_HELP + (
+        " 'none' unfreezes the whole backbone after the head stage; 'auto' lets `tfl advise` choose, by short runs "
+        "of this recipe above every other boundary on at most 1,000 images with this run's epochs (and the input "
+        "size, unless --image-size is given; advice.json says why). The default gave the best accuracy within 20 "
+        "minutes for the embedded default on a 2-core CPU; a shallower boundary adapts more layers at more cost per "
+        "epoch (Fashion-MNIST at 112px on a 2-core AVX-512 CPU: 146s an epoch at block4, 3s with everything "
+        "frozen)."))
+    # --freeze REGEX / --unfreeze REGEX, in command-line order (the last matching rule wins): tfl.cli.params
+    rules: tuple[tuple[str, str], ...] = option((), group="model", cli=False)
+    freeze_mode: str = option("trainable", group="model", choices=FREEZE_MODES, help=(
+        "trainable: frozen layers get trainable=False. stop_gradient: a gradient stop at the boundary tensor "
+        "(prefix-shaped freezes only). Both give identical results."))
+    train_bn: bool = option(False, group="model", flag="--train-bn/--no-train-bn", help=(
+        "Train BatchNormalization layers above the freeze boundary. Default: every BN layer stays in inference "
+        "mode with frozen statistics, as the Keras fine-tuning guide recommends. Frozen BN layers never change "
+        "either way."))
+    head_hidden: tuple[int, ...] = option((), group="model", parse="hidden", metavar="N[,N]", show_default=False,
+                                          help="Hidden Dense layers in the head, e.g. 256.")
+    dropout: float = option(0.2, group="model", check=(0, 0.95, False, False), help="Dropout before the head.")
+    # train
+    head_epochs: int = option(10, group="train", check="non_negative", help=(
+        "Stage 1: epochs training only the new head on the frozen backbone (seconds each with the boundary "
+        "cache)."))
+    # The embedded default within 20 min (6 epochs: test 0.9460, but 21 min on 2 cores).
+    epochs: int = option(4, group="train", check="non_negative",
+                         help="Stage 2: epochs with the layers above --freeze-up-to unfrozen.")
+    batch_size: int = option(64, group="train", check="positive", help=(
+        "Batch size per replica. The global batch is this x the number of replicas (--devices x workers); on one "
+        "device they are the same."))
+    optimizer: str = option("adam", group="train", choices=OPTIMIZERS, help="sgd uses momentum 0.9.")
+    lr: float = option(1e-3, group="train", check="positive", help="Learning rate of the head.")
+    backbone_lr: float | None = option(None, group="train", check="positive", help=(
+        f"Learning rate of the backbone once it trains (default: {BACKBONE_LR_FACTOR} x --lr)."))
+    weight_decay: float | None = option(None, group="train", check="non_negative",
+                                        help="Decoupled weight decay (default: 0.01 for adamw, else 0).")
+    schedule: str = option("cosine", group="train", choices=SCHEDULES, help=(
+        "Per stage, after warmup. step: multiply by --gamma every --step-size epochs (PyTorch StepLR)."))
+    warmup_epochs: float = option(0.0, group="train", check="non_negative",
+                                  help="Linear warmup from zero over this many epochs (fractions allowed).")
+    step_size: int = option(7, group="train", check="positive", help="Epochs between steps (--schedule step).")
+    gamma: float = option(0.1, group="train", check="positive", help="Step factor (--schedule step).")
+    label_smoothing: float = option(0.0, group="train", check=(0, 0.5, False, False),
+                                    help="Mix this much of a uniform distribution into the one-hot targets of the loss.")
+    augment: bool = option(False, group="train",
+                           help="Random flip, pad-and-crop and small rotation in the input pipeline.")
+    early_stopping: int | None = option(None, group="train", check="positive", metavar="N", help=(
+        "End a stage after N epochs without val improvement (the next stage still runs)."))
+    seed: int = option(0, group="train", help="Seeds data order, init and dropout: runs repeat on CPU.")
+    cache: str = option("auto", group="train", choices=CACHE_MODES, help=(
+        "Boundary caching: compute the frozen layers' output once and train the layers above it on the cached "
+        "tensors (head stage: pooled features; later stages: their freeze boundary). auto: whenever valid (no "
+        "--augment, a prefix-shaped freeze); on: fail if impossible; off: recompute every epoch."))
+    cache_budget: str | None = option(None, group="train", parse="size", metavar="SIZE", help=SIZE_HELP + (
+        " What does not fit is read from disk under --cache-dir.  [default: 25% of RAM, at most 4G]"))
+    cache_dir: str | None = option(None, group="train", metavar="DIRECTORY", help=(
+        "Where cached activations persist, so a later run with the same backbone, weights, boundary, image size "
+        "and data skips extraction." + CACHE_DIR_HELP))
+    jit: bool = option(False, group="train", flag="--jit/--no-jit", help=(
+        "XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran 10x "
+        "slower with XLA than without)."))
+    mixed_precision: str = option("auto", group="train", choices=MIXED_PRECISION, help=(
+        "Compute in half precision (float32 weights, logits and loss): auto times a few train steps in float32 and "
+        "in the device's fast half precision (bfloat16 on CPUs with avx512_bf16/amx_bf16; bfloat16 or float16 on "
+        "GPUs by compute capability) and keeps the faster, remembered in the cache directory; on forces it, off is "
+        "float32. $TFL_MIXED_PRECISION sets what auto means."))
+    tensorboard: bool = option(True, group="train", flag="--tensorboard/--no-tensorboard", help=(
+        "Write TensorBoard event files under <run>/tensorboard/ (per-step and per-epoch loss, accuracy and "
+        "learning rates, the options as hparams, the freeze plan): `tensorboard --logdir runs/`."))
+    # distribution
+    strategy: str = option("auto", group="distribution", choices=STRATEGIES, help=(
+        "tf.distribute strategy. one_device: the first GPU, else the CPU. mirrored: every GPU, or --devices N. "
+        "multi_worker: MultiWorkerMirroredStrategy over the workers in TF_CONFIG (or --worker-hosts); the chief "
+        "(worker 0) writes the run directory. tpu: TPUStrategy on $TPU_NAME (default 'local'). auto: multi_worker "
+        "with 2+ workers, mirrored with --devices 2+ or 2+ GPUs, else default."))
+    devices: int | None = option(None, group="distribution", check="positive", metavar="N", help=(
+        "Replicas on this machine: the first N GPUs, or with no GPU the CPU split into N logical devices."))
+    worker_hosts: tuple[str, ...] = option((), group="distribution", parse="hosts", metavar="HOST:PORT,...",
+                                           show_default=False, help=(
+        "Every worker's address, chief first, the same list on each worker; with --task-index it writes TF_CONFIG "
+        "for multi_worker."))
+    task_index: int | None = option(None, group="distribution", check="non_negative", metavar="I",
+                                    help="This worker's position in --worker-hosts (0 is the chief).")
+    scale_lr: bool = option(False, group="distribution", help=(
+        "Multiply --lr and --backbone-lr by the number of replicas (linear scaling for the larger global batch)."))
+    # run
+    output_dir: str | None = option(None, group="run", metavar="DIRECTORY", help=(
+        "Run directory (default: runs/<time>-<backbone>-<dataset>). If it holds a checkpoint of an interrupted run "
+        "with the same settings, training continues from it; any other non-empty directory is refused (see "
+        "--overwrite). The run locks it while it trains."))
+    resume: bool = option(False, group="run", help=(
+        "Insist on continuing the run in --output-dir from its last finished epoch: fail if it has no checkpoint. "
+        "A changed model, head, class set or training setting is refused either way."))
+    overwrite: bool = option(False, group="run", help=(
+        "Start a new run in a non-empty --output-dir, deleting the earlier run's files there (config, history, "
+        "model, metrics, checkpoints, figures, TensorBoard events; nothing else). Without it a non-empty directory "
+        "that is not a resumable run of the same settings is refused."))
+    export: bool = option(False, group="run", help=(
+        "Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next version>/, as "
+        "`tfl export --run` does with its defaults."))
+
+
+SWEEP_RUN = ("strategy", "worker_hosts", "task_index", "scale_lr", "resume", "overwrite", "export")
+"""What a command that trains many runs in one process does not take: multi-worker (--devices only) and the
+single run's --resume/--overwrite/--export (rerunning into the same --output-dir continues it)."""
+FROZEN_BACKBONE = ("freeze_up_to", "rules", "freeze_mode", "train_bn")
+"""The freeze options, for a command whose backbone always stays frozen."""
+
+
+def all_but(*used: str) -> tuple[str, ...]:
+    """The JobOptions fields a command ignores, for a command that uses only a few of them."""
+    return tuple(f.name for f in dataclasses.fields(JobOptions) if f.name not in used)

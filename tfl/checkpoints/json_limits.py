@@ -3,10 +3,11 @@ and would otherwise surface as a RecursionError traceback from the parser or fro
 
 from __future__ import annotations
 
+from tfl.errors import UsageError
 import json
 
 
-class JSONTooDeep(ValueError):
+class JSONTooDeep(UsageError):
     """The JSON nests deeper than allowed; str() says how deep and the limit."""
 
 

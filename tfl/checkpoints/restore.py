@@ -21,6 +21,7 @@ Generic over Keras models; restoring into a tfl classifier (which names its head
 
 from __future__ import annotations
 
+from tfl.errors import UsageError
 import collections
 import dataclasses
 import os
@@ -34,7 +35,7 @@ TORCH_STYLE_FORMATS = ("pytorch_zip", "pytorch_legacy", "safetensors")
 _VARS_NAME = re.compile(r"(?P<layer>[^/]+)/vars/(?P<index>\d+)")
 
 
-class RestoreError(ValueError):
+class RestoreError(UsageError):
     """A restore that does not validate; `.report` says what matched and what did not."""
 
     def __init__(self, message: str, report: "RestoreReport"):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tfl.errors import UsageError
 from typing import Sequence
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A dataset cannot be used as given. The message names the path or value and says how to fix it."""
 
 

@@ -35,10 +35,12 @@ import json
 import math
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl.job import ADVICE, BACKBONE_LR_FACTOR, JobOptions
+from tfl.options import CACHE_DIR_HELP, all_but, option
 
 ADVISE_JSON, ADVISE_CSV, ADVISE_PNG = "advise.json", "advise.csv", "advise.png"
 AUTO = "auto"  # --freeze-up-to auto
@@ -66,8 +68,29 @@ SMALL_DATA_BACKBONE_LR = 0.1  # x --lr for the backbone with small data (tfl's d
 
 @dataclasses.dataclass
 class AdviseOptions(JobOptions):
-    sample: int = DEFAULT_SAMPLE  # training rows scored, stratified by class; at most this many train the proxy
-    proxy_epochs: int | None = None  # fine-tune epochs per proxy run; None: --epochs (the planned run's); 0: no proxy
+    unused: ClassVar = all_but("dataset", "data_dir", "val_split", "skip_bad_images", "image_size", "limit_train",
+                               "label_fraction", "backbone", "weights", "head_epochs", "epochs", "batch_size", "lr",
+                               "seed", "cache_budget", "cache_dir", "output_dir")
+    option_help: ClassVar = {
+        "label_fraction": "Advise for a seeded, stratified share of each class's training examples (as finetune's).",
+        "weights": "'default' (the backbone's ImageNet weights) or a path to a weights file.",
+        "head_epochs": "The planned run's head epochs (on cached features): the proxy's.",
+        "epochs": "The planned run's fine-tune epochs: the proxy's, unless --proxy-epochs.",
+        "batch_size": "The planned run's batch size: the proxy's.",
+        "lr": "The head's learning rate: the proxy's, and the one the backbone-lr recommendation scales.",
+        "seed": "Seeds the val split and the sample.",
+        "cache_dir": ("Where the backbone pass persists (shared with `tfl finetune --freeze-up-to auto`)."
+                      + CACHE_DIR_HELP),
+        "output_dir": "Where advise.json, advise.csv and advise.png go (default: runs/<time>-advise-<dataset>)."}
+
+    sample: int = option(DEFAULT_SAMPLE, check="positive", metavar="N", help=(
+        "Training images scored, stratified by class (all when fewer); 1/3 of them test the linear probe. The proxy "
+        "fine-tunes on at most this many."))
+    proxy_epochs: int | None = option(None, check="non_negative", metavar="N", help=(
+        "Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, --head-epochs "
+        "then N fine-tune epochs, on at most --sample images; the depth is the one with the best val accuracy "
+        "(ties: the deeper). Default: --epochs (a shorter proxy ranks depths differently). 0: no proxy, rules on "
+        "the scores decide."))
 
 
 def check_sample(sample: int) -> None:

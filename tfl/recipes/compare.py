@@ -22,10 +22,11 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ClassVar
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
+from tfl.options import FRACTION, SWEEP_RUN, option
 from tfl.recipes.finetune import two_stage
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
@@ -111,9 +112,20 @@ ARMS = tuple(REGISTRY)
 # -- options -------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class CompareOptions(JobOptions):
-    arms: tuple[str, ...] = ARMS
-    label_fractions: tuple[float, ...] = (1.0,)
-    seeds: int = 1  # runs per (arm, fraction), with seeds seed, seed + 1, ...
+    unused: ClassVar = ("label_fraction", *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where compare.json/.csv/.png and every arm's run directory (<arm>/frac<F>/seed<S>/) go (default: "
+        "runs/<time>-compare-<dataset>). Run again with the same directory to continue an interrupted run.")}
+
+    arms: tuple[str, ...] = option(ARMS, choices=ARMS, metavar="ARM[,ARM]", help=(
+        "Which arms, in order: " + "; ".join(f"{name}: {arm.description}" for name, arm in REGISTRY.items())
+        + ". Every arm trains the same E = --head-epochs + --epochs epochs."))
+    label_fractions: tuple[float, ...] = option((1.0,), flag="--label-fraction", check=FRACTION, metavar="F[,F]",
+                                                help=(
+        "Train on a seeded, stratified share of each class's training examples; several (e.g. 0.01,0.1,1) show "
+        "where pretraining matters."))
+    seeds: int = option(1, check="positive", metavar="N", help=(
+        "Runs per arm and fraction, with seeds --seed, --seed+1, ...; the table gives mean ± sd."))
 
 
 @dataclasses.dataclass

@@ -39,12 +39,13 @@ import dataclasses
 import math
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions
-from tfl.options import DANN_SHIFTS
+from tfl.options import DANN_SHIFTS, FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled
 
 DANN_JSON, DANN_CSV, DANN_PNG = "dann.json", "dann.csv", "dann.png"
@@ -60,14 +61,34 @@ TEXTURE_PERIOD, TEXTURE_MEAN, TEXTURE_AMPLITUDE = 6.0, 90.0, 70.0  # diagonal st
 
 @dataclasses.dataclass
 class DannOptions(JobOptions):
-    target_shift: str = "invert"
-    target: str | None = None  # an image folder with the dataset's classes; replaces --target-shift
-    target_limit: int | None = None  # at most this many target training images
-    seeds: int = 3  # --seed, --seed + 1, ...
-    arms: tuple[str, ...] = ARMS
-    domain_hidden: int = 256
-    lambda_max: float = 1.0  # lambda(p) is scaled by this (the paper: 1)
-    lambda_gamma: float = 10.0  # the 10 in the schedule (JobOptions.gamma is the step learning-rate schedule's)
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where dann.json/.csv/.png and every run directory (<arm>/seed<S>/) go (default: runs/<time>-dann-<dataset>)."),
+        "label_fraction": "Label a seeded, stratified share F of each class's training examples as the source.",
+        "head_epochs": "Epochs of every run (the block above the frozen backbone and the heads)."}
+
+    target_shift: str = option("invert", choices=DANN_SHIFTS, help=(
+        "The target domain: a deterministic shifted copy of --dataset. invert: 255 - x; tint: dark blue background, "
+        "orange garments; texture: on diagonal stripes. Target training images are shifted train rows the source "
+        "does not use (see --limit-train); target val/test: the shifted val/test."))
+    target: str | None = option(None, metavar="DIR", help=(
+        "The target domain as an image folder with --dataset's classes (ROOT/{train,val,test}/<class>/...): its "
+        "train images are the unlabeled target, its test (else val) labels only score. Replaces --target-shift."))
+    target_limit: int | None = option(None, check="positive", metavar="N", help=(
+        "With --target-shift: at most N target training images (seeded), e.g. to bound the one-time feature "
+        "extraction of the shifted copies."))
+    seeds: int = option(3, check="positive", metavar="N", help=(
+        "Every arm runs with seeds --seed, --seed+1, ...; a seed where DANN's target accuracy is below "
+        "source-only's is flagged."))
+    arms: tuple[str, ...] = option(ARMS, choices=ARMS, metavar="ARM[,ARM]", help=(
+        "source_only: the same network and batches with lambda fixed at 0 (no reversed gradient reaches the "
+        "features). dann: lambda(p) = lambda_max * (2 / (1 + exp(-10 p)) - 1)."))
+    domain_hidden: int = option(256, check="positive", metavar="N", help=(
+        "Units of the domain classifier's hidden layer (Dense N ReLU, then Dense 1)."))
+    lambda_max: float = option(1.0, check="positive", help="Scales the gradient-reversal schedule (the paper: 1).")
+    # the 10 in the schedule (JobOptions.gamma is the step learning-rate schedule's)
+    lambda_gamma: float = option(10.0, check="positive", help=(
+        "The schedule's steepness: lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (the paper: 10)."))
 
 
 @dataclasses.dataclass

@@ -37,10 +37,12 @@ import json
 import os
 import statistics
 import time
+from typing import ClassVar
 
 from tfl import job as jobs
 from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
 from tfl.job import Job, JobOptions, Stage
+from tfl.options import SWEEP_RUN, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 
 DISTILL_JSON, DISTILL_CSV, DISTILL_PNG = "distill.json", "distill.csv", "distill.png"
@@ -53,15 +55,35 @@ THROUGHPUT_BATCHES = (1, 64)
 
 @dataclasses.dataclass
 class DistillOptions(JobOptions):
-    teacher: str = ""  # a run directory or a .keras model file
-    student: str = DEFAULT_STUDENT
-    student_weights: str = "default"
-    temperature: float = 4.0
-    alpha: float = 0.1  # the weight of the label term
-    born_again: int = 0  # > 0: that many generations of the teacher's architecture instead of --student
-    teacher_logits: str = "auto"  # cached (one pass), online (every batch), auto: online with --augment
-    baseline: bool = True  # also train the labels-only student with the same budget
-    throughput_seconds: float = 2.0  # timing per model and batch size
+    unused: ClassVar = ("backbone", "weights", *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where distill.json/.csv/.png and every member's run directory go (default: runs/<time>-distill-<dataset>). "
+        "Rerun with the same directory to continue an interrupted run.")}
+
+    teacher: str = option("", metavar="RUN_DIR|MODEL.keras", required=True, show_default=False, help=(
+        "The frozen teacher: a run directory (tfl finetune, compare, distill) or a .keras model file "
+        "(classes.json beside it is checked against the data's classes when present)."))
+    student: str = option(DEFAULT_STUDENT, help=(
+        "The student's backbone, a name from `tfl backbones` (compact_cnn: ~0.33 M parameters, random init; "
+        "efficientnet_lite0 with --image-size 56: pretrained at a lower resolution)."))
+    student_weights: str = option("default", help=(
+        "'default' (the student backbone's pretrained weights, random init when it has none), 'none' or a weights "
+        "file. A random-init student trains every layer for --head-epochs + --epochs epochs."))
+    temperature: float = option(4.0, check="positive", metavar="T", help="Softens both distributions: softmax(logits / T).")
+    alpha: float = option(0.1, check=(0, 1, False, False), help=(
+        "loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)); the "
+        "T^2 factor keeps the soft term's gradients on the label term's scale. 0 = soft targets only."))
+    born_again: int = option(0, check="non_negative", metavar="N", help=(
+        "Born-Again Networks: instead of --student, N generations with the teacher's architecture, generation k+1 "
+        "learning from generation k; reports each and their ensemble."))
+    teacher_logits: str = option("auto", choices=TEACHER_MODES, help=(
+        "cached: one teacher pass over train and val, kept in --cache-dir for later runs; online: the teacher runs "
+        "on every batch (the student then trains on images, no boundary cache); auto: online with --augment, else "
+        "cached."))
+    baseline: bool = option(True, flag="--baseline/--no-baseline", help=(
+        "Also train the same student on the labels only, with the same seed and epochs."))
+    throughput_seconds: float = option(2.0, check="positive", help=(
+        "How long each model's inference images/s is timed, per batch size (1, 64)."))
 
 
 @dataclasses.dataclass

@@ -31,10 +31,12 @@ import io
 import math
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl.job import JobOptions
+from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, option
 
 FEWSHOT_JSON, FEWSHOT_CSV, EPISODES_CSV, FEWSHOT_PNG = ("fewshot.json", "fewshot.csv", "fewshot_episodes.csv",
                                                          "fewshot.png")
@@ -44,14 +46,26 @@ Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 
 @dataclasses.dataclass
 class FewShotOptions(JobOptions):
-    ways: int = 5
-    shots: tuple[int, ...] = (1, 5)
-    queries: int = 15
-    episodes: int = 600
-    split: str = "test"  # which split the episodes are drawn from
-    head_steps: int = 100
-    head_lr: float = 1.0
-    head_decay: float = 1e-3
+    unused: ClassVar = all_but("dataset", "data_dir", "val_split", "skip_bad_images", "image_size", "limit_train",
+                               "backbone", "weights", "seed", "batch_size", "cache", "cache_budget", "cache_dir",
+                               "output_dir")
+    option_help: ClassVar = {
+        "seed": "Seeds the val split and the episodes.", "batch_size": "Images per batch of the feature pass.",
+        "weights": "'default' (the backbone's ImageNet weights), 'none' (random init) or a path to a weights file.",
+        "cache": "on/auto: the pooled features persist in --cache-dir and later runs reuse them; off: not kept.",
+        "cache_dir": "Where the features persist." + CACHE_DIR_HELP,
+        "output_dir": ("Where fewshot.json/.csv, fewshot_episodes.csv and fewshot.png go (default: "
+                       "runs/<time>-fewshot-<dataset>).")}
+
+    ways: int = option(5, check=(2, None, False, False), metavar="N", help="Classes per episode.")
+    shots: tuple[int, ...] = option((1, 5), check="positive", metavar="K[,K]", help=(
+        "Support images per class; one result per K, on the same episodes."))
+    queries: int = option(15, check="positive", metavar="Q", help="Query images per class and episode.")
+    episodes: int = option(600, check="positive", help="Episodes per K.")
+    split: str = option("test", choices=SPLITS, help="The split the episodes are drawn from.")
+    head_steps: int = option(100, check="positive", help="linear: full-batch gradient steps of the head on the support set.")
+    head_lr: float = option(1.0, check="positive", help="linear: the head's learning rate (on L2-normalised features).")
+    head_decay: float = option(1e-3, check="non_negative", help="linear: L2 weight decay of the head.")
 
 
 # -- the sampler -------------------------------------------------------------------------------------------------------

@@ -19,25 +19,36 @@ import dataclasses
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
 
-from tfl.options import UNFREEZE
+from tfl.options import BALANCE, UNFREEZE, option
 
 
 @dataclasses.dataclass
 class FinetuneOptions(JobOptions):
-    unfreeze: str = "two_stage"
-    unfreeze_every: int = 1  # gradual: epochs between unfreezing steps
-    unfreeze_schedule: str | None = None  # gradual: "head:2,block7:1,block6:1" (stage:epochs), overrides the above
-    lr_decay_per_stage: float = 1.0  # gradual: stage k below the top at backbone_lr / F^k
-    balance: str = "none"  # class balance for imbalanced data: none, sampler or loss (tfl.recipes.balance)
+    unfreeze_mode: str = option("two_stage", choices=UNFREEZE, help=(
+        "two_stage: the head, then everything above --freeze-up-to at once. gradual (ULMFiT): the head, then one "
+        "more canonical stage from the top every --unfreeze-every epochs (or as --unfreeze-schedule says), never "
+        "below --freeze-up-to, within --epochs."))
+    unfreeze_every: int = option(1, check="positive", metavar="K", help=(
+        "Gradual: epochs between unfreezing steps; the last step takes what --epochs has left."))
+    unfreeze_schedule: str | None = option(None, metavar="STAGE:EPOCHS,...", help=(
+        "Gradual: the steps explicitly, top stage first, e.g. 'head:2,block7:1,block6:1,block5:2' (each makes that "
+        "canonical stage trainable too; the epochs replace --epochs)."))
+    lr_decay_per_stage: float = option(1.0, check="positive", metavar="F", help=(
+        "Gradual: discriminative learning rates, stage k below the top at --backbone-lr / F^k (ULMFiT used 2.6); 1 "
+        "keeps one rate."))
+    balance: str = option("none", choices=BALANCE, help=(
+        "For imbalanced classes. sampler: every epoch draws its batches with replacement, each class equally "
+        "likely; loss: each training row's loss weighted by n / (classes x its class's count). Validation and test "
+        "stay unweighted; config.json records the counts and weights."))
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
-    if opts.unfreeze not in UNFREEZE:
-        raise ValueError(f"--unfreeze {opts.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
+    if opts.unfreeze_mode not in UNFREEZE:
+        raise ValueError(f"--unfreeze-mode {opts.unfreeze_mode!r} is not one of {', '.join(UNFREEZE)}")
     from tfl.recipes.balance import check_balance
 
     check_balance(opts.balance)
-    recipe = gradual if opts.unfreeze == "gradual" else two_stage
+    recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
     return jobs.run(opts, recipe, log)
 
@@ -94,7 +105,7 @@ def gradual_steps(spec, plan, opts: FinetuneOptions) -> list[tuple[str, int]]:
     step takes what remains, so the fine-tuning budget is --epochs either way)."""
     available = trainable_stages(spec, plan)
     if not available:
-        raise ValueError(f"--unfreeze gradual: nothing lies above --freeze-up-to {opts.freeze_up_to} to unfreeze")
+        raise ValueError(f"--unfreeze-mode gradual: nothing lies above --freeze-up-to {opts.freeze_up_to} to unfreeze")
     if opts.unfreeze_schedule:
         steps = parse_schedule(opts.unfreeze_schedule)
         names = [name for name, _ in steps]
@@ -154,10 +165,10 @@ def _check_gradual_options(opts: FinetuneOptions) -> None:
     defaults = FinetuneOptions()
     given = [name for name in ("unfreeze_every", "unfreeze_schedule", "lr_decay_per_stage")
              if getattr(opts, name) != getattr(defaults, name)]
-    if opts.unfreeze != "gradual" and given:
+    if opts.unfreeze_mode != "gradual" and given:
         several = len(given) > 1
         raise ValueError(" and ".join("--" + name.replace("_", "-") for name in given)
-                         + f": {'these shape' if several else 'this shapes'} gradual unfreezing; add --unfreeze "
+                         + f": {'these shape' if several else 'this shapes'} gradual unfreezing; add --unfreeze-mode "
                          f"gradual, or drop {'them' if several else 'it'}")
     if opts.unfreeze_schedule:
         parse_schedule(opts.unfreeze_schedule)  # the syntax now; the stage names once the model is built

@@ -53,12 +53,13 @@ import io
 import math
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import CL_SCENARIOS, CL_STRATEGIES
+from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, option
 from tfl.recipes import forgetting_metrics as cl_metrics
 
 FORGETTING_JSON, FORGETTING_CSV, MATRIX_CSV = "forgetting.json", "forgetting.csv", "accuracy_matrix.csv"
@@ -73,14 +74,34 @@ MASKED = -1e9  # the logit of a class outside the mask: exp() of it is exactly 0
 # -- options ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ForgettingOptions(JobOptions):
-    tasks: str | None = None  # "0,1;2,3" (class indices or names); None: consecutive pairs
-    scenario: str = "class-il"
-    strategies: tuple[str, ...] = CL_STRATEGIES
-    memory: int = 500  # replay: buffer rows
-    lwf_alpha: float = 1.0
-    temperature: float = 2.0
-    ewc_lambda: float = 1000.0
-    finetune: bool = False  # train the layers above --freeze-up-to too; default: the head on cached features
+    unused: ClassVar = ("head_epochs", *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory (<strategy>/) go "
+        "(default: runs/<time>-forgetting-<dataset>). Run again with the same directory to continue an interrupted "
+        "run exactly."), "epochs": "Epochs per task."}
+
+    tasks: str | None = option(None, metavar="C,C;C,C;...", help=(
+        "The task split: classes (indices or names) separated by ',', tasks by ';', e.g. '0,1;2,3;4,5'. A class "
+        "may be in one task only; classes in no task are left out.  [default: consecutive pairs (0,1), (2,3), ...]"))
+    scenario: str = option("class-il", choices=CL_SCENARIOS, help=(
+        "class-il: one classifier over every class seen so far (unseen classes' logits masked out, as a head that "
+        "grows per task). task-il: the task is known, every row's logits are masked to its task's classes, in "
+        "training and at test time."))
+    strategies: tuple[str, ...] = option(CL_STRATEGIES, choices=CL_STRATEGIES, metavar="S[,S]", help=(
+        "naive: sequential fine-tuning. replay: a class-balanced buffer of --memory past examples mixed into every "
+        "batch. lwf: Learning without Forgetting, the previous model's outputs on old classes distilled. ewc: "
+        "diagonal-Fisher penalty (online). joint: all tasks at once, the upper bound."))
+    memory: int = option(500, check="positive", metavar="M", help=(
+        "replay: at most M training examples of past tasks, equally many per class."))
+    lwf_alpha: float = option(1.0, check="non_negative", help="lwf: weight of the distillation term.")
+    temperature: float = option(2.0, check="positive", help=(
+        "lwf: softmax temperature of the distillation (Li & Hoiem used 2)."))
+    ewc_lambda: float = option(1000.0, check="non_negative", help=(
+        "ewc: strength of the penalty lambda/2 * sum F (theta - theta*)^2."))
+    finetune: bool = option(False, flag="--finetune/--frozen-backbone", help=(
+        "--finetune: every task also trains the layers above --freeze-up-to, the backbone at --backbone-lr. "
+        "Default: the backbone stays frozen and every task trains the head on pooled features cached once for the "
+        "whole run."))
 
 
 @dataclasses.dataclass

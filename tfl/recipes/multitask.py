@@ -27,11 +27,13 @@ import json
 import os
 import re
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions
+from tfl.options import FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled
 
 MULTITASK_JSON, MULTITASK_CSV, MULTITASK_PNG = "multitask.json", "multitask.csv", "multitask.png"
@@ -45,11 +47,26 @@ COLUMNS = ("arm", "seed", "task", "test_accuracy", "task_weight", "trainable_par
 
 @dataclasses.dataclass
 class MultitaskOptions(JobOptions):
-    tasks: str | None = None  # the JSON label map; None: the shipped example for fashion_mnist
-    task_weights: tuple[tuple[str, float], ...] = ()
-    arms: tuple[str, ...] = ARMS
-    soft_penalty: float = 0.01
-    seeds: int = 1
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where multitask.json/.csv/.png and every run directory (<arm>[_<task>]/seed<S>/) go (default: "
+        "runs/<time>-multitask-<dataset>)."),
+        "head_epochs": "Epochs of every run (the block above the frozen backbone and the heads)."}
+
+    tasks: str | None = option(None, metavar="FILE.json", help=(
+        "The label map: a JSON object task -> dataset class -> that task's label. A class a task leaves out is not "
+        "in its loss or accuracy.  [default for fashion_mnist: tfl/assets/fashion_mnist_tasks.json, the 10 classes "
+        "(fine) and tops/bottoms/footwear/bags (coarse)]"))
+    task_weights: tuple[tuple[str, float], ...] = option((), flag="--task-weight", repeat=True, parse="task_weights",
+                                                         metavar="TASK=W", show_default=False, help=(
+        "The weight of TASK's loss (repeatable; default 1 each)."))
+    arms: tuple[str, ...] = option(ARMS, choices=ARMS, metavar="ARM[,ARM]", help=(
+        "hard: one shared block above the frozen backbone, a head per task. soft: a block per task with an L2 "
+        "penalty pulling corresponding layers together. single: one model per task, trained alone."))
+    soft_penalty: float = option(0.01, check="non_negative", metavar="L", help=(
+        "soft: L * sum over corresponding layers and task pairs of ||W_a - W_b||^2."))
+    seeds: int = option(1, check="positive", metavar="N", help=(
+        "Every run repeats with seeds --seed, --seed+1, ...; the table gives mean ± sd."))
 
 
 @dataclasses.dataclass

@@ -35,10 +35,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import ClassVar
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import PRETEXT_OBJECTIVES
+from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, option
 
 PRETEXT_JSON, PRETEXT_CSV, PRETEXT_PNG = "pretext.json", "pretext.csv", "pretext.png"
 BACKBONE_FILE = "backbone.keras"
@@ -50,12 +51,25 @@ COLUMNS = ("arm", "start", "label_fraction", "seed", "test_accuracy", "best_val_
 
 @dataclasses.dataclass
 class PretextOptions(JobOptions):
-    objective: str = "rotation"
-    pretext_epochs: int = 5
-    temperature: float = 0.5  # simclr: NT-Xent's temperature
-    projection_dim: int = 64  # simclr: the projection's output size
-    label_fractions: tuple[float, ...] = (0.01, 0.1)  # the fine-tunes' shares of the labels
-    finetune: bool = True  # then fine-tune from the initial and the pretext weights at each label fraction
+    unused: ClassVar = ("label_fraction", *SWEEP_RUN)
+    option_help: ClassVar = {"output_dir": (
+        "Where pretext.json/.csv/.png, backbone.keras, the pretext run (pretext/) and the fine-tunes "
+        "(frac<F>/baseline, frac<F>/pretext) go (default: runs/<time>-pretext-<dataset>).")}
+
+    objective: str = option("rotation", choices=PRETEXT_OBJECTIVES, help=(
+        "rotation (Gidaris et al. 2018): predict which of 0/90/180/270 degrees each image was turned by. simclr "
+        "(Chen et al. 2020): two random views of each image find each other among the batch (NT-Xent)."))
+    pretext_epochs: int = option(5, check="positive", help=(
+        "Epochs of pretext training over the train split's images (--limit-train N of them), labels ignored."))
+    temperature: float = option(0.5, check="positive", help="simclr: NT-Xent's temperature.")
+    projection_dim: int = option(64, check="positive", help=(
+        "simclr: the projection head's output size (after --head-hidden, default 128)."))
+    label_fractions: tuple[float, ...] = option((0.01, 0.1), flag="--label-fraction", check=FRACTION,
+                                                metavar="F[,F]", help=(
+        "Then fine-tune at each seeded, stratified share F of the labels, from the initial weights and from the "
+        "pretext backbone, same seed and --head-epochs/--epochs budget."))
+    finetune: bool = option(True, flag="--finetune/--no-finetune", help=(
+        "--no-finetune: pretrain only and write backbone.keras (for tfl finetune --init-from)."))
 
 
 @dataclasses.dataclass

@@ -36,11 +36,13 @@ import dataclasses
 import io
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
+from tfl.options import FRACTION, FROZEN_BACKBONE, option
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
 COLUMNS = ("round", "labeled", "pseudo_labeled", "pseudo_accuracy_trained", "val_accuracy", "test_accuracy",
@@ -50,10 +52,20 @@ POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's r
 
 @dataclasses.dataclass
 class SelfTrainOptions(JobOptions):
-    labeled_fraction: float | None = None  # None: every training row is labeled (then --unlabeled is needed)
-    unlabeled: str | None = None  # a folder of unlabeled images
-    threshold: float = 0.9  # the top softmax probability a pseudo-label needs
-    rounds: int = 3  # self-training rounds after round 0 (the labeled-only baseline)
+    unused: ClassVar = ("label_fraction", "epochs", *FROZEN_BACKBONE, "strategy", "worker_hosts", "task_index",
+                        "scale_lr")
+    option_help: ClassVar = {"head_epochs": "Epochs of every round (the head on cached features)."}
+
+    labeled_fraction: float | None = option(None, flag="--label-fraction", check=FRACTION, metavar="F", help=(
+        "Keep a seeded, stratified share F of each class's training rows labeled; the rest of train is the "
+        "unlabeled pool (its true labels only score the pseudo-labels)."))
+    unlabeled: str | None = option(None, metavar="DIR", help=(
+        "A folder of unlabeled images (searched recursively), added to the unlabeled pool."))
+    threshold: float = option(0.9, check=(0, 1, True, True), help=(
+        "An unlabeled row becomes a pseudo-label when its top softmax probability is at least this."))
+    rounds: int = option(3, check="non_negative", metavar="N", help=(
+        "Rounds with pseudo-labels after round 0 (the labeled-only baseline); each starts from the same initial "
+        "weights and trains --head-epochs epochs."))
 
 
 def check_options(opts: SelfTrainOptions) -> None:

@@ -20,6 +20,7 @@ SIGKILL at a chosen point, to test crash safety deterministically:
 
 from __future__ import annotations
 
+from tfl.errors import UsageError
 import dataclasses
 import io
 import json
@@ -38,7 +39,7 @@ STATE_KEY = "state"
 _NAME = re.compile(r"ckpt-(\d{4,})\.npz")
 
 
-class ResumeError(ValueError):
+class ResumeError(UsageError):
     """A run cannot continue as asked: no readable checkpoint, or the configuration changed."""
 
 

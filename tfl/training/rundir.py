@@ -19,6 +19,7 @@ too, unless --overwrite says to replace the earlier run's files.
 
 from __future__ import annotations
 
+from tfl.errors import Unavailable
 import csv
 import datetime
 import io
@@ -41,7 +42,7 @@ MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # a run's JSON files are small 
 RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json")
 
 
-class RunDirInUse(RuntimeError):
+class RunDirInUse(Unavailable):
     """Another process holds the run directory's lock (an environment problem: exit 1)."""
 
 

@@ -7,13 +7,14 @@ TensorFlow is imported inside the functions so that the CLI can import StrategyU
 
 from __future__ import annotations
 
+from tfl.errors import Unavailable
 import json
 import os
 
 from tfl.options import STRATEGIES as CHOICES
 
 
-class StrategyUnavailableError(RuntimeError):
+class StrategyUnavailableError(Unavailable):
     """The machine cannot provide the strategy asked for (no TPU reachable): the environment, not the command."""
 
 

@@ -21,6 +21,7 @@ recipe's position (stage, epoch in stage) and data order (a function of the epoc
 
 from __future__ import annotations
 
+from tfl.errors import Unavailable
 import dataclasses
 import math
 import os
@@ -41,7 +42,7 @@ from tfl.training.schedules import WarmupSchedule
 from tfl.options import OPTIMIZERS
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Unavailable):
     """The training loss became NaN or infinite; the run stops at once, its checkpoints hold the last good epoch."""
 
 
@@ -212,7 +213,10 @@ def default_callbacks() -> list[Callback]:
 
 
 class Progress:
-    """One line per epoch on a pipe; a live bar on a terminal."""
+    """One line per epoch on a pipe; a live bar on a terminal; nothing when Progress.enabled is False
+    (tfl.set_progress, TFL_PROGRESS=0)."""
+
+    enabled = os.environ.get("TFL_PROGRESS", "1") != "0"
 
     def __init__(self, total: int, label: str, stream=None):
         self.total, self.label = total, label
@@ -222,6 +226,8 @@ class Progress:
         self.next_report = 0.25
 
     def update(self, done: int, loss: float | None = None, acc: float | None = None) -> None:
+        if not self.enabled:
+            return
         frac = done / max(self.total, 1)
         elapsed = time.time() - self.start
         eta = elapsed / max(frac, 1e-9) - elapsed
@@ -238,7 +244,7 @@ class Progress:
                 self.next_report += 0.25
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.enabled:
             self.stream.write("\n")
             self.stream.flush()
 

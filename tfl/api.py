@@ -1,0 +1,256 @@
+"""tfl's Python API: every command as a function taking the command line's options as keyword arguments.
+
+    import tfl
+    r = tfl.finetune(dataset="photos/", backbone="resnet50", epochs=2)
+    r.metrics["test_accuracy"], r.run_dir
+    model = r.load_model()
+
+Each training function takes the same names as its command's flags (`--head-epochs` -> head_epochs=...) or a
+whole options object (tfl.FinetuneOptions, ...), checks them as the command line does (tfl.UsageError names the
+bad value), writes the same run directory and returns a `Result`. Messages go to logging.getLogger("tfl");
+`tfl.set_progress(False)` turns the per-epoch progress bars off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import logging
+import os
+import typing
+
+from tfl.errors import UsageError
+from tfl.options import check_options
+
+logger = logging.getLogger("tfl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A training command: its options class and function ("module:name"), and its default run directory's
+    name (runs/<time>-<prefix>-<dataset>; None: the backbone's name)."""
+
+    name: str
+    options: str
+    function: str
+    prefix: str | None = None
+
+    def load(self, which: str):
+        module, _, attr = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+# One registry of the training commands: the CLI and the functions below both read it.
+COMMANDS = {c.name: c for c in (
+    Command("finetune", "tfl.recipes.finetune:FinetuneOptions", "tfl.recipes.finetune:finetune"),
+    Command("compare", "tfl.recipes.compare:CompareOptions", "tfl.recipes.compare:compare", "compare"),
+    Command("advise", "tfl.recipes.advise:AdviseOptions", "tfl.recipes.advise:advise", "advise"),
+    Command("distill", "tfl.recipes.distill:DistillOptions", "tfl.recipes.distill:distill", "distill"),
+    Command("forgetting", "tfl.recipes.forgetting:ForgettingOptions", "tfl.recipes.forgetting:forgetting",
+            "forgetting"),
+    Command("pretext", "tfl.recipes.pretext:PretextOptions", "tfl.recipes.pretext:pretext", "pretext"),
+    Command("self-train", "tfl.recipes.self_training:SelfTrainOptions", "tfl.recipes.self_training:self_train"),
+    Command("fewshot", "tfl.recipes.fewshot:FewShotOptions", "tfl.recipes.fewshot:fewshot", "fewshot"),
+    Command("dann", "tfl.recipes.dann:DannOptions", "tfl.recipes.dann:dann", "dann"),
+    Command("multitask", "tfl.recipes.multitask:MultitaskOptions", "tfl.recipes.multitask:multitask", "multitask"),
+)}
+
+
+@dataclasses.dataclass
+class Result:
+    """What a training command leaves: its directory, its metrics (the JSON it wrote) and its options."""
+
+    command: str
+    run_dir: str
+    metrics: dict
+    options: object
+
+    @property
+    def runs(self) -> list[str]:
+        """Every run directory with a model under run_dir (itself for finetune; each arm's for compare, ...)."""
+        found = []
+        for folder, dirs, files in os.walk(self.run_dir):
+            dirs.sort()
+            if "model.keras" in files:
+                found.append(folder)
+        return found
+
+    def load_model(self, run: str | None = None):
+        """The Keras model of `run` (a path relative to run_dir, e.g. "two_stage/frac1/seed0"); by default run_dir's
+        own, else the only one, else the one with the best validation accuracy."""
+        return load_model(os.path.join(self.run_dir, run) if run else self._best_run())
+
+    def _best_run(self) -> str:
+        runs = self.runs
+        if not runs:
+            raise UsageError(f"{self.run_dir}: no run directory with a model.keras (--no-finetune, or not finished)")
+        if self.run_dir in runs or len(runs) == 1:
+            return self.run_dir if self.run_dir in runs else runs[0]
+        return max(runs, key=_best_val_accuracy)
+
+
+def _best_val_accuracy(run_dir: str) -> float:
+    import json
+
+    try:
+        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+            return float(json.load(f).get("best_val_accuracy") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def options(command: str, base=None, **kwargs):
+    """The options object of `command` from keyword arguments (the flags' names with underscores), checked as the
+    command line checks them. Lists become tuples; an option the command does not use is refused by name."""
+    cls = COMMANDS[command].load("options")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unused = set(getattr(cls, "unused", ()))
+    for name in kwargs:
+        if name not in fields or name in unused:
+            usable = sorted(set(fields) - unused)
+            close = difflib.get_close_matches(name, usable, n=1)
+            raise UsageError(f"tfl.{command.replace('-', '_')}() takes no option {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else f"; its options: {', '.join(usable)}"))
+    hints = typing.get_type_hints(cls)
+    values = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in kwargs.items()}
+    opts = dataclasses.replace(base, **values) if base is not None else cls(**values)
+    check_options(opts)
+    return opts
+
+
+def run(command: str, opts=None, log=None, **kwargs) -> Result:
+    """Run a training command; the functions below (tfl.finetune, ...) call this."""
+    opts = with_run_dir(command, options(command, opts, **kwargs))
+    metrics = COMMANDS[command].load("function")(opts, log=log or logger.info)
+    return Result(command, opts.output_dir, metrics, opts)
+
+
+def with_run_dir(command: str, opts):
+    """opts with output_dir set: the run directory is known before training, so a caller can name it on Ctrl-C.
+    Default: runs/<time>-<backbone, or the command's name>-<dataset>."""
+    from tfl.training import rundir
+
+    if opts.output_dir:
+        return opts
+    prefix = COMMANDS[command].prefix or opts.backbone
+    return dataclasses.replace(opts, output_dir=rundir.default_path(prefix, opts.dataset))
+
+
+def finetune(options=None, **kwargs) -> Result:
+    """Fine-tune a pretrained backbone (`tfl finetune`): the head on the frozen backbone, then the layers above
+    freeze_up_to. metrics: test_accuracy, best_val_accuracy, ...
+
+    >>> r = tfl.finetune(dataset=folder, backbone="compact_cnn", weights="none", image_size=32, head_epochs=1, epochs=1)
+    >>> sorted(r.metrics)[:2], r.load_model().output_shape
+    """
+    return run("finetune", options, **kwargs)
+
+
+def compare(options=None, **kwargs) -> Result:
+    """Scratch vs linear probe vs fine-tuning on one budget (`tfl compare`); one run directory per arm, fraction
+    and seed under run_dir. load_model() gives the arm with the best validation accuracy."""
+    return run("compare", options, **kwargs)
+
+
+def advise(options=None, **kwargs) -> Result:
+    """How deep to freeze, measured (`tfl advise`); metrics is advise.json (the recommendation and its reasons)."""
+    return run("advise", options, **kwargs)
+
+
+def distill(options=None, **kwargs) -> Result:
+    """Knowledge distillation from teacher= (a run directory or .keras file) into a student (`tfl distill`)."""
+    return run("distill", options, **kwargs)
+
+
+def forgetting(options=None, **kwargs) -> Result:
+    """Catastrophic forgetting: tasks one after another, each strategy (`tfl forgetting`)."""
+    return run("forgetting", options, **kwargs)
+
+
+def pretext(options=None, **kwargs) -> Result:
+    """Self-supervised pretext pretraining (rotation, SimCLR), then fine-tuning from it (`tfl pretext`)."""
+    return run("pretext", options, **kwargs)
+
+
+def self_train(options=None, **kwargs) -> Result:
+    """Self-training with pseudo-labels on unlabeled data (`tfl self-train`)."""
+    return run("self-train", options, **kwargs)
+
+
+def fewshot(options=None, **kwargs) -> Result:
+    """N-way K-shot episodes on frozen features: prototypes vs a linear head (`tfl fewshot`)."""
+    return run("fewshot", options, **kwargs)
+
+
+def dann(options=None, **kwargs) -> Result:
+    """Domain adaptation: DANN (gradient reversal) vs source-only (`tfl dann`)."""
+    return run("dann", options, **kwargs)
+
+
+def multitask(options=None, **kwargs) -> Result:
+    """Multi-task learning: hard vs soft parameter sharing vs single-task (`tfl multitask`)."""
+    return run("multitask", options, **kwargs)
+
+
+# -- using what a run left ------------------------------------------------------------------------------------------
+def load_model(run_dir: str):
+    """A run's model.keras, after the checks every .keras file gets (only Keras built-ins and tfl's classes)."""
+    from tfl.training.rundir import RunDir
+
+    return RunDir(os.fspath(run_dir), create=False).load_model()
+
+
+def predict(images, run_dir: str | None = None, *, backbone: str | None = None, saved_model: str | None = None,
+            weights: str = "default", top_k: int = 5, trust_saved_model: bool = False) -> list[dict]:
+    """Top-k labels for image files, from a run, a backbone's ImageNet head or an export (`tfl predict`):
+    [{"image", "top": [{"index", "label", "prob"}]}]."""
+    from tfl import inference
+
+    images = [os.fspath(images)] if isinstance(images, (str, os.PathLike)) else [os.fspath(i) for i in images]
+    if sum(map(bool, (run_dir, backbone, saved_model))) != 1:
+        raise UsageError("give exactly one of --run DIR (a fine-tuned model), --backbone NAME (ImageNet head) or "
+                         "--saved-model DIR (an export)")
+    if trust_saved_model and not saved_model:
+        raise UsageError("--trust-saved-model applies to --saved-model DIR only; add it or drop the flag")
+    if saved_model:
+        return inference.predict_saved_model(images, saved_model, top_k, trust_saved_model)
+    return inference.predict(images, run_dir, backbone, weights, top_k)
+
+
+def evaluate(run_dir: str, dataset: str | None = None, data_dir: str | None = None, batch_size: int = 64,
+             log=None) -> dict:
+    """Accuracy and loss of a run's model on the test split, or val when there is none (`tfl evaluate`)."""
+    from tfl.inference import evaluate_run
+
+    return evaluate_run(run_dir, dataset, data_dir, batch_size, log=log or logger.info)
+
+
+def export(run_dir: str, format: str = "saved_model", output: str | None = None, version: int | None = None,
+           top_k: int | None = None, tflite_mode: str | None = None, log=None) -> str:
+    """Export a run's model for serving into a new versioned directory (`tfl export`); returns its path."""
+    from tfl.export import export_run
+
+    return export_run(run_dir, format, output, version, top_k, tflite_mode, log=log or logger.info)
+
+
+def restore(model, checkpoint, *, include=(".*",), exclude=(), rename=(), strict: bool = True, mapping=None,
+            unsafe: bool = False, log=None):
+    """Copy weights by name from a checkpoint (any file `tfl inspect-checkpoint` reads: Keras, TF1/TF2, PyTorch,
+    safetensors; or a {name: array} dict) into a Keras model. Strict by default: a missing, unexpected or
+    mis-shaped tensor fails and changes nothing. include/exclude: regexes (fullmatch) over weight and layer names;
+    rename: [(source regex, replacement)]; mapping: a PyTorch name mapping such as "resnet". Returns the report
+    (what was restored, skipped and why; report.to_json())."""
+    from tfl.checkpoints.restore import restore as restore_weights
+    from tfl.reuse import read_checkpoint
+
+    source = read_checkpoint(checkpoint, unsafe=unsafe) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    return restore_weights(model, source, include=include, exclude=exclude, rename=rename, strict=strict,
+                           mapping=mapping, log=log or logger.info)
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn the per-epoch progress bars (on stderr) on or off."""
+    from tfl.training import trainer
+
+    trainer.Progress.enabled = bool(enabled)

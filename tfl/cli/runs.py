@@ -1,0 +1,117 @@
+"""Commands on what a run left: evaluate, predict, report, export."""
+
+from __future__ import annotations
+
+import click
+
+from tfl import api
+from tfl.cli.core import call, cli, echo_err, echo_json
+from tfl.cli.params import non_negative, positive
+from tfl.options import EXPORT_FORMATS, IMAGE_EXTENSIONS, SPLITS, TFLITE_MODES
+
+RUN_HELP = "A run directory from `tfl finetune` (or any recipe's run)."
+DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Default: the run's own, for its own "
+                 "dataset.")
+
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
+@click.option("--dataset", help="Evaluate on another dataset with the same classes (default: the run's).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}.')
+def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
+    """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
+    result = call(api.evaluate, run_dir, dataset, data_dir, batch_size,
+                  log=(lambda *_: None) if as_json else click.echo)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"{result['split']} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                   f"on {result['examples']} examples of {result['dataset']}")
+
+
+@cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}), regular files
+    only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
+@click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
+@click.option("--saved-model", type=click.Path(exists=True, file_okay=False),
+              help="Use an export from `tfl export` the way TF Serving would: each file's bytes go to its "
+                   "serving_default signature. A version directory, or the model directory (its highest version). "
+                   "--top-k is capped by the export's own --top-k.")
+@click.option("--trust-saved-model", is_flag=True,
+              help="With --saved-model: run it even if its graph has ops that touch files, processes, Python or the "
+                   "network (refused by default, naming them; the docs list the rule).")
+@click.option("--weights", default="default", show_default=True, help="With --backbone: 'default' or a weights file.")
+@click.option("--top-k", default=5, show_default=True, callback=positive,
+              help="How many of the most probable classes to print for each image.")
+@click.option("--json", "as_json", is_flag=True, help='Print [{"image", "top": [{"index", "label", "prob"}]}].')
+def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, top_k, as_json):
+    results = call(api.predict, list(images), run_dir, backbone=backbone, saved_model=saved_model, weights=weights,
+                   top_k=top_k, trust_saved_model=trust_saved_model)
+    if as_json:
+        echo_json(results)
+        return
+    for r in results:
+        click.echo(r["image"])
+        for t in r["top"]:
+            click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
+
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
+@click.option("--dataset", help="Report on another dataset with the same classes (default: the run's).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option("--split", type=click.Choice(SPLITS), help="Which split (default: test, or val when there is no test split).")
+@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Where the report goes (default: <run>/report/).")
+@click.option("--max-images", default=32, show_default=True, callback=non_negative,
+              help="Misclassified images in the grid, the most confident mistakes first.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def report(run_dir, dataset, data_dir, split, batch_size, output_dir, max_images, as_json):
+    """Where a run's model errs: confusion matrix, per-class precision / recall / F1, the most confused pairs.
+
+    Writes report.json, confusion_matrix.json/.png, per_class.csv and misclassified.png (true and predicted
+    labels) into the output directory. Its accuracy is the one metrics.json and `tfl evaluate` report.
+    """
+    from tfl.reporting.report import format_report, report_run
+
+    quiet = (lambda *_: None) if as_json else echo_err
+    result = call(report_run, run_dir, dataset, data_dir, split, batch_size, output_dir, max_images, log=quiet)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(format_report(result))
+
+
+@cli.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
+              help="saved_model: for TF Serving (image bytes in; probabilities, top-k classes and labels out). "
+                   "tflite: model.tflite (an image at the model's input size in, probabilities out).")
+@click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
+              help="The model's base directory; the export goes to DIR/<version>/. Default: saved_models/<run name> "
+                   "(saved_model) or saved_models/<run name>-tflite-<mode> (tflite).")
+@click.option("--version", type=int, callback=positive,
+              help="Integer version, the subdirectory TF Serving loads (the highest). Default: highest existing + 1. "
+                   "An existing version is never overwritten.")
+@click.option("--top-k", type=int, callback=positive,
+              help="saved_model: how many top classes the `classes` and `labels` outputs hold (at most the class "
+                   "count).  [default: 5]")
+@click.option("--tflite-mode", type=click.Choice(TFLITE_MODES),
+              help="tflite: float32 as trained; float16 weights (half the size); int8 dynamic-range quantization "
+                   "(int8 weights, a quarter of the size, no calibration data).  [default: float32]")
+@click.option("--json", "as_json", is_flag=True, help='Print {"path", "format"} instead of the path.')
+def export(run_dir, fmt, output, version, top_k, tflite_mode, as_json):
+    """Export a run's best model for serving into a new integer-versioned directory, written atomically.
+
+    The SavedModel has two signatures: serving_default (image_bytes: encoded JPEG/PNG/GIF/BMP files) and
+    predict_images (images: float32 [N, H, W, 3], 0-255 RGB, any size), both decoded and resized inside as
+    evaluation does; class names are its asset labels.txt. The TFLite export writes model.tflite and labels.txt.
+    """
+    path = call(api.export, run_dir, fmt, output, version, top_k, tflite_mode, log=echo_err)
+    if as_json:
+        echo_json({"path": path, "format": fmt})
+    else:
+        click.echo(path)
