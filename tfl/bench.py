@@ -35,6 +35,7 @@ import tempfile
 import time
 from typing import Callable
 
+from tfl.errors import UsageError
 from tfl.options import BENCH_CASES as CASES
 
 BUSY_SHARE = 0.10  # other processes took more than this share of the CPU during a case: its times are not tfl's
@@ -76,7 +77,7 @@ def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> di
     "baseline_accuracy", "fraction_of_peak", "precision", "load", ...}], "busy": bool, "warnings": [...]}"""
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        raise ValueError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        raise UsageError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()  # as tfl finetune runs: cached and uncached runs then agree
@@ -249,7 +250,7 @@ def _load(cfg: BenchConfig, log) -> _Data:
     for split, count in wanted.items():
         source, size = getattr(splits, split), splits.num_examples[split]
         if count > size:
-            raise ValueError(f"the bench wants {count} {split} images but {cfg.dataset} has {size}")
+            raise UsageError(f"the bench wants {count} {split} images but {cfg.dataset} has {size}")
         stores[split] = ImageStore.from_dataset(data.random_subset(source, size, count, cfg.seed), cfg.image_size)
         ids[split] = data_identity(splits.fingerprint, split, subset_digest(size, count, cfg.seed))
     log(f"bench: {cfg.dataset} subsets {cfg.train} train / {cfg.val} val / {cfg.test} test at {cfg.image_size}px, "

@@ -17,7 +17,7 @@ with an error rather than with SIGBUS in the middle of writing a memory map.
 
 from __future__ import annotations
 
-from tfl.errors import Unavailable
+from tfl.errors import Unavailable, UsageError
 import dataclasses
 import hashlib
 import json
@@ -64,7 +64,7 @@ def parse_size(text: str | int | None) -> int:
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
-        raise ValueError(f"--cache-budget {text!r} is not a size; write e.g. 4G, 512M or 0 (bytes without a unit)")
+        raise UsageError(f"--cache-budget {text!r} is not a size; write e.g. 4G, 512M or 0 (bytes without a unit)")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
@@ -193,7 +193,7 @@ class ArrayCache:
         nbytes = int(rows * int(np.prod(row_shape)) * dtype.itemsize + rows * 4)
         problem = self.can_store(nbytes)
         if problem:
-            raise ValueError(f"cannot cache {key.get('kind', 'arrays')}: {problem}")
+            raise UsageError(f"cannot cache {key.get('kind', 'arrays')}: {problem}")
         in_memory = self.fits_memory(nbytes)
         kind = key.get("kind", "arrays")
         tmp = None

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import keras
 
 from tfl.backbones.spec import BackboneSpec
+from tfl.errors import UsageError
 from tfl.models import INPUT, NoSingleCut, backbone_of, head_layers, preprocess_layer, submodel
 
 from tfl.options import FREEZE_MODES as MODES
@@ -111,7 +112,7 @@ def resolve_up_to(spec: BackboneSpec, layer_names: Sequence[str], value: str) ->
     prefixed = [i for i, name in enumerate(layer_names) if name.startswith(value)]
     if prefixed:
         return prefixed[-1]
-    raise ValueError(
+    raise UsageError(
         f"--freeze-up-to {value!r} is not a stage, layer name or layer-name prefix of {spec.name}; "
         f"stages are: {', '.join(spec.stage_names)} (see `tfl inspect {spec.name}` for layer names)"
     )
@@ -121,11 +122,11 @@ def compile_rules(rules: Iterable[tuple[str, str]]) -> list[tuple[str, re.Patter
     compiled = []
     for action, pattern in rules:
         if action not in ("freeze", "unfreeze"):
-            raise ValueError(f"unknown rule {action!r}; use 'freeze' or 'unfreeze'")
+            raise UsageError(f"unknown rule {action!r}; use 'freeze' or 'unfreeze'")
         try:
             compiled.append((action, re.compile(pattern)))
         except re.error as err:
-            raise ValueError(f"--{action} {pattern!r} is not a valid regular expression: {err}") from None
+            raise UsageError(f"--{action} {pattern!r} is not a valid regular expression: {err}") from None
     return compiled
 
 
@@ -173,7 +174,7 @@ def freeze_layers(model: keras.Model, rules: Sequence[tuple[str, str]]) -> list[
     compiled = compile_rules(rules)
     for action, pattern in compiled:
         if not any(pattern.fullmatch(layer.name) for layer in leaves):
-            raise ValueError(f"--{action} {pattern.pattern!r} matches no layer of {model.name}; its layers are: "
+            raise UsageError(f"--{action} {pattern.pattern!r} matches no layer of {model.name}; its layers are: "
                              + ", ".join(layer.name for layer in leaves))
     for layer in leaves:
         for action, pattern in compiled:
@@ -232,11 +233,11 @@ def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable"
     numbers on the same seed.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown freeze mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise UsageError(f"unknown freeze mode {mode!r}; choose one of {', '.join(MODES)}")
     boundary = plan.boundary()
     frozen_head = [l.name for l in plan.layers if l.frozen and l.stage == CLASSIFIER_STAGE]
     if mode == "stop_gradient" and (boundary is None or frozen_head):
-        raise ValueError(
+        raise UsageError(
             "--freeze-mode stop_gradient needs a prefix-shaped freeze (everything from the input up to one "
             "layer frozen, nothing above it); this plan freezes " + _describe_frozen(plan)
             + ". Use --freeze-up-to alone, or --freeze-mode trainable for arbitrary patterns"
@@ -259,7 +260,7 @@ def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable"
             train_model = _split_graph(model, backbone, boundary, stop=mode == "stop_gradient")
         except NoSingleCut as err:
             if mode == "stop_gradient":
-                raise ValueError(
+                raise UsageError(
                     f"--freeze-mode stop_gradient: the boundary after layer {boundary!r} is crossed by a skip "
                     "connection, so no single tensor separates frozen from trainable layers. Freeze up to the "
                     f"end of a stage or block instead (see `tfl inspect {plan.backbone}`) [{err}]"

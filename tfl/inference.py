@@ -26,6 +26,7 @@ def imagenet_labels() -> list[str]:
     return labels
 
 
+from tfl.errors import UsageError
 from tfl.options import SPLITS  # noqa: E402  (the choices of --split)
 
 
@@ -52,13 +53,13 @@ class LoadedRun:
         source = getattr(self.splits, name)
         if source is None:
             have = [s for s in SPLITS if getattr(self.splits, s) is not None]
-            raise ValueError(f"split {name!r}: {self.dataset} has no {name} split; choose one of {', '.join(have)}")
+            raise UsageError(f"split {name!r}: {self.dataset} has no {name} split; choose one of {', '.join(have)}")
         return name, source, self.splits.num_examples.get(name, 0)
 
 
 def check_split(name) -> None:
     if name not in SPLITS:
-        raise ValueError(f"split {name!r} is not a split; choose one of {', '.join(SPLITS)}")
+        raise UsageError(f"split {name!r} is not a split; choose one of {', '.join(SPLITS)}")
 
 
 def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = None, log=print) -> LoadedRun:
@@ -79,7 +80,7 @@ def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = N
     if list(splits.class_names) != list(classes):
         missing = sorted(set(classes) - set(splits.class_names))
         extra = sorted(set(splits.class_names) - set(classes))
-        raise ValueError(
+        raise UsageError(
             f"--dataset {name!r} has classes that differ from the run's ({len(classes)} classes): "
             f"missing {missing or 'none'}, extra {extra or 'none'}"
             + ("" if missing or extra else " (same names, different order)")
@@ -133,7 +134,7 @@ def check_image_files(paths) -> None:
     for path in paths:
         problem = file_problem(str(path))
         if problem:
-            raise ValueError(f"{path}: {problem}")
+            raise UsageError(f"{path}: {problem}")
 
 
 def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
@@ -198,7 +199,7 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
             noise = ("Graph execution error", "Detected at", "<stack", "\t", " ", "[")
             reason = next((line for line in error.message.splitlines() if line and not line.startswith(noise)),
                           error.message)
-            raise ValueError(f"{path}: the export cannot decode it: {reason}") from None
+            raise UsageError(f"{path}: the export cannot decode it: {reason}") from None
         probs, classes, labels = (out[key].numpy()[0] for key in ("probabilities", "classes", "labels"))
         results.append({"image": str(path), "top": [
             {"index": int(i), "label": label.decode("utf-8"), "prob": round(float(probs[i]), 6)}

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Callable
 
+from tfl.errors import UsageError
 from tfl.options import BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401
 
 RESTORE_REPORT = "restore_report.json"
@@ -99,7 +100,7 @@ def check_finite(opts) -> None:
     for field in dataclasses.fields(opts):
         value = getattr(opts, field.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{field.name.replace('_', '-')} {value}: must be a finite number")
+            raise UsageError(f"--{field.name.replace('_', '-')} {value}: must be a finite number")
 
 
 def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=None) -> dict:
@@ -117,9 +118,9 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=No
 
     check_finite(opts)
     if opts.resume and opts.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: --overwrite starts anew; drop one")
+        raise UsageError("--resume and --overwrite contradict each other: --overwrite starts anew; drop one")
     if opts.resume and not opts.output_dir:
-        raise ValueError("--resume needs --output-dir: the run directory to continue")
+        raise UsageError("--resume needs --output-dir: the run directory to continue")
     if opts.resume and not checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS)):
         raise checkpoint.ResumeError(f"--resume: {opts.output_dir} has no checkpoint to continue from; "
                                      "drop --resume to start a new run there")
@@ -203,7 +204,7 @@ class Job:
         batch = opts.batch_size * replicas  # the global batch; --batch-size is per replica
         if n_train < batch:
             per_replica = f"{opts.batch_size}" + (f" x {replicas} replicas = {batch}" if replicas > 1 else "")
-            raise ValueError(f"--batch-size {per_replica} is larger than the {n_train} training examples; lower it")
+            raise UsageError(f"--batch-size {per_replica} is larger than the {n_train} training examples; lower it")
         log(f"data: {splits.name}: {n_train} train / {splits.num_examples['val']} val / "
             f"{splits.num_examples.get('test', 0)} test, {len(splits.class_names)} classes, images at {image_size}px")
 
@@ -455,7 +456,7 @@ def param_groups(graph, stage: Stage) -> list:
         variables.setdefault(group_of(canonical), []).extend(vs)
     missing = [g for g in variables if g not in stage.lrs]
     if missing:
-        raise ValueError(f"stage {stage.name!r} trains the group(s) {', '.join(missing)} but gives no learning rate "
+        raise UsageError(f"stage {stage.name!r} trains the group(s) {', '.join(missing)} but gives no learning rate "
                          f"for them (it has {', '.join(stage.lrs) or 'none'})")
     # Order: as stage.lrs lists the groups, so the optimizers (and a checkpoint's slots) keep a fixed order.
     return [ParamGroup(g, variables[g], stage.lrs[g]) for g in stage.lrs if g in variables]

@@ -14,6 +14,7 @@ from keras import layers, ops
 
 from tfl.backbones import registry
 from tfl.backbones.spec import BackboneSpec, Preprocessing
+from tfl.errors import UsageError
 
 INPUT = "image"
 PREPROCESS = "preprocess"
@@ -66,11 +67,11 @@ def check_image_size(spec, size: int | None) -> None:
     if size is None:
         return
     if size < spec.min_input_size:
-        raise ValueError(f"--image-size {size} is too small for {spec.name}: its deepest stage downsamples "
+        raise UsageError(f"--image-size {size} is too small for {spec.name}: its deepest stage downsamples "
                          f"{spec.min_input_size}x, so use at least {spec.min_input_size} (its native size is "
                          f"{spec.input_size})")
     if size > MAX_IMAGE_SIZE:
-        raise ValueError(f"--image-size {size} is too large: tfl accepts at most {MAX_IMAGE_SIZE} px (one {size}x{size} "
+        raise UsageError(f"--image-size {size} is too large: tfl accepts at most {MAX_IMAGE_SIZE} px (one {size}x{size} "
                          f"image's activations alone would take gigabytes); {spec.name}'s native size is "
                          f"{spec.input_size}")
 
@@ -89,7 +90,7 @@ def build_classifier(
     from tfl.precision import POLICY
 
     if precision not in POLICY:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(POLICY)}")
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(POLICY)}")
     previous = keras.config.dtype_policy()
     if precision != "float32":
         keras.config.set_dtype_policy(POLICY[precision])
@@ -139,7 +140,7 @@ def build_backbone_model(
     """
     spec = registry.get(backbone)
     if not spec.classifier:
-        raise ValueError(f"backbone {backbone!r} declares no classifier layer (BackboneSpec.classifier), so its "
+        raise UsageError(f"backbone {backbone!r} declares no classifier layer (BackboneSpec.classifier), so its "
                          "own classifier cannot be rebuilt; use a backbone that has one (e.g. resnet18)")
     shape = (image_size, image_size, 3) if image_size else (None, None, 3)
     features = spec.build(input_shape=shape, weights=None, include_top=False)
@@ -155,7 +156,7 @@ def backbone_of(model: keras.Model) -> keras.Model:
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             return layer
-    raise ValueError(f"{model.name} has no nested backbone model; was it built by tfl?")
+    raise UsageError(f"{model.name} has no nested backbone model; was it built by tfl?")
 
 
 def head_layers(model: keras.Model) -> list:

@@ -73,7 +73,7 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
     for v in values:
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
-        if meta.get("choices") and v not in meta["choices"]:
+        if meta.get("choices") and v not in meta["choices"] and not isinstance(value, tuple):  # lists: the recipe's
             return f"{name}{v!r} is not one of {', '.join(map(str, meta['choices']))}"
         check = meta.get("check")
         if check == "positive" and not v > 0:

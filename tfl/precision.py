@@ -31,6 +31,7 @@ import random
 import time
 from typing import Callable
 
+from tfl.errors import UsageError
 from tfl.options import MIXED_PRECISION, PRECISIONS
 
 POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -111,11 +112,11 @@ def device() -> dict:
 # -- choosing ----------------------------------------------------------------------------------------------------------
 def requested_mode(mode: str) -> str:
     if mode not in MIXED_PRECISION:
-        raise ValueError(f"--mixed-precision {mode!r}: choose one of {', '.join(MIXED_PRECISION)}")
+        raise UsageError(f"--mixed-precision {mode!r}: choose one of {', '.join(MIXED_PRECISION)}")
     env = os.environ.get(ENV)
     if mode == "auto" and env:
         if env not in MIXED_PRECISION:
-            raise ValueError(f"{ENV}={env!r}: choose one of {', '.join(MIXED_PRECISION)}, or unset it")
+            raise UsageError(f"{ENV}={env!r}: choose one of {', '.join(MIXED_PRECISION)}, or unset it")
         return env
     return mode
 

@@ -14,6 +14,7 @@ from tfl.checkpoints.read import Checkpoint
 from tfl.checkpoints.read import read_checkpoint as _read_checkpoint
 from tfl.checkpoints.restore import (TORCH_STYLE_FORMATS, RestoreReport, compile_patterns, compile_renames,
                                     restore)
+from tfl.errors import UsageError
 
 
 def custom_objects() -> dict[str, type]:
@@ -53,7 +54,7 @@ def open_init_from(path: str | None, reuse=(), exclude=(), rename=(), unsafe: bo
         given = [flag for flag, value in (("--reuse", reuse), ("--reuse-exclude", exclude), ("--rename", rename),
                                           ("--unsafe", unsafe)) if value]
         if given:
-            raise ValueError(f"{', '.join(given)} given without --init-from FILE, which they apply to; add it")
+            raise UsageError(f"{', '.join(given)} given without --init-from FILE, which they apply to; add it")
         return None
     compile_patterns(reuse, "--reuse")
     compile_patterns(exclude, "--reuse-exclude")
@@ -98,14 +99,14 @@ def convert_checkpoint(
     from tfl.training import rundir
 
     if not output.endswith(".keras"):
-        raise ValueError(f"--output {output!r} must end in .keras (Keras' native format)")
+        raise UsageError(f"--output {output!r} must end in .keras (Keras' native format)")
     spec = registry.get(backbone)
     checkpoint = read_checkpoint(path, unsafe=unsafe)
     mapping = mapping_for(spec, checkpoint)
     file_classes = source_classes(spec, checkpoint, mapping)
     classes = num_classes or file_classes
     if classes is None:
-        raise ValueError(f"{path} has no weights for the classifier of {backbone} ({', '.join(spec.classifier)}); "
+        raise UsageError(f"{path} has no weights for the classifier of {backbone} ({', '.join(spec.classifier)}); "
                          "pass --num-classes N for a new, randomly initialised classifier")
     model = models.build_backbone_model(backbone, classes, image_size, with_preprocessing)
     report = restore(model, checkpoint, mapping=mapping, classifier=classifier_layers(spec), strict=True)

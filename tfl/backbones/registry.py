@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from tfl.backbones.spec import BackboneSpec
+from tfl.errors import UsageError
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} is registered twice")
+        raise UsageError(f"backbone {spec.name!r} is registered twice")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -24,7 +25,7 @@ def get(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown backbone {name!r}; choose one of: {', '.join(sorted(_REGISTRY))} "
             "(see `tfl backbones`)"
         ) from None

@@ -19,6 +19,7 @@ import os
 from tfl.backbones.errors import WeightsUnavailableError
 from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.errors import UsageError
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # BasicBlocks per layer1..layer4
 WIDTHS = (64, 128, 256, 512)
@@ -53,7 +54,7 @@ def build_resnet(
 
     shape = (224, 224, 3) if input_shape is None else tuple(input_shape)
     if len(shape) != 3:
-        raise ValueError(f"input_shape={input_shape!r} for backbone {name!r}: expected (height, width, channels)")
+        raise UsageError(f"input_shape={input_shape!r} for backbone {name!r}: expected (height, width, channels)")
     path = weights_file(name, weights) if weights is not None else None
     # torchvision's init (kaiming normal, fan_out) so that --weights none trains like torchvision does.
     conv_init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
@@ -111,13 +112,13 @@ def weights_file(name: str, weights) -> str:
     if weights == "imagenet":
         return download_imagenet_weights(name)
     if not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(
+        raise UsageError(
             f"weights={weights!r} for backbone {name!r}: expected None, 'imagenet' or a file path, "
             f"got a {type(weights).__name__}"
         )
     path = os.fspath(weights)
     if not os.path.isfile(path):
-        raise ValueError(
+        raise UsageError(
             f"weights={path!r} for backbone {name!r}: no such file. Pass None (random init), 'imagenet' "
             f"(torchvision's download, {WEIGHTS_URLS[name]}) or the path of a torchvision ResNet state dict "
             "(.pth or .safetensors)"
@@ -159,7 +160,7 @@ def read_state_dict(path: str):
 
     checkpoint = read_checkpoint(path)
     if checkpoint.format not in TORCH_STYLE_FORMATS:
-        raise ValueError(
+        raise UsageError(
             f"weights={path!r} is a {checkpoint.format} file, but ResNet weights are read as a torchvision-style "
             "state dict (.pth or .safetensors); to copy weights by Keras name from this file use "
             "`tfl finetune --weights none --init-from FILE`"

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tfl.errors import UsageError
+
 
 def _same(value: np.ndarray) -> np.ndarray:
     return value
@@ -83,7 +85,7 @@ def convert_by_rules(state: dict, rules: Sequence[Rule], sources: dict | None = 
                 name, array = f"{target}/{weight}", layout(np.asarray(value))
                 break
         if name in origin:
-            raise ValueError(f"the state dict keys {origin[name]!r} and {key!r} both map to {name!r}")
+            raise UsageError(f"the state dict keys {origin[name]!r} and {key!r} both map to {name!r}")
         out[name], origin[name] = array, key
     if sources is not None:
         sources.update(origin)
@@ -167,7 +169,7 @@ def get_mapping(name: str) -> Mapping:
     try:
         return MAPPINGS[name]
     except KeyError:
-        raise ValueError(f"unknown checkpoint mapping {name!r}; choose one of: {', '.join(sorted(MAPPINGS))}") from None
+        raise UsageError(f"unknown checkpoint mapping {name!r}; choose one of: {', '.join(sorted(MAPPINGS))}") from None
 
 
 def to_keras(state: dict, mapping: str | Mapping, sources: dict | None = None) -> dict[str, np.ndarray]:

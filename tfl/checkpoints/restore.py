@@ -160,7 +160,7 @@ def model_targets(model) -> dict[str, Target]:
             duplicates.add(name)
         targets[name] = Target(name, layer.name, variable)
     if duplicates:
-        raise ValueError(f"model {model.name} has several weights named {', '.join(sorted(duplicates))}; "
+        raise UsageError(f"model {model.name} has several weights named {', '.join(sorted(duplicates))}; "
                          "give its layers unique names so a checkpoint can address them")
     return targets
 
@@ -171,7 +171,7 @@ def compile_patterns(patterns: Iterable[str], what: str) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
-            raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+            raise UsageError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
     return compiled
 
 
@@ -182,7 +182,7 @@ def compile_renames(rename: Iterable[tuple[str, str]], what: str = "rename") -> 
         try:
             pattern.sub(dst, "")  # a replacement naming a group the regex lacks fails here, not mid-restore
         except (re.error, IndexError) as err:
-            raise ValueError(f"{what} {src!r} -> {dst!r}: bad replacement: {err}") from None
+            raise UsageError(f"{what} {src!r} -> {dst!r}: bad replacement: {err}") from None
         rules.append((pattern, dst))
     return rules
 
@@ -280,7 +280,7 @@ def restore(
             only_in_source.append((new, name))
             continue
         if target in by_target:
-            raise ValueError(f"source tensors {file_keys[by_target[target]]!r} and {file_keys[name]!r} in {where} "
+            raise UsageError(f"source tensors {file_keys[by_target[target]]!r} and {file_keys[name]!r} in {where} "
                              f"both name model weight {target!r}; rename one of them")
         by_target[target] = name
 
@@ -326,7 +326,7 @@ def restore(
                 report.shape_mismatches.append((target.name, model_shape, value.shape))
             continue
         if value.dtype.kind not in "biuf":
-            raise ValueError(f"source tensor {source_name!r} in {where} has dtype {value.dtype}, not a number")
+            raise UsageError(f"source tensor {source_name!r} in {where} has dtype {value.dtype}, not a number")
         report.matched_by[target.name] = pattern
         assignments.append((target, source_name, value))
 

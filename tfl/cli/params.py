@@ -13,6 +13,7 @@ import typing
 
 import click
 
+from tfl.errors import UsageError
 from tfl.options import GROUPS, check_value, flag_of
 
 RULE_HELP = {
@@ -77,7 +78,7 @@ def _hidden(text):
 def _rename(value):
     src, sep, dst = value.rpartition("=")  # the last '=': a regex may hold one ((?=...)), a layer name won't
     if not sep or not src:
-        raise ValueError(f"{value!r} is not SRC=DST, e.g. '(.*)/weights=\\1/kernel'")
+        raise UsageError(f"{value!r} is not SRC=DST, e.g. '(.*)/weights=\\1/kernel'")
     return src, dst
 
 
@@ -86,7 +87,7 @@ def _hosts(text):
     for host in hosts:
         name, _, port = host.rpartition(":")
         if not name or not port.isdigit():
-            raise ValueError(f"{host!r} is not HOST:PORT; list every worker, e.g. localhost:2222,localhost:2223")
+            raise UsageError(f"{host!r} is not HOST:PORT; list every worker, e.g. localhost:2222,localhost:2223")
     return hosts
 
 
@@ -105,7 +106,7 @@ def _task_weight(value):
     except ValueError:
         weight = None
     if not sep or not name or weight is None or not weight >= 0:
-        raise ValueError(f"{value!r} is not TASK=WEIGHT with a weight >= 0, e.g. coarse=0.5")
+        raise UsageError(f"{value!r} is not TASK=WEIGHT with a weight >= 0, e.g. coarse=0.5")
     return name, weight
 
 
@@ -118,7 +119,7 @@ def _list_of(kind):
         try:
             return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
         except ValueError:
-            raise ValueError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
+            raise UsageError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
     return parse
 
 
@@ -167,7 +168,7 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
                 value = tuple(map(parse, value)) if meta.get("repeat") else parse(value)
         except ValueError as err:
             raise click.BadParameter(str(err)) from None
-        problem = check_value(field, value, named=False)
+        problem = None if isinstance(value, tuple) else check_value(field, value, named=False)  # lists: see run
         if problem:
             raise click.BadParameter(problem)
         return value

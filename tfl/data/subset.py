@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfl.errors import UsageError
+
 
 def random_rows(size: int, count: int, seed: int) -> np.ndarray:
     """`count` of the row indices 0..size-1, picked uniformly with `seed`, sorted."""
@@ -19,7 +21,7 @@ def random_rows(size: int, count: int, seed: int) -> np.ndarray:
 
 def check_label_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--label-fraction {fraction}: must be in (0, 1], the share of each class's training "
+        raise UsageError(f"--label-fraction {fraction}: must be in (0, 1], the share of each class's training "
                          "examples to keep, e.g. 0.1")
 
 

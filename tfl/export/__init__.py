@@ -6,6 +6,7 @@ pay for TensorFlow.
 
 from __future__ import annotations
 
+from tfl.errors import UsageError
 from tfl.options import EXPORT_FORMATS as FORMATS
 
 
@@ -14,14 +15,14 @@ def export_run(run_path: str, format: str = "saved_model", output: str | None = 
     """Export in `format`; options that only one format has are refused for the other. Returns the version dir."""
     if format == "saved_model":
         if tflite_mode is not None:
-            raise ValueError("--tflite-mode only applies to --format tflite")
+            raise UsageError("--tflite-mode only applies to --format tflite")
         from tfl.export.saved_model import DEFAULT_TOP_K, export_saved_model
 
         return export_saved_model(run_path, output, version, DEFAULT_TOP_K if top_k is None else top_k, log)
     if format == "tflite":
         if top_k is not None:
-            raise ValueError("--top-k only applies to --format saved_model (a TFLite export outputs every probability)")
+            raise UsageError("--top-k only applies to --format saved_model (a TFLite export outputs every probability)")
         from tfl.export.tflite import export_tflite
 
         return export_tflite(run_path, output, version, tflite_mode or "float32", log)
-    raise ValueError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")

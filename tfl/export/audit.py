@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import re
 
+from tfl.errors import UsageError
+
 # Side effects beyond computing outputs: files, processes, Python, network, summaries, printing, other devices.
 DENIED_OP_PATTERN = re.compile(
     r".*(File|Filename|Reader|Writer|Summary|PyFunc|Dataset|Iterator|Save|Restore|Checkpoint|Rpc|RemoteCall|"
@@ -59,7 +61,7 @@ def side_effects(export_dir: str) -> list[str]:
         try:
             proto.ParseFromString(f.read())
         except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends: the file is not a SavedModel
-            raise ValueError(f"--saved-model {export_dir!r}: {path} is not a SavedModel ({error})") from None
+            raise UsageError(f"--saved-model {export_dir!r}: {path} is not a SavedModel ({error})") from None
     found: list[str] = []
     for meta in proto.meta_graphs:
         graph = meta.graph_def
@@ -90,7 +92,7 @@ def check_saved_model(export_dir: str) -> None:
     found = side_effects(export_dir)
     if found:
         shown = "; ".join(found[:8]) + (f"; ... ({len(found)} in all)" if len(found) > 8 else "")
-        raise ValueError(
+        raise UsageError(
             f"--saved-model {export_dir!r}: refusing to run it: its graph has ops that touch files, processes, "
             f"Python or the network, which a model serving predictions never needs: {shown}. If you trust "
             "whoever made it, pass --trust-saved-model"

@@ -12,6 +12,8 @@ import shutil
 import uuid
 from typing import Callable
 
+from tfl.errors import UsageError
+
 DEFAULT_ROOT = "saved_models"
 LABELS_FILE = "labels.txt"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -32,14 +34,14 @@ def existing_versions(base: str) -> list[int]:
 def version_dir(base: str, version: int | None) -> str:
     """BASE/<version>, or BASE/<highest existing + 1> when version is None; refuses one that exists."""
     if os.path.exists(base) and not os.path.isdir(base):
-        raise ValueError(f"--output {base!r} is a file; give a directory (the model's base directory)")
+        raise UsageError(f"--output {base!r} is a file; give a directory (the model's base directory)")
     if version is None:
         version = max(existing_versions(base), default=0) + 1
     elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"--version {version!r}: versions are integers >= 1 (TF Serving loads the highest)")
+        raise UsageError(f"--version {version!r}: versions are integers >= 1 (TF Serving loads the highest)")
     path = os.path.join(base, str(version))
     if os.path.exists(path):
-        raise ValueError(f"{path} already exists; pick another --version (next free: "
+        raise UsageError(f"{path} already exists; pick another --version (next free: "
                          f"{max(existing_versions(base), default=0) + 1}) or remove it")
     return path
 
@@ -54,7 +56,7 @@ def write_version(path: str, build: Callable[[str], None]) -> None:
     try:
         build(tmp)
         if os.path.exists(path):  # another export took this version while we were building
-            raise ValueError(f"{path} appeared while exporting; pick another --version")
+            raise UsageError(f"{path} appeared while exporting; pick another --version")
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +67,7 @@ def labels_text(class_names) -> str:
     """One class name per line, line i = class index i; names must survive that round trip."""
     for name in class_names:
         if not isinstance(name, str) or "\n" in name or "\r" in name:
-            raise ValueError(f"class name {name!r} cannot be written one per line to {LABELS_FILE}; "
+            raise UsageError(f"class name {name!r} cannot be written one per line to {LABELS_FILE}; "
                              "rename the class (folder) and train again")
     return "".join(name + "\n" for name in class_names)
 
@@ -78,5 +80,5 @@ def resolve_saved_model(path: str) -> str:
     if versions and os.path.isfile(os.path.join(path, str(versions[-1]), SAVED_MODEL_FILE)):
         return os.path.join(path, str(versions[-1]))
     where = f" or in its highest version {versions[-1]}/" if versions else ""
-    raise ValueError(f"--saved-model {path!r}: no {SAVED_MODEL_FILE} there{where}; give a directory written by "
+    raise UsageError(f"--saved-model {path!r}: no {SAVED_MODEL_FILE} there{where}; give a directory written by "
                      "`tfl export --format saved_model`")

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 # The pipeline's own resize functions, so serving cannot drift from what the model saw in evaluation.
 from tfl.data.pipeline import resize_uint8, to_model_input
+from tfl.errors import UsageError
 from tfl.export import layout
 from tfl.training import rundir
 
@@ -32,7 +33,7 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
                        top_k: int = DEFAULT_TOP_K, log=print) -> str:
     """Export a run's best model to OUTPUT/<version>/ (default saved_models/<run name>/<next>/); returns it."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"--top-k {top_k!r} must be a positive integer")
+        raise UsageError(f"--top-k {top_k!r} must be a positive integer")
     run = rundir.RunDir(run_path, create=False)
     class_names = run.read_json(rundir.CLASSES)
     labels = layout.labels_text(class_names)

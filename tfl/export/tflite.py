@@ -12,6 +12,7 @@ import tempfile
 
 import tensorflow as tf
 
+from tfl.errors import UsageError
 from tfl.export import layout
 from tfl.training import rundir
 
@@ -46,7 +47,7 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"--tflite-mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise UsageError(f"--tflite-mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
 def convert(model, mode: str) -> bytes:

@@ -39,6 +39,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from tfl.errors import UsageError
 from tfl.job import ADVICE, BACKBONE_LR_FACTOR, JobOptions
 from tfl.options import CACHE_DIR_HELP, all_but, option
 
@@ -95,7 +96,7 @@ class AdviseOptions(JobOptions):
 
 def check_sample(sample: int) -> None:
     if sample < 10:
-        raise ValueError(f"--sample {sample}: must be at least 10 (a stratified sample of the training rows)")
+        raise UsageError(f"--sample {sample}: must be at least 10 (a stratified sample of the training rows)")
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -409,11 +410,11 @@ def backbone_pass(opts, spec, splits, source, n_train, rows, sample, sample_labe
 
         problem = cache.can_store(len(sample) * sum(dims) * 4)
         if problem:
-            raise ValueError(f"advise: the sample's features cannot be held: {problem}")
+            raise UsageError(f"advise: the sample's features cannot be held: {problem}")
         entry = cache.build(key, len(sample), (sum(dims),), np.float32, fill)
         info = {**entry.info, "reused": False, "path": entry.path}
     if not np.array_equal(np.asarray(entry.labels), sample_labels):
-        raise ValueError("advise: the cached pass's labels differ from the data's; delete it: " + str(entry.path))
+        raise UsageError("advise: the cached pass's labels differ from the data's; delete it: " + str(entry.path))
     data = np.asarray(entry.data, np.float64)
     blocks, start = [], 0
     for dim in dims:
@@ -493,7 +494,7 @@ def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_
     rows' proxy accuracies decide the depth (proxy_depth; `proxy` is advise.json's "proxy" settings); any other
     score drives the rules below."""
     if not scores:
-        raise ValueError("recommend needs the scores of at least one boundary")
+        raise UsageError("recommend needs the scores of at least one boundary")
     names = [row["boundary"] for row in scores]
     if score == PROXY:
         chosen = proxy_depth(summary, scores, gaps, proxy, margin_se)
@@ -561,7 +562,7 @@ def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | Non
     average, against 0.8 for the best (README "tfl advise")."""
     tried = [(i, row[PROXY]) for i, row in enumerate(scores) if row.get(PROXY) is not None]
     if not tried:
-        raise ValueError(f"recommend(score={PROXY!r}) needs rows with {PROXY}")
+        raise UsageError(f"recommend(score={PROXY!r}) needs rows with {PROXY}")
     names = [row["boundary"] for row in scores]
     best_i, best = max(tried, key=lambda t: (t[1], t[0]))
     n_val = max(1, int((proxy or {}).get("val_examples") or 0))

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfl.errors import UsageError
 from tfl.options import BALANCE
 
 
 def check_balance(balance: str) -> None:
     if balance not in BALANCE:
-        raise ValueError(f"--balance {balance!r}: choose one of {', '.join(BALANCE)}")
+        raise UsageError(f"--balance {balance!r}: choose one of {', '.join(BALANCE)}")
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

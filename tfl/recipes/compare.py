@@ -25,6 +25,7 @@ import time
 from typing import Callable, ClassVar
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, SWEEP_RUN, option
 from tfl.recipes.finetune import two_stage
@@ -148,20 +149,20 @@ def check_options(opts: CompareOptions) -> None:
 
     unknown = [arm for arm in opts.arms if arm not in REGISTRY]
     if unknown or not opts.arms:
-        raise ValueError(f"--arms {', '.join(map(repr, unknown)) or '(none)'}: choose from {', '.join(ARMS)}")
+        raise UsageError(f"--arms {', '.join(map(repr, unknown)) or '(none)'}: choose from {', '.join(ARMS)}")
     if not opts.label_fractions:
-        raise ValueError("--label-fraction: give at least one, e.g. 1.0")
+        raise UsageError("--label-fraction: give at least one, e.g. 1.0")
     for fraction in opts.label_fractions:
         check_label_fraction(fraction)
     if opts.label_fraction is not None:
-        raise ValueError(f"label_fraction {opts.label_fraction}: tfl compare takes label_fractions (a tuple) instead")
+        raise UsageError(f"label_fraction {opts.label_fraction}: tfl compare takes label_fractions (a tuple) instead")
     if opts.seeds < 1:
-        raise ValueError(f"--seeds {opts.seeds}: must be at least 1")
+        raise UsageError(f"--seeds {opts.seeds}: must be at least 1")
     if opts.head_epochs < 0 or opts.epochs < 0 or budget(opts) < 1:
-        raise ValueError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and "
+        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and "
                          "their sum (every arm's epoch budget) >= 1")
     if opts.worker_hosts:
-        raise ValueError("tfl compare runs its arms one after another in one process; --worker-hosts (a "
+        raise UsageError("tfl compare runs its arms one after another in one process; --worker-hosts (a "
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 

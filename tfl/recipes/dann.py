@@ -44,6 +44,7 @@ from typing import ClassVar
 import numpy as np
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
 from tfl.options import DANN_SHIFTS, FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled
@@ -224,7 +225,7 @@ def shift_image(image, shift: str):
         stripes = TEXTURE_MEAN + TEXTURE_AMPLITUDE * tf.sin(2.0 * math.pi * (rows + cols) / TEXTURE_PERIOD)
         out = tf.maximum(x, stripes[:, :, None])
     else:
-        raise ValueError(f"--target-shift {shift!r}: choose one of {', '.join(DANN_SHIFTS)}")
+        raise UsageError(f"--target-shift {shift!r}: choose one of {', '.join(DANN_SHIFTS)}")
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
@@ -278,7 +279,7 @@ def make_target(job: Job) -> Target:
         other = data.load_dataset(opts.target, val_split=opts.val_split, seed=opts.seed,
                                   skip_bad_images=opts.skip_bad_images, log=job.log)
         if list(other.class_names) != job.class_names:
-            raise ValueError(f"--target {opts.target!r} has the classes {', '.join(other.class_names)} but --dataset "
+            raise UsageError(f"--target {opts.target!r} has the classes {', '.join(other.class_names)} but --dataset "
                              f"{opts.dataset!r} has {', '.join(job.class_names)}; the target needs the same classes "
                              "(their labels only score)")
         test = "test" if other.test is not None else "val"
@@ -341,7 +342,7 @@ def val_batches(source, target, batch: int):
     batches of `batch` of each (the last one partial)."""
     m = min(len(source.labels), len(target.labels))
     if m < 1:
-        raise ValueError("the source or the target domain has no validation images")
+        raise UsageError("the source or the target domain has no validation images")
     rows = np.arange(m, dtype=np.int64)
     full = (m // batch) * batch
     parts = []
@@ -389,7 +390,7 @@ def arm_recipe():
         target_val = pooled.features(job, "target_val", *target.val)
         batch = job.batch
         if len(target_train.labels) < 1:
-            raise ValueError("the target domain has no training images")
+            raise UsageError("the target domain has no training images")
 
         def train_batches(epoch):
             s, t = epoch_rows(len(source_train.labels), len(target_train.labels), batch, opts.seed, epoch)
@@ -451,21 +452,21 @@ def finish(job: Job, model, target: Target, schedule: LambdaSchedule, started: f
 def check_options(opts: DannOptions) -> None:
     pooled.check_pooled_options(opts, "dann")
     if opts.target is None and opts.target_shift not in DANN_SHIFTS:
-        raise ValueError(f"--target-shift {opts.target_shift!r}: choose one of {', '.join(DANN_SHIFTS)}")
+        raise UsageError(f"--target-shift {opts.target_shift!r}: choose one of {', '.join(DANN_SHIFTS)}")
     if opts.target is not None and not os.path.isdir(opts.target):
-        raise ValueError(f"--target {opts.target!r}: not a directory; give an image folder ROOT/{{train,val,test}}/"
+        raise UsageError(f"--target {opts.target!r}: not a directory; give an image folder ROOT/{{train,val,test}}/"
                          "<class>/... with the dataset's classes")
     unknown = [a for a in opts.arms if a not in ARMS]
     if unknown or not opts.arms:
-        raise ValueError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
+        raise UsageError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
     if opts.seeds < 1:
-        raise ValueError(f"--seeds {opts.seeds}: give at least 1")
+        raise UsageError(f"--seeds {opts.seeds}: give at least 1")
     if opts.domain_hidden < 1:
-        raise ValueError(f"--domain-hidden {opts.domain_hidden}: the domain classifier needs at least 1 unit")
+        raise UsageError(f"--domain-hidden {opts.domain_hidden}: the domain classifier needs at least 1 unit")
     if not opts.lambda_max > 0:
-        raise ValueError(f"--lambda-max {opts.lambda_max}: must be > 0 (the source_only arm is lambda 0)")
+        raise UsageError(f"--lambda-max {opts.lambda_max}: must be > 0 (the source_only arm is lambda 0)")
     if not opts.lambda_gamma > 0:
-        raise ValueError(f"--lambda-gamma {opts.lambda_gamma}: must be > 0 (the paper: 10)")
+        raise UsageError(f"--lambda-gamma {opts.lambda_gamma}: must be > 0 (the paper: 10)")
 
 
 def arm_options(opts: DannOptions, arm: str, seed: int, output_dir: str) -> ArmOptions:

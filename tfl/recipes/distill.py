@@ -41,6 +41,7 @@ from typing import ClassVar
 
 from tfl import job as jobs
 from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import SWEEP_RUN, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
@@ -145,7 +146,7 @@ def batch_teacher_logits(batch: dict, teacher=None):
     elif teacher is not None and IMAGE in batch:
         logits = teacher(batch[IMAGE])
     else:
-        raise ValueError(f"the distillation loss needs a {TEACHER_COLUMN!r} column or image batches and a teacher; "
+        raise UsageError(f"the distillation loss needs a {TEACHER_COLUMN!r} column or image batches and a teacher; "
                          f"the batch has {', '.join(batch)}")
     return tf.stop_gradient(tf.cast(logits, tf.float32))
 
@@ -206,9 +207,9 @@ class Teacher:
 
 def check_teacher_path(path: str) -> None:
     if not path:
-        raise ValueError("--teacher is required: a run directory (tfl finetune, compare, distill) or a .keras file")
+        raise UsageError("--teacher is required: a run directory (tfl finetune, compare, distill) or a .keras file")
     if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".keras"))):
-        raise ValueError(f"--teacher {path!r}: neither a run directory nor a .keras model file")
+        raise UsageError(f"--teacher {path!r}: neither a run directory nor a .keras model file")
 
 
 def load_teacher(path: str) -> Teacher:
@@ -231,13 +232,13 @@ def load_teacher(path: str) -> Teacher:
         with zipfile.ZipFile(path) as archive:
             problems = audit_config(json.loads(archive.read("config.json")), reuse.custom_objects())
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"--teacher {path!r}: not a readable Keras model file ({err})") from None
+        raise UsageError(f"--teacher {path!r}: not a readable Keras model file ({err})") from None
     if problems:
-        raise ValueError(f"--teacher {path!r}: refused, its config names code: {'; '.join(problems[:3])}")
+        raise UsageError(f"--teacher {path!r}: refused, its config names code: {'; '.join(problems[:3])}")
     try:
         model = keras.saving.load_model(path, custom_objects=reuse.custom_objects(), compile=False, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - whatever Keras cannot rebuild is the file's problem
-        raise ValueError(f"--teacher {path!r}: Keras cannot rebuild it ({type(err).__name__}: "
+        raise UsageError(f"--teacher {path!r}: Keras cannot rebuild it ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]})") from None
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.CLASSES)
     classes = None
@@ -253,7 +254,7 @@ def check_classes(teacher: Teacher, class_names, dataset: str) -> str | None:
     names = list(class_names)
     if teacher.classes is None:
         if teacher.num_classes != len(names):
-            raise ValueError(f"--teacher {teacher.path!r} outputs {teacher.num_classes} classes but --dataset "
+            raise UsageError(f"--teacher {teacher.path!r} outputs {teacher.num_classes} classes but --dataset "
                              f"{dataset!r} has {len(names)}: {', '.join(names)}")
         return (f"teacher: {teacher.path} has no classes.json beside it; only its class count ({len(names)}) "
                 "was checked against the data")
@@ -264,10 +265,10 @@ def check_classes(teacher: Teacher, class_names, dataset: str) -> str | None:
                   f"{', '.join(only_data) or 'none'}")
         if not only_teacher and not only_data:
             detail = f"same names, different order: teacher {teacher.classes}, data {names}"
-        raise ValueError(f"--teacher {teacher.path!r} was trained on other classes than --dataset {dataset!r} has "
+        raise UsageError(f"--teacher {teacher.path!r} was trained on other classes than --dataset {dataset!r} has "
                          f"({detail}); distill on data with the teacher's classes")
     if teacher.num_classes != len(names):
-        raise ValueError(f"--teacher {teacher.path!r} outputs {teacher.num_classes} classes but its classes.json "
+        raise UsageError(f"--teacher {teacher.path!r} outputs {teacher.num_classes} classes but its classes.json "
                          f"names {len(names)}")
     return None
 
@@ -320,7 +321,7 @@ def predict_logits(model, source, count: int, batch_size: int, label: str = "log
         progress.update(step)
     progress.close()
     if done != count:
-        raise ValueError(f"{label}: the split has {done} examples, not the {count} it was counted to have")
+        raise UsageError(f"{label}: the split has {done} examples, not the {count} it was counted to have")
     return out, labels
 
 
@@ -471,26 +472,26 @@ def check_options(opts: DistillOptions) -> None:
 
     check_teacher_path(opts.teacher)
     if not opts.temperature > 0:
-        raise ValueError(f"--temperature {opts.temperature}: must be > 0 (Hinton et al. used 1-20; default 4)")
+        raise UsageError(f"--temperature {opts.temperature}: must be > 0 (Hinton et al. used 1-20; default 4)")
     if not 0.0 <= opts.alpha <= 1.0:
-        raise ValueError(f"--alpha {opts.alpha}: the label term's weight must be in [0, 1] (0 = soft targets only)")
+        raise UsageError(f"--alpha {opts.alpha}: the label term's weight must be in [0, 1] (0 = soft targets only)")
     if opts.born_again < 0:
-        raise ValueError(f"--born-again {opts.born_again}: the number of generations must be >= 0")
+        raise UsageError(f"--born-again {opts.born_again}: the number of generations must be >= 0")
     if opts.teacher_logits not in TEACHER_MODES:
-        raise ValueError(f"--teacher-logits {opts.teacher_logits!r}: choose one of {', '.join(TEACHER_MODES)}")
+        raise UsageError(f"--teacher-logits {opts.teacher_logits!r}: choose one of {', '.join(TEACHER_MODES)}")
     if opts.teacher_logits == "cached" and opts.augment:
-        raise ValueError("--teacher-logits cached cannot be used with --augment: augmentation changes the images the "
+        raise UsageError("--teacher-logits cached cannot be used with --augment: augmentation changes the images the "
                          "teacher sees every epoch; use --teacher-logits online (or auto), or drop --augment")
     if opts.born_again and opts.student != DEFAULT_STUDENT:
-        raise ValueError(f"--student {opts.student} and --born-again {opts.born_again}: born-again generations have "
+        raise UsageError(f"--student {opts.student} and --born-again {opts.born_again}: born-again generations have "
                          "the teacher's architecture; drop one of them")
     if not opts.born_again:
         registry.get(opts.student)
     if opts.head_epochs < 0 or opts.epochs < 0 or opts.head_epochs + opts.epochs < 1:
-        raise ValueError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and their "
+        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and their "
                          "sum >= 1")
     if opts.worker_hosts:
-        raise ValueError("tfl distill trains its models one after another in one process; --worker-hosts (a "
+        raise UsageError("tfl distill trains its models one after another in one process; --worker-hosts (a "
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
@@ -500,7 +501,7 @@ def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[Membe
     if opts.born_again:
         cfg = teacher.config
         if teacher.backbone is None:
-            raise ValueError(f"--born-again: cannot tell the architecture of --teacher {teacher.path!r} (no run "
+            raise UsageError(f"--born-again: cannot tell the architecture of --teacher {teacher.path!r} (no run "
                              "config, no registered backbone inside); use a run directory as the teacher")
         arch = {"image_size": teacher.image_size, "head_hidden": tuple(cfg.get("head_hidden", ())),
                 "dropout": cfg.get("dropout", opts.dropout)}

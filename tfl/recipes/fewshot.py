@@ -35,6 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from tfl.errors import UsageError
 from tfl.job import JobOptions
 from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, option
 
@@ -77,17 +78,17 @@ class EpisodeSampler:
         labels = np.asarray(labels)
         self.class_names, self.ways, self.shots, self.queries, self.seed = class_names, ways, shots, queries, seed
         if ways < 2:
-            raise ValueError(f"--ways {ways}: an episode needs at least 2 classes")
+            raise UsageError(f"--ways {ways}: an episode needs at least 2 classes")
         if ways > len(class_names):
-            raise ValueError(f"--ways {ways}: {where} has only {len(class_names)} classes; lower --ways")
+            raise UsageError(f"--ways {ways}: {where} has only {len(class_names)} classes; lower --ways")
         if shots < 1 or queries < 1:
-            raise ValueError(f"--shots {shots} / --queries {queries}: each must be >= 1")
+            raise UsageError(f"--shots {shots} / --queries {queries}: each must be >= 1")
         self.members = [np.flatnonzero(labels == c).astype(np.int64) for c in range(len(class_names))]
         need = shots + queries
         short = [(class_names[c], len(m)) for c, m in enumerate(self.members) if len(m) < need]
         if short:
             listed = ", ".join(f"{name!r} has {n}" for name, n in short)
-            raise ValueError(f"{'class' if len(short) == 1 else 'classes'} {listed} image(s) in {where}, fewer than --shots {shots} + --queries {queries} = "
+            raise UsageError(f"{'class' if len(short) == 1 else 'classes'} {listed} image(s) in {where}, fewer than --shots {shots} + --queries {queries} = "
                              f"{need}; lower --shots or --queries, or add images to that class")
 
     def episode(self, index: int, shots: int | None = None):
@@ -173,15 +174,15 @@ def check_options(opts: FewShotOptions) -> None:
     from tfl.options import SPLITS
 
     if opts.ways < 2:
-        raise ValueError(f"--ways {opts.ways}: an episode needs at least 2 classes")
+        raise UsageError(f"--ways {opts.ways}: an episode needs at least 2 classes")
     if not opts.shots or min(opts.shots) < 1:
-        raise ValueError(f"--shots {','.join(map(str, opts.shots)) or '(none)'}: give one or more K >= 1, e.g. 1,5")
+        raise UsageError(f"--shots {','.join(map(str, opts.shots)) or '(none)'}: give one or more K >= 1, e.g. 1,5")
     if opts.queries < 1 or opts.episodes < 1:
-        raise ValueError(f"--queries {opts.queries} / --episodes {opts.episodes}: each must be >= 1")
+        raise UsageError(f"--queries {opts.queries} / --episodes {opts.episodes}: each must be >= 1")
     if opts.split not in SPLITS:
-        raise ValueError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
+        raise UsageError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
     if opts.head_steps < 1 or not opts.head_lr > 0 or opts.head_decay < 0:
-        raise ValueError(f"--head-steps {opts.head_steps} / --head-lr {opts.head_lr} / --head-decay "
+        raise UsageError(f"--head-steps {opts.head_steps} / --head-lr {opts.head_lr} / --head-decay "
                          f"{opts.head_decay}: need steps >= 1, lr > 0, decay >= 0")
 
 
@@ -199,7 +200,7 @@ def features_of(job, split: str):
     inputs = boundary.for_job(job, [Stage("probe", plan, 1, {"head": job.lr})])
     if split == "test":
         if job.splits.test is None:
-            raise ValueError(f"--split test: {job.splits.name} has no test split; use --split val or train")
+            raise UsageError(f"--split test: {job.splits.name} has no test split; use --split val or train")
         inputs.add_split("test", job.splits.test, job.splits.num_examples["test"],
                          boundary.data_identity(job.splits.fingerprint, "test"))
     entry = inputs.activations(boundary.POOLED, split)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 
 from tfl.options import BALANCE, UNFREEZE, option
@@ -44,7 +45,7 @@ class FinetuneOptions(JobOptions):
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
     if opts.unfreeze_mode not in UNFREEZE:
-        raise ValueError(f"--unfreeze-mode {opts.unfreeze_mode!r} is not one of {', '.join(UNFREEZE)}")
+        raise UsageError(f"--unfreeze-mode {opts.unfreeze_mode!r} is not one of {', '.join(UNFREEZE)}")
     from tfl.recipes.balance import check_balance
 
     check_balance(opts.balance)
@@ -105,12 +106,12 @@ def gradual_steps(spec, plan, opts: FinetuneOptions) -> list[tuple[str, int]]:
     step takes what remains, so the fine-tuning budget is --epochs either way)."""
     available = trainable_stages(spec, plan)
     if not available:
-        raise ValueError(f"--unfreeze-mode gradual: nothing lies above --freeze-up-to {opts.freeze_up_to} to unfreeze")
+        raise UsageError(f"--unfreeze-mode gradual: nothing lies above --freeze-up-to {opts.freeze_up_to} to unfreeze")
     if opts.unfreeze_schedule:
         steps = parse_schedule(opts.unfreeze_schedule)
         names = [name for name, _ in steps]
         if names != available[: len(names)]:
-            raise ValueError(f"--unfreeze-schedule {opts.unfreeze_schedule!r}: steps must name canonical stages from "
+            raise UsageError(f"--unfreeze-schedule {opts.unfreeze_schedule!r}: steps must name canonical stages from "
                              f"the top down, one each, above --freeze-up-to {opts.freeze_up_to}: "
                              f"{', '.join(available)} (in that order)")
         return steps
@@ -129,7 +130,7 @@ def parse_schedule(text: str) -> list[tuple[str, int]]:
     for part in text.split(","):
         name, sep, epochs = part.strip().rpartition(":")
         if not sep or not name or not epochs.strip().isdigit() or int(epochs) < 1:
-            raise ValueError(f"--unfreeze-schedule {text!r}: {part.strip()!r} is not STAGE:EPOCHS with EPOCHS >= 1, "
+            raise UsageError(f"--unfreeze-schedule {text!r}: {part.strip()!r} is not STAGE:EPOCHS with EPOCHS >= 1, "
                              "e.g. 'head:2,block7:1,block6:1'")
         steps.append((name.strip(), int(epochs)))
     return steps
@@ -167,13 +168,13 @@ def _check_gradual_options(opts: FinetuneOptions) -> None:
              if getattr(opts, name) != getattr(defaults, name)]
     if opts.unfreeze_mode != "gradual" and given:
         several = len(given) > 1
-        raise ValueError(" and ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(" and ".join("--" + name.replace("_", "-") for name in given)
                          + f": {'these shape' if several else 'this shapes'} gradual unfreezing; add --unfreeze-mode "
                          f"gradual, or drop {'them' if several else 'it'}")
     if opts.unfreeze_schedule:
         parse_schedule(opts.unfreeze_schedule)  # the syntax now; the stage names once the model is built
     if opts.lr_decay_per_stage < 1.0:
-        raise ValueError(f"--lr-decay-per-stage {opts.lr_decay_per_stage}: must be >= 1 (1 = the same lr for "
+        raise UsageError(f"--lr-decay-per-stage {opts.lr_decay_per_stage}: must be >= 1 (1 = the same lr for "
                          "every stage; ULMFiT used 2.6)")
     if opts.unfreeze_every < 1:
-        raise ValueError(f"--unfreeze-every {opts.unfreeze_every}: must be >= 1")
+        raise UsageError(f"--unfreeze-every {opts.unfreeze_every}: must be >= 1")

@@ -58,6 +58,7 @@ from typing import ClassVar
 import numpy as np
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, option
 from tfl.recipes import forgetting_metrics as cl_metrics
@@ -133,28 +134,28 @@ def check_options(opts: ForgettingOptions) -> None:
     """The options that need no data, checked before anything is loaded."""
     unknown = [s for s in opts.strategies if s not in CL_STRATEGIES]
     if unknown or not opts.strategies:
-        raise ValueError(f"--strategies {', '.join(map(repr, unknown)) or '(none)'}: choose from "
+        raise UsageError(f"--strategies {', '.join(map(repr, unknown)) or '(none)'}: choose from "
                          f"{', '.join(CL_STRATEGIES)}")
     if opts.scenario not in CL_SCENARIOS:
-        raise ValueError(f"--scenario {opts.scenario!r}: choose from {', '.join(CL_SCENARIOS)}")
+        raise UsageError(f"--scenario {opts.scenario!r}: choose from {', '.join(CL_SCENARIOS)}")
     if opts.tasks is not None:
         parse_task_tokens(opts.tasks)
     if opts.epochs < 1:
-        raise ValueError(f"--epochs {opts.epochs}: every task trains --epochs epochs; give at least 1")
+        raise UsageError(f"--epochs {opts.epochs}: every task trains --epochs epochs; give at least 1")
     if "replay" in opts.strategies and opts.memory < 1:
-        raise ValueError(f"--memory {opts.memory}: replay needs a buffer of at least 1 example")
+        raise UsageError(f"--memory {opts.memory}: replay needs a buffer of at least 1 example")
     if opts.lwf_alpha < 0 or opts.temperature <= 0:
-        raise ValueError(f"--lwf-alpha {opts.lwf_alpha} / --temperature {opts.temperature}: need alpha >= 0 and "
+        raise UsageError(f"--lwf-alpha {opts.lwf_alpha} / --temperature {opts.temperature}: need alpha >= 0 and "
                          "temperature > 0")
     if opts.ewc_lambda < 0:
-        raise ValueError(f"--ewc-lambda {opts.ewc_lambda}: must be >= 0")
+        raise UsageError(f"--ewc-lambda {opts.ewc_lambda}: must be >= 0")
     if opts.label_smoothing:
-        raise ValueError("--label-smoothing: tfl forgetting trains with plain (masked) cross-entropy; drop it")
+        raise UsageError("--label-smoothing: tfl forgetting trains with plain (masked) cross-entropy; drop it")
     if opts.augment and "lwf" in opts.strategies:
-        raise ValueError("--augment with lwf: the old model's outputs are recorded once per task on unaugmented "
+        raise UsageError("--augment with lwf: the old model's outputs are recorded once per task on unaugmented "
                          "inputs, so they would not match the augmented images; drop --augment or lwf")
     if opts.worker_hosts:
-        raise ValueError("tfl forgetting runs its strategies one after another in one process; --worker-hosts (a "
+        raise UsageError("tfl forgetting runs its strategies one after another in one process; --worker-hosts (a "
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
@@ -164,14 +165,14 @@ def parse_task_tokens(text: str) -> list[list[str]]:
     tasks = [[token.strip() for token in part.split(",")] for part in text.split(";")]
     for number, task in enumerate(tasks, 1):
         if not any(task) or not all(task):
-            raise ValueError(f"--tasks {text!r}: task {number} has an empty class; write classes separated by "
+            raise UsageError(f"--tasks {text!r}: task {number} has an empty class; write classes separated by "
                              "',' and tasks by ';', e.g. '0,1;2,3'")
     seen: dict[str, int] = {}
     for number, task in enumerate(tasks, 1):
         for token in task:
             if token in seen:
                 where = f"task {seen[token]} and task {number}" if seen[token] != number else f"task {number} twice"
-                raise ValueError(f"--tasks {text!r}: class {token!r} is in {where}; every class may be in one task")
+                raise UsageError(f"--tasks {text!r}: class {token!r} is in {where}; every class may be in one task")
             seen[token] = number
     return tasks
 
@@ -191,13 +192,13 @@ def parse_tasks(text: str | None, class_names: list[str]) -> list[tuple[int, ...
             elif token in class_names:
                 indices.append(class_names.index(token))
             else:
-                raise ValueError(f"--tasks {text!r}: {token!r} is not a class of this dataset; use an index 0..{n - 1} "
+                raise UsageError(f"--tasks {text!r}: {token!r} is not a class of this dataset; use an index 0..{n - 1} "
                                  f"or a name ({', '.join(class_names[:12])}{', ...' if n > 12 else ''})")
         tasks.append(tuple(indices))
     flat = [c for task in tasks for c in task]
     if len(set(flat)) != len(flat):  # a class given once by index and once by name
         twice = next(c for c in flat if flat.count(c) > 1)
-        raise ValueError(f"--tasks {text!r}: class {twice} ({class_names[twice]}) is named twice; every class may be "
+        raise UsageError(f"--tasks {text!r}: class {twice} ({class_names[twice]}) is named twice; every class may be "
                          "in one task")
     return tasks
 
@@ -524,7 +525,7 @@ class Sequence:
             rows = self.rows("train", classes)
             steps = len(rows) // job.batch
             if steps < 1:
-                raise ValueError(f"task {k + 1} (classes {classes}) has {len(rows)} training examples, fewer than the "
+                raise UsageError(f"task {k + 1} (classes {classes}) has {len(rows)} training examples, fewer than the "
                                  f"global batch of {job.batch}; lower --batch-size")
             memory = len(state.buffer.rows()) if state.buffer is not None else 0
             trainer.loss_fn = self.loss(k)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfl.errors import UsageError
+
 
 def as_matrix(R) -> np.ndarray:
     """R as a float64 square array; ValueError for anything else."""
     matrix = np.asarray(R, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
-        raise ValueError(f"an accuracy matrix must be square, T x T with T >= 1; got shape {matrix.shape}")
+        raise UsageError(f"an accuracy matrix must be square, T x T with T >= 1; got shape {matrix.shape}")
     return matrix
 
 

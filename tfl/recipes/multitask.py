@@ -32,6 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
 from tfl.options import FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled
@@ -99,21 +100,21 @@ def read_label_map(path: str) -> dict:
         with open(path) as f:
             value = json.load(f)
     except OSError as err:
-        raise ValueError(f"--tasks {path!r}: cannot read it ({err.strerror or err})") from None
+        raise UsageError(f"--tasks {path!r}: cannot read it ({err.strerror or err})") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"--tasks {path!r}: not valid JSON ({err})") from None
+        raise UsageError(f"--tasks {path!r}: not valid JSON ({err})") from None
     if not isinstance(value, dict) or not value:
-        raise ValueError(f"--tasks {path!r}: expected an object {{task: {{class: label}}}}, e.g. "
+        raise UsageError(f"--tasks {path!r}: expected an object {{task: {{class: label}}}}, e.g. "
                          f"{FASHION_MNIST_TASKS}")
     for task, mapping in value.items():
         if not TASK_NAME.fullmatch(task):
-            raise ValueError(f"--tasks {path!r}: task name {task!r} must be letters, digits and _ (it names metrics "
+            raise UsageError(f"--tasks {path!r}: task name {task!r} must be letters, digits and _ (it names metrics "
                              "and layers)")
         if not isinstance(mapping, dict) or not mapping:
-            raise ValueError(f"--tasks {path!r}: task {task!r} must map class names to labels, got {mapping!r}")
+            raise UsageError(f"--tasks {path!r}: task {task!r} must map class names to labels, got {mapping!r}")
         bad = [k for k, v in mapping.items() if not isinstance(v, (str, int)) or isinstance(v, bool)]
         if bad:
-            raise ValueError(f"--tasks {path!r}: task {task!r} maps {', '.join(map(repr, bad[:3]))} to something "
+            raise UsageError(f"--tasks {path!r}: task {task!r} maps {', '.join(map(repr, bad[:3]))} to something "
                              "other than a string or integer label")
     return value
 
@@ -124,11 +125,11 @@ def make_tasks(label_map: dict, class_names: list, path: str = "--tasks") -> lis
     for task, mapping in label_map.items():
         unknown = [c for c in mapping if c not in names]
         if unknown:
-            raise ValueError(f"--tasks {path!r}: task {task!r} names classes the dataset does not have: "
+            raise UsageError(f"--tasks {path!r}: task {task!r} names classes the dataset does not have: "
                              f"{', '.join(map(repr, unknown[:5]))} (it has {', '.join(names)})")
         labels = list(dict.fromkeys(str(v) for v in mapping.values()))
         if len(labels) < 2:
-            raise ValueError(f"--tasks {path!r}: task {task!r} has {len(labels)} label(s); a task needs at least 2")
+            raise UsageError(f"--tasks {path!r}: task {task!r} has {len(labels)} label(s); a task needs at least 2")
         table = np.full(len(names), -1, np.int32)
         for cls, label in mapping.items():
             table[names.index(cls)] = labels.index(str(label))
@@ -141,7 +142,7 @@ def default_tasks_path(opts) -> str:
         return opts.tasks
     if opts.dataset == "fashion_mnist":
         return FASHION_MNIST_TASKS
-    raise ValueError(f"--tasks is required for --dataset {opts.dataset!r}: a JSON file {{task: {{class: label}}}} "
+    raise UsageError(f"--tasks is required for --dataset {opts.dataset!r}: a JSON file {{task: {{class: label}}}} "
                      f"(see {FASHION_MNIST_TASKS})")
 
 
@@ -149,10 +150,10 @@ def task_weights(opts, names) -> dict:
     weights = dict(opts.task_weights)
     unknown = [t for t in weights if t not in names]
     if unknown:
-        raise ValueError(f"--task-weight {', '.join(unknown)}: no such task; the tasks are {', '.join(names)}")
+        raise UsageError(f"--task-weight {', '.join(unknown)}: no such task; the tasks are {', '.join(names)}")
     bad = [t for t, w in weights.items() if not w >= 0]
     if bad or (weights and not any(weights.get(t, 1.0) > 0 for t in names)):
-        raise ValueError(f"--task-weight: weights must be >= 0 and at least one > 0 (got {weights})")
+        raise UsageError(f"--task-weight: weights must be >= 0 and at least one > 0 (got {weights})")
     return {t: float(weights.get(t, 1.0)) for t in names}
 
 
@@ -306,11 +307,11 @@ def check_options(opts: MultitaskOptions) -> list[str]:
     pooled.check_pooled_options(opts, "multitask")
     unknown = [a for a in opts.arms if a not in ARMS]
     if unknown or not opts.arms:
-        raise ValueError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
+        raise UsageError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
     if opts.seeds < 1:
-        raise ValueError(f"--seeds {opts.seeds}: give at least 1")
+        raise UsageError(f"--seeds {opts.seeds}: give at least 1")
     if not opts.soft_penalty >= 0:
-        raise ValueError(f"--soft-penalty {opts.soft_penalty}: must be >= 0")
+        raise UsageError(f"--soft-penalty {opts.soft_penalty}: must be >= 0")
     names = list(read_label_map(default_tasks_path(opts)))
     task_weights(opts, names)
     return names

@@ -14,6 +14,7 @@ import statistics
 
 import numpy as np
 
+from tfl.errors import UsageError
 from tfl.job import Job, Stage
 
 RECIPE_WEIGHT = "weight{:05d}"  # names of the extra variables' arrays in a checkpoint (prefixed "recipe.")
@@ -29,16 +30,16 @@ def head_stage(job: Job, name: str, epochs: int) -> Stage:
 def check_pooled_options(opts, command: str) -> None:
     """The options under which the block trains on cached pooled features, checked before any data is read."""
     if opts.augment:
-        raise ValueError(f"--augment: tfl {command} trains on the frozen backbone's pooled features, cached once, so "
+        raise UsageError(f"--augment: tfl {command} trains on the frozen backbone's pooled features, cached once, so "
                          "there are no images to augment; drop --augment")
     if opts.cache == "off":
-        raise ValueError(f"--cache off: tfl {command} trains on the frozen backbone's cached pooled features; use "
+        raise UsageError(f"--cache off: tfl {command} trains on the frozen backbone's cached pooled features; use "
                          "--cache auto or on")
     if opts.head_epochs < 1:
-        raise ValueError(f"--head-epochs {opts.head_epochs}: the block above the frozen backbone trains for "
+        raise UsageError(f"--head-epochs {opts.head_epochs}: the block above the frozen backbone trains for "
                          "--head-epochs epochs; give at least 1")
     if opts.worker_hosts:
-        raise ValueError(f"tfl {command} trains its runs one after another in one process; --worker-hosts (a "
+        raise UsageError(f"tfl {command} trains its runs one after another in one process; --worker-hosts (a "
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
@@ -51,7 +52,7 @@ def pooled_feed(job: Job, stage: Stage):
         graph = freezing.training_graph(job.model, stage.plan, job.opts.freeze_mode, job.opts.train_bn)
     feed = job.inputs.feed(stage.name, graph, job.trainer.history)
     if feed.boundary != POOLED:
-        raise ValueError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
+        raise UsageError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
                          "on them only. Raise --cache-budget or free space in --cache-dir")
     return jobs.param_groups(graph, stage), feed
 
@@ -104,7 +105,7 @@ def head_block(job: Job, inputs):
         if layer.name == LOGITS:
             return x, layer(x)
         x = layer(x)
-    raise ValueError(f"{job.model.name} has no {LOGITS!r} layer")
+    raise UsageError(f"{job.model.name} has no {LOGITS!r} layer")
 
 
 def in_order(entry, batch: int, rows=None):

@@ -38,6 +38,7 @@ import time
 from typing import ClassVar
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, option
 
@@ -204,7 +205,7 @@ def objective_for(opts) -> Rotation | SimCLR:
         return Rotation()
     if opts.objective == "simclr":
         return SimCLR(opts.projection_dim, opts.temperature)
-    raise ValueError(f"--objective {opts.objective!r}: choose one of {', '.join(PRETEXT_OBJECTIVES)}")
+    raise UsageError(f"--objective {opts.objective!r}: choose one of {', '.join(PRETEXT_OBJECTIVES)}")
 
 
 # -- the pretext run ------------------------------------------------------------------------------------------------
@@ -317,33 +318,33 @@ def check_options(opts: PretextOptions) -> None:
     registry.get(opts.backbone)
     objective_for(opts)
     if opts.pretext_epochs < 1:
-        raise ValueError(f"--pretext-epochs {opts.pretext_epochs}: must be >= 1")
+        raise UsageError(f"--pretext-epochs {opts.pretext_epochs}: must be >= 1")
     if not opts.temperature > 0:
-        raise ValueError(f"--temperature {opts.temperature}: must be > 0 (SimCLR used 0.1-1; default 0.5)")
+        raise UsageError(f"--temperature {opts.temperature}: must be > 0 (SimCLR used 0.1-1; default 0.5)")
     if opts.projection_dim < 1:
-        raise ValueError(f"--projection-dim {opts.projection_dim}: must be >= 1")
+        raise UsageError(f"--projection-dim {opts.projection_dim}: must be >= 1")
     if opts.objective != "simclr":
         defaults = PretextOptions()
         given = [f"--{name.replace('_', '-')}" for name in ("temperature", "projection_dim")
                  if getattr(opts, name) != getattr(defaults, name)]
         if given:
-            raise ValueError(f"{' and '.join(given)} shape(s) the simclr objective; add --objective simclr or drop "
+            raise UsageError(f"{' and '.join(given)} shape(s) the simclr objective; add --objective simclr or drop "
                              f"{'them' if len(given) > 1 else 'it'}")
     if opts.init_from is not None:
-        raise ValueError("--init-from: tfl pretext starts from --weights; to continue from a file, fine-tune with "
+        raise UsageError("--init-from: tfl pretext starts from --weights; to continue from a file, fine-tune with "
                          "--init-from, or pretrain from --weights")
     if opts.finetune:
         if not opts.label_fractions:
-            raise ValueError("--label-fraction: give at least one fraction for the fine-tunes, or --no-finetune")
+            raise UsageError("--label-fraction: give at least one fraction for the fine-tunes, or --no-finetune")
         for fraction in opts.label_fractions:
             check_label_fraction(fraction)
         if opts.head_epochs < 0 or opts.epochs < 0 or opts.head_epochs + opts.epochs < 1:
-            raise ValueError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: the fine-tunes' budget; "
+            raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: the fine-tunes' budget; "
                              "each must be >= 0 and their sum >= 1")
     if opts.label_fraction is not None:
-        raise ValueError(f"label_fraction {opts.label_fraction}: tfl pretext takes label_fractions (a tuple) instead")
+        raise UsageError(f"label_fraction {opts.label_fraction}: tfl pretext takes label_fractions (a tuple) instead")
     if opts.worker_hosts:
-        raise ValueError("tfl pretext trains its runs one after another in one process; --worker-hosts (a "
+        raise UsageError("tfl pretext trains its runs one after another in one process; --worker-hosts (a "
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 

@@ -41,6 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from tfl import job as jobs
+from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, FROZEN_BACKBONE, option
 
@@ -72,30 +73,30 @@ def check_options(opts: SelfTrainOptions) -> None:
     from tfl.data import check_label_fraction
 
     if opts.label_fraction is not None:
-        raise ValueError(f"--label-fraction {opts.label_fraction}: tfl self-train takes --labeled-fraction (the rest "
+        raise UsageError(f"--label-fraction {opts.label_fraction}: tfl self-train takes --labeled-fraction (the rest "
                          "of train becomes its unlabeled pool)")
     if opts.labeled_fraction is None and not opts.unlabeled:
-        raise ValueError("tfl self-train needs unlabeled data: give --labeled-fraction F (a share of each class's "
+        raise UsageError("tfl self-train needs unlabeled data: give --labeled-fraction F (a share of each class's "
                          "training rows stays labeled, the rest is unlabeled) or --unlabeled DIR (a folder of images)")
     if opts.labeled_fraction is not None:
         check_label_fraction(opts.labeled_fraction)
         if opts.labeled_fraction >= 1.0 and not opts.unlabeled:
-            raise ValueError("--labeled-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
+            raise UsageError("--labeled-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
                              "or --unlabeled DIR")
     if opts.unlabeled and not os.path.isdir(opts.unlabeled):
-        raise ValueError(f"--unlabeled {opts.unlabeled!r}: not a directory; give a folder of image files")
+        raise UsageError(f"--unlabeled {opts.unlabeled!r}: not a directory; give a folder of image files")
     if not 0.0 < opts.threshold < 1.0:
-        raise ValueError(f"--threshold {opts.threshold}: the confidence a pseudo-label needs must be in (0, 1), "
+        raise UsageError(f"--threshold {opts.threshold}: the confidence a pseudo-label needs must be in (0, 1), "
                          "e.g. 0.9")
     if opts.rounds < 0:
-        raise ValueError(f"--rounds {opts.rounds}: must be >= 0 (0 trains the labeled-only baseline alone)")
+        raise UsageError(f"--rounds {opts.rounds}: must be >= 0 (0 trains the labeled-only baseline alone)")
     if opts.head_epochs < 1:
-        raise ValueError(f"--head-epochs {opts.head_epochs}: every round trains the head that many epochs; give >= 1")
+        raise UsageError(f"--head-epochs {opts.head_epochs}: every round trains the head that many epochs; give >= 1")
     if opts.augment:
-        raise ValueError("--augment: tfl self-train trains every round on features cached once from the unaugmented "
+        raise UsageError("--augment: tfl self-train trains every round on features cached once from the unaugmented "
                          "images (and predicts the unlabeled pool on them); drop --augment")
     if opts.worker_hosts:
-        raise ValueError("tfl self-train runs in one process; --worker-hosts (a multi-worker run) is not supported, "
+        raise UsageError("tfl self-train runs in one process; --worker-hosts (a multi-worker run) is not supported, "
                          "use --devices for several local replicas")
 
 
@@ -238,7 +239,7 @@ class SelfTraining:
             pool_rows["unlabeled"] = np.arange(self.folder[1], dtype=np.int64)
         self.pool_rows = {p: r for p, r in pool_rows.items() if len(r)}
         if len(self.labeled) < job.batch:
-            raise ValueError(f"--batch-size {job.batch} is larger than the {len(self.labeled)} labeled examples; "
+            raise UsageError(f"--batch-size {job.batch} is larger than the {len(self.labeled)} labeled examples; "
                              "lower it or raise --labeled-fraction")
 
     def _rows(self, split: str):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfl.errors import UsageError
+
 LOGME_ITERATIONS = 11  # the reference's cap: it converges in a few updates
 LOGME_TOLERANCE = 1e-3  # relative change of alpha / beta that ends the updates
 EPSILON = 1e-5  # the reference adds it to both denominators
@@ -32,7 +34,7 @@ def _check(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     f = np.asarray(features, np.float64)
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     if f.ndim != 2 or f.shape[0] != y.shape[0] or f.shape[0] < 2:
-        raise ValueError(f"features must be [N, D] with N >= 2 matching labels [N]; got {f.shape} and {y.shape}")
+        raise UsageError(f"features must be [N, D] with N >= 2 matching labels [N]; got {f.shape} and {y.shape}")
     return f, y
 
 
@@ -123,7 +125,7 @@ def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: str | float | N
     if shrinkage is not None:
         a = ledoit_wolf_shrinkage(centred) if shrinkage == "ledoit_wolf" else float(shrinkage)
         if not 0.0 <= a <= 1.0:
-            raise ValueError(f"shrinkage {shrinkage!r}: must be 'ledoit_wolf', None or a number in [0, 1]")
+            raise UsageError(f"shrinkage {shrinkage!r}: must be 'ledoit_wolf', None or a number in [0, 1]")
     if a is not None and a > 0 and d > n:
         gram = centred @ centred.T  # N x N
         b = a * np.trace(gram) / n / d  # the identity's weight, a tr(cov) / D
@@ -190,7 +192,7 @@ def kendall_tau(a, b) -> float:
     """Kendall's tau-b of two sequences (nan when either is constant)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"kendall_tau needs two 1-D sequences of one length, got {a.shape} and {b.shape}")
+        raise UsageError(f"kendall_tau needs two 1-D sequences of one length, got {a.shape} and {b.shape}")
     i, j = np.triu_indices(len(a), k=1)
     da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
     concordant = float(np.sum(da * db))

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from tfl.errors import UsageError
+
 STAGE_LINE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0}
 UNFREEZE_LINE = {"color": "tab:purple", "linestyle": ":", "linewidth": 1.4}
 DPI = 100
@@ -22,7 +24,7 @@ DPI = 100
 def read_history_csv(path: str) -> list[dict]:
     """A run's history.csv as a list of rows (values are the csv's strings; write_curves converts them)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such history file (a run writes history.csv after its first stage)")
+        raise UsageError(f"{path}: no such history file (a run writes history.csv after its first stage)")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -32,7 +34,7 @@ def write_curves(rows: list[dict], path: str, title: str | None = None) -> str:
     from matplotlib.ticker import MaxNLocator
 
     if not rows:
-        raise ValueError(f"write_curves needs at least one history row, got none (for {path})")
+        raise UsageError(f"write_curves needs at least one history row, got none (for {path})")
     epochs = np.array([_epoch(row) for row in rows])
     series = {key: np.array([_number(row.get(key)) for row in rows])
               for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
@@ -69,7 +71,7 @@ def write_confusion_matrix(matrix, class_names, path: str, title: str | None = N
     matrix = np.asarray(matrix)
     n = len(class_names)
     if matrix.ndim != 2 or matrix.shape != (n, n):
-        raise ValueError(f"confusion matrix must be [{n}, {n}] for {n} class names, got shape {matrix.shape}")
+        raise UsageError(f"confusion matrix must be [{n}, {n}] for {n} class names, got shape {matrix.shape}")
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     side = min(max(3.0 + 0.38 * n, 5.0), 22.0)
@@ -96,17 +98,17 @@ def write_misclassified_grid(images, true_names, pred_names, probs, path: str, c
     """uint8 images [N, H, W, 3] in a grid titled "true → predicted (p%)"; N=0 writes a figure that says so."""
     n = len(images)
     if not (len(true_names) == len(pred_names) == len(probs) == n):
-        raise ValueError(f"write_misclassified_grid needs one true name, predicted name and probability per image; "
+        raise UsageError(f"write_misclassified_grid needs one true name, predicted name and probability per image; "
                          f"got {n} images, {len(true_names)} true, {len(pred_names)} predicted, {len(probs)} probs")
     if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
-        raise ValueError(f"columns must be a positive integer, got {columns!r}")
+        raise UsageError(f"columns must be a positive integer, got {columns!r}")
     if n == 0:
         figure = _figure((4, 1.5))
         figure.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12)
         return _save(figure, path)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got shape {images.shape}")
+        raise UsageError(f"images must be uint8 [N, H, W, 3], got shape {images.shape}")
     cols = min(columns, n)
     rows = math.ceil(n / cols)
     figure = _figure((1.9 * cols, 2.1 * rows))
@@ -128,7 +130,7 @@ def write_compare(summary: list[dict], curves: dict[str, list[dict]], path: str,
     from matplotlib.ticker import MaxNLocator
 
     if not summary:
-        raise ValueError(f"write_compare needs at least one summary row, got none (for {path})")
+        raise UsageError(f"write_compare needs at least one summary row, got none (for {path})")
     figure = _figure((12, 4.4))
     acc_ax, curve_ax = figure.subplots(1, 2)
     fractions = sorted({row["label_fraction"] for row in summary})
@@ -198,7 +200,7 @@ def _epoch(row: dict) -> int:
     try:
         return int(float(row["epoch"]))
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"history row needs an integer 'epoch', got {row.get('epoch')!r} in {row}") from None
+        raise UsageError(f"history row needs an integer 'epoch', got {row.get('epoch')!r} in {row}") from None
 
 
 def _number(value) -> float:
@@ -207,7 +209,7 @@ def _number(value) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"history value {value!r} is not a number") from None
+        raise UsageError(f"history value {value!r} is not a number") from None
 
 
 def _short(name, limit: int) -> str:
@@ -240,7 +242,7 @@ def write_distill(models: list[dict], path: str, title: str | None = None) -> st
     from matplotlib.ticker import NullFormatter
 
     if not models:
-        raise ValueError(f"write_distill needs at least one model row, got none (for {path})")
+        raise UsageError(f"write_distill needs at least one model row, got none (for {path})")
     figure = _figure((12, 4.4))
     size_ax, speed_ax = figure.subplots(1, 2)
     for ax, key, label in ((size_ax, "params", "parameters"),
@@ -271,7 +273,7 @@ def write_forgetting_heatmaps(runs: list[dict], path: str, title: str | None = N
     """`tfl forgetting`'s forgetting.png: one heatmap of R per strategy, R[i][j] = accuracy on task j (columns)
     after training task i (rows), 0..1, each cell labelled. runs: [{"strategy", "R"}] (joint: one row)."""
     if not runs:
-        raise ValueError(f"write_forgetting_heatmaps needs at least one strategy, got none (for {path})")
+        raise UsageError(f"write_forgetting_heatmaps needs at least one strategy, got none (for {path})")
     columns = min(len(runs), 3)
     rows = -(-len(runs) // columns)
     figure = _figure((4.2 * columns, 3.8 * rows))
@@ -307,7 +309,7 @@ def write_accuracy_curves(runs: list[dict], path: str, title: str | None = None)
     from matplotlib.ticker import MaxNLocator
 
     if not runs:
-        raise ValueError(f"write_accuracy_curves needs at least one strategy, got none (for {path})")
+        raise UsageError(f"write_accuracy_curves needs at least one strategy, got none (for {path})")
     sequential = [run for run in runs if run["strategy"] != "joint"] or runs
     joint = next((run for run in runs if run["strategy"] == "joint"), None)
     columns = min(len(sequential), 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfl.errors import UsageError
 from tfl.reporting.figures import _figure, _finish, _number
 
 
@@ -11,7 +12,7 @@ def write_dann(runs: list[dict], curves: dict[str, list[dict]], path: str, title
     """Left: target test accuracy per seed, source-only vs DANN (a line per seed; red where DANN is worse).
     Right: each run's target accuracy on val (monitoring only) and its domain classifier's accuracy per epoch."""
     if not runs:
-        raise ValueError(f"write_dann needs at least one run, got none (for {path})")
+        raise UsageError(f"write_dann needs at least one run, got none (for {path})")
     figure = _figure((13, 4.4))
     seeds_ax, curve_ax = figure.subplots(1, 2)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
@@ -45,7 +46,7 @@ def write_dann(runs: list[dict], curves: dict[str, list[dict]], path: str, title
 def write_multitask(summary: list[dict], path: str, title: str | None = None) -> str:
     """Test accuracy per task (groups) and arm (bars, mean with the seeds' sd as error bars)."""
     if not summary:
-        raise ValueError(f"write_multitask needs at least one summary row, got none (for {path})")
+        raise UsageError(f"write_multitask needs at least one summary row, got none (for {path})")
     figure = _figure((max(6.0, 2.2 * len({r['task'] for r in summary}) + 3), 4.4))
     ax = figure.subplots(1, 1)
     tasks = list(dict.fromkeys(r["task"] for r in summary))

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tfl.errors import UsageError
+
 REPORT_DIR = "report"
 FILES = {"report": "report.json", "confusion_matrix_json": "confusion_matrix.json",
          "confusion_matrix_png": "confusion_matrix.png", "per_class_csv": "per_class.csv",
@@ -33,9 +35,9 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     if split is not None:
         check_split(split)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
-        raise ValueError(f"max_images must be a non-negative integer (0 draws no images), got {max_images!r}")
+        raise UsageError(f"max_images must be a non-negative integer (0 draws no images), got {max_images!r}")
     loaded = load_run(run_dir, dataset, data_dir, log)
     split, source, _ = loaded.split(split)
     classes = loaded.classes
@@ -43,7 +45,7 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     pipeline = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
     labels, logits, mistakes = _predict(loaded.model, pipeline, max_images)
     if not len(labels):
-        raise ValueError(f"split {split!r} of {loaded.dataset} has no examples; choose another split")
+        raise UsageError(f"split {split!r} of {loaded.dataset} has no examples; choose another split")
 
     predicted = logits.argmax(axis=1)
     matrix = confusion_matrix(labels, predicted, len(classes))
@@ -82,10 +84,10 @@ def confusion_matrix(true, predicted, num_classes: int) -> np.ndarray:
     """int64 [C, C], rows the true class, columns the predicted one."""
     true, predicted = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
     if true.shape != predicted.shape:
-        raise ValueError(f"true and predicted labels differ in shape: {true.shape} vs {predicted.shape}")
+        raise UsageError(f"true and predicted labels differ in shape: {true.shape} vs {predicted.shape}")
     for name, labels in (("true", true), ("predicted", predicted)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+            raise UsageError(f"{name} labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
     return np.bincount(true * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 

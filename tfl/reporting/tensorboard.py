@@ -16,6 +16,8 @@ import json
 import math
 import os
 
+from tfl.errors import UsageError
+
 PLAN_TAG = "freeze_plan"
 STAGE_TAG = "stage"
 # Step scalars an epoch at most: each costs a summary op (~0.2 ms here), as much as a whole cached head step, so
@@ -149,7 +151,7 @@ def _accumulator(logdir: str):
     if not os.path.isdir(logdir) or not any(".tfevents." in name for name in os.listdir(logdir)):
         found = sorted(os.path.relpath(folder, logdir) for folder, _, files in os.walk(logdir)
                        if any(".tfevents." in name for name in files)) if os.path.isdir(logdir) else []
-        raise ValueError(f"{logdir}: no TensorBoard event files in this folder"
+        raise UsageError(f"{logdir}: no TensorBoard event files in this folder"
                          + (f"; these subfolders have some: {', '.join(found)}" if found else ""))
     accumulator = ea.EventAccumulator(logdir, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})  # 0 keeps every event
     accumulator.Reload()

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_size
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL, ImageStore, fill_images, gather_batches, index_order, stored_shape
+from tfl.errors import UsageError
 from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
 from tfl.training.bn_folding import folded_call
 from tfl.training.trainer import Progress, epoch_seed
@@ -96,7 +97,7 @@ class StageInputs:
                  budget: str | int | None = None, cache_dir: str | None = None, jit: bool = False,
                  log: Callable = print, stores: dict | None = None, extra: dict | None = None):
         if mode not in MODES:
-            raise ValueError(f"--cache {mode!r} is not one of {', '.join(MODES)}")
+            raise UsageError(f"--cache {mode!r} is not one of {', '.join(MODES)}")
         self.model, self.backbone_name = model, backbone
         self.backbone = backbone_of(model)
         self.sources, self.counts, self.data_ids = sources, counts, data_ids
@@ -135,7 +136,7 @@ class StageInputs:
             return
         if self.augment:
             if self.mode == "on":
-                raise ValueError("--cache on cannot be used with --augment: augmentation changes the images before "
+                raise UsageError("--cache on cannot be used with --augment: augmentation changes the images before "
                                  "the freeze boundary every epoch, so there is nothing fixed to cache; use --cache auto "
                                  "(recomputes) or drop --augment")
             self.log("cache: not used, --augment changes the images before the freeze boundary every epoch")
@@ -153,7 +154,7 @@ class StageInputs:
             else:
                 self.stage_boundary[name] = boundary
         if self.mode == "on" and not self.stage_boundary:
-            raise ValueError("--cache on: no stage can train on cached activations: "
+            raise UsageError("--cache on: no stage can train on cached activations: "
                              + "; ".join(f"stage {n}: {r}" for n, r in reasons.items()) + ". Use --cache auto or off")
         for name, why in reasons.items():
             self.log(f"cache: stage {name} recomputes the backbone every epoch: {why}")
@@ -201,7 +202,7 @@ class StageInputs:
                 self._prepare(history)
             except NoRoom as err:  # the cache directory filled up (or turned read-only) since the plan was made
                 if self.mode == "on":
-                    raise ValueError(f"--cache on: {err}; free space in --cache-dir, or use --cache auto") from None
+                    raise UsageError(f"--cache on: {err}; free space in --cache-dir, or use --cache auto") from None
                 self.log(f"cache: warning: {err}; every stage recomputes the backbone instead")
                 self.stage_boundary.clear()
                 self.entries.clear()
@@ -245,7 +246,7 @@ class StageInputs:
             if entry is None:
                 problem = self.cache.can_store(rows * int(np.prod(shape)))
                 if problem:
-                    raise ValueError(f"the decoded {split} images cannot be held: {problem}")
+                    raise UsageError(f"the decoded {split} images cannot be held: {problem}")
                 entry = self.cache.build(key, rows, shape, np.uint8,
                                          lambda data, labels: fill_images(source, self.image_size, data, labels) or {},
                                          persist=False)

@@ -58,7 +58,7 @@ def injected_fault(kind: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(a) for a in args.split(":"))
     except ValueError:
-        raise ValueError(f"TFL_FAULT={os.environ['TFL_FAULT']!r}: expected {kind}:N[:S] with integers") from None
+        raise UsageError(f"TFL_FAULT={os.environ['TFL_FAULT']!r}: expected {kind}:N[:S] with integers") from None
 
 
 def checkpoint_name(epoch: int) -> str:

@@ -19,7 +19,7 @@ too, unless --overwrite says to replace the earlier run's files.
 
 from __future__ import annotations
 
-from tfl.errors import Unavailable
+from tfl.errors import Unavailable, UsageError
 import csv
 import datetime
 import io
@@ -58,7 +58,7 @@ def check_reusable(path: str, overwrite: bool, has_checkpoint: bool) -> list[str
         shown = ", ".join(contents[:5]) + (f" and {len(contents) - 5} more" if len(contents) > 5 else "")
         what = ("an earlier run without its checkpoints/ (nothing to resume)" if CONFIG in contents
                 else "files that are not a tfl run")
-        raise ValueError(f"--output-dir {path} is not empty: it holds {what} ({shown}). Choose another --output-dir, "
+        raise UsageError(f"--output-dir {path} is not empty: it holds {what} ({shown}). Choose another --output-dir, "
                          "or pass --overwrite to replace the earlier run's files there")
     removed = []
     for name in contents:
@@ -219,7 +219,7 @@ class RunDir:
         if create:
             os.makedirs(path, exist_ok=True)
         elif not os.path.isdir(path):
-            raise ValueError(f"--run {path!r}: no such run directory (expected one written by `tfl finetune`)")
+            raise UsageError(f"--run {path!r}: no such run directory (expected one written by `tfl finetune`)")
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -252,17 +252,17 @@ class RunDir:
     def read_json(self, name: str):
         path = self.file(name)
         if not os.path.isfile(path):
-            raise ValueError(f"{self.path}: missing {name}; is this a finished tfl run directory?")
+            raise UsageError(f"{self.path}: missing {name}; is this a finished tfl run directory?")
         from tfl.checkpoints.json_limits import loads_bounded
 
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
         if len(raw) > MAX_JSON_BYTES:
-            raise ValueError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MB; not a file a tfl run writes")
+            raise UsageError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MB; not a file a tfl run writes")
         try:
             return loads_bounded(raw, MAX_JSON_DEPTH)
         except ValueError as err:
-            raise ValueError(f"{path} is not a readable tfl run file: {err}") from None
+            raise UsageError(f"{path} is not a readable tfl run file: {err}") from None
 
     def write_history(self, rows: list[dict]) -> None:
         if not rows:
@@ -287,6 +287,6 @@ class RunDir:
 
         path = self.file(MODEL)
         if not os.path.isfile(path):
-            raise ValueError(f"{self.path}: missing {MODEL}; the run did not finish")
+            raise UsageError(f"{self.path}: missing {MODEL}; the run did not finish")
         check_keras_archive(path, custom_objects())
         return keras.models.load_model(path, compile=False)

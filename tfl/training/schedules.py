@@ -10,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from tfl.errors import UsageError
 from tfl.options import SCHEDULES as KINDS
 
 
@@ -17,7 +18,7 @@ from tfl.options import SCHEDULES as KINDS
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, base_lr, total_steps, warmup_steps=0, kind="cosine", step_size=1, gamma=0.1):
         if kind not in KINDS:
-            raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
+            raise UsageError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
         self.base_lr = float(base_lr)
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = max(int(warmup_steps), 0)

@@ -7,7 +7,7 @@ TensorFlow is imported inside the functions so that the CLI can import StrategyU
 
 from __future__ import annotations
 
-from tfl.errors import Unavailable
+from tfl.errors import Unavailable, UsageError
 import json
 import os
 
@@ -22,23 +22,23 @@ def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: 
                   task_index: int | None = None):
     """The strategy `name`; `devices` replicas on this machine; `worker_hosts`/`task_index` write TF_CONFIG."""
     if name not in CHOICES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(CHOICES)}")
+        raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(CHOICES)}")
     if devices is not None and devices < 1:
-        raise ValueError(f"--devices {devices}: must be at least 1")
+        raise UsageError(f"--devices {devices}: must be at least 1")
     tf_config = os.environ.get("TF_CONFIG")
     if worker_hosts:
         if name not in ("auto", "multi_worker"):
-            raise ValueError(f"--worker-hosts starts a multi-worker run; it does not go with --strategy {name}")
+            raise UsageError(f"--worker-hosts starts a multi-worker run; it does not go with --strategy {name}")
         tf_config = worker_tf_config(worker_hosts, task_index)
     elif task_index is not None:
-        raise ValueError("--task-index goes with --worker-hosts (the list of every worker's host:port)")
+        raise UsageError("--task-index goes with --worker-hosts (the list of every worker's host:port)")
     workers = _cluster_size(tf_config)
     if name == "auto":
         name = "multi_worker" if workers > 1 else "mirrored" if (devices or 0) > 1 or _gpu_count() > 1 else "default"
     if name in ("default", "one_device", "tpu") and (devices or 1) > 1:
-        raise ValueError(f"--devices {devices} needs --strategy mirrored (or auto); {name} uses one device")
+        raise UsageError(f"--devices {devices} needs --strategy mirrored (or auto); {name} uses one device")
     if name == "multi_worker" and workers == 0:
-        raise ValueError("--strategy multi_worker needs the cluster: set TF_CONFIG, or pass --worker-hosts "
+        raise UsageError("--strategy multi_worker needs the cluster: set TF_CONFIG, or pass --worker-hosts "
                          "host:port,host:port (every worker, chief first) and --task-index I on each worker")
 
     import tensorflow as tf
@@ -52,7 +52,7 @@ def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: 
     if name == "multi_worker":
         if devices:
             if not _gpu_count() and devices > 1:
-                raise ValueError(f"--devices {devices}: on CPU a multi-worker run has one replica per worker; "
+                raise UsageError(f"--devices {devices}: on CPU a multi-worker run has one replica per worker; "
                                  "start more workers instead")
             _local_devices(devices)
         os.environ["TF_CONFIG"] = tf_config  # MultiWorkerMirroredStrategy reads the cluster from here
@@ -66,12 +66,12 @@ def worker_tf_config(worker_hosts, task_index: int | None) -> str:
     for host in hosts:
         _, _, port = host.rpartition(":")
         if not port.isdigit():
-            raise ValueError(f"--worker-hosts: {host!r} is not host:port (e.g. localhost:12345)")
+            raise UsageError(f"--worker-hosts: {host!r} is not host:port (e.g. localhost:12345)")
     if task_index is None or not 0 <= task_index < len(hosts):
-        raise ValueError(f"--task-index {task_index}: give this worker's position in --worker-hosts, "
+        raise UsageError(f"--task-index {task_index}: give this worker's position in --worker-hosts, "
                          f"0..{len(hosts) - 1} (0 is the chief)")
     if "TF_CONFIG" in os.environ:
-        raise ValueError("both TF_CONFIG and --worker-hosts are set; use one of them")
+        raise UsageError("both TF_CONFIG and --worker-hosts are set; use one of them")
     return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": task_index}})
 
 
@@ -99,7 +99,7 @@ def check_workers_agree(strategy, value: int, what: str) -> None:
         return
     values = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0).numpy().tolist()
     if len(set(values)) > 1:
-        raise ValueError(f"the workers disagree on {what} (one value per replica: {values})")
+        raise UsageError(f"the workers disagree on {what} (one value per replica: {values})")
 
 
 def chief_value(strategy, value: int) -> int:
@@ -119,7 +119,7 @@ def _cluster_size(tf_config: str | None) -> int:
         cluster = json.loads(tf_config).get("cluster", {})
         return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
     except (ValueError, AttributeError, TypeError):
-        raise ValueError(f"TF_CONFIG is not valid JSON of the form {{\"cluster\": {{\"worker\": [...]}}, "
+        raise UsageError(f"TF_CONFIG is not valid JSON of the form {{\"cluster\": {{\"worker\": [...]}}, "
                          f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}}: {tf_config[:200]!r}") from None
 
 
@@ -137,7 +137,7 @@ def _local_devices(n: int) -> list[str]:
     try:
         if gpus:
             if n > len(gpus):
-                raise ValueError(f"--devices {n}: this machine has only {len(gpus)} GPU(s)")
+                raise UsageError(f"--devices {n}: this machine has only {len(gpus)} GPU(s)")
             tf.config.set_visible_devices(gpus[:n], "GPU")
             return [f"/gpu:{i}" for i in range(n)]
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -145,7 +145,7 @@ def _local_devices(n: int) -> list[str]:
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
         return [f"/cpu:{i}" for i in range(n)]
     except RuntimeError:  # TensorFlow already initialised its devices in this process
-        raise ValueError(f"--devices {n}: TensorFlow's devices are already initialised in this process; "
+        raise UsageError(f"--devices {n}: TensorFlow's devices are already initialised in this process; "
                          "choose the devices before anything else runs TensorFlow (a fresh process)") from None
 
 

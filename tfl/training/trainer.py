@@ -21,7 +21,7 @@ recipe's position (stage, epoch in stage) and data order (a function of the epoc
 
 from __future__ import annotations
 
-from tfl.errors import Unavailable
+from tfl.errors import Unavailable, UsageError
 import dataclasses
 import math
 import os
@@ -111,7 +111,7 @@ class EpochResult:
         split, _, key = name.partition("_")
         values = {"train": self.train, "val": self.val}.get(split)
         if values is None or key not in values:
-            raise ValueError(f"no metric {name!r} in the history; it has "
+            raise UsageError(f"no metric {name!r} in the history; it has "
                              + ", ".join([f"train_{k}" for k in self.train] + [f"val_{k}" for k in self.val]))
         return values[key]
 
@@ -143,7 +143,7 @@ def make_optimizer(cfg: TrainConfig, schedule):
         return keras.optimizers.Adam(**kwargs)
     if cfg.optimizer == "adamw":
         return keras.optimizers.AdamW(**kwargs)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise UsageError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 # -- hooks --------------------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ class Trainer:
             return
         groups = [g for g in groups if g.variables]
         if not groups:
-            raise ValueError(f"stage {stage!r} has nothing to train: every layer is frozen")
+            raise UsageError(f"stage {stage!r} has nothing to train: every layer is frozen")
         live = self._optimizers_for(stage, groups, epochs, steps_per_epoch, policy, resume)
         optimizers = [live[g.name].optimizer for g in groups]
         since_best = resume["since_best"] if resume else 0
