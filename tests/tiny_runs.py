@@ -68,14 +68,15 @@ class Child:
         return f"exit {self.proc.returncode}\n{self.out[-3000:]}\n{self.err[-3000:]}"
 
 
-def start(args, env: dict | None = None, command: str = "finetune") -> Child:
-    """`python cli.py COMMAND ARGS` (default: finetune) in the background."""
+def start(args, env: dict | None = None, command: str = "finetune", cwd=ROOT) -> Child:
+    """`python cli.py COMMAND ARGS` (default: finetune) in the background, in `cwd` (default: the checkout)."""
     child_env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}
     child_env.update(env or {})
     # SIGINT back to its default in the child: a test suite started in the background by a non-interactive shell
     # (`make test &`, as CI may) runs with SIGINT ignored, the child would inherit that, and Python would then never
     # turn a Ctrl-C into KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), command, *map(str, args)], cwd=ROOT,
+    child_env["PYTHONPATH"] = ROOT  # the checkout's tfl, also when cwd is elsewhere
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), command, *map(str, args)], cwd=cwd,
                             env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return Child(proc)

@@ -193,23 +193,29 @@ class Callback:
 
 
 class FaultHook(Callback):
-    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S (see tfl.training.checkpoint): SIGKILL, or SIGINT as
-    Ctrl-C sends it, to this process right after step S of epoch N."""
+    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S / crash-at-step:N:S (see tfl.training.checkpoint):
+    SIGKILL, SIGINT as Ctrl-C sends it, or an unexpected exception (as a bug would raise), right after step S of
+    epoch N."""
 
-    def __init__(self, at: tuple[int, int], interrupt: bool = False):
-        self.at, self.interrupt = tuple(at), interrupt
+    def __init__(self, at: tuple[int, int], kind: str = "kill-at-step"):
+        self.at, self.kind = tuple(at), kind
 
     def on_batch_end(self, epoch: int, step: int) -> None:
         if (epoch, step) == self.at:
-            if self.interrupt:
+            if self.kind == "interrupt-at-step":
                 os.kill(os.getpid(), signal.SIGINT)
+            elif self.kind == "crash-at-step":
+                raise RuntimeError(f"TFL_FAULT crash-at-step:{epoch}:{step}, an injected failure")
             else:
                 checkpoint.kill_now()
 
 
 def default_callbacks() -> list[Callback]:
-    kill, interrupt = checkpoint.injected_fault("kill-at-step"), checkpoint.injected_fault("interrupt-at-step")
-    return [FaultHook(kill)] if kill else [FaultHook(interrupt, interrupt=True)] if interrupt else []
+    for kind in ("kill-at-step", "interrupt-at-step", "crash-at-step"):
+        at = checkpoint.injected_fault(kind)
+        if at:
+            return [FaultHook(at, kind)]
+    return []
 
 
 class Progress:

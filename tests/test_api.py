@@ -1,0 +1,110 @@
+"""tfl's Python API, used as a notebook would: import tfl, call a command with keyword arguments, read the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import tfl
+from tiny_runs import image_folder
+
+TINY = dict(backbone="compact_cnn", weights="none", image_size=32, head_epochs=1, epochs=1, batch_size=8,
+            val_split=0.25, tensorboard=False, freeze_up_to="block2")  # TEMP until the per-backbone default
+
+
+@pytest.fixture(scope="module")
+def four_classes(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("api") / "data", classes=("a", "b", "c", "d"), per_class=8)
+
+
+@pytest.fixture(scope="module")
+def finetuned(four_classes, tmp_path_factory):
+    return tfl.finetune(dataset=four_classes, output_dir=str(tmp_path_factory.mktemp("api") / "run"), **TINY)
+
+
+def test_import_tfl_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, tfl; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_finetune_returns_its_run_directory_metrics_and_model(finetuned, four_classes):
+    r = finetuned
+    assert r.command == "finetune" and os.path.isdir(r.run_dir)
+    with open(os.path.join(r.run_dir, "metrics.json")) as f:
+        assert r.metrics["test_accuracy"] == json.load(f)["test_accuracy"]
+    assert 0.0 <= r.metrics["test_accuracy"] <= 1.0
+    model = r.load_model()
+    assert model.output_shape == (None, 4)
+    assert r.runs == [r.run_dir]
+    same = tfl.load_model(r.run_dir)
+    x = np.zeros((1, 32, 32, 3), "float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), same.predict(x, verbose=0))
+
+
+def test_predict_evaluate_and_export_take_the_run(finetuned, four_classes, tmp_path):
+    image = os.path.join(four_classes, "test", "a", "0.png")
+    top = tfl.predict(image, finetuned.run_dir, top_k=2)
+    assert top[0]["image"] == image and len(top[0]["top"]) == 2
+    assert top[0]["top"][0]["label"] in ("a", "b", "c", "d")
+    scores = tfl.evaluate(finetuned.run_dir)
+    assert scores["accuracy"] == pytest.approx(finetuned.metrics["test_accuracy"])
+    path = tfl.export(finetuned.run_dir, format="tflite", output=str(tmp_path / "export"))
+    assert os.path.isfile(os.path.join(path, "model.tflite"))
+
+
+def test_restore_copies_a_runs_weights_into_a_fresh_model_strictly(finetuned, tmp_path):
+    import keras
+
+    trained = finetuned.load_model()
+    fresh = keras.models.clone_model(trained)
+    path = str(tmp_path / "weights.weights.h5")
+    trained.save_weights(path)
+    report = tfl.restore(fresh, path)
+    assert len(report.loaded) == len(trained.weights) and not report.problems()
+    for a, b in zip(trained.weights, fresh.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_messages_go_to_the_tfl_logger(four_classes, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="tfl"):
+        tfl.finetune(dataset=four_classes, output_dir=str(tmp_path / "run"), **{**TINY, "epochs": 0})
+    assert any("test accuracy" in r.getMessage() for r in caplog.records if r.name == "tfl")
+
+
+def test_options_are_checked_as_the_command_line_checks_them(four_classes):
+    with pytest.raises(tfl.UsageError, match="takes no option 'epoch'; did you mean 'epochs'"):
+        tfl.finetune(dataset=four_classes, epoch=3)
+    with pytest.raises(tfl.UsageError, match="--epochs -1: must be >= 0"):
+        tfl.finetune(dataset=four_classes, epochs=-1)
+    with pytest.raises(tfl.UsageError, match="tfl.dann\\(\\) takes no option 'epochs'"):
+        tfl.dann(dataset=four_classes, epochs=3)  # dann trains --head-epochs only: it does not take epochs
+    opts = tfl.FinetuneOptions(dataset=four_classes, **TINY)
+    assert tfl.api.options("finetune", opts, head_hidden=[16]).head_hidden == (16,)  # a list becomes a tuple
+
+
+def test_compare_distill_and_forgetting_as_a_notebook_would(finetuned, four_classes, tmp_path):
+    compared = tfl.compare(dataset=four_classes, arms=["linear_probe", "two_stage"], output_dir=str(tmp_path / "c"),
+                           **TINY)
+    assert {row["arm"] for row in compared.metrics["runs"]} == {"linear_probe", "two_stage"}
+    assert len(compared.runs) == 2
+    assert compared.load_model().output_shape == (None, 4)  # the arm with the best validation accuracy
+
+    distilled = tfl.distill(teacher=finetuned.run_dir, dataset=four_classes, output_dir=str(tmp_path / "d"),
+                            baseline=False, throughput_seconds=0.1,
+                            **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")})
+    assert distilled.metrics["models"][0]["role"] in ("teacher", "student")
+    assert distilled.load_model().output_shape == (None, 4)
+
+    forgot = tfl.forgetting(dataset=four_classes, strategies=["naive"], output_dir=str(tmp_path / "f"),
+                            **{k: v for k, v in TINY.items() if k != "head_epochs"})
+    naive = forgot.metrics["strategies"][0]
+    assert naive["strategy"] == "naive" and len(naive["R"]) == 2  # two tasks: (a, b), (c, d)
+    assert forgot.load_model().output_shape[-1] == 4
