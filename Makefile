@@ -26,3 +26,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# make docs: build the documentation site (docs/, mkdocs.yml) into site/; --strict turns every warning into an error.
+.PHONY: docs
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -d site
