@@ -24,8 +24,6 @@ MAX_LOAD_AVERAGE = 3  # a measured table names its machine load once; a page has
 
 
 def test_site_builds_strictly_with_generated_options(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocs_click")
     out = tmp_path / "site"
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
                            "-d", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
