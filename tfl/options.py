@@ -194,8 +194,8 @@ class JobOptions:
                                   help="Linear warmup from zero over this many epochs (fractions allowed).")
     step_size: int = option(7, group="train", check="positive", help="Epochs between steps (--schedule step).")
     gamma: float = option(0.1, group="train", check="positive", help="Step factor (--schedule step).")
-    label_smoothing: float = option(0.0, group="train", check=(0, 0.5, False, False),
-                                    help="Mix this much of a uniform distribution into the one-hot targets of the loss.")
+    label_smoothing: float = option(0.0, group="train", check=(0, 0.5, False, False), help=(
+        "Mix this much of a uniform distribution into the one-hot targets of the loss."))
     augment: bool = option(False, group="train",
                            help="Random flip, pad-and-crop and small rotation in the input pipeline.")
     early_stopping: int | None = option(None, group="train", check="positive", metavar="N", help=(

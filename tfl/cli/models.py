@@ -42,7 +42,8 @@ def _with_rules(f):
 @_with_rules
 @click.option("--num-classes", default=10, show_default=True, callback=positive, help="Classes of the new head.")
 @click.option("--image-size", type=int, callback=positive, help="Input size (default: the backbone's).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"backbone", "layers", "trainable_params", "frozen_params"}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"backbone", "layers", "trainable_params", "frozen_params"}.')
 def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, image_size, as_json):
     """Show the freeze plan for BACKBONE: each layer's stage, frozen or not, parameter count.
 
@@ -100,7 +101,8 @@ def inspect_checkpoint(file, as_json, unsafe):
 @cli.command()
 @click.argument("file", type=click.Path())
 @click.option("--backbone", required=True, help="The file's architecture, a name from `tfl backbones` (e.g. resnet18).")
-@click.option("--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.keras", help="Where to save the model.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.keras",
+              help="Where to save the model.")
 @click.option("--num-classes", type=int, callback=positive,
               help="Classes of the classifier. Default: the file's. Another count gets a new, randomly "
                    "initialised classifier (the summary says so).")

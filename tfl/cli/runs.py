@@ -19,7 +19,8 @@ DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Def
 @click.option("--dataset", help="Evaluate on another dataset with the same classes (default: the run's).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}.')
 def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
     """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
     result = call(api.evaluate, run_dir, dataset, data_dir, batch_size,
@@ -31,8 +32,8 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
                    f"on {result['examples']} examples of {result['dataset']}")
 
 
-@cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}), regular files
-    only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
+@cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}),
+    regular files only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
 @click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
@@ -63,7 +64,8 @@ def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, 
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
 @click.option("--dataset", help="Report on another dataset with the same classes (default: the run's).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
-@click.option("--split", type=click.Choice(SPLITS), help="Which split (default: test, or val when there is no test split).")
+@click.option("--split", type=click.Choice(SPLITS),
+              help="Which split (default: test, or val when there is no test split).")
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Where the report goes (default: <run>/report/).")
 @click.option("--max-images", default=32, show_default=True, callback=non_negative,
