@@ -133,6 +133,8 @@ def with_run_dir(command: str, opts):
 
     if opts.output_dir:
         return opts
+    if getattr(opts, "resume", False):
+        raise UsageError("--resume needs --output-dir: the run directory to continue")
     prefix = COMMANDS[command].prefix or opts.backbone
     return dataclasses.replace(opts, output_dir=rundir.default_path(prefix, opts.dataset))
 
