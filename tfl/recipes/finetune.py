@@ -18,6 +18,7 @@ import dataclasses
 
 from tfl import job as jobs
 from tfl.job import Job, JobOptions, Stage
+from tfl.recipes.advise import resolve_auto
 
 from tfl.options import UNFREEZE
 
@@ -39,7 +40,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     check_balance(opts.balance)
     recipe = gradual if opts.unfreeze == "gradual" else two_stage
     _check_gradual_options(opts)
-    return jobs.run(opts, recipe, log)
+    return jobs.run(opts, recipe, log, resolve_depth=resolve_auto)
 
 
 def two_stage(job: Job) -> dict:
