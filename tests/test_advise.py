@@ -320,3 +320,11 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path
 def test_advise_rejects_a_tiny_sample():
     result = CliRunner().invoke(cli, ["advise", "--sample", "5"])
     assert result.exit_code == 2 and "--sample 5" in result.output
+
+
+def test_auto_needs_the_commands_resolver():
+    """tfl.job calls no recipe: `auto` means what the command passes as resolve_depth, and without one is refused."""
+    from tfl.job import Job, JobOptions
+
+    with pytest.raises(ValueError, match="--freeze-up-to auto: this command cannot choose the depth"):
+        Job.setup(JobOptions(freeze_up_to="auto"), log=print, strategy=None)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-if TYPE_CHECKING:
-    import keras
-    import tensorflow as tf
-
-    from tfl import data
+from tfl import data
+from tfl.data.image_check import file_problem
+from tfl.data.pipeline import resize_uint8
+from tfl.errors import UsageError
+from tfl.export.audit import check_saved_model
+from tfl.export.layout import resolve_saved_model
+from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
+from tfl.models import build_imagenet_classifier
+from tfl.options import SPLITS  # the choices of --split
+from tfl.training import rundir
+from tfl.training.trainer import TrainConfig, Trainer
 
 IMAGENET_LABELS = os.path.join(os.path.dirname(__file__), "assets", "imagenet_labels.txt")
 CENTER_CROP_FRACTION = 0.875  # the standard ImageNet evaluation crop: resize to S/0.875, crop S
@@ -24,10 +31,6 @@ def imagenet_labels() -> list[str]:
     if len(labels) != 1000:
         raise RuntimeError(f"{IMAGENET_LABELS} has {len(labels)} labels, expected 1000; reinstall tfl")
     return labels
-
-
-from tfl.errors import UsageError
-from tfl.options import SPLITS  # noqa: E402  (the choices of --split)
 
 
 @dataclasses.dataclass
@@ -64,9 +67,6 @@ def check_split(name) -> None:
 
 def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = None, log=print) -> LoadedRun:
     """The run's model and classes, and `dataset` (default: the run's own, split as the run split it)."""
-    from tfl import data
-    from tfl.training import rundir
-
     run = rundir.RunDir(run_path, create=False)
     config = run.read_json(rundir.CONFIG)
     classes = run.read_json(rundir.CLASSES)
@@ -90,11 +90,6 @@ def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = N
 
 def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
                  batch_size: int = 64, log=print) -> dict:
-    import tensorflow as tf
-
-    from tfl import data
-    from tfl.training.trainer import TrainConfig, Trainer
-
     loaded = load_run(run_path, dataset, data_dir, log)
     split, source, examples = loaded.split()
     ds = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
@@ -106,14 +101,9 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
 
 def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
     """Files -> float32 [N, size, size, 3] in 0..255 RGB; any mode Pillow reads becomes RGB."""
-    import tensorflow as tf
-
-    from tfl.data import read_image
-    from tfl.data.pipeline import resize_uint8
-
     batch = []
     for path in paths:
-        image = tf.convert_to_tensor(read_image(path))
+        image = tf.convert_to_tensor(data.read_image(path))
         if center_crop:
             h, w = int(image.shape[0]), int(image.shape[1])
             scale = size / CENTER_CROP_FRACTION / min(h, w)
@@ -129,8 +119,6 @@ def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
 def check_image_files(paths) -> None:
     """Refuse what cannot be an image before opening anything: the training set's rules (regular files only, the
     same extensions), so predict reads exactly the files training would."""
-    from tfl.data.image_check import file_problem
-
     for path in paths:
         problem = file_problem(str(path))
         if problem:
@@ -139,20 +127,14 @@ def check_image_files(paths) -> None:
 
 def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
             top_k: int = 5) -> list[dict]:
-    import keras
-
     check_image_files(paths)
     if run_path:
-        from tfl.training import rundir
-
         run = rundir.RunDir(run_path, create=False)
         labels = run.read_json(rundir.CLASSES)
         model = run.load_model()
         probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
-        from tfl.models import build_imagenet_classifier
-
         labels = imagenet_labels()
         model = build_imagenet_classifier(backbone, weights)
         probabilities = lambda x: model(x, training=False)  # noqa: E731
@@ -176,13 +158,6 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
     decode is named. Unless `trust`, a SavedModel whose graph has side-effecting ops (files, processes, Python,
     network; tfl.export.audit) is refused before TensorFlow loads it.
     """
-    import tensorflow as tf
-
-    from tfl.export.layout import resolve_saved_model
-    from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
-
-    from tfl.export.audit import check_saved_model
-
     check_image_files(paths)  # before loading anything; a FIFO would block the open below
     export_dir = resolve_saved_model(export_dir)
     if not trust:
@@ -191,9 +166,9 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
     results = []
     for path in paths:
         with open(path, "rb") as f:
-            data = f.read()
+            payload = f.read()
         try:
-            out = serve(**{BYTES_INPUT: tf.constant([data])})
+            out = serve(**{BYTES_INPUT: tf.constant([payload])})
         except tf.errors.InvalidArgumentError as error:
             # The decoder's own sentence sits among graph-error lines ("Detected at node ...", node lists).
             noise = ("Graph execution error", "Detected at", "<stack", "\t", " ", "[")

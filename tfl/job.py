@@ -17,15 +17,28 @@ import dataclasses
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from typing import Callable
 
+from tfl import __version__, data
+from tfl.backbones import registry
 from tfl.errors import UsageError
-from tfl.options import BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401
+from tfl.options import (BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS,  # noqa: F401
+                         JobOptions)
+from tfl.reporting.figures import write_curves
+from tfl.training import checkpoint, rundir, strategy as strategies
+
+# The modules built on TensorFlow/Keras (tfl.models, tfl.freezing, tfl.precision, tfl.reuse, tfl.training.boundary
+# and .trainer, tfl.export.saved_model, the TensorBoard writer) are imported inside the functions that use them:
+# the CLI imports this module (and every recipe, which imports it) to print --help, and TensorFlow takes seconds.
+# None of them imports tfl.job, so these are not hidden cycles (tests/test_layering.py checks).
 
 RESTORE_REPORT = "restore_report.json"
-ADVICE = "advice.json"  # --freeze-up-to auto: what tfl advise measured and chose
+AUTO = "auto"  # --freeze-up-to auto: the command's DepthResolver chooses the depth
+ADVICE = "advice.json"  # --freeze-up-to auto: what the resolver measured and chose
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px) unless --image-size says
@@ -35,6 +48,11 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard",
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice")
+
+
+# --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
+# freeze_up_to and image_size, the advice recorded as advice.json). A hook, so this shared layer calls no recipe.
+DepthResolver = Callable[..., "tuple[JobOptions, dict]"]
 
 
 @dataclasses.dataclass
@@ -54,7 +72,7 @@ class Stage:
 
 
 def backbone_or_head(stage: str) -> str:
-    from tfl.freezing import CLASSIFIER_STAGE
+    from tfl.freezing import CLASSIFIER_STAGE  # Keras (see the top)
 
     return "head" if stage == CLASSIFIER_STAGE else "backbone"
 
@@ -70,8 +88,6 @@ def pick_image_size(requested: int | None, spec_size: int, native_size, min_size
 def train_rows(splits, opts: JobOptions):
     """The rows of the train split to train on: a stratified --label-fraction of each class, then --limit-train
     of those at random, both seeded; None when that is every row."""
-    from tfl import data
-
     size = splits.num_examples["train"]
     rows = None
     if opts.label_fraction is not None and opts.label_fraction < 1.0:
@@ -89,8 +105,6 @@ def versions() -> dict:
     import numpy
     import tensorflow as tf
 
-    from tfl import __version__
-
     return {"tfl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
 
@@ -103,19 +117,15 @@ def check_finite(opts) -> None:
             raise UsageError(f"--{field.name.replace('_', '-')} {value}: must be a finite number")
 
 
-def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=None) -> dict:
-    """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics. `targets`: see
-    Job.setup.
+def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=None,
+        resolve_depth: DepthResolver | None = None) -> dict:
+    """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics. `targets`,
+    `resolve_depth`: see Job.setup.
 
     In a multi-worker run every worker calls this. Only the chief writes the run directory, holding its lock
     (rundir.RunLock) for the whole run; the others write the same files into a temporary directory, removed at
     the end, so every worker runs the same steps.
     """
-    import shutil
-    import tempfile
-
-    from tfl.training import checkpoint, rundir, strategy as strategies
-
     check_finite(opts)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --overwrite starts anew; drop one")
@@ -133,10 +143,10 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=No
             has_checkpoint = checkpoint.has_checkpoint(os.path.join(path, rundir.CHECKPOINTS))
             for removed in rundir.check_reusable(path, opts.overwrite, has_checkpoint):
                 log(f"--overwrite: removed {removed}")
-            return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets))
+            return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets, resolve_depth=resolve_depth))
     scratch = tempfile.mkdtemp(prefix=f"tfl-{strategies.worker_name(strategy)}-")
     try:
-        return recipe(Job.setup(opts, log, strategy, scratch, targets=targets))
+        return recipe(Job.setup(opts, log, strategy, scratch, targets=targets, resolve_depth=resolve_depth))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -170,19 +180,25 @@ class Job:
 
     # -- the first half: data, model, plan --------------------------------------------------------------------------
     @classmethod
-    def setup(cls, opts: JobOptions, log, strategy, scratch: str | None = None, targets=None) -> "Job":
+    def setup(cls, opts: JobOptions, log, strategy, scratch: str | None = None, targets=None,
+              resolve_depth: DepthResolver | None = None) -> "Job":
         """`targets`: names of the model's outputs when they are not the data's classes (a pretext task's
-        rotations); the model gets one logit per target, classes.json lists them, the data's labels stay."""
+        rotations); the model gets one logit per target, classes.json lists them, the data's labels stay.
+        `resolve_depth`: what `--freeze-up-to auto` means, passed in by a command that offers it (`tfl finetune`
+        passes tfl.recipes.advise.resolve_auto); without it `auto` is refused."""
         import keras
         import tensorflow as tf
 
-        from tfl import data, freezing, models, reuse
-        from tfl.backbones import registry
+        from tfl import freezing, models, reuse  # Keras (see the top)
 
         spec = registry.get(opts.backbone)
         models.check_image_size(spec, opts.image_size)  # before the data is read
         if opts.label_fraction is not None:
             data.check_label_fraction(opts.label_fraction)
+        if opts.freeze_up_to == AUTO and resolve_depth is None:
+            raise UsageError("--freeze-up-to auto: this command cannot choose the depth (`tfl finetune` can, by "
+                             "running `tfl advise`); give a stage of `tfl inspect`, or run `tfl advise` first and "
+                             "pass the depth it recommends")
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
         keras.utils.set_random_seed(opts.seed)
         tf.config.experimental.enable_op_determinism()
@@ -195,10 +211,8 @@ class Job:
         if rows is not None:
             train_source, n_train = data.take_rows(splits.train, n_train, rows), len(rows)
         advice = None
-        if opts.freeze_up_to == "auto":  # tfl advise decides: a concrete stage (and size) from here on
-            from tfl.recipes.advise import resolve_auto
-
-            opts, advice = resolve_auto(opts, spec, splits, train_source, n_train, rows, log, strategy)
+        if opts.freeze_up_to == AUTO:  # the command's resolver decides: a concrete stage (and size) from here on
+            opts, advice = resolve_depth(opts, spec, splits, train_source, n_train, rows, log, strategy)
         image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         replicas = strategy.num_replicas_in_sync
         batch = opts.batch_size * replicas  # the global batch; --batch-size is per replica
@@ -259,8 +273,8 @@ class Job:
         recorded in config.json and compared on resume; loss/metrics/extra/callbacks/select: see Trainer and
         StageInputs; inputs: what the model is called on (Trainer's `inputs` hook, default the batch's images or
         cached features)."""
-        from tfl import models
-        from tfl.training import boundary, checkpoint, rundir, strategy as strategies
+        from tfl import models  # Keras (see the top)
+        from tfl.training import boundary
         from tfl.training.trainer import TrainConfig, Trainer
 
         opts = self.opts
@@ -316,8 +330,6 @@ class Job:
 
     def _resume_point(self):
         """The checkpoint to continue from, None for a new run; refuses when the settings changed (naming them)."""
-        from tfl.training import checkpoint, rundir
-
         opts = self.opts
         folder = os.path.join(opts.output_dir, rundir.CHECKPOINTS) if opts.output_dir else None
         if not folder or not checkpoint.has_checkpoint(folder):
@@ -341,19 +353,15 @@ class Job:
         self.inputs.log_summary(self.trainer.history)
 
     def write_history(self, curves: bool = True) -> None:
-        from tfl.training.trainer import history_rows
+        from tfl.training.trainer import history_rows  # TensorFlow (see the top)
 
         rows = history_rows(self.trainer.history)
         self.run_dir.write_history(rows)
         if curves and rows and not self.scratch:
-            from tfl.reporting.figures import write_curves
-
             write_curves(rows, self.run_dir.file(CURVES), title=f"{self.opts.backbone} on {self.splits.name}")
 
     # -- the end: best weights, test split, model, metrics --------------------------------------------------------
     def eval_split(self) -> tuple[str, object]:
-        from tfl import data
-
         name = "test" if self.splits.test is not None else "val"
         return name, data.make_pipeline(getattr(self.splits, name), self.image_size, self.batch, training=False,
                                         seed=self.opts.seed)
@@ -362,8 +370,7 @@ class Job:
         """Restore the run's best weights, score the test split (val without one) and save model and metrics.
         The scores are the classifier's (cross-entropy and accuracy on the labels) whatever loss trained it,
         unless the recipe passes its own `loss` / `metrics` hooks for them."""
-        from tfl.training import rundir
-        from tfl.training.trainer import CrossEntropy, accuracy
+        from tfl.training.trainer import CrossEntropy, accuracy  # TensorFlow (see the top)
 
         trainer, run = self.trainer, self.run_dir
         trainer.restore_best()
@@ -400,8 +407,7 @@ def saved_precision(config: dict) -> str | None:
 def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: int, batch: int, log):
     """--mixed-precision: tfl.precision.resolve for this run's model; a resumed run keeps the precision in its
     config.json; every worker of a multi-worker run takes the chief's choice."""
-    from tfl import precision
-    from tfl.training import checkpoint, rundir, strategy as strategies
+    from tfl import precision  # Keras (see the top)
 
     saved = None
     if opts.output_dir and checkpoint.has_checkpoint(os.path.join(opts.output_dir, rundir.CHECKPOINTS)):
@@ -427,7 +433,7 @@ def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, 
                  batch: int, val_steps: int, log=print) -> None:
     """The one stage loop: apply each stage's plan, group its variables, feed it (images or cached activations)
     and train. Shared by every recipe and by `tfl bench`."""
-    from tfl import freezing
+    from tfl import freezing  # Keras (see the top)
     from tfl.training.trainer import Trainer
 
     header = Trainer.header()  # printed once the caches are ready, right above the first epoch row

@@ -14,6 +14,7 @@ from keras import layers, ops
 
 from tfl.backbones import registry
 from tfl.backbones.spec import BackboneSpec, Preprocessing
+from tfl.dtype_policy import policy_name
 from tfl.errors import UsageError
 
 INPUT = "image"
@@ -85,15 +86,12 @@ def build_classifier(
     dropout: float = 0.2,
     precision: str = "float32",
 ) -> keras.Model:
-    """precision (tfl.precision): "float32", or "bfloat16" / "float16": every layer computes in that with float32
+    """precision (tfl.precision chooses it; tfl.dtype_policy maps it): "float32", or "bfloat16" / "float16": every layer computes in that with float32
     variables, except the logits (float32, so softmax and the loss see float32)."""
-    from tfl.precision import POLICY
-
-    if precision not in POLICY:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(POLICY)}")
+    policy = policy_name(precision)
     previous = keras.config.dtype_policy()
     if precision != "float32":
-        keras.config.set_dtype_policy(POLICY[precision])
+        keras.config.set_dtype_policy(policy)
     try:
         return _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout)
     finally:

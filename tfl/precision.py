@@ -21,6 +21,7 @@ dense convolutions (ResNet) run about 2x faster: measuring is the only honest wa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -31,10 +32,21 @@ import random
 import time
 from typing import Callable
 
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.random import seed_generator
+
+from tfl import freezing, models
+from tfl.backbones import registry
+from tfl.cache import default_cache_dir
+from tfl.checkpoints.json_limits import loads_bounded
+from tfl.dtype_policy import POLICY  # noqa: F401 (re-exported: the table moved there so tfl.models need not import this)
+from tfl.durable import write_json
 from tfl.errors import UsageError
 from tfl.options import MIXED_PRECISION, PRECISIONS
 
-POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 MEMORY = "precision.json"  # in the cache directory
 ENV = "TFL_MIXED_PRECISION"
 TIMED_STEPS = 3  # best of this many train steps, after a traced and a warm-up step
@@ -92,8 +104,6 @@ def gpu_half(compute_capability) -> str | None:
 
 def device() -> dict:
     """What trains here: {"kind": "gpu"|"cpu", "name", "half", "why"} ("half": the fast half precision or None)."""
-    import tensorflow as tf
-
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
@@ -155,15 +165,10 @@ def resolve(mode: str, key: dict, measure: Callable[[str], float], cache_dir: st
 
 
 def _versions() -> dict:
-    import keras
-    import tensorflow as tf
-
     return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 def _memory_path(cache_dir: str | None) -> str:
-    from tfl.cache import default_cache_dir
-
     return os.path.join(cache_dir or default_cache_dir(), MEMORY)
 
 
@@ -172,8 +177,6 @@ def _digest(key: dict) -> str:
 
 
 def _read(path: str) -> dict:
-    from tfl.checkpoints.json_limits import loads_bounded
-
     try:
         with open(path, "rb") as f:
             raw = f.read(1 << 20)
@@ -191,14 +194,12 @@ def _recall(path: str, key: dict) -> dict | None:
 
 
 def _remember(path: str, key: dict, choice: Choice, log) -> None:
-    from tfl.training.rundir import atomic_write
-
     entries = _read(path)
     entries[_digest(key)] = {"key": key, "precision": choice.precision, "reason": choice.reason,
                              "seconds_per_step": choice.seconds_per_step, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, json.dumps(entries, indent=1, sort_keys=True).encode())
+        write_json(path, entries, indent=1, sort_keys=True)
     except OSError as err:
         log(f"warning: could not remember the precision choice in {path} ({err.strerror}); the next run times again")
 
@@ -209,10 +210,6 @@ def untouched_random_state():
     """Building and training throw-away models must not move the random state the run's own model is initialised
     from (runs repeat exactly under the same --seed whether or not this run measured), nor Keras' layer-name
     counters."""
-    import numpy as np
-    from keras.src.backend.common import global_state
-    from keras.src.random import seed_generator
-
     py, np_state = random.getstate(), np.random.get_state()
     gen = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
     names = global_state.get_global_attribute("object_name_uids")
@@ -224,8 +221,6 @@ def untouched_random_state():
         np.random.set_state(np_state)
         global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, gen)
         if names is not None:
-            import collections
-
             global_state.set_global_attribute("object_name_uids", collections.defaultdict(int, names))
 
 
@@ -234,13 +229,6 @@ def time_train_steps(backbone: str, num_classes: int, image_size: int, freeze_up
     """Seconds per train step (best of `steps`) of the classifier, frozen up to `freeze_up_to` and computing in
     `precision`: forward through the frozen layers, forward and backward through the rest, an Adam update (with
     loss scaling for float16). Random weights and images: the speed does not depend on their values."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from tfl import freezing, models
-    from tfl.backbones import registry
-
     with untouched_random_state():
         model = models.build_classifier(backbone, num_classes, image_size, "none", precision=precision)
         plan = freezing.make_plan(registry.get(backbone), model, freeze_up_to)

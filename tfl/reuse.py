@@ -1,8 +1,8 @@
 """Checkpoints meet tfl's models: --init-from into a classifier, `tfl convert` into a backbone with its own top.
 
 tfl.checkpoints reads files and restores names into any Keras model, knowing nothing of tfl; this module adds
-what only tfl knows: its own Keras classes (trusted when a .keras file is rebuilt), the backbone spec (which
-mapping, which classifier layers) and the classifier's new `logits`.
+what only tfl knows: its own Keras classes (tfl.trusted_layers: trusted when a .keras file is rebuilt), the
+backbone spec (which mapping, which classifier layers) and the classifier's new `logits`.
 """
 
 from __future__ import annotations
@@ -10,24 +10,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from tfl import models
+from tfl.backbones import registry
+from tfl.checkpoints.mappings import to_keras
 from tfl.checkpoints.read import Checkpoint
 from tfl.checkpoints.read import read_checkpoint as _read_checkpoint
 from tfl.checkpoints.restore import (TORCH_STYLE_FORMATS, RestoreReport, compile_patterns, compile_renames,
                                     restore)
+from tfl.durable import save_keras
 from tfl.errors import UsageError
-
-
-def custom_objects() -> dict[str, type]:
-    """tfl's own Keras classes by registered name: the ones a .keras file tfl wrote may name."""
-    import keras
-
-    from tfl.freezing import StopGradient
-    from tfl.models import ImagePreprocessing
-    from tfl.training.schedules import WarmupSchedule
-
-    # Listed, not collected from Keras' registry: what a file may rebuild is decided here, not by import order.
-    classes = (ImagePreprocessing, StopGradient, WarmupSchedule)
-    return {keras.saving.get_registered_name(cls): cls for cls in classes}
+from tfl.trusted_layers import custom_objects
 
 
 def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> Checkpoint:
@@ -42,9 +34,7 @@ def mapping_for(spec, checkpoint: Checkpoint) -> str | None:
 
 def classifier_layers(spec) -> tuple[str, ...]:
     """Layers a restore may find changed or absent: the backbone's own top and tfl's new one."""
-    from tfl.models import LOGITS
-
-    return (*spec.classifier, LOGITS)
+    return (*spec.classifier, models.LOGITS)
 
 
 def open_init_from(path: str | None, reuse=(), exclude=(), rename=(), unsafe: bool = False) -> Checkpoint | None:
@@ -71,8 +61,6 @@ def restore_classifier(model, spec, checkpoint, reuse=(), exclude=(), rename=(),
 
 def source_classes(spec, checkpoint: Checkpoint, mapping: str | None) -> int | None:
     """The class count of the file's own classifier (the last dimension of its weights), if it has one."""
-    from tfl.checkpoints.mappings import to_keras
-
     tensors = checkpoint.tensors if mapping is None else to_keras(checkpoint.tensors, mapping)
     shapes = [value.shape for name, value in tensors.items() if name.split("/", 1)[0] in spec.classifier]
     return int(shapes[0][-1]) if shapes else None
@@ -94,10 +82,6 @@ def convert_checkpoint(
     (the report says so). The saved model takes NHWC input of any size (or `image_size`), raw pixels only
     `with_preprocessing`, else exactly what the source network took.
     """
-    from tfl import models
-    from tfl.backbones import registry
-    from tfl.training import rundir
-
     if not output.endswith(".keras"):
         raise UsageError(f"--output {output!r} must end in .keras (Keras' native format)")
     spec = registry.get(backbone)
@@ -110,7 +94,7 @@ def convert_checkpoint(
                          "pass --num-classes N for a new, randomly initialised classifier")
     model = models.build_backbone_model(backbone, classes, image_size, with_preprocessing)
     report = restore(model, checkpoint, mapping=mapping, classifier=classifier_layers(spec), strict=True)
-    rundir.save_keras(model, output)
+    save_keras(model, output)
     if log is not None:
         log(report.summary())
     return report

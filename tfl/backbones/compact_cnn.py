@@ -14,7 +14,7 @@ Keras' 0.99 left the moving statistics behind the weights (see tfl.recipes.compa
 
 from __future__ import annotations
 
-from tfl.backbones.registry import register
+from tfl.backbones.catalog import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
 from tfl.errors import UsageError
 

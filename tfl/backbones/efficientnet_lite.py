@@ -18,8 +18,10 @@ import math
 import os
 import string
 
-from tfl.backbones.registry import register
+from tfl.backbones.catalog import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.checkpoints.read import read_checkpoint
+from tfl.checkpoints.restore import restore
 from tfl.errors import UsageError
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) per block group, for width 1.0.
@@ -167,9 +169,6 @@ def weights_file(name: str, weights: str) -> str:
 
 
 def load_lukemelas_weights(model, name: str, weights: str) -> None:
-    from tfl.checkpoints.read import read_checkpoint
-    from tfl.checkpoints.restore import restore
-
     restore(model, read_checkpoint(weights_file(name, weights)), mapping=CHECKPOINT_MAPPING, classifier=CLASSIFIER)
 
 

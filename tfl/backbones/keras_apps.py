@@ -23,7 +23,7 @@ import os
 from typing import Mapping, Sequence
 
 from tfl.backbones.download import weights_download_errors
-from tfl.backbones.registry import register
+from tfl.backbones.catalog import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
 from tfl.errors import UsageError
 

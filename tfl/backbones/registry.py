@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
+from tfl.backbones.catalog import SPECS as _REGISTRY
+from tfl.backbones.catalog import register  # noqa: F401 (re-exported; family modules import it from catalog)
 from tfl.backbones.spec import BackboneSpec
 from tfl.errors import UsageError
-
-_REGISTRY: dict[str, BackboneSpec] = {}
-
-
-def register(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in _REGISTRY:
-        raise UsageError(f"backbone {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
 
 
 def names() -> list[str]:
@@ -40,7 +33,8 @@ _loaded = False
 
 
 def _load_all() -> None:
-    # Importing the family modules registers their specs; done lazily so `import tfl` stays cheap.
+    # Importing the family modules registers their specs; done lazily so `import tfl` stays cheap (not a cycle:
+    # they register into tfl.backbones.catalog).
     global _loaded
     if _loaded:
         return

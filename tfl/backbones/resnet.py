@@ -16,9 +16,12 @@ import functools
 import hashlib
 import os
 
+from tfl.backbones.catalog import register
+from tfl.backbones.download import weights_download_errors
 from tfl.backbones.errors import WeightsUnavailableError
-from tfl.backbones.registry import register
 from tfl.backbones.spec import BackboneSpec, Preprocessing, Stage
+from tfl.checkpoints.read import read_checkpoint
+from tfl.checkpoints.restore import TORCH_STYLE_FORMATS, restore
 from tfl.errors import UsageError
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # BasicBlocks per layer1..layer4
@@ -128,9 +131,7 @@ def weights_file(name: str, weights) -> str:
 
 def download_imagenet_weights(name: str) -> str:
     """torchvision's ImageNet file, through Keras' download cache (~/.keras/models/); checked against its hash."""
-    from keras.src.utils import file_utils
-
-    from tfl.backbones.download import weights_download_errors
+    from keras.src.utils import file_utils  # Keras only when weights are fetched: listing backbones stays cheap
 
     url = WEIGHTS_URLS[name]
     file_name = os.path.basename(url)
@@ -155,9 +156,6 @@ def download_imagenet_weights(name: str) -> str:
 
 def read_state_dict(path: str):
     """The checkpoint of a .pth/.safetensors file (raw torch keys), recognised by content (tfl.checkpoints.read)."""
-    from tfl.checkpoints.read import read_checkpoint
-    from tfl.checkpoints.restore import TORCH_STYLE_FORMATS
-
     checkpoint = read_checkpoint(path)
     if checkpoint.format not in TORCH_STYLE_FORMATS:
         raise UsageError(
@@ -170,8 +168,6 @@ def read_state_dict(path: str):
 
 def load_torchvision_weights(model, path: str) -> None:
     """Strict: every key used (or ignored: BN batch counters; fc when the model has no top), every weight filled."""
-    from tfl.checkpoints.restore import restore
-
     restore(model, read_state_dict(path), mapping=CHECKPOINT_MAPPING, classifier=CLASSIFIER)
 
 

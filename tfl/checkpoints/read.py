@@ -32,6 +32,11 @@ from typing import Mapping
 import numpy as np
 
 from tfl.checkpoints.errors import CheckpointError
+from tfl.checkpoints.safetensors_file import looks_like_safetensors, read_safetensors
+from tfl.checkpoints.torch_pickle import read_torch_state_dict
+
+# The HDF5 and TF readers (keras_files, hdf5_safety, tf_checkpoint) are imported where a file is read, not here:
+# they load h5py, and the backbone families import this module when the CLI only lists backbones.
 
 FORMATS = (
     "keras",
@@ -98,7 +103,6 @@ def _resolve(path: str) -> tuple[str, str]:
     """(format, the path its reader takes: the file, the checkpoint prefix, or variables/variables)."""
     from tfl.checkpoints import tf_checkpoint
     from tfl.checkpoints.hdf5_safety import has_signature
-    from tfl.checkpoints.safetensors_file import looks_like_safetensors
 
     p = Path(path)
     if p.is_dir():
@@ -162,11 +166,7 @@ def read_checkpoint(path: str | os.PathLike, unsafe: bool = False,
 
         tensors, extra = read_tf_checkpoint(source)
     elif fmt == "safetensors":
-        from tfl.checkpoints.safetensors_file import read_safetensors
-
         tensors, extra = read_safetensors(source), {}
     else:  # pytorch_zip, pytorch_legacy: one reader handles both layouts
-        from tfl.checkpoints.torch_pickle import read_torch_state_dict
-
         tensors, extra = read_torch_state_dict(source), {}
     return Checkpoint(path=path, format=fmt, tensors=tensors, extra=extra)

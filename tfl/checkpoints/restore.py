@@ -30,6 +30,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tfl.checkpoints.mappings import to_keras
+from tfl.checkpoints.read import read_checkpoint
+
 # Sources whose names are raw PyTorch state-dict keys: a family mapping turns them into Keras names.
 TORCH_STYLE_FORMATS = ("pytorch_zip", "pytorch_legacy", "safetensors")
 _VARS_NAME = re.compile(r"(?P<layer>[^/]+)/vars/(?P<index>\d+)")
@@ -143,7 +146,7 @@ def _leaf_layers(layer) -> list:
 
 def model_targets(model) -> dict[str, Target]:
     """Every weight of `model` by canonical name, descending into nested models down to the leaf layers."""
-    from tfl.checkpoints.keras_files import short_name
+    from tfl.checkpoints.keras_files import short_name  # h5py loads with it: only when a model is restored
 
     # Named as the readers name a file's weights: the last two parts of the variable path (Keras gives a freshly
     # built nested Sequential `backbone/conv1/kernel` but the same model reloaded `conv1/kernel`); full path
@@ -190,8 +193,6 @@ def compile_renames(rename: Iterable[tuple[str, str]], what: str = "rename") -> 
 def _read(source, mapping) -> tuple[str, str, dict, dict, list[str]]:
     """(description, format, tensors, {name: the file's own key}, ignored keys) of a path, Checkpoint or dict."""
     if isinstance(source, (str, os.PathLike)):
-        from tfl.checkpoints.read import read_checkpoint
-
         source = read_checkpoint(os.fspath(source))
     if isinstance(source, dict):
         where, fmt, tensors, ignored = "a dict", "dict", dict(source), []
@@ -199,8 +200,6 @@ def _read(source, mapping) -> tuple[str, str, dict, dict, list[str]]:
         where, fmt, tensors, ignored = source.path, source.format, dict(source.tensors), sorted(source.extra)
     keys = {name: name for name in tensors}
     if mapping is not None and (fmt == "dict" or fmt in TORCH_STYLE_FORMATS):
-        from tfl.checkpoints.mappings import to_keras
-
         keys = {}
         raw = tensors
         tensors = to_keras(raw, mapping, keys)

@@ -7,28 +7,24 @@ import re
 from typing import Callable
 
 from tfl.data.errors import DataError
-from tfl.data.idx_source import IDX_DATASETS
+from tfl.data.idx_source import IDX_DATASETS, load_idx_dataset
+from tfl.data.image_folder import load_image_folder
 from tfl.data.splits import DatasetSplits
+from tfl.data.tfds_source import UnknownTfdsDataset, load_tfds_dataset  # tensorflow_datasets itself loads on use
 
 # tfds names: snake_case, optional /config, optional :version ("cifar10", "imagenet2012_subset/1pct:5.*.*").
 _TFDS_NAME = re.compile(r"[a-z0-9_]+(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?")
 
 
 def _load_folder(dataset, data_dir, val_split, seed, skip_bad_images, download, log):
-    from tfl.data.image_folder import load_image_folder
-
     return load_image_folder(dataset, val_split=val_split, seed=seed, skip_bad_images=skip_bad_images, log=log)
 
 
 def _load_idx(dataset, data_dir, val_split, seed, skip_bad_images, download, log):
-    from tfl.data.idx_source import load_idx_dataset
-
     return load_idx_dataset(dataset, data_dir=data_dir, val_split=val_split, seed=seed, download=download, log=log)
 
 
 def _load_tfds(dataset, data_dir, val_split, seed, skip_bad_images, download, log):
-    from tfl.data.tfds_source import UnknownTfdsDataset, load_tfds_dataset
-
     try:
         return load_tfds_dataset(dataset, data_dir=data_dir, val_split=val_split, seed=seed, download=download, log=log)
     except UnknownTfdsDataset as error:

@@ -1,7 +1,7 @@
 """`tfl advise`: how deep to freeze, measured on the target data before any training.
 
     result = advise(AdviseOptions(dataset="digits/"))        # advise.json, advise.csv, advise.png in output_dir
-    opts, advice = resolve_auto(opts, spec, splits, ...)      # what `tfl finetune --freeze-up-to auto` calls
+    jobs.run(opts, recipe, log, resolve_depth=resolve_auto)   # how `tfl finetune --freeze-up-to auto` uses it
 
 1. The data: examples per class, class balance, native image size against the backbone's input size.
 2. One backbone pass, in inference mode, over a stratified sample of the training rows (--sample N), capturing at
@@ -28,23 +28,33 @@ The rules in `recommend` and their thresholds come from scripts/calibrate_advise
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import ClassVar
 
 import numpy as np
 
+from tfl import data
+from tfl import job as jobs
+from tfl.backbones import registry
+from tfl.cache import ArrayCache, default_cache_dir, parse_size
 from tfl.errors import UsageError
-from tfl.job import ADVICE, BACKBONE_LR_FACTOR, JobOptions
+from tfl.job import ADVICE, AUTO, BACKBONE_LR_FACTOR, JobOptions
 from tfl.options import CACHE_DIR_HELP, all_but, option
+from tfl.recipes import transferability
+from tfl.reporting.figures import STAGE_LINE, _figure, _finish
+from tfl.training import checkpoint, rundir, strategy as strategies
+
+# The modules built on TensorFlow/Keras (tfl.models, tfl.freezing, tfl.precision, tfl.data.pipeline,
+# tfl.training.boundary) are imported inside the functions that use them: `tfl finetune` imports this module for
+# --freeze-up-to auto, and the CLI imports finetune to print --help.
 
 ADVISE_JSON, ADVISE_CSV, ADVISE_PNG = "advise.json", "advise.csv", "advise.png"
-AUTO = "auto"  # --freeze-up-to auto
 FORMAT = 1  # of the cached pass; bump when what it holds changes
 DEFAULT_SAMPLE = 1000
 PROBE_HOLDOUT = 1 / 3  # of the sample, stratified, scores the linear probe
@@ -104,11 +114,6 @@ def advise(opts: AdviseOptions, log=print) -> dict:
     """Score every freeze boundary of opts.backbone on opts.dataset and recommend a depth; writes advise.json,
     advise.csv and advise.png to opts.output_dir (default runs/<time>-advise-<dataset>) and returns advise.json's
     content plus output_dir."""
-    from tfl import data
-    from tfl import job as jobs
-    from tfl.backbones import registry
-    from tfl.training import rundir
-
     check_sample(opts.sample)
     spec = registry.get(opts.backbone)
     if opts.label_fraction is not None:
@@ -129,12 +134,6 @@ def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log
     """`--freeze-up-to auto`: measure, then return opts with freeze_up_to the recommended stage (and image_size
     the recommended size when --image-size was not given), and the advice to record as advice.json. The proxy
     runs go to a temporary directory; on a multi-worker `strategy` every worker takes the chief's depth."""
-    import shutil
-    import tempfile
-
-    from tfl import job as jobs
-    from tfl.training import strategy as strategies
-
     sample = getattr(opts, "sample", DEFAULT_SAMPLE)
     check_sample(sample)
     recorded = _resumed_advice(opts)
@@ -169,8 +168,6 @@ def resolve_auto(opts: JobOptions, spec, splits, source, n_train: int, rows, log
 
 def _resumed_advice(opts) -> dict | None:
     """The advice.json of the run being resumed in opts.output_dir (a checkpoint there, no --overwrite)."""
-    from tfl.training import checkpoint, rundir
-
     if not opts.output_dir or opts.overwrite:
         return None
     path = os.path.join(opts.output_dir, ADVICE)
@@ -185,9 +182,6 @@ def _resumed_advice(opts) -> dict | None:
 
 
 def _train_part(splits, opts):
-    from tfl import data
-    from tfl import job as jobs
-
     n_train, rows = splits.num_examples["train"], jobs.train_rows(splits, opts)
     source = splits.train
     if rows is not None:
@@ -240,8 +234,6 @@ def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log
 
 
 def _train_labels(splits, source, rows) -> np.ndarray:
-    from tfl import data
-
     if splits.train_labels is not None:
         labels = np.asarray(splits.train_labels)
         return labels[rows] if rows is not None else labels
@@ -288,17 +280,16 @@ def data_summary(labels, splits, spec, image_size: int, sample: int) -> dict:
 
 
 def score_boundary(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, held: np.ndarray) -> dict:
-    from tfl.recipes import transferability as t
-
     row = {}
     start = time.perf_counter()
-    row["logme"] = round(t.logme(features, labels), 6)
+    row["logme"] = round(transferability.logme(features, labels), 6)
     row["logme_seconds"] = round(time.perf_counter() - start, 4)
     start = time.perf_counter()
-    row["h_score"] = round(t.h_score(features, labels), 6)
+    row["h_score"] = round(transferability.h_score(features, labels), 6)
     row["h_score_seconds"] = round(time.perf_counter() - start, 4)
     start = time.perf_counter()
-    row["probe_accuracy"] = round(t.probe_accuracy(features[fit], labels[fit], features[held], labels[held]), 6)
+    row["probe_accuracy"] = round(transferability.probe_accuracy(features[fit], labels[fit], features[held],
+                                                                 labels[held]), 6)
     row["probe_seconds"] = round(time.perf_counter() - start, 4)
     return row
 
@@ -325,8 +316,9 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
     backbone (cached), then `epochs` fine-tune epochs, on at most --sample training rows (seeded), in float32,
     one device, everything else as opts; each run directory under root. Returns the best val accuracy per
     boundary, the seconds, and the settings (advise.json "proxy")."""
-    from tfl import job as jobs
-    from tfl.precision import untouched_random_state
+    from tfl.precision import untouched_random_state  # Keras (see the top)
+    # Here, not at the top: finetune imports this module for --freeze-up-to auto (the one recipe cycle left;
+    # it goes once finetune's two-stage recipe and its command live in separate modules).
     from tfl.recipes.finetune import FinetuneOptions, two_stage
 
     rows = min(n_train, getattr(opts, "sample", DEFAULT_SAMPLE))
@@ -359,7 +351,7 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
 def stage_boundaries(spec, backbone) -> list[tuple[str, str]]:
     """(canonical stage, the layer that ends it) for every stage with layers, in order: where --freeze-up-to
     STAGE cuts. The last is the backbone's output (the pooled features)."""
-    from tfl.freezing import resolve_up_to
+    from tfl.freezing import resolve_up_to  # Keras (see the top)
 
     names = [layer.name for layer in backbone.layers]
     out, seen = [], set()
@@ -376,8 +368,7 @@ def backbone_pass(opts, spec, splits, source, n_train, rows, sample, sample_labe
     """Pooled features per boundary ([len(sample), dim] each) and BN statistics, from the cache or one pass."""
     import keras
 
-    from tfl import models
-    from tfl.cache import ArrayCache, default_cache_dir, parse_size
+    from tfl import models  # Keras (see the top)
     from tfl.training import boundary as cache_keys
 
     keras.utils.set_random_seed(opts.seed)
@@ -415,10 +406,10 @@ def backbone_pass(opts, spec, splits, source, n_train, rows, sample, sample_labe
         info = {**entry.info, "reused": False, "path": entry.path}
     if not np.array_equal(np.asarray(entry.labels), sample_labels):
         raise UsageError("advise: the cached pass's labels differ from the data's; delete it: " + str(entry.path))
-    data = np.asarray(entry.data, np.float64)
+    stacked = np.asarray(entry.data, np.float64)
     blocks, start = [], 0
     for dim in dims:
-        blocks.append(data[:, start: start + dim])
+        blocks.append(stacked[:, start: start + dim])
         start += dim
     bn = {name: {k: np.asarray(v) for k, v in stats.items()} for name, stats in info["bn"].items()}
     return blocks, bn, boundaries, {**info, "stride": stride}
@@ -428,7 +419,7 @@ def _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, i
     import keras
     import tensorflow as tf
 
-    from tfl import data, models
+    from tfl import models  # Keras (see the top)
     from tfl.data.pipeline import fill_images, stored_shape, to_model_input
 
     started = time.perf_counter()
@@ -475,12 +466,10 @@ def _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, i
 
 def stage_gaps(bn: dict, spec) -> dict:
     """Canonical stage -> mean over its BN layers of the per-layer gap (transferability.bn_gap)."""
-    from tfl.recipes.transferability import bn_gap
-
     per_stage: dict[str, list[float]] = {}
     for name, s in bn.items():
         stage = spec.stage_of(name) or "unstaged"
-        per_stage.setdefault(stage, []).append(bn_gap(s["mean"], s["var"], s["moving_mean"], s["moving_var"],
+        per_stage.setdefault(stage, []).append(transferability.bn_gap(s["mean"], s["var"], s["moving_mean"], s["moving_var"],
                                                       float(s.get("epsilon", 1e-3))))
     return {stage: round(float(np.mean(v)), 6) for stage, v in per_stage.items()}
 
@@ -629,23 +618,15 @@ def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float,
 
 # -- outputs -------------------------------------------------------------------------------------------------------
 def write_outputs(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
     folder = rundir.RunDir(out)
     folder.write_json(ADVISE_JSON, result)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(result["boundaries"])
-    rundir.atomic_write(folder.file(ADVISE_CSV), buffer.getvalue().encode())
+    folder.write_csv(ADVISE_CSV, COLUMNS, result["boundaries"], extrasaction="ignore")
     write_figure(result, folder.file(ADVISE_PNG))
 
 
 def write_figure(result: dict, path: str) -> str:
     """A panel per score against the boundary (LogME, H-score, probe accuracy, the proxy's accuracy where it
     ran) and the BN gap; the recommendation marked."""
-    from tfl.reporting.figures import STAGE_LINE, _figure, _finish
-
     rows = result["boundaries"]
     names = [row["boundary"] for row in rows]
     x = np.arange(len(names))

@@ -19,6 +19,7 @@ import dataclasses
 from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
+from tfl.recipes.advise import resolve_auto
 
 from tfl.options import BALANCE, UNFREEZE, option
 
@@ -51,7 +52,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     check_balance(opts.balance)
     recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
-    return jobs.run(opts, recipe, log)
+    return jobs.run(opts, recipe, log, resolve_depth=resolve_auto)
 
 
 def two_stage(job: Job) -> dict:

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from tfl.durable import atomic_write
 from tfl.errors import UsageError
 
 STAGE_LINE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0}
@@ -227,8 +228,6 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(figure, path: str) -> str:
-    from tfl.training.rundir import atomic_write
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

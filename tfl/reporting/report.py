@@ -8,15 +8,16 @@ The metric functions are pure numpy on a confusion matrix, so they are tested on
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from typing import NamedTuple
 
 import numpy as np
 
+from tfl import data
+from tfl.durable import write_csv, write_json
 from tfl.errors import UsageError
+from tfl.inference import check_split, load_run
+from tfl.reporting import figures
 
 REPORT_DIR = "report"
 FILES = {"report": "report.json", "confusion_matrix_json": "confusion_matrix.json",
@@ -28,10 +29,6 @@ TOP_CONFUSIONS = 10
 def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = None, split: str | None = None,
                batch_size: int = 64, output_dir: str | None = None, max_images: int = 32, log=print) -> dict:
     """Predict every example of `split` (default: test, or val when there is none) with the run's model."""
-    from tfl import data
-    from tfl.inference import check_split, load_run
-    from tfl.reporting import figures
-
     if split is not None:
         check_split(split)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -67,7 +64,7 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
             {"true": classes[m.true], "predicted": classes[m.predicted], "prob": round(m.prob, 6)} for m in mistakes]},
         "files": paths,
     }
-    _write_json(paths["confusion_matrix_json"], {"class_names": list(classes), "rows": "true",
+    write_json(paths["confusion_matrix_json"], {"class_names": list(classes), "rows": "true",
                                                  "columns": "predicted", "matrix": matrix.tolist()})
     _write_per_class_csv(paths["per_class_csv"], result["per_class"])
     title = f"{os.path.basename(os.path.normpath(run_dir))}: {split}, accuracy {result['accuracy']:.4f}"
@@ -75,7 +72,7 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     figures.write_misclassified_grid([m.image for m in mistakes], [classes[m.true] for m in mistakes],
                                      [classes[m.predicted] for m in mistakes], [m.prob for m in mistakes],
                                      paths["misclassified_png"])
-    _write_json(paths["report"], result)  # last: its presence means the whole report was written
+    write_json(paths["report"], result)  # last: its presence means the whole report was written
     log(f"{split} accuracy {result['accuracy']:.4f} on {result['examples']} examples; report in {out}")
     return result
 
@@ -195,17 +192,5 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.zeros_like(numerator, dtype=np.float64), where=denominator > 0)
 
 
-def _write_json(path: str, obj) -> None:
-    from tfl.training.rundir import atomic_write
-
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def _write_per_class_csv(path: str, rows: list[dict]) -> None:
-    from tfl.training.rundir import atomic_write
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "precision", "recall", "f1", "support"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buffer.getvalue().encode())
+    write_csv(path, ["class", "precision", "recall", "f1", "support"], rows)

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_size
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL, ImageStore, fill_images, gather_batches, index_order, stored_shape
+from tfl.data.subset import random_rows
 from tfl.errors import UsageError
 from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
 from tfl.training.bn_folding import folded_call
@@ -79,8 +80,6 @@ def rows_digest(rows) -> str:
 
 def subset_digest(size: int, count: int, seed: int) -> str:
     """rows_digest of the rows tfl.data.random_subset(ds, size, count, seed) keeps."""
-    from tfl.data import random_rows
-
     return rows_digest(random_rows(size, count, seed))
 
 

@@ -8,7 +8,7 @@ file where a reader would take it for a checkpoint.
                   not the current ones, and the trainer state as JSON (stage, epoch, history, best, patience)
   latest          the name of the newest complete checkpoint, written after it: a checkpoint counts only once
                   `latest` names it, and a reader falls back to older ones when it is damaged
-Only the newest two are kept (the second is the fallback). Every file goes through rundir.atomic_write (temp
+Only the newest two are kept (the second is the fallback). Every file goes through tfl.durable.atomic_write (temp
 file, fsync, rename).
 
 Test hook (documented, used by tests/test_resume.py): the environment variable TFL_FAULT makes a run die by
@@ -32,7 +32,7 @@ import zipfile
 
 import numpy as np
 
-from tfl.training import rundir
+from tfl.durable import TMP_PREFIX, atomic_write
 
 LATEST = "latest"
 STATE_KEY = "state"
@@ -100,8 +100,8 @@ class CheckpointManager:
         if fault and fault[0] == snapshot.epoch:
             self._die_half_written(name, data)
         path = os.path.join(self.folder, name)
-        rundir.atomic_write(path, data)
-        rundir.atomic_write(os.path.join(self.folder, LATEST), (name + "\n").encode())
+        atomic_write(path, data)
+        atomic_write(os.path.join(self.folder, LATEST), (name + "\n").encode())
         self._prune(snapshot.epoch)
         return path
 
@@ -113,7 +113,7 @@ class CheckpointManager:
                 os.unlink(os.path.join(self.folder, checkpoint_name(e)))
 
     def _die_half_written(self, name: str, data: bytes) -> None:
-        fd, _ = tempfile.mkstemp(dir=self.folder, prefix=rundir.TMP_PREFIX, suffix="-" + name)
+        fd, _ = tempfile.mkstemp(dir=self.folder, prefix=TMP_PREFIX, suffix="-" + name)
         with os.fdopen(fd, "wb") as f:
             f.write(data[: len(data) // 2])
             f.flush()

@@ -19,23 +19,21 @@ too, unless --overwrite says to replace the earlier run's files.
 
 from __future__ import annotations
 
-from tfl.errors import Unavailable, UsageError
-import csv
 import datetime
-import io
 import json
-import math
 import os
 import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
+
+from tfl.errors import Unavailable, UsageError
+from tfl.checkpoints.json_limits import loads_bounded
+from tfl.durable import TMP_PREFIX, atomic_write, fsync_dir, save_keras, write_csv, write_json  # noqa: F401 (re-exported)
 
 CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
     "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
-TMP_PREFIX = ".tmp-"
 LOCK = ".tfl.lock"
 MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # a run's JSON files are small and shallow; anything else is refused
 # What a tfl run writes into its directory besides the names above; --overwrite deletes exactly these.
@@ -83,7 +81,7 @@ class RunLock:
         self._created = False
 
     def __enter__(self) -> "RunLock":
-        import fcntl
+        import fcntl  # Unix only: importing this module stays possible without it
 
         self._created = not os.path.exists(self.path)
         os.makedirs(self.path, exist_ok=True)
@@ -140,17 +138,6 @@ def _read_holder(fd: int) -> str:
             f"{info.get('command', '')}").strip()
 
 
-def _finite(obj):
-    """NaN and infinities become null: json.dumps would write NaN, which most JSON parsers refuse."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def default_path(backbone: str, dataset: str, root: str = "runs") -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(dataset))).strip("_") or "data"
@@ -159,58 +146,6 @@ def default_path(backbone: str, dataset: str, root: str = "runs") -> str:
     while os.path.exists(path if suffix == 1 else f"{path}-{suffix}"):  # two runs started in the same second
         suffix += 1
     return path if suffix == 1 else f"{path}-{suffix}"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and not err.filename:  # say which file could not be written
-            raise OSError(err.errno, err.strerror, path) from None
-        raise
-    fsync_dir(folder)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(folder: str) -> None:
-    """Make a rename in `folder` durable: without this a power cut can undo it even after the file's fsync."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_keras(model, path: str) -> None:
-    """model.save to `path` (.keras) atomically: a half-written model never stands under the final name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Keras picks the format from the suffix, so the temp name must end in .keras too.
-    tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(path))
-    try:
-        model.save(tmp)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OSError(err.errno, err.strerror, path) from None
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(folder)
 
 
 class RunDir:
@@ -238,23 +173,16 @@ class RunDir:
         return removed
 
     def write_json(self, name: str, obj) -> None:
-        text = json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False)
-        atomic_write(self.file(name), (text + "\n").encode())
+        write_json(self.file(name), obj)
 
     def write_csv(self, name: str, fieldnames, rows, extrasaction: str = "raise") -> None:
         """rows (dicts) as CSV with a header, written atomically; extrasaction as csv.DictWriter's."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction=extrasaction)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.file(name), buffer.getvalue().encode())
+        write_csv(self.file(name), fieldnames, rows, extrasaction)
 
     def read_json(self, name: str):
         path = self.file(name)
         if not os.path.isfile(path):
             raise UsageError(f"{self.path}: missing {name}; is this a finished tfl run directory?")
-        from tfl.checkpoints.json_limits import loads_bounded
-
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
         if len(raw) > MAX_JSON_BYTES:
@@ -265,13 +193,8 @@ class RunDir:
             raise UsageError(f"{path} is not a readable tfl run file: {err}") from None
 
     def write_history(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.file(HISTORY), buf.getvalue().encode())
+        if rows:
+            write_csv(self.file(HISTORY), rows[0], rows)
 
     def save_model(self, model) -> None:
         save_keras(model, self.file(MODEL))
@@ -280,10 +203,11 @@ class RunDir:
         """model.keras, rebuilt by Keras only after the checks every .keras file gets: known archive members,
         bounded sizes and nesting, only Keras built-ins and tfl's own classes (a run directory is a folder anyone
         can hand over, and a config naming `os.system` or a Lambda must be refused by name, not by Keras)."""
+        # Keras, h5py and tfl's layers load here, not with this module: the CLI imports it (RunDirInUse) for --help.
         import keras
 
         from tfl.checkpoints.keras_files import check_keras_archive
-        from tfl.reuse import custom_objects  # also registers tfl's custom layers for deserialisation
+        from tfl.trusted_layers import custom_objects  # also registers tfl's custom layers for deserialisation
 
         path = self.file(MODEL)
         if not os.path.isfile(path):
