@@ -9,7 +9,7 @@ Every `tfl` command is a function here with the command's options as keyword arg
 is light: TensorFlow loads when a function first needs it.
 """
 
-__version__ = "0.1.0"
+from tfl.version import __version__  # noqa: F401
 
 from tfl.api import (Result, advise, compare, dann, distill, evaluate, export, fewshot, finetune, forgetting,  # noqa: E402
                      load_model, multitask, predict, pretext, restore, self_train, set_progress)

@@ -23,7 +23,8 @@ import tempfile
 import time
 from typing import Callable
 
-from tfl import __version__, data
+from tfl import data
+from tfl.version import __version__
 from tfl.backbones import registry
 from tfl.errors import UsageError
 from tfl.options import (BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS,  # noqa: F401
