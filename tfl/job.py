@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Callable
 
-from tfl.options import DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS, JobOptions  # noqa: F401 (re-exported)
+from tfl.options import FREEZE_AUTO, PRECISIONS
+from tfl.options import DEFAULT_BACKBONE, DEFAULT_DATASET, JobOptions  # noqa: F401 (re-exported)
 
 RESTORE_REPORT = "restore_report.json"
 ADVICE = "advice.json"  # --freeze-up-to auto: what tfl advise measured and chose
@@ -182,6 +183,9 @@ class Job:
         from tfl.backbones import registry
 
         spec = registry.get(opts.backbone)
+        # The one place --freeze-up-to is resolved ("default" -> the backbone's stage, "none" -> None; auto below):
+        # from here on opts, config.json and freeze_plan.json hold what the run freezes, which resume compares.
+        opts = dataclasses.replace(opts, freeze_up_to=freezing.resolve_freeze_up_to(spec, opts.freeze_up_to))
         models.check_image_size(spec, opts.image_size)  # before the data is read
         if opts.label_fraction is not None:
             data.check_label_fraction(opts.label_fraction)
@@ -197,7 +201,7 @@ class Job:
         if rows is not None:
             train_source, n_train = data.take_rows(splits.train, n_train, rows), len(rows)
         advice = None
-        if opts.freeze_up_to == "auto":  # tfl advise decides: a concrete stage (and size) from here on
+        if opts.freeze_up_to == FREEZE_AUTO:  # tfl advise decides: a concrete stage (and size) from here on
             from tfl.recipes.advise import resolve_auto
 
             opts, advice = resolve_auto(opts, spec, splits, train_source, n_train, rows, log, strategy)

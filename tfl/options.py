@@ -8,6 +8,9 @@ import dataclasses
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 FREEZE_MODES = ("trainable", "stop_gradient")
+# --freeze-up-to words besides a stage or layer name: the backbone's own default depth (BackboneSpec.
+# default_freeze_up_to), nothing frozen (also None), and `tfl advise`'s choice (tfl.recipes.advise.AUTO).
+FREEZE_DEFAULT, FREEZE_NONE, FREEZE_AUTO = "default", "none", "auto"
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 CACHE_MODES = ("auto", "on", "off")
 MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
@@ -50,7 +53,7 @@ class JobOptions:
     image_size: int | None = None
     limit_train: int | None = None
     label_fraction: float | None = None  # keep this share of each class's train examples (seeded, stratified)
-    freeze_up_to: str | None = "block4"
+    freeze_up_to: str | None = FREEZE_DEFAULT  # a stage, layer name or prefix; "default", "none" (or None), "auto"
     rules: tuple[tuple[str, str], ...] = ()
     freeze_mode: str = "trainable"
     train_bn: bool = False
