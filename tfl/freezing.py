@@ -5,7 +5,8 @@ by `training_graph` in mode "trainable" (layer flags) or "stop_gradient" (a grad
 
 Rules, in order:
 1. `freeze_up_to` X freezes every layer from the input through the last layer of X (a canonical stage, a
-   real layer name, or a layer-name prefix), inclusive.
+   real layer name, or a layer-name prefix), inclusive. "default" means the backbone's own depth
+   (BackboneSpec.default_freeze_up_to); None or "none" freezes nothing (`resolve_freeze_up_to`).
 2. `--freeze R` / `--unfreeze R` rules (regex fullmatch over layer names) are applied in the order given;
    for each layer the last rule that matches wins.
 BatchNormalization: a frozen BN layer always runs in inference mode and its statistics never change. BN layers
@@ -22,11 +23,12 @@ from typing import Iterable, Sequence
 
 import keras
 
-from tfl.backbones.spec import BackboneSpec
+from tfl.backbones.spec import CANONICAL_STAGE, BackboneSpec
 from tfl.errors import UsageError
 from tfl.models import INPUT, NoSingleCut, backbone_of, head_layers, preprocess_layer, submodel
-
+from tfl.options import FREEZE_DEFAULT, FREEZE_NONE
 from tfl.options import FREEZE_MODES as MODES
+
 CLASSIFIER_STAGE = "classifier"  # the new head tfl adds (not the backbone's own `head` stage)
 
 
@@ -97,8 +99,34 @@ def _param_count(layer) -> int:
     return sum(math.prod(w.shape) for w in layer.weights)  # from shapes: reads no variable
 
 
+def resolve_freeze_up_to(spec: BackboneSpec, value: str | None) -> str | None:
+    """What a --freeze-up-to value means for this backbone, before any model is built: "default" becomes the
+    spec's default stage, None / "" / "none" become None (nothing frozen), a canonical stage name the backbone
+    lacks is refused; anything else (a stage, a layer name or prefix, "auto") passes on as given."""
+    if value == FREEZE_DEFAULT:
+        return spec.default_freeze_up_to
+    if value in (None, "", FREEZE_NONE):
+        return None
+    check_stage_name(spec, value)
+    return value
+
+
+def check_stage_name(spec: BackboneSpec, value: str, layer_names: Sequence[str] = ()) -> None:
+    """Refuse a canonical stage name (stem, blockN, head) that is not one of this backbone's stages, even where
+    it prefixes layer names (Xception's own block5_* layers are inside its canonical block3)."""
+    if CANONICAL_STAGE.fullmatch(value) and value not in spec.stage_names:
+        prefixed = any(name.startswith(value + "_") for name in layer_names)
+        raise ValueError(
+            f"--freeze-up-to {value!r} is not a stage of {spec.name}; its stages are: "
+            f"{', '.join(spec.stage_names)} (default {spec.default_freeze_up_to})"
+            + (f". For its layers named {value}_*, pass the prefix {value + '_'!r}" if prefixed else "")
+        )
+
+
 def resolve_up_to(spec: BackboneSpec, layer_names: Sequence[str], value: str) -> int:
     """Index (in layer_names) of the last layer that `value` names: a stage, a layer, or a name prefix."""
+    if value not in layer_names:
+        check_stage_name(spec, value, layer_names)
     if value in spec.stage_names:
         members = [i for i, name in enumerate(layer_names) if spec.stage_of(name) == value]
         if members:
@@ -136,9 +164,13 @@ def make_plan(
     freeze_up_to: str | None = None,
     rules: Sequence[tuple[str, str]] = (),
 ) -> FreezePlan:
-    """The plan for a classifier built by tfl.models.build_classifier (backbone nested inside)."""
+    """The plan for a classifier built by tfl.models.build_classifier (backbone nested inside).
+
+    freeze_up_to: see resolve_freeze_up_to ("default": the backbone's default stage; None or "none": nothing);
+    the plan records the resolved value."""
     backbone = backbone_of(model)
     names = [layer.name for layer in backbone.layers]
+    freeze_up_to = resolve_freeze_up_to(spec, freeze_up_to)
     up_to = resolve_up_to(spec, names, freeze_up_to) if freeze_up_to else -1
     plans = []
     for i, layer in enumerate(backbone.layers):

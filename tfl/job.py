@@ -193,6 +193,9 @@ class Job:
         from tfl import freezing, models, reuse  # Keras (see the top)
 
         spec = registry.get(opts.backbone)
+        # The one place --freeze-up-to is resolved ("default" -> the backbone's stage, "none" -> None; auto below):
+        # from here on opts, config.json and freeze_plan.json hold what the run freezes, which resume compares.
+        opts = dataclasses.replace(opts, freeze_up_to=freezing.resolve_freeze_up_to(spec, opts.freeze_up_to))
         models.check_image_size(spec, opts.image_size)  # before the data is read
         if opts.label_fraction is not None:
             data.check_label_fraction(opts.label_fraction)

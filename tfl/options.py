@@ -14,6 +14,9 @@ import dataclasses
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 FREEZE_MODES = ("trainable", "stop_gradient")
+# --freeze-up-to words besides a stage or layer name: the backbone's own default depth (BackboneSpec.
+# default_freeze_up_to), nothing frozen (also None), and `tfl advise`'s choice (tfl.recipes.advise.AUTO).
+FREEZE_DEFAULT, FREEZE_NONE, FREEZE_AUTO = "default", "none", "auto"
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 CACHE_MODES = ("auto", "on", "off")
 MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
@@ -153,13 +156,14 @@ class JobOptions:
         r"With --init-from: rename FILE's tensors, regex SRC (fullmatch) to DST with \1 groups, e.g. "
         r"'(.*)/weights=\1/kernel'. Repeatable; applied in order."))
     init_unsafe: bool = option(False, group="model", flag="--unsafe", help=UNSAFE_HELP)
-    freeze_up_to: str | None = option("block4", group="model", metavar="X", help=FREEZE_UP_TO_HELP + (
-        " 'none' unfreezes the whole backbone after the head stage; 'auto' lets `tfl advise` choose, by short runs "
-        "of this recipe above every other boundary on at most 1,000 images with this run's epochs (and the input "
-        "size, unless --image-size is given; advice.json says why). The default gave the best accuracy within 20 "
-        "minutes for the embedded default on a 2-core CPU; a shallower boundary adapts more layers at more cost per "
-        "epoch (Fashion-MNIST at 112px on a 2-core AVX-512 CPU: 146s an epoch at block4, 3s with everything "
-        "frozen)."))
+    freeze_up_to: str | None = option(FREEZE_DEFAULT, group="model", metavar="X", help=FREEZE_UP_TO_HELP + (
+        " 'default': the backbone's own depth (`tfl backbones` lists it; it leaves roughly the top quarter to a "
+        "third of the backbone trainable; block4 for efficientnet_lite0, the embedded default's measured best "
+        "within 20 minutes on a 2-core CPU). 'none' unfreezes the whole backbone after the head stage. 'auto' lets "
+        "`tfl advise` choose, by short runs of this recipe above every other boundary on at most 1,000 images with "
+        "this run's epochs (and the input size, unless --image-size is given; advice.json says why). A shallower "
+        "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px on a 2-core AVX-512 CPU: 146s "
+        "an epoch at block4, 3s with everything frozen)."))
     # --freeze REGEX / --unfreeze REGEX, in command-line order (the last matching rule wins): tfl.cli.params
     rules: tuple[tuple[str, str], ...] = option((), group="model", cli=False)
     freeze_mode: str = option("trainable", group="model", choices=FREEZE_MODES, help=(

