@@ -8,18 +8,19 @@ import click
 
 from tfl.cli.core import call, cli, echo_json
 from tfl.cli.params import OrderedRulesCommand, positive, rule_options
-from tfl.options import FREEZE_UP_TO_HELP, UNSAFE_HELP
+from tfl.options import FREEZE_DEFAULT, FREEZE_UP_TO_HELP, UNSAFE_HELP
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def backbones(as_json):
-    """List the backbones, their input size, stages and weight sources."""
+    """List the backbones: input size, canonical stages, the default freeze depth, weight sources."""
     from tfl.backbones import registry
 
     specs = registry.all_specs()
     rows = [{"name": s.name, "family": s.family, "input_size": s.input_size, "stages": s.stage_names,
-             "weights": dict(s.weight_sources), "default_weights": s.default_weights, "description": s.description}
+             "default_freeze_up_to": s.default_freeze_up_to, "weights": dict(s.weight_sources),
+             "default_weights": s.default_weights, "description": s.description}
             for s in specs]
     if as_json:
         echo_json(rows)
@@ -27,7 +28,7 @@ def backbones(as_json):
     for r in rows:
         weights = ", ".join(f"{k}: {v}" for k, v in r["weights"].items()) or "none"
         click.echo(f"{r['name']:<22} {r['input_size']:>4}px  stages {r['stages'][0]}..{r['stages'][-1]} "
-                   f"({len(r['stages'])})  weights {weights}")
+                   f"({len(r['stages'])})  frozen up to {r['default_freeze_up_to']:<7} weights {weights}")
 
 
 def _with_rules(f):
@@ -37,8 +38,9 @@ def _with_rules(f):
 
 @cli.command(cls=OrderedRulesCommand)
 @click.argument("backbone")
-@click.option("--freeze-up-to", metavar="X", help=FREEZE_UP_TO_HELP + " Default: the plan `tfl finetune` uses for "
-              "this backbone; 'none' freezes nothing.")
+@click.option("--freeze-up-to", metavar="X", default=FREEZE_DEFAULT, show_default=True,
+              help=FREEZE_UP_TO_HELP + " 'default': the depth `tfl finetune` uses for this backbone; 'none' freezes "
+                   "nothing.")
 @_with_rules
 @click.option("--num-classes", default=10, show_default=True, callback=positive, help="Classes of the new head.")
 @click.option("--image-size", type=int, callback=positive, help="Input size (default: the backbone's).")

@@ -78,7 +78,7 @@ def _hidden(text):
 def _rename(value):
     src, sep, dst = value.rpartition("=")  # the last '=': a regex may hold one ((?=...)), a layer name won't
     if not sep or not src:
-        raise UsageError(f"{value!r} is not SRC=DST, e.g. '(.*)/weights=\\1/kernel'")
+        raise UsageError(f"--rename {value!r} is not SRC=DST, e.g. '(.*)/weights=\\1/kernel'")
     return src, dst
 
 
@@ -106,7 +106,7 @@ def _task_weight(value):
     except ValueError:
         weight = None
     if not sep or not name or weight is None or not weight >= 0:
-        raise UsageError(f"{value!r} is not TASK=WEIGHT with a weight >= 0, e.g. coarse=0.5")
+        raise UsageError(f"--task-weight {value!r} is not TASK=WEIGHT with a weight >= 0, e.g. coarse=0.5")
     return name, weight
 
 
@@ -168,7 +168,7 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
                 value = tuple(map(parse, value)) if meta.get("repeat") else parse(value)
         except ValueError as err:
             raise click.BadParameter(str(err)) from None
-        problem = None if isinstance(value, tuple) else check_value(field, value, named=False)  # lists: see run
+        problem = None if isinstance(value, tuple) else check_value(field, value)  # lists: the library's check
         if problem:
             raise click.BadParameter(problem)
         return value
