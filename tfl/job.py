@@ -163,6 +163,7 @@ class Job:
     advice: dict | None = None  # --freeze-up-to auto: what tfl advise measured and chose (advice.json)
     precision: object = None  # tfl.precision.Choice: what the model computes in, and why
     targets: list | None = None  # the model's output names when they are not the data's classes (a pretext task)
+    record: dict | None = None  # the options config.json records; None: every field (a sweep's run: tfl.recipes.sweep)
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -272,7 +273,8 @@ class Job:
         self.log(f"model: {opts.backbone} ({weights or 'random init'}), {plan.frozen_params:,} frozen / "
                  f"{plan.trainable_params:,} trainable parameters in the last stage, freeze mode {opts.freeze_mode}, "
                  f"{self.replicas} replica(s)")
-        self.config = {**dataclasses.asdict(opts), **(config or {}), "image_size": self.image_size,
+        recorded = self.record if self.record is not None else dataclasses.asdict(opts)
+        self.config = {**recorded, **(config or {}), "image_size": self.image_size,
                        "weights_resolved": weights, "num_classes": len(self.class_names),
                        "num_examples": {**self.splits.num_examples, "train": self.n_train},
                        "dataset_fingerprint": self.splits.fingerprint, "replicas": self.replicas,

@@ -657,7 +657,7 @@ SELF_TRAIN = self_train_defaults()
 
 
 @cli.command("self-train", cls=OrderedRulesCommand, short_help="Self-training with pseudo-labels on unlabeled data.")
-@click.option("--labeled-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+@click.option("--labeled-fraction", "label_fraction", type=click.FloatRange(0, 1, min_open=True), metavar="F",
               help="Keep a seeded, stratified share F of each class's training rows labeled; the rest of train is the "
                    "unlabeled pool (its true labels only score the pseudo-labels).")
 @click.option("--unlabeled", type=click.Path(exists=True, file_okay=False), metavar="DIR",

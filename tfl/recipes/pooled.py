@@ -10,8 +10,6 @@ heads) ride in every checkpoint as the recipe's state (Trainer.recipe_state) and
 
 from __future__ import annotations
 
-import statistics
-
 import numpy as np
 
 from tfl.job import Job, Stage
@@ -127,12 +125,3 @@ def predict(model, entry, batch: int, output: str | None = None) -> np.ndarray:
         out = model(b[FEATURES], training=False)
         parts.append(np.asarray(out[output] if output else out, np.float32))
     return np.concatenate(parts)
-
-
-def mean_sd(values) -> tuple[float, float | None]:
-    values = [float(v) for v in values]
-    return round(statistics.mean(values), 6), (round(statistics.stdev(values), 6) if len(values) > 1 else None)
-
-
-def format_mean_sd(mean: float, sd: float | None) -> str:
-    return f"{mean:.4f} ± {'-' if sd is None else f'{sd:.4f}'}"
