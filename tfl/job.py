@@ -337,11 +337,11 @@ class Job:
         return checkpoint.load_latest(folder, self.log)
 
     # -- the stage loop -----------------------------------------------------------------------------------------------
-    def train(self, stages: list[Stage]) -> None:
+    def train(self, stages: list[Stage], adapt: Callable | None = None) -> None:
         """Train every stage in order (after a resume, finished stages are skipped); history.csv is rewritten
-        after every epoch (see _HistoryWriter)."""
+        after every epoch (see _HistoryWriter). `adapt`: see train_stages."""
         train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
-                     self.steps_per_epoch, self.batch, self.steps("val"), self.log)
+                     self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt)
         self.inputs.log_summary(self.trainer.history)
 
     def write_history(self, curves: bool = True) -> None:
@@ -428,9 +428,13 @@ def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: i
 
 
 def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, train_bn: bool, steps_per_epoch: int,
-                 batch: int, val_steps: int, log=print) -> None:
+                 batch: int, val_steps: int, log=print, adapt: Callable | None = None) -> None:
     """The one stage loop: apply each stage's plan, group its variables, feed it (images or cached activations)
-    and train. Shared by every recipe and by `tfl bench`."""
+    and train. Shared by every recipe and by `tfl bench`.
+
+    `adapt(stage, feed, groups) -> dict`: a recipe that trains another model on the stage's feed (a block on
+    cached pooled features) replaces what the stage trains: any of model, groups, train, val, steps, batch,
+    val_steps, eval_model, trainable (Trainer.run_stage's arguments)."""
     from tfl import freezing
     from tfl.training.trainer import Trainer
 
@@ -442,12 +446,15 @@ def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, 
             graph = freezing.training_graph(model, stage.plan, freeze_mode, train_bn)
         groups = param_groups(graph, stage)
         feed = inputs.feed(stage.name, graph, trainer.history)
+        run = {"model": feed.model, "groups": groups, "train": feed.train, "val": feed.val, "steps": steps_per_epoch,
+               "batch": batch, "val_steps": val_steps, "eval_model": feed.eval_model,
+               "trainable": graph.trainable_stages(), **(adapt(stage, feed, groups) if adapt else {})}
         if header:
             log(header)
             header = None
-        trainer.run_stage(stage.name, feed.model, groups, stage.epochs, feed.train, feed.val, steps_per_epoch, batch,
-                          val_steps, eval_model=feed.eval_model, policy=stage.policy,
-                          trainable=graph.trainable_stages())
+        trainer.run_stage(stage.name, run["model"], run["groups"], stage.epochs, run["train"], run["val"],
+                          run["steps"], run["batch"], run["val_steps"], eval_model=run["eval_model"],
+                          policy=stage.policy, trainable=run["trainable"])
 
 
 def param_groups(graph, stage: Stage) -> list:

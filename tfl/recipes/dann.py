@@ -330,7 +330,7 @@ def arm_recipe(arm: str):
     def recipe(job: Job) -> dict:
         import keras
 
-        from tfl.training.trainer import ParamGroup, StagePolicy, Trainer
+        from tfl.training.trainer import ParamGroup
 
         opts = job.opts
         started = time.time()
@@ -350,31 +350,34 @@ def arm_recipe(arm: str):
         job.prepare([stage], config=config, loss=loss, metrics=dann_metrics, callbacks=[schedule])
         domain_vars = domain_hidden.trainable_variables + domain_logit.trainable_variables
         pooled.keep_in_checkpoints(job, domain_vars)
-        groups, _ = pooled.pooled_feed(job, stage)
-        groups = groups + [ParamGroup("domain", domain_vars, job.lr)]
-
         target = make_target(job)
         if target.note:
             job.log(f"dann: {target.note}")
-        source_train, source_val = pooled.features(job, "train"), pooled.features(job, "val")
-        target_train = pooled.features(job, "target_train", *target.train)
-        target_val = pooled.features(job, "target_val", *target.val)
-        batch = job.batch
-        if len(target_train.labels) < 1:
-            raise ValueError("the target domain has no training images")
+        batch, entries = job.batch, {}
 
-        def train_batches(epoch):
-            s, t = epoch_rows(len(source_train.labels), len(target_train.labels), batch, opts.seed, epoch)
-            return interleaved(source_train, target_train, batch, s, t)
+        def adversarial(stage, feed, groups) -> dict:  # interleaved source and target rows, the domain group too
+            pooled.check_pooled(feed)
+            source_train, source_val = pooled.features(job, "train"), pooled.features(job, "val")
+            target_train = entries["target_train"] = pooled.features(job, "target_train", *target.train)
+            target_val = pooled.features(job, "target_val", *target.val)
+            if len(target_train.labels) < 1:
+                raise ValueError("the target domain has no training images")
 
-        val, val_steps = val_batches(source_val, target_val, batch)
-        job.log(f"dann: {arm}, {len(source_train.labels)} source / {len(target_train.labels)} target training "
-                f"images ({target.name}), lambda_max {schedule.lambda_max:g}")
-        job.log(Trainer.header())
-        job.trainer.run_stage(stage.name, model, groups, stage.epochs, train_batches, val, job.steps_per_epoch,
-                              2 * batch, val_steps, eval_model=model, policy=StagePolicy(),
-                              trainable=["head"])
-        return finish(job, arm, model, target, schedule, started, len(target_train.labels))
+            def train_batches(epoch):
+                s, t = epoch_rows(len(source_train.labels), len(target_train.labels), batch, opts.seed, epoch)
+                return interleaved(source_train, target_train, batch, s, t)
+
+            val, val_steps = val_batches(source_val, target_val, batch)
+            job.log(f"dann: {arm}, {len(source_train.labels)} source / {len(target_train.labels)} target training "
+                    f"images ({target.name}), lambda_max {schedule.lambda_max:g}")
+            return {"model": model, "groups": groups + [ParamGroup("domain", domain_vars, job.lr)],
+                    "train": train_batches, "val": val, "batch": 2 * batch, "val_steps": val_steps,
+                    "eval_model": model, "trainable": ["head"]}
+
+        job.train([stage], adapt=adversarial)
+        n_target = len(entries["target_train"].labels) if entries else len(
+            pooled.features(job, "target_train", *target.train).labels)
+        return finish(job, arm, model, target, schedule, started, n_target)
 
     return recipe
 

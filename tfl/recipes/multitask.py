@@ -235,7 +235,7 @@ def run_recipe(arm: str, task_names: tuple):
 def train_run(job: Job, arm: str, task_names: tuple) -> dict:
     from tfl.training import rundir
     from tfl.training.boundary import data_identity
-    from tfl.training.trainer import ParamGroup, StagePolicy, Trainer
+    from tfl.training.trainer import ParamGroup
 
     opts = job.opts
     started = time.time()
@@ -254,14 +254,16 @@ def train_run(job: Job, arm: str, task_names: tuple) -> dict:
     # Every variable of the block, not only the trained ones: the dropout's seed-generator state too, so a resumed
     # run draws the same dropout masks as an uninterrupted one.
     pooled.keep_in_checkpoints(job, variables + model.non_trainable_variables)
-    _, feed = pooled.pooled_feed(job, stage)
     params = int(sum(np.prod(v.shape) for v in variables))
     described = ", ".join(f"{t.name} ({t.num_classes} classes, weight {weights[t.name]:g})" for t in tasks)
-    job.log(f"multitask: {arm}, tasks {described}, {params:,} trainable parameters")
-    job.log(Trainer.header())
-    job.trainer.run_stage(stage.name, model, [ParamGroup("tasks", variables, job.lr)], stage.epochs, feed.train,
-                          feed.val, job.steps_per_epoch, job.batch, job.steps("val"), eval_model=model,
-                          policy=StagePolicy(), trainable=["head"])
+
+    def block(stage, feed, groups) -> dict:  # the block on the stage's pooled features, one group at --lr
+        pooled.check_pooled(feed)
+        job.log(f"multitask: {arm}, tasks {described}, {params:,} trainable parameters")
+        return {"model": model, "groups": [ParamGroup("tasks", variables, job.lr)], "eval_model": model,
+                "trainable": ["head"]}
+
+    job.train([stage], adapt=block)
     splits = job.splits
     if splits.test is not None:
         test = pooled.features(job, "test", splits.test, splits.num_examples["test"],

@@ -40,18 +40,13 @@ def check_pooled_options(opts, command: str) -> None:
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
-def pooled_feed(job: Job, stage: Stage):
-    """(param groups of the head, the StageFeed) for `stage`, refusing anything but cached pooled features."""
-    from tfl import freezing, job as jobs
+def check_pooled(feed) -> None:
+    """Refuse a stage feed that is not cached pooled features (what the block above the pool trains on)."""
     from tfl.training.boundary import POOLED
 
-    with job.strategy.scope():
-        graph = freezing.training_graph(job.model, stage.plan, job.opts.freeze_mode, job.opts.train_bn)
-    feed = job.inputs.feed(stage.name, graph, job.trainer.history)
     if feed.boundary != POOLED:
         raise ValueError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
                          "on them only. Raise --cache-budget or free space in --cache-dir")
-    return jobs.param_groups(graph, stage), feed
 
 
 def feature_width(job: Job) -> int:
