@@ -13,7 +13,7 @@ import tfl
 from tiny_runs import image_folder
 
 TINY = dict(backbone="compact_cnn", weights="none", image_size=32, head_epochs=1, epochs=1, batch_size=8,
-            val_split=0.25, tensorboard=False, freeze_up_to="block2")  # TEMP until the per-backbone default
+            val_split=0.25, tensorboard=False)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def recipes(tmp):
                                     *COMMON],
                       ["hard/seed0", "soft/seed0"]),
         "self-train": ("self-train", ["--dataset", image_folder(tmp / "shapes4", classes=("c0", "c1", "c2", "c3")),
-                                      "--labeled-fraction", "0.5", "--threshold", "0.3", "--rounds", "2",
+                                      "--label-fraction", "0.5", "--threshold", "0.3", "--rounds", "2",
                                       "--head-epochs", "2", *COMMON],
                        ["."]),
         # EfficientNet-Lite0's ImageNet weights, top conv and head trained (no drop-connect above block7)

@@ -1,5 +1,5 @@
 """tfl self-train: the selection rule and its record on hand-made numbers, the option checks, a tiny end-to-end
-run writing every output (--labeled-fraction and --unlabeled DIR), and resume in the middle of a round."""
+run writing every output (--label-fraction and --unlabeled DIR), and resume in the middle of a round."""
 
 import csv
 import json
@@ -33,7 +33,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("st-run") / "run")
-    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=out, labeled_fraction=0.5, threshold=0.3, rounds=2)
+    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=out, label_fraction=0.5, threshold=0.3, rounds=2)
     return self_train(opts, log=lambda *_: None)
 
 
@@ -55,12 +55,11 @@ def test_selection_record_counts_per_pseudo_class_and_scores_only_rows_with_true
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({}, "--labeled-fraction F"),
-    ({"labeled_fraction": 1.0}, "leaves no training row unlabeled"),
-    ({"labeled_fraction": 0.1, "threshold": 1.0}, "--threshold 1.0"),
-    ({"labeled_fraction": 0.1, "rounds": -1}, "--rounds -1"),
-    ({"labeled_fraction": 0.1, "augment": True}, "--augment"),
-    ({"labeled_fraction": 0.1, "label_fraction": 0.5}, "--labeled-fraction"),
+    ({}, "--label-fraction F"),
+    ({"label_fraction": 1.0}, "leaves no training row unlabeled"),
+    ({"label_fraction": 0.1, "threshold": 1.0}, "--threshold 1.0"),
+    ({"label_fraction": 0.1, "rounds": -1}, "--rounds -1"),
+    ({"label_fraction": 0.1, "augment": True}, "--augment"),
     ({"unlabeled": "/nonexistent/folder"}, "not a directory"),
 ])
 def test_bad_options_are_refused_naming_them(changes, words):
@@ -94,13 +93,13 @@ def test_a_run_records_every_round_and_writes_its_outputs(reference):
         stages = [row["stage"] for row in csv.DictReader(f)]
     assert stages == ["round0"] * 2 + ["round1"] * 2 + ["round2"] * 2
     config = _json(os.path.join(out, "config.json"))
-    assert config["labeled_fraction"] == 0.5 and config["threshold"] == 0.3 and config["recipe"] == "self_train"
+    assert config["label_fraction"] == 0.5 and config["threshold"] == 0.3 and config["recipe"] == "self_train"
     assert os.path.isfile(os.path.join(out, "model.keras"))
 
 
 def test_round_zero_is_the_labeled_only_baseline(data, reference, tmp_path):
     """--rounds 0 trains round 0 alone: the same model, so the same test accuracy as the longer run's round 0."""
-    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=str(tmp_path / "r0"), labeled_fraction=0.5,
+    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=str(tmp_path / "r0"), label_fraction=0.5,
                             threshold=0.3, rounds=0)
     result = self_train(opts, log=lambda *_: None)
     assert result["rounds"][0]["test_accuracy"] == reference["rounds"][0]["test_accuracy"]
@@ -125,13 +124,13 @@ def test_an_unlabeled_folder_joins_the_pool_without_accuracy(data, tmp_path):
 
 def test_the_cli_refuses_a_missing_pool_with_exit_2(data, tmp_path):
     result = CliRunner().invoke(cli.cli, ["self-train", "--dataset", data, "--output-dir", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--labeled-fraction F" in result.output
+    assert result.exit_code == 2 and "--label-fraction F" in result.output
 
 
 def test_resume_in_the_middle_of_a_round_is_exact(data, reference, tmp_path, monkeypatch):
     """Stopped after epoch 3 (the first of round 1, which trains on round 0's pseudo-labels), the rerun continues
     from the checkpoint and ends with the uninterrupted run's rounds."""
-    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=str(tmp_path / "run"), labeled_fraction=0.5,
+    opts = SelfTrainOptions(**TINY, dataset=data, output_dir=str(tmp_path / "run"), label_fraction=0.5,
                             threshold=0.3, rounds=2)
     monkeypatch.setattr(trainer_module, "default_callbacks", lambda: [stop_at(3)])
     with pytest.raises(Stop):

@@ -440,7 +440,6 @@ def _serving_case(cfg: BenchConfig, data, log) -> dict:
     """An exported SavedModel's serving_default on JPEG bytes (decode, resize, model, softmax, top-k) at batch 1
     and 64, next to Keras predict on the decoded, resized pixels at the same batch sizes."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     from tfl import models

@@ -116,7 +116,7 @@ def check_stage_name(spec: BackboneSpec, value: str, layer_names: Sequence[str] 
     it prefixes layer names (Xception's own block5_* layers are inside its canonical block3)."""
     if CANONICAL_STAGE.fullmatch(value) and value not in spec.stage_names:
         prefixed = any(name.startswith(value + "_") for name in layer_names)
-        raise ValueError(
+        raise UsageError(
             f"--freeze-up-to {value!r} is not a stage of {spec.name}; its stages are: "
             f"{', '.join(spec.stage_names)} (default {spec.default_freeze_up_to})"
             + (f". For its layers named {value}_*, pass the prefix {value + '_'!r}" if prefixed else "")

@@ -172,6 +172,7 @@ class Job:
     advice: dict | None = None  # --freeze-up-to auto: what tfl advise measured and chose (advice.json)
     precision: object = None  # tfl.precision.Choice: what the model computes in, and why
     targets: list | None = None  # the model's output names when they are not the data's classes (a pretext task)
+    record: dict | None = None  # the options config.json records; None: every field (a sweep's run: tfl.recipes.sweep)
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -288,7 +289,8 @@ class Job:
         self.log(f"model: {opts.backbone} ({weights or 'random init'}), {plan.frozen_params:,} frozen / "
                  f"{plan.trainable_params:,} trainable parameters in the last stage, freeze mode {opts.freeze_mode}, "
                  f"{self.replicas} replica(s)")
-        self.config = {**dataclasses.asdict(opts), **(config or {}), "image_size": self.image_size,
+        recorded = self.record if self.record is not None else dataclasses.asdict(opts)
+        self.config = {**recorded, **(config or {}), "image_size": self.image_size,
                        "weights_resolved": weights, "num_classes": len(self.class_names),
                        "num_examples": {**self.splits.num_examples, "train": self.n_train},
                        "dataset_fingerprint": self.splits.fingerprint, "replicas": self.replicas,
@@ -349,11 +351,11 @@ class Job:
         return checkpoint.load_latest(folder, self.log)
 
     # -- the stage loop -----------------------------------------------------------------------------------------------
-    def train(self, stages: list[Stage]) -> None:
+    def train(self, stages: list[Stage], adapt: Callable | None = None) -> None:
         """Train every stage in order (after a resume, finished stages are skipped); history.csv is rewritten
-        after every epoch (see _HistoryWriter)."""
+        after every epoch (see _HistoryWriter). `adapt`: see train_stages."""
         train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
-                     self.steps_per_epoch, self.batch, self.steps("val"), self.log)
+                     self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt)
         self.inputs.log_summary(self.trainer.history)
 
     def write_history(self, curves: bool = True) -> None:
@@ -434,9 +436,13 @@ def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: i
 
 
 def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, train_bn: bool, steps_per_epoch: int,
-                 batch: int, val_steps: int, log=print) -> None:
+                 batch: int, val_steps: int, log=print, adapt: Callable | None = None) -> None:
     """The one stage loop: apply each stage's plan, group its variables, feed it (images or cached activations)
-    and train. Shared by every recipe and by `tfl bench`."""
+    and train. Shared by every recipe and by `tfl bench`.
+
+    `adapt(stage, feed, groups) -> dict`: a recipe that trains another model on the stage's feed (a block on
+    cached pooled features) replaces what the stage trains: any of model, groups, train, val, steps, batch,
+    val_steps, eval_model, trainable (Trainer.run_stage's arguments)."""
     from tfl import freezing  # Keras (see the top)
     from tfl.training.trainer import Trainer
 
@@ -448,12 +454,15 @@ def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, 
             graph = freezing.training_graph(model, stage.plan, freeze_mode, train_bn)
         groups = param_groups(graph, stage)
         feed = inputs.feed(stage.name, graph, trainer.history)
+        run = {"model": feed.model, "groups": groups, "train": feed.train, "val": feed.val, "steps": steps_per_epoch,
+               "batch": batch, "val_steps": val_steps, "eval_model": feed.eval_model,
+               "trainable": graph.trainable_stages(), **(adapt(stage, feed, groups) if adapt else {})}
         if header:
             log(header)
             header = None
-        trainer.run_stage(stage.name, feed.model, groups, stage.epochs, feed.train, feed.val, steps_per_epoch, batch,
-                          val_steps, eval_model=feed.eval_model, policy=stage.policy,
-                          trainable=graph.trainable_stages())
+        trainer.run_stage(stage.name, run["model"], run["groups"], stage.epochs, run["train"], run["val"],
+                          run["steps"], run["batch"], run["val_steps"], eval_model=run["eval_model"],
+                          policy=stage.policy, trainable=run["trainable"])
 
 
 def param_groups(graph, stage: Stage) -> list:

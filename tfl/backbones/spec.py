@@ -6,6 +6,8 @@ import dataclasses
 import re
 from typing import Callable, Mapping, Sequence
 
+from tfl.errors import UsageError
+
 # Per-channel mean/std in the 0-255 pixel scale, applied inside the model (tfl.models.ImagePreprocessing).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -91,7 +93,7 @@ class BackboneSpec:
 
     def __post_init__(self):
         if self.default_freeze_up_to not in self.stage_names:
-            raise ValueError(f"backbone {self.name!r}: default_freeze_up_to={self.default_freeze_up_to!r} is not one "
+            raise UsageError(f"backbone {self.name!r}: default_freeze_up_to={self.default_freeze_up_to!r} is not one "
                              f"of its stages ({', '.join(self.stage_names)})")
 
     @property

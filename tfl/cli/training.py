@@ -101,7 +101,7 @@ COMMANDS = (
 
         The backbone stays frozen: every round trains the head on pooled features cached once (one backbone pass
         for the whole run). Per round: how many unlabeled rows passed --threshold, overall and per class, and (with
-        --labeled-fraction) how many of those pseudo-labels are right. The output directory is a normal run
+        --label-fraction) how many of those pseudo-labels are right. The output directory is a normal run
         directory (model.keras: the best round by validation accuracy) plus self_training.json, self_training.csv
         and self_training.png; prints the table.
         """),

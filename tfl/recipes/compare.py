@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
 from typing import Callable, ClassVar
 
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, SWEEP_RUN, option
-from tfl.recipes.finetune import two_stage
+from tfl.recipes import sweep
+from tfl.recipes.finetune import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
+                                  scratch_stage, two_stage)
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
 COLUMNS = ("arm", "label_fraction", "seed", "test_accuracy", "best_val_accuracy", "epochs", "wall_seconds",
@@ -41,47 +40,23 @@ def budget(opts: JobOptions) -> int:
     return opts.head_epochs + opts.epochs
 
 
-# Scratch training updates BatchNormalization's moving statistics, and Keras' default momentum (0.99) averages
-# over the last ~100 steps: measured on Fashion-MNIST (540 and 5,400 images, 6 epochs), EfficientNet-Lite0 then
-# reached 0.96 train accuracy but 0.10 (chance) in inference mode, its statistics lagging the weights. PyTorch's
-# default (0.1, i.e. Keras 0.9) follows them, so the scratch arm uses it.
-SCRATCH_BN_MOMENTUM = 0.9
-
-
 def scratch(job: Job) -> dict:
-    import keras
-
-    from tfl.freezing import leaf_layers, make_plan
-
-    for layer in leaf_layers(job.model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = SCRATCH_BN_MOMENTUM
-    everything = make_plan(job.spec, job.model, None)
-    return _train(job, [Stage("scratch", everything, budget(job.opts), {"backbone": job.lr, "head": job.lr})],
-                  {"bn_momentum": SCRATCH_BN_MOMENTUM})
+    return _train(job, [scratch_stage(job)], {"bn_momentum": SCRATCH_BN_MOMENTUM})
 
 
 def linear_probe(job: Job) -> dict:
-    from tfl.freezing import head_only_plan, make_plan
+    from tfl.freezing import head_only_plan
 
-    head = head_only_plan(make_plan(job.spec, job.model, None))
-    return _train(job, [Stage("probe", head, budget(job.opts), {"head": job.lr})])
+    return _train(job, [Stage("probe", head_only_plan(everything_plan(job)), budget(job.opts), {"head": job.lr})])
 
 
 def full_finetune(job: Job) -> dict:
-    from tfl.freezing import make_plan
-
-    everything = make_plan(job.spec, job.model, None)
     lrs = {"backbone": job.backbone_lr, "head": job.lr}
-    return _train(job, [Stage("finetune", everything, budget(job.opts), lrs)])
+    return _train(job, [Stage("finetune", everything_plan(job), budget(job.opts), lrs)])
 
 
 def lp_ft(job: Job) -> dict:
-    from tfl.freezing import head_only_plan, make_plan
-
-    everything = make_plan(job.spec, job.model, None)
-    return _train(job, [Stage("probe", head_only_plan(everything), job.opts.head_epochs, {"head": job.lr}),
-                        Stage("finetune", everything, job.opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})])
+    return _train(job, head_then_finetune(job, everything_plan(job), head="probe"))
 
 
 def _train(job: Job, stages: list[Stage], config: dict | None = None) -> dict:
@@ -129,18 +104,15 @@ class CompareOptions(JobOptions):
         "Runs per arm and fraction, with seeds --seed, --seed+1, ...; the table gives mean ± sd."))
 
 
-@dataclasses.dataclass
-class ArmOptions(JobOptions):
-    """One arm's run; config.json records these two fields with the rest."""
-
-    recipe: str = "compare"
-    arm: str = ""
+SWEEP_ONLY = ("arms", "label_fractions", "seeds")  # CompareOptions' own fields: what to compare, not one run
 
 
-def arm_options(opts: CompareOptions, arm: str, fraction: float, seed: int, output_dir: str) -> ArmOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    return ArmOptions(**{**shared, **REGISTRY[arm].options, "output_dir": output_dir, "seed": seed,
-                         "label_fraction": fraction, "resume": False}, arm=arm)
+def arm_run(opts: CompareOptions, number: int, arm: str, fraction: float, seed: int, out: str) -> sweep.Run:
+    options = sweep.derive(opts, **REGISTRY[arm].options, seed=seed, label_fraction=fraction,
+                           output_dir=os.path.join(out, arm, f"frac{fraction:g}", f"seed{seed}"))
+    return sweep.Run(f"arm {number}/{len(dict.fromkeys(opts.arms))} {arm}, fraction {fraction:g}, seed {seed}",
+                     options, REGISTRY[arm].recipe, {"recipe": "compare", "arm": arm}, SWEEP_ONLY,
+                     {"arm": arm, "label_fraction": fraction, "seed": seed})
 
 
 def check_options(opts: CompareOptions) -> None:
@@ -170,8 +142,6 @@ def check_options(opts: CompareOptions) -> None:
 def compare(opts: CompareOptions, log=print) -> dict:
     """Train every (arm, label fraction, seed); returns what compare.json holds, plus output_dir."""
     check_options(opts)
-    import keras
-
     from tfl.reporting.figures import write_compare
     from tfl.training import rundir
 
@@ -181,17 +151,10 @@ def compare(opts: CompareOptions, log=print) -> dict:
     settings = {"options": dataclasses.asdict(opts), "epoch_budget": budget(opts), "seeds": seeds,
                 "arms": {arm: REGISTRY[arm].description for arm in arms}, "label_fractions": list(fractions)}
     result = {"output_dir": out, "settings": settings, "runs": [], "summary": []}
-    for number, arm in enumerate(arms, 1):
-        for fraction in fractions:
-            for seed in seeds:
-                log(f"compare: arm {number}/{len(arms)} {arm}, fraction {fraction:g}, seed {seed}")
-                keras.backend.clear_session()  # every run builds its model as a fresh process would
-                started = time.time()
-                run_dir = os.path.join(out, arm, f"frac{fraction:g}", f"seed{seed}")
-                metrics = jobs.run(arm_options(opts, arm, fraction, seed, run_dir), REGISTRY[arm].recipe, log)
-                result["runs"].append(_row(arm, fraction, seed, metrics, time.time() - started))
-                result["summary"] = summarize(result["runs"])
-                write_tables(out, result)
+    runs = [arm_run(opts, number, arm, fraction, seed, out) for number, arm in enumerate(arms, 1)
+            for fraction in fractions for seed in seeds]
+    sweep.sweep(runs, out, result, TABLES, log, "compare", row=sweep.classifier_row,
+                summarize=lambda r: r.update(summary=summarize(r["runs"])))
     curves = {arm: _history(result["runs"], arm, max(fractions), seeds[0]) for arm in arms}
     write_compare(result["summary"], curves, os.path.join(out, COMPARE_PNG),
                   title=f"{opts.backbone} on {os.path.basename(os.path.normpath(opts.dataset))}, "
@@ -200,42 +163,21 @@ def compare(opts: CompareOptions, log=print) -> dict:
     return result
 
 
-def _row(arm: str, fraction: float, seed: int, metrics: dict, seconds: float) -> dict:
-    from tfl.training import rundir
-
-    config = rundir.RunDir(metrics["run_dir"], create=False).read_json(rundir.CONFIG)
-    return {"arm": arm, "label_fraction": fraction, "seed": seed, "test_accuracy": metrics["test_accuracy"],
-            "best_val_accuracy": metrics["val_accuracy"], "epochs": metrics["epochs_run"],
-            "wall_seconds": round(seconds, 1),
-            "trainable_params": max(stage["trainable_params"] for stage in config["stages"]),
-            "train_examples": config["num_examples"]["train"], "run_dir": metrics["run_dir"]}
-
-
 def summarize(runs: list[dict]) -> list[dict]:
     """Per (arm, fraction), in run order: mean and sample sd (None for one seed) of the test accuracy, and more."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in runs:
-        groups.setdefault((row["arm"], row["label_fraction"]), []).append(row)
     summary = []
-    for (arm, fraction), rows in groups.items():
-        accuracy = [row["test_accuracy"] for row in rows]
+    for (arm, fraction), rows in sweep.groups(runs, "arm", "label_fraction"):
+        mean, sd = sweep.mean_sd(row["test_accuracy"] for row in rows)
         summary.append({
-            "arm": arm, "label_fraction": fraction, "n": len(rows),
-            "test_accuracy_mean": round(statistics.mean(accuracy), 6),
-            "test_accuracy_sd": round(statistics.stdev(accuracy), 6) if len(rows) > 1 else None,
-            "best_val_accuracy_mean": round(statistics.mean(row["best_val_accuracy"] for row in rows), 6),
-            "wall_seconds_mean": round(statistics.mean(row["wall_seconds"] for row in rows), 1),
+            "arm": arm, "label_fraction": fraction, "n": len(rows), "test_accuracy_mean": mean, "test_accuracy_sd": sd,
+            "best_val_accuracy_mean": sweep.mean_sd(row["best_val_accuracy"] for row in rows)[0],
+            "wall_seconds_mean": sweep.mean_sd((row["wall_seconds"] for row in rows), 1)[0],
             "trainable_params": max(row["trainable_params"] for row in rows),
             "train_examples": rows[0]["train_examples"]})
     return summary
 
 
-def write_tables(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
-    folder = rundir.RunDir(out)
-    folder.write_json(COMPARE_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    folder.write_csv(COMPARE_CSV, COLUMNS, result["runs"])
+TABLES = sweep.Tables(COMPARE_JSON, {COMPARE_CSV: (COLUMNS, lambda result: result["runs"])})
 
 
 def _history(runs: list[dict], arm: str, fraction: float, seed: int) -> list[dict]:

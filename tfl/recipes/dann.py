@@ -43,11 +43,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
 from tfl.options import DANN_SHIFTS, FROZEN_BACKBONE, SWEEP_RUN, option
-from tfl.recipes import pooled
+from tfl.recipes import pooled, sweep
 
 DANN_JSON, DANN_CSV, DANN_PNG = "dann.json", "dann.csv", "dann.png"
 ARMS = ("source_only", "dann")
@@ -62,7 +61,7 @@ TEXTURE_PERIOD, TEXTURE_MEAN, TEXTURE_AMPLITUDE = 6.0, 90.0, 70.0  # diagonal st
 
 @dataclasses.dataclass
 class DannOptions(JobOptions):
-    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, *SWEEP_RUN)
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", "augment", *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where dann.json/.csv/.png and every run directory (<arm>/seed<S>/) go (default: runs/<time>-dann-<dataset>)."),
         "label_fraction": "Label a seeded, stratified share F of each class's training examples as the source.",
@@ -92,18 +91,7 @@ class DannOptions(JobOptions):
         "The schedule's steepness: lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (the paper: 10)."))
 
 
-@dataclasses.dataclass
-class ArmOptions(JobOptions):
-    """One run; config.json records these with the rest (and a resume compares them)."""
-
-    recipe: str = "dann"
-    arm: str = ""
-    target_shift: str | None = None
-    target: str | None = None
-    target_limit: int | None = None
-    domain_hidden: int = 256
-    lambda_max: float = 1.0
-    lambda_gamma: float = 10.0
+SWEEP_ONLY = ("seeds", "arms")  # DannOptions' own fields: which runs, not what one run trains
 
 
 # -- the gradient-reversal layer and its schedule ------------------------------------------------------------------
@@ -355,15 +343,15 @@ def val_batches(source, target, batch: int):
     return ds, -(-m // batch)
 
 
-def arm_recipe():
+def arm_recipe(arm: str):
     def recipe(job: Job) -> dict:
         import keras
 
-        from tfl.training.trainer import ParamGroup, StagePolicy, Trainer
+        from tfl.training.trainer import ParamGroup
 
         opts = job.opts
         started = time.time()
-        stage = pooled.head_stage(job, "dann" if opts.arm == "dann" else "source", opts.head_epochs)
+        stage = pooled.head_stage(job, "dann" if arm == "dann" else "source", opts.head_epochs)
         width = pooled.feature_width(job)
         with job.strategy.scope():
             grl = gradient_reversal_layer()
@@ -373,42 +361,45 @@ def arm_recipe():
             hidden, logits = pooled.head_block(job, inputs)
             domain = domain_logit(domain_hidden(grl(hidden)))
             model = keras.Model(inputs, {"logits": logits, "domain": domain}, name="dann")
-        schedule = LambdaSchedule(grl, opts.lambda_max if opts.arm == "dann" else 0.0, opts.lambda_gamma)
+        schedule = LambdaSchedule(grl, opts.lambda_max if arm == "dann" else 0.0, opts.lambda_gamma)
         config = {"lambda_schedule": "lambda_max * (2 / (1 + exp(-lambda_gamma * p)) - 1)"}
         loss = DannLoss(len(job.class_names), opts.label_smoothing)
         job.prepare([stage], config=config, loss=loss, metrics=dann_metrics, callbacks=[schedule])
         domain_vars = domain_hidden.trainable_variables + domain_logit.trainable_variables
         pooled.keep_in_checkpoints(job, domain_vars)
-        groups, _ = pooled.pooled_feed(job, stage)
-        groups = groups + [ParamGroup("domain", domain_vars, job.lr)]
-
         target = make_target(job)
         if target.note:
             job.log(f"dann: {target.note}")
-        source_train, source_val = pooled.features(job, "train"), pooled.features(job, "val")
-        target_train = pooled.features(job, "target_train", *target.train)
-        target_val = pooled.features(job, "target_val", *target.val)
-        batch = job.batch
-        if len(target_train.labels) < 1:
-            raise UsageError("the target domain has no training images")
+        batch, entries = job.batch, {}
 
-        def train_batches(epoch):
-            s, t = epoch_rows(len(source_train.labels), len(target_train.labels), batch, opts.seed, epoch)
-            return interleaved(source_train, target_train, batch, s, t)
+        def adversarial(stage, feed, groups) -> dict:  # interleaved source and target rows, the domain group too
+            pooled.check_pooled(feed)
+            source_train, source_val = pooled.features(job, "train"), pooled.features(job, "val")
+            target_train = entries["target_train"] = pooled.features(job, "target_train", *target.train)
+            target_val = pooled.features(job, "target_val", *target.val)
+            if len(target_train.labels) < 1:
+                raise UsageError("the target domain has no training images")
 
-        val, val_steps = val_batches(source_val, target_val, batch)
-        job.log(f"dann: {opts.arm}, {len(source_train.labels)} source / {len(target_train.labels)} target training "
-                f"images ({target.name}), lambda_max {schedule.lambda_max:g}")
-        job.log(Trainer.header())
-        job.trainer.run_stage(stage.name, model, groups, stage.epochs, train_batches, val, job.steps_per_epoch,
-                              2 * batch, val_steps, eval_model=model, policy=StagePolicy(),
-                              trainable=["head"])
-        return finish(job, model, target, schedule, started, len(target_train.labels))
+            def train_batches(epoch):
+                s, t = epoch_rows(len(source_train.labels), len(target_train.labels), batch, opts.seed, epoch)
+                return interleaved(source_train, target_train, batch, s, t)
+
+            val, val_steps = val_batches(source_val, target_val, batch)
+            job.log(f"dann: {arm}, {len(source_train.labels)} source / {len(target_train.labels)} target training "
+                    f"images ({target.name}), lambda_max {schedule.lambda_max:g}")
+            return {"model": model, "groups": groups + [ParamGroup("domain", domain_vars, job.lr)],
+                    "train": train_batches, "val": val, "batch": 2 * batch, "val_steps": val_steps,
+                    "eval_model": model, "trainable": ["head"]}
+
+        job.train([stage], adapt=adversarial)
+        n_target = len(entries["target_train"].labels) if entries else len(
+            pooled.features(job, "target_train", *target.train).labels)
+        return finish(job, arm, model, target, schedule, started, n_target)
 
     return recipe
 
 
-def finish(job: Job, model, target: Target, schedule: LambdaSchedule, started: float, n_target: int) -> dict:
+def finish(job: Job, arm: str, model, target: Target, schedule: LambdaSchedule, started: float, n_target: int) -> dict:
     """The weights after the last epoch: source and target test accuracy; model.keras and metrics.json."""
     from tfl.training import rundir
 
@@ -430,7 +421,7 @@ def finish(job: Job, model, target: Target, schedule: LambdaSchedule, started: f
     last = job.trainer.history[-1]
     job.model.trainable = True
     run.save_model(job.model)
-    metrics = {"arm": opts.arm, "seed": opts.seed, "source_test_accuracy": scores["source"],
+    metrics = {"arm": arm, "seed": opts.seed, "source_test_accuracy": scores["source"],
                "target_test_accuracy": scores["target"], "eval_split": test, "target": target.name,
                "val_accuracy": round(last.val.get("accuracy", math.nan), 6),
                "val_target_accuracy": round(last.val.get("target_accuracy", math.nan), 6),
@@ -443,7 +434,7 @@ def finish(job: Job, model, target: Target, schedule: LambdaSchedule, started: f
                "source_train_examples": job.n_train, "target_train_examples": n_target}
     run.write_json(rundir.METRICS, metrics)
     job.trainer.finish()
-    job.log(f"dann: {opts.arm} seed {opts.seed}: {test} accuracy source {scores['source']:.4f}, target "
+    job.log(f"dann: {arm} seed {opts.seed}: {test} accuracy source {scores['source']:.4f}, target "
             f"{scores['target']:.4f}; domain classifier {metrics['val_domain_accuracy']:.4f} on val")
     return {**metrics, "run_dir": run.path}
 
@@ -469,36 +460,24 @@ def check_options(opts: DannOptions) -> None:
         raise UsageError(f"--lambda-gamma {opts.lambda_gamma}: must be > 0 (the paper: 10)")
 
 
-def arm_options(opts: DannOptions, arm: str, seed: int, output_dir: str) -> ArmOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    shared.update(output_dir=output_dir, seed=seed, resume=False, export=False,
-                  head_hidden=opts.head_hidden or DEFAULT_ADAPTER, epochs=0)
-    return ArmOptions(**shared, arm=arm, target_shift=None if opts.target else opts.target_shift, target=opts.target,
-                      target_limit=opts.target_limit, domain_hidden=opts.domain_hidden, lambda_max=opts.lambda_max,
-                      lambda_gamma=opts.lambda_gamma)
+def arm_run(opts: DannOptions, arm: str, seed: int, out: str, target: str) -> sweep.Run:
+    options = sweep.derive(opts, output_dir=os.path.join(out, arm, f"seed{seed}"), seed=seed, export=False,
+                           head_hidden=opts.head_hidden or DEFAULT_ADAPTER, epochs=0,
+                           target_shift=None if opts.target else opts.target_shift)
+    return sweep.Run(f"seed {seed}, {arm} (target {target})", options, arm_recipe(arm),
+                     {"recipe": "dann", "arm": arm}, SWEEP_ONLY)
 
 
 def dann(opts: DannOptions, log=print) -> dict:
     """Every arm for every seed; returns what dann.json holds, plus output_dir."""
     check_options(opts)
-    import keras
-
     from tfl.training import rundir
 
     out = opts.output_dir or rundir.default_path("dann", opts.dataset)
     target = opts.target or f"shift:{opts.target_shift}"
     result = {"output_dir": out, "settings": {"options": dataclasses.asdict(opts), "target": target}, "runs": []}
-    seeds = [opts.seed + i for i in range(opts.seeds)]
-    for seed in seeds:
-        for arm in opts.arms:
-            log(f"dann: seed {seed}, {arm} (target {target})")
-            keras.backend.clear_session()  # every run builds its model as a fresh process would
-            started = time.time()
-            metrics = jobs.run(arm_options(opts, arm, seed, os.path.join(out, arm, f"seed{seed}")),
-                               arm_recipe(), log)
-            result["runs"].append({**metrics, "wall_seconds": round(time.time() - started, 1)})
-            result.update(summarize(result["runs"]))
-            write_outputs(out, result)
+    runs = [arm_run(opts, arm, seed, out, target) for seed in sweep.seeds(opts) for arm in opts.arms]
+    sweep.sweep(runs, out, result, TABLES, log, "dann", summarize=lambda r: r.update(summarize(r["runs"])))
     worse = [c["seed"] for c in result["comparisons"] if c["dann_worse"]]
     if worse:
         log(f"dann: WARNING: DANN's target accuracy is below source-only's for seed(s) {', '.join(map(str, worse))}")
@@ -512,11 +491,11 @@ def summarize(runs: list[dict]) -> dict:
     arms = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rows = [r for r in runs if r["arm"] == arm]
-        src, tgt = pooled.mean_sd(r["source_test_accuracy"] for r in rows), \
-            pooled.mean_sd(r["target_test_accuracy"] for r in rows)
+        src, tgt = sweep.mean_sd(r["source_test_accuracy"] for r in rows), \
+            sweep.mean_sd(r["target_test_accuracy"] for r in rows)
         arms[arm] = {"n": len(rows), "source_test_accuracy_mean": src[0], "source_test_accuracy_sd": src[1],
                      "target_test_accuracy_mean": tgt[0], "target_test_accuracy_sd": tgt[1],
-                     "val_domain_accuracy_mean": pooled.mean_sd(r["val_domain_accuracy"] for r in rows)[0]}
+                     "val_domain_accuracy_mean": sweep.mean_sd(r["val_domain_accuracy"] for r in rows)[0]}
     comparisons = []
     by = {(r["arm"], r["seed"]): r for r in runs}
     for seed in dict.fromkeys(r["seed"] for r in runs):
@@ -526,22 +505,17 @@ def summarize(runs: list[dict]) -> dict:
     return {"summary": arms, "comparisons": comparisons}
 
 
-def write_outputs(out: str, result: dict) -> None:
+def write_figure(folder, result: dict) -> None:
+    from tfl.reporting.figures import read_history_csv
     from tfl.reporting.figures_transfer import write_dann
     from tfl.training import rundir
 
-    folder = rundir.RunDir(out)
-    folder.write_json(DANN_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    folder.write_csv(DANN_CSV, COLUMNS, result["runs"], extrasaction="ignore")
-    curves = {}
-    for r in result["runs"]:
-        path = os.path.join(r["run_dir"], rundir.HISTORY)
-        if os.path.isfile(path):
-            from tfl.reporting.figures import read_history_csv
+    curves = {f"{r['arm']} seed {r['seed']}": read_history_csv(os.path.join(r["run_dir"], rundir.HISTORY))
+              for r in result["runs"] if os.path.isfile(os.path.join(r["run_dir"], rundir.HISTORY))}
+    write_dann(result["runs"], curves, folder.file(DANN_PNG), title=f"DANN: {result['settings']['target']} as target")
 
-            curves[f"{r['arm']} seed {r['seed']}"] = read_history_csv(path)
-    write_dann(result["runs"], curves, folder.file(DANN_PNG),
-               title=f"DANN: {result['settings']['target']} as target")
+
+TABLES = sweep.Tables(DANN_JSON, {DANN_CSV: (COLUMNS, lambda result: result["runs"])}, write_figure)
 
 
 def format_table(result: dict) -> str:
@@ -562,7 +536,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{seed:>4}  {arm:<12}{r['source_test_accuracy']:>12.4f}{r['target_test_accuracy']:>12.4f}"
                          f"{r['val_domain_accuracy']:>11.4f}{mark}")
     for arm, s in result["summary"].items():
-        source = pooled.format_mean_sd(s["source_test_accuracy_mean"], s["source_test_accuracy_sd"])
-        target = pooled.format_mean_sd(s["target_test_accuracy_mean"], s["target_test_accuracy_sd"])
+        source = sweep.format_mean_sd(s["source_test_accuracy_mean"], s["source_test_accuracy_sd"])
+        target = sweep.format_mean_sd(s["target_test_accuracy_mean"], s["target_test_accuracy_sd"])
         lines.append(f"mean  {arm:<12} source {source}  target {target}  (n={s['n']})")
     return "\n".join(lines)

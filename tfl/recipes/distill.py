@@ -39,12 +39,12 @@ import statistics
 import time
 from typing import ClassVar
 
-from tfl import job as jobs
 from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import SWEEP_RUN, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
+from tfl.recipes import sweep
 
 DISTILL_JSON, DISTILL_CSV, DISTILL_PNG = "distill.json", "distill.csv", "distill.png"
 TEACHER_COLUMN = "teacher_logits"  # the batch column the cached teacher logits ride in
@@ -87,16 +87,8 @@ class DistillOptions(JobOptions):
         "How long each model's inference images/s is timed, per batch size (1, 64)."))
 
 
-@dataclasses.dataclass
-class MemberOptions(JobOptions):
-    """One member's run; config.json records these with the rest (and a resume compares them)."""
-
-    recipe: str = "distill"
-    role: str = ""
-    teacher: str | None = None  # None: trained on the labels only
-    temperature: float | None = None
-    alpha: float | None = None
-    teacher_logits: str | None = None
+# DistillOptions' own fields: which members train (a member's config.json records the teacher, T, alpha and mode)
+SWEEP_ONLY = ("student", "student_weights", "born_again", "baseline", "throughput_seconds")
 
 
 # -- the loss -------------------------------------------------------------------------------------------------------
@@ -388,20 +380,9 @@ def starts_random(opts: JobOptions) -> bool:
 
 def member_stages(job: Job) -> list[Stage]:
     """tfl finetune's two stages for a pretrained student; every layer at once for a randomly initialised one."""
-    import keras
+    from tfl.recipes.finetune import head_then_finetune, scratch_stage
 
-    from tfl.freezing import head_only_plan, leaf_layers, make_plan
-    from tfl.recipes.compare import SCRATCH_BN_MOMENTUM
-
-    opts = job.opts
-    if starts_random(opts):
-        for layer in leaf_layers(job.model):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = SCRATCH_BN_MOMENTUM
-        everything = make_plan(job.spec, job.model, None)
-        return [Stage("scratch", everything, opts.head_epochs + opts.epochs, {"backbone": job.lr, "head": job.lr})]
-    return [Stage("head", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr}),
-            Stage("finetune", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})]
+    return [scratch_stage(job)] if starts_random(job.opts) else head_then_finetune(job)
 
 
 def member_recipe(teacher_path: str | None, state: dict, log) -> "callable":
@@ -444,20 +425,23 @@ def member_recipe(teacher_path: str | None, state: dict, log) -> "callable":
     return recipe
 
 
-def member_options(opts: DistillOptions, role: str, backbone: str, weights: str | None, output_dir: str,
-                   teacher: str | None, seed: int, overrides: dict | None = None) -> MemberOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    values = {**shared, "backbone": backbone, "weights": weights, "output_dir": output_dir, "seed": seed,
-              "resume": False, "export": False, **(overrides or {})}
-    member = MemberOptions(**values, role=role, teacher=teacher)
-    if teacher is not None:
-        member.temperature, member.alpha, member.teacher_logits = opts.temperature, opts.alpha, resolved_mode(opts)
-        if member.teacher_logits == "online":
-            member.cache = "off"  # the teacher needs the images, so the student trains on images too
+def member_run(opts: DistillOptions, role: str, backbone: str, weights: str | None, output_dir: str,
+               teacher: str | None, overrides: dict | None = None) -> sweep.Run:
+    changes = {"backbone": backbone, "weights": weights, "output_dir": output_dir, "export": False,
+               "teacher": teacher, **(overrides or {})}
+    if teacher is None:  # trained on the labels only
+        changes.update(temperature=None, alpha=None, teacher_logits=None)
+    else:
+        changes["teacher_logits"] = resolved_mode(opts)
+        if changes["teacher_logits"] == "online":
+            changes["cache"] = "off"  # the teacher needs the images, so the student trains on images too
+    member = sweep.derive(opts, **changes)
     if starts_random(member):
         # Random weights: every layer trains from the start, batch norm too (its statistics are random).
-        member.freeze_up_to, member.rules, member.train_bn = None, (), True
-    return member
+        member = dataclasses.replace(member, freeze_up_to=None, rules=(), train_bn=True)
+    learns = f" learns from {teacher}" if teacher else " on the labels only"
+    return sweep.Run(f"{role}: {backbone}{learns}", member, None, {"recipe": "distill", "role": role}, SWEEP_ONLY,
+                     {"role": role})
 
 
 def resolved_mode(opts: DistillOptions) -> str:
@@ -495,7 +479,7 @@ def check_options(opts: DistillOptions) -> None:
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
-def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[MemberOptions]:
+def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[sweep.Run]:
     """The members in training order; with --born-again, generation k learns from generation k-1."""
     members = []
     if opts.born_again:
@@ -509,26 +493,23 @@ def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[Membe
         previous = opts.teacher
         for k in range(1, opts.born_again + 1):
             path = os.path.join(out, f"generation{k}")
-            members.append(member_options(opts, f"generation{k}", teacher.backbone, weights, path, previous,
-                                          opts.seed, arch))
+            members.append(member_run(opts, f"generation{k}", teacher.backbone, weights, path, previous, arch))
             previous = path
         if opts.baseline:
-            members.append(member_options(opts, "labels_only", teacher.backbone, weights,
-                                          os.path.join(out, "labels_only"), None, opts.seed, arch))
+            members.append(member_run(opts, "labels_only", teacher.backbone, weights,
+                                      os.path.join(out, "labels_only"), None, arch))
         return members
-    members.append(member_options(opts, "student", opts.student, opts.student_weights, os.path.join(out, "student"),
-                                  opts.teacher, opts.seed))
+    members.append(member_run(opts, "student", opts.student, opts.student_weights, os.path.join(out, "student"),
+                              opts.teacher))
     if opts.baseline:
-        members.append(member_options(opts, "labels_only", opts.student, opts.student_weights,
-                                      os.path.join(out, "labels_only"), None, opts.seed))
+        members.append(member_run(opts, "labels_only", opts.student, opts.student_weights,
+                                  os.path.join(out, "labels_only"), None))
     return members
 
 
 def distill(opts: DistillOptions, log=print) -> dict:
     """Train every member, then score and time every model; returns what distill.json holds, plus output_dir."""
     check_options(opts)
-    import keras
-
     from tfl.training import rundir, strategy as strategies
 
     out = opts.output_dir or rundir.default_path("distill", opts.dataset)
@@ -539,27 +520,28 @@ def distill(opts: DistillOptions, log=print) -> dict:
     teacher = load_teacher(opts.teacher)
     state = {"teachers": {opts.teacher: teacher}}
     members = plan_members(opts, out, teacher)
+    for number, member in enumerate(members, 1):
+        member.name = f"{number}/{len(members)} {member.name}"
+        member.recipe = member_recipe(member.options.teacher, state, log)
     unused = ("backbone", "weights")  # --student and --student-weights (or the teacher's) say what each member is
     settings = {"options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in unused},
                 "teacher_logits": resolved_mode(opts),
-                "members": [{"role": m.role, "backbone": m.backbone, "teacher": m.teacher, "seed": m.seed,
-                             "image_size": m.image_size, "run_dir": m.output_dir} for m in members]}
+                "members": [{"role": m.row["role"], "backbone": m.options.backbone, "teacher": m.options.teacher,
+                             "seed": m.options.seed, "image_size": m.options.image_size,
+                             "run_dir": m.options.output_dir} for m in members]}
     result = {"output_dir": out, "settings": settings, "models": [], "members": []}
-    for number, member in enumerate(members, 1):
-        log(f"distill: {number}/{len(members)} {member.role}: {member.backbone}"
-            + (f" learns from {member.teacher}" if member.teacher else " on the labels only"))
-        keras.backend.clear_session()  # every member builds its model as a fresh process would
-        started = time.time()
-        metrics = jobs.run(member, member_recipe(member.teacher, state, log), log)
-        result["members"].append({"role": member.role, **metrics, "wall_seconds": round(time.time() - started, 1)})
-        write_tables(out, result)
+    tables = sweep.Tables(DISTILL_JSON, {DISTILL_CSV: (COLUMNS, lambda r: r["models"])})
+    sweep.sweep(members, out, result, tables, log, "distill", key="members")
     result["models"] = score_models(opts, teacher, result["members"], state["splits"], log)
-    write_tables(out, result)
     from tfl.reporting.figures import write_distill
 
-    write_distill(result["models"], os.path.join(out, DISTILL_PNG),
-                  title=f"{os.path.basename(os.path.normpath(opts.dataset))}: teacher {teacher.backbone or 'model'} "
-                        f"{teacher.image_size}px, T={opts.temperature:g}, alpha={opts.alpha:g}")
+    def figure(folder, result):
+        write_distill(result["models"], folder.file(DISTILL_PNG),
+                      title=f"{os.path.basename(os.path.normpath(opts.dataset))}: teacher "
+                            f"{teacher.backbone or 'model'} {teacher.image_size}px, T={opts.temperature:g}, "
+                            f"alpha={opts.alpha:g}")
+
+    sweep.write(out, result, dataclasses.replace(tables, figure=figure))
     log(f"distill: wrote {os.path.join(out, DISTILL_JSON)}, {DISTILL_CSV} and {DISTILL_PNG}")
     return result
 
@@ -637,14 +619,6 @@ def _softmax(logits):
     shifted = logits - logits.max(-1, keepdims=True)
     e = np.exp(shifted)
     return e / e.sum(-1, keepdims=True)
-
-
-def write_tables(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
-    folder = rundir.RunDir(out)
-    folder.write_json(DISTILL_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    folder.write_csv(DISTILL_CSV, COLUMNS, result["models"], extrasaction="ignore")
 
 
 def format_table(result: dict) -> str:

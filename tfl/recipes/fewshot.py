@@ -25,9 +25,7 @@ fewshot.png go into the output directory.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import time
@@ -38,6 +36,7 @@ import numpy as np
 from tfl.errors import UsageError
 from tfl.job import JobOptions
 from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, option
+from tfl.recipes import sweep
 
 FEWSHOT_JSON, FEWSHOT_CSV, EPISODES_CSV, FEWSHOT_PNG = ("fewshot.json", "fewshot.csv", "fewshot_episodes.csv",
                                                          "fewshot.png")
@@ -210,15 +209,17 @@ def features_of(job, split: str):
 def fewshot(opts: FewShotOptions, log=print) -> dict:
     """Features of --split, then the episodes for every K; returns what fewshot.json holds, plus output_dir."""
     check_options(opts)
-    import dataclasses as dc
+    from tfl import job as jobs
+    from tfl.training import rundir
 
-    from tfl.job import Job
-    from tfl.training import rundir, strategy as strategies
-
-    opts = dc.replace(opts, shots=tuple(sorted(dict.fromkeys(opts.shots))))
     out = opts.output_dir or rundir.default_path("fewshot", opts.dataset)
-    strategy = strategies.make_strategy(opts.strategy, opts.devices, (), None)
-    job = Job.setup(opts, log, strategy)
+    opts = dataclasses.replace(opts, shots=tuple(sorted(dict.fromkeys(opts.shots))), output_dir=out)
+    return jobs.run(opts, episodes, log)
+
+
+def episodes(job) -> dict:
+    """The recipe: the episodes on the job's pooled features; writes the tables into the run directory."""
+    opts, log = job.opts, job.log
     features, labels = features_of(job, opts.split)
     where = f"the {opts.split} split of {os.path.basename(os.path.normpath(opts.dataset))}"
     counts = {name: int(np.sum(labels == c)) for c, name in enumerate(job.class_names)}
@@ -231,27 +232,13 @@ def fewshot(opts: FewShotOptions, log=print) -> dict:
                            "seed": opts.seed, "head_steps": opts.head_steps, "head_lr": opts.head_lr,
                            "head_decay": opts.head_decay, "feature_dim": int(features.shape[1])},
               "class_counts": counts, **run}
-    write_outputs(out, result)
+    out = job.scratch or opts.output_dir
+    sweep.write(out, result, TABLES)
     log(f"fewshot: wrote {FEWSHOT_JSON}, {FEWSHOT_CSV}, {EPISODES_CSV} and {FEWSHOT_PNG} in {out}")
-    return {**result, "output_dir": out}
+    return {**result, "output_dir": opts.output_dir}
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------------
-def write_outputs(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
-    folder = rundir.RunDir(out)
-    folder.write_json(FEWSHOT_JSON, result)
-    for name, fields, rows in ((FEWSHOT_CSV, ("shots", "method", "mean", "ci95", "sd", "episodes"), result["results"]),
-                               (EPISODES_CSV, ("shots", "episode", "classes", *METHODS), result["episodes"])):
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        rundir.atomic_write(folder.file(name), buffer.getvalue().encode())
-    write_figure(result, folder.file(FEWSHOT_PNG))
-
-
 def write_figure(result: dict, path: str) -> str:
     """Mean query accuracy with its 95 % interval per K, one bar per method."""
     from tfl.reporting.figures import _figure, _save  # noqa: PLC2701 - the shared Agg figure and atomic save
@@ -273,6 +260,13 @@ def write_figure(result: dict, path: str) -> str:
     figure.suptitle(f"{s['ways']}-way few-shot, {s['episodes']} episodes, {s['backbone']} {s['image_size']}px "
                     f"({s['split']})")
     return _save(figure, path)
+
+
+TABLES = sweep.Tables(FEWSHOT_JSON, {FEWSHOT_CSV: (("shots", "method", "mean", "ci95", "sd", "episodes"),
+                                                   lambda result: result["results"]),
+                                     EPISODES_CSV: (("shots", "episode", "classes", *METHODS),
+                                                    lambda result: result["episodes"])},
+                      lambda folder, result: write_figure(result, folder.file(FEWSHOT_PNG)))
 
 
 def format_table(result: dict) -> str:

@@ -47,9 +47,7 @@ accuracy_matrix.csv (one row per R entry), forgetting.png (a heatmap of R per st
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import time
@@ -61,7 +59,7 @@ from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, option
-from tfl.recipes import forgetting_metrics as cl_metrics
+from tfl.recipes import forgetting_metrics as cl_metrics, sweep
 
 FORGETTING_JSON, FORGETTING_CSV, MATRIX_CSV = "forgetting.json", "forgetting.csv", "accuracy_matrix.csv"
 FORGETTING_PNG, CURVES_PNG = "forgetting.png", "accuracy_curves.png"
@@ -75,7 +73,7 @@ MASKED = -1e9  # the logit of a class outside the mask: exp() of it is exactly 0
 # -- options ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ForgettingOptions(JobOptions):
-    unused: ClassVar = ("head_epochs", *SWEEP_RUN)
+    unused: ClassVar = ("head_epochs", "label_smoothing", *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory (<strategy>/) go "
         "(default: runs/<time>-forgetting-<dataset>). Run again with the same directory to continue an interrupted "
@@ -105,29 +103,13 @@ class ForgettingOptions(JobOptions):
         "whole run."))
 
 
-@dataclasses.dataclass
-class StrategyOptions(JobOptions):
-    """One strategy's run; config.json records these fields with the rest (and a resume compares them)."""
-
-    recipe: str = "forgetting"
-    continual_strategy: str = ""
-    tasks: str | None = None
-    scenario: str = "class-il"
-    memory: int = 500
-    lwf_alpha: float = 1.0
-    temperature: float = 2.0
-    ewc_lambda: float = 1000.0
-    finetune: bool = False
+SWEEP_ONLY = ("strategies",)  # ForgettingOptions' own field: which strategies run, not what one run trains
 
 
-OWN = ("tasks", "scenario", "memory", "lwf_alpha", "temperature", "ewc_lambda", "finetune")
-
-
-def strategy_options(opts: ForgettingOptions, strategy: str, output_dir: str) -> StrategyOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    own = {name: getattr(opts, name) for name in OWN}
-    return StrategyOptions(**{**shared, **own, "output_dir": output_dir, "resume": False},
-                           continual_strategy=strategy)
+def strategy_run(opts: ForgettingOptions, number: int, strategy: str, out: str) -> sweep.Run:
+    return sweep.Run(f"strategy {number}/{len(dict.fromkeys(opts.strategies))} {strategy} ({opts.scenario})",
+                     sweep.derive(opts, output_dir=os.path.join(out, strategy)), sequence(strategy),
+                     {"recipe": "forgetting", "continual_strategy": strategy}, SWEEP_ONLY)
 
 
 def check_options(opts: ForgettingOptions) -> None:
@@ -427,12 +409,12 @@ class SequenceState:
 class Sequence:
     """One strategy on one Job: train the tasks in order, test after each, keep the strategy's state."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, strategy: str):
         from tfl.freezing import head_only_plan
         from tfl.training import boundary
 
         opts = self.opts = job.opts
-        self.job, self.name, self.scenario = job, opts.continual_strategy, opts.scenario
+        self.job, self.name, self.scenario = job, strategy, opts.scenario
         self.tasks = parse_tasks(opts.tasks, job.class_names)
         self.C = len(job.class_names)
         self.own, self.seen = task_masks(self.tasks, self.C)
@@ -628,64 +610,54 @@ class Sequence:
         return result
 
 
-def sequence(job: Job) -> dict:
+def sequence(strategy: str):
     """The recipe of one strategy's run (jobs.run calls it with the set-up Job)."""
-    return Sequence(job).run()
+    return lambda job: Sequence(job, strategy).run()
 
 
 # -- every strategy ----------------------------------------------------------------------------------------------------
 def forgetting(opts: ForgettingOptions, log=print) -> dict:
     """Train every strategy through the task sequence; returns what forgetting.json holds, plus output_dir."""
     check_options(opts)
-    import keras
-
     from tfl.training import rundir
 
-    strategies = tuple(dict.fromkeys(opts.strategies))
     out = opts.output_dir or rundir.default_path("forgetting", opts.dataset)
     result = {"output_dir": out, "settings": {"options": dataclasses.asdict(opts)}, "strategies": []}
-    for number, name in enumerate(strategies, 1):
-        log(f"forgetting: strategy {number}/{len(strategies)} {name} ({opts.scenario})")
-        keras.backend.clear_session()  # every strategy builds its model as a fresh process would
-        started = time.time()
-        run = jobs.run(strategy_options(opts, name, os.path.join(out, name)), sequence, log)
-        run["wall_seconds"] = round(time.time() - started, 1)
-        result["strategies"].append(run)
-        write_outputs(out, result)
+    runs = [strategy_run(opts, number, name, out) for number, name in enumerate(dict.fromkeys(opts.strategies), 1)]
+    sweep.sweep(runs, out, result, TABLES, log, "forgetting", key="strategies")
     log(f"forgetting: wrote {os.path.join(out, FORGETTING_JSON)}, {FORGETTING_CSV}, {MATRIX_CSV}, {FORGETTING_PNG} "
         f"and {CURVES_PNG}")
     return result
 
 
-def write_outputs(out: str, result: dict) -> None:
-    from tfl.reporting.figures import write_accuracy_curves, write_forgetting_heatmaps
-    from tfl.training import rundir
+def strategy_rows(result: dict) -> list[dict]:
+    """One row per strategy: its metrics of R."""
+    return [{"strategy": run["strategy"], "scenario": run["scenario"],
+             "tasks": ";".join(",".join(map(str, t)) for t in run["tasks"]),
+             **{k: run["metrics"][k] for k in ("acc", "average_incremental_accuracy", "bwt", "forgetting",
+                                               "min_old_accuracy")},
+             "train_seconds": run["train_seconds"], "wall_seconds": run.get("wall_seconds"), "run_dir": run["run_dir"]}
+            for run in result["strategies"]]
 
-    folder = rundir.RunDir(out)
-    folder.write_json(FORGETTING_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    rows, cells = [], []
-    for run in result["strategies"]:
-        m = run["metrics"]
-        rows.append({"strategy": run["strategy"], "scenario": run["scenario"],
-                     "tasks": ";".join(",".join(map(str, t)) for t in run["tasks"]),
-                     **{k: m[k] for k in ("acc", "average_incremental_accuracy", "bwt", "forgetting",
-                                          "min_old_accuracy")},
-                     "train_seconds": run["train_seconds"], "wall_seconds": run.get("wall_seconds"),
-                     "run_dir": run["run_dir"]})
-        for i, row in enumerate(run["R"]):
-            for j, value in enumerate(row):
-                cells.append({"strategy": run["strategy"], "after_task": i + 1, "task": j + 1, "accuracy": value})
-    for name, fields, table in ((FORGETTING_CSV, COLUMNS, rows),
-                                (MATRIX_CSV, ("strategy", "after_task", "task", "accuracy"), cells)):
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(table)
-        rundir.atomic_write(folder.file(name), buffer.getvalue().encode())
+
+def matrix_rows(result: dict) -> list[dict]:
+    """One row per entry of every strategy's R."""
+    return [{"strategy": run["strategy"], "after_task": i + 1, "task": j + 1, "accuracy": value}
+            for run in result["strategies"] for i, row in enumerate(run["R"]) for j, value in enumerate(row)]
+
+
+def write_figures(folder, result: dict) -> None:
+    from tfl.reporting.figures import write_accuracy_curves, write_forgetting_heatmaps
+
     runs = result["strategies"]
     title = f"{result['settings']['options']['backbone']}, {runs[0]['scenario']}" if runs else None
     write_forgetting_heatmaps(runs, folder.file(FORGETTING_PNG), title=title)
     write_accuracy_curves(runs, folder.file(CURVES_PNG), title=title)
+
+
+TABLES = sweep.Tables(FORGETTING_JSON, {FORGETTING_CSV: (COLUMNS, strategy_rows),
+                                        MATRIX_CSV: (("strategy", "after_task", "task", "accuracy"), matrix_rows)},
+                      write_figures)
 
 
 def format_table(result: dict) -> str:

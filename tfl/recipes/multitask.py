@@ -31,11 +31,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
 from tfl.options import FROZEN_BACKBONE, SWEEP_RUN, option
-from tfl.recipes import pooled
+from tfl.recipes import pooled, sweep
 
 MULTITASK_JSON, MULTITASK_CSV, MULTITASK_PNG = "multitask.json", "multitask.csv", "multitask.png"
 ARMS = ("hard", "soft", "single")
@@ -48,7 +47,7 @@ COLUMNS = ("arm", "seed", "task", "test_accuracy", "task_weight", "trainable_par
 
 @dataclasses.dataclass
 class MultitaskOptions(JobOptions):
-    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, *SWEEP_RUN)
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", "augment", *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where multitask.json/.csv/.png and every run directory (<arm>[_<task>]/seed<S>/) go (default: "
         "runs/<time>-multitask-<dataset>)."),
@@ -70,16 +69,7 @@ class MultitaskOptions(JobOptions):
         "Every run repeats with seeds --seed, --seed+1, ...; the table gives mean ± sd."))
 
 
-@dataclasses.dataclass
-class RunOptions(JobOptions):
-    """One run; config.json records these with the rest (and a resume compares them)."""
-
-    recipe: str = "multitask"
-    arm: str = ""
-    tasks: str | None = None
-    task_names: tuple[str, ...] = ()  # the tasks this run trains (single: one)
-    task_weights: tuple[tuple[str, float], ...] = ()
-    soft_penalty: float = 0.0
+SWEEP_ONLY = ("arms", "seeds")  # MultitaskOptions' own fields: which runs, not what one run trains
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------
@@ -251,19 +241,23 @@ def task_accuracy(task: Task, logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # -- one run ---------------------------------------------------------------------------------------------------------
-def run_recipe(job: Job) -> dict:
+def run_recipe(arm: str, task_names: tuple):
+    return lambda job: train_run(job, arm, task_names)
+
+
+def train_run(job: Job, arm: str, task_names: tuple) -> dict:
     from tfl.training import rundir
     from tfl.training.boundary import data_identity
-    from tfl.training.trainer import ParamGroup, StagePolicy, Trainer
+    from tfl.training.trainer import ParamGroup
 
     opts = job.opts
     started = time.time()
     path = default_tasks_path(opts)
     every = make_tasks(read_label_map(path), job.class_names, path)
-    tasks = [t for t in every if t.name in opts.task_names]
+    tasks = [t for t in every if t.name in task_names]
     weights = task_weights(opts, [t.name for t in tasks])
-    stage = pooled.head_stage(job, opts.arm, opts.head_epochs)
-    sharing = "soft" if opts.arm == "soft" else "hard"
+    stage = pooled.head_stage(job, arm, opts.head_epochs)
+    sharing = "soft" if arm == "soft" else "hard"
     with job.strategy.scope():
         model, groups = build_block(pooled.feature_width(job), tasks, sharing, opts.head_hidden, opts.dropout)
     variables = model.trainable_variables
@@ -273,14 +267,16 @@ def run_recipe(job: Job) -> dict:
     # Every variable of the block, not only the trained ones: the dropout's seed-generator state too, so a resumed
     # run draws the same dropout masks as an uninterrupted one.
     pooled.keep_in_checkpoints(job, variables + model.non_trainable_variables)
-    _, feed = pooled.pooled_feed(job, stage)
     params = int(sum(np.prod(v.shape) for v in variables))
     described = ", ".join(f"{t.name} ({t.num_classes} classes, weight {weights[t.name]:g})" for t in tasks)
-    job.log(f"multitask: {opts.arm}, tasks {described}, {params:,} trainable parameters")
-    job.log(Trainer.header())
-    job.trainer.run_stage(stage.name, model, [ParamGroup("tasks", variables, job.lr)], stage.epochs, feed.train,
-                          feed.val, job.steps_per_epoch, job.batch, job.steps("val"), eval_model=model,
-                          policy=StagePolicy(), trainable=["head"])
+
+    def block(stage, feed, groups) -> dict:  # the block on the stage's pooled features, one group at --lr
+        pooled.check_pooled(feed)
+        job.log(f"multitask: {arm}, tasks {described}, {params:,} trainable parameters")
+        return {"model": model, "groups": [ParamGroup("tasks", variables, job.lr)], "eval_model": model,
+                "trainable": ["head"]}
+
+    job.train([stage], adapt=block)
     splits = job.splits
     if splits.test is not None:
         test = pooled.features(job, "test", splits.test, splits.num_examples["test"],
@@ -291,13 +287,13 @@ def run_recipe(job: Job) -> dict:
     for task in tasks:
         logits = pooled.predict(model, test, job.batch, task.name)
         scores[task.name] = task_accuracy(task, logits, test.labels)
-    result = {"arm": opts.arm, "seed": opts.seed, "tasks": [t.name for t in tasks], "test_accuracy": scores,
+    result = {"arm": arm, "seed": opts.seed, "tasks": [t.name for t in tasks], "test_accuracy": scores,
               "task_weights": weights, "trainable_params": params, "epochs_run": len(job.trainer.history),
               "eval_split": "test" if splits.test is not None else "val",
               "train_seconds": round(time.time() - started, 1)}
     job.run_dir.write_json(rundir.METRICS, result)
     job.trainer.finish()
-    job.log(f"multitask: {opts.arm} seed {opts.seed}: " + ", ".join(f"{t} {a:.4f}" for t, a in scores.items()))
+    job.log(f"multitask: {arm} seed {opts.seed}: " + ", ".join(f"{t} {a:.4f}" for t, a in scores.items()))
     return {**result, "run_dir": job.run_dir.path}
 
 
@@ -328,34 +324,26 @@ def planned_runs(opts: MultitaskOptions, names: list[str]) -> list[tuple[str, st
     return runs
 
 
-def run_options(opts: MultitaskOptions, arm: str, tasks: tuple, seed: int, output_dir: str) -> RunOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    shared.update(output_dir=output_dir, seed=seed, resume=False, export=False, epochs=0,
-                  head_hidden=opts.head_hidden or DEFAULT_BLOCK)
+def task_run(opts: MultitaskOptions, arm: str, folder: str, tasks: tuple, seed: int, out: str) -> sweep.Run:
     weights = () if arm == "single" else tuple((t, w) for t, w in opts.task_weights if t in tasks)  # alone: 1
-    return RunOptions(**shared, arm=arm, tasks=opts.tasks, task_names=tasks, task_weights=weights,
-                      soft_penalty=opts.soft_penalty if arm == "soft" else 0.0)
+    options = sweep.derive(opts, output_dir=os.path.join(out, folder, f"seed{seed}"), seed=seed, export=False,
+                           epochs=0, head_hidden=opts.head_hidden or DEFAULT_BLOCK, task_weights=weights,
+                           soft_penalty=opts.soft_penalty if arm == "soft" else 0.0)
+    return sweep.Run(f"seed {seed}, {folder}", options, run_recipe(arm, tasks),
+                     {"recipe": "multitask", "arm": arm, "task_names": tasks}, SWEEP_ONLY)
 
 
 def multitask(opts: MultitaskOptions, log=print) -> dict:
     names = check_options(opts)
-    import keras
-
     from tfl.training import rundir
 
     out = opts.output_dir or rundir.default_path("multitask", opts.dataset)
     settings = {"options": dataclasses.asdict(opts), "tasks_file": default_tasks_path(opts), "tasks": names}
     result = {"output_dir": out, "settings": settings, "runs": [], "summary": []}
-    for seed in [opts.seed + i for i in range(opts.seeds)]:
-        for arm, folder, tasks in planned_runs(opts, names):
-            log(f"multitask: seed {seed}, {folder}")
-            keras.backend.clear_session()
-            started = time.time()
-            metrics = jobs.run(run_options(opts, arm, tasks, seed, os.path.join(out, folder, f"seed{seed}")),
-                               run_recipe, log)
-            result["runs"].append({**metrics, "wall_seconds": round(time.time() - started, 1)})
-            result["summary"] = summarize(result["runs"])
-            write_outputs(out, result)
+    runs = [task_run(opts, arm, folder, tasks, seed, out) for seed in sweep.seeds(opts)
+            for arm, folder, tasks in planned_runs(opts, names)]
+    sweep.sweep(runs, out, result, TABLES, log, "multitask",
+                summarize=lambda r: r.update(summary=summarize(r["runs"])))
     log(f"multitask: wrote {os.path.join(out, MULTITASK_JSON)}, {MULTITASK_CSV} and {MULTITASK_PNG}")
     return result
 
@@ -386,7 +374,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             mine = [r for r in table if r["task"] == task and r["arm"] == arm]
             if not mine:
                 continue
-            mean, sd = pooled.mean_sd(r["test_accuracy"] for r in mine)
+            mean, sd = sweep.mean_sd(r["test_accuracy"] for r in mine)
             params = max(single_params.values()) if arm == "single" and single_params else mine[0]["trainable_params"]
             summary.append({"task": task, "arm": arm, "n": len(mine), "test_accuracy_mean": mean,
                             "test_accuracy_sd": sd, "trainable_params": params})
@@ -396,17 +384,16 @@ def summarize(runs: list[dict]) -> list[dict]:
     return summary
 
 
-def write_outputs(out: str, result: dict) -> None:
+def write_figure(folder, result: dict) -> None:
     from tfl.reporting.figures_transfer import write_multitask
-    from tfl.training import rundir
 
-    folder = rundir.RunDir(out)
-    folder.write_json(MULTITASK_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    folder.write_csv(MULTITASK_CSV, COLUMNS, rows(result["runs"]))
     opts = result["settings"]["options"]
     write_multitask(result["summary"], folder.file(MULTITASK_PNG),
                     title=f"{opts['backbone']} (frozen) on {os.path.basename(os.path.normpath(opts['dataset']))}: "
                           f"{opts['head_epochs']} epochs per run")
+
+
+TABLES = sweep.Tables(MULTITASK_JSON, {MULTITASK_CSV: (COLUMNS, lambda result: rows(result["runs"]))}, write_figure)
 
 
 def format_table(result: dict) -> str:
@@ -421,7 +408,7 @@ def format_table(result: dict) -> str:
                 cells.append(f"{'-':>28}")
                 continue
             diff = "" if r["vs_single"] is None or arm == "single" else f" ({r['vs_single']:+.4f})"
-            cells.append(f"{pooled.format_mean_sd(r['test_accuracy_mean'], r['test_accuracy_sd']) + diff:>28}")
+            cells.append(f"{sweep.format_mean_sd(r['test_accuracy_mean'], r['test_accuracy_sd']) + diff:>28}")
         lines.append(f"{task:<14}" + "".join(cells))
     params = {r["arm"]: r["trainable_params"] for r in result["summary"]}
     lines.append(f"{'params':<14}" + "".join(f"{params[arm]:>28,}" for arm in arms))

@@ -10,8 +10,6 @@ heads) ride in every checkpoint as the recipe's state (Trainer.recipe_state) and
 
 from __future__ import annotations
 
-import statistics
-
 import numpy as np
 
 from tfl.errors import UsageError
@@ -43,18 +41,13 @@ def check_pooled_options(opts, command: str) -> None:
                          "multi-worker run) is not supported, use --devices for several local replicas")
 
 
-def pooled_feed(job: Job, stage: Stage):
-    """(param groups of the head, the StageFeed) for `stage`, refusing anything but cached pooled features."""
-    from tfl import freezing, job as jobs
+def check_pooled(feed) -> None:
+    """Refuse a stage feed that is not cached pooled features (what the block above the pool trains on)."""
     from tfl.training.boundary import POOLED
 
-    with job.strategy.scope():
-        graph = freezing.training_graph(job.model, stage.plan, job.opts.freeze_mode, job.opts.train_bn)
-    feed = job.inputs.feed(stage.name, graph, job.trainer.history)
     if feed.boundary != POOLED:
         raise UsageError("the pooled features could not be cached (see the cache: lines above); this recipe trains "
                          "on them only. Raise --cache-budget or free space in --cache-dir")
-    return jobs.param_groups(graph, stage), feed
 
 
 def feature_width(job: Job) -> int:
@@ -128,12 +121,3 @@ def predict(model, entry, batch: int, output: str | None = None) -> np.ndarray:
         out = model(b[FEATURES], training=False)
         parts.append(np.asarray(out[output] if output else out, np.float32))
     return np.concatenate(parts)
-
-
-def mean_sd(values) -> tuple[float, float | None]:
-    values = [float(v) for v in values]
-    return round(statistics.mean(values), 6), (round(statistics.stdev(values), 6) if len(values) > 1 else None)
-
-
-def format_mean_sd(mean: float, sd: float | None) -> str:
-    return f"{mean:.4f} ± {'-' if sd is None else f'{sd:.4f}'}"

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import ClassVar
-
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, option
+from tfl.recipes import sweep
+from tfl.recipes.finetune import head_then_finetune, scratch_stage
 
 PRETEXT_JSON, PRETEXT_CSV, PRETEXT_PNG = "pretext.json", "pretext.csv", "pretext.png"
 BACKBONE_FILE = "backbone.keras"
@@ -52,7 +51,8 @@ COLUMNS = ("arm", "start", "label_fraction", "seed", "test_accuracy", "best_val_
 
 @dataclasses.dataclass
 class PretextOptions(JobOptions):
-    unused: ClassVar = ("label_fraction", *SWEEP_RUN)
+    unused: ClassVar = ("label_fraction", "init_from", "reuse", "reuse_exclude", "rename", "init_unsafe",
+                        *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where pretext.json/.csv/.png, backbone.keras, the pretext run (pretext/) and the fine-tunes "
         "(frac<F>/baseline, frac<F>/pretext) go (default: runs/<time>-pretext-<dataset>).")}
@@ -73,21 +73,7 @@ class PretextOptions(JobOptions):
         "--no-finetune: pretrain only and write backbone.keras (for tfl finetune --init-from)."))
 
 
-@dataclasses.dataclass
-class PretextRunOptions(JobOptions):
-    """The pretext run's options; config.json records these with the rest (and a resume compares them)."""
-
-    recipe: str = "pretext"
-    objective: str = "rotation"
-    temperature: float | None = None
-    projection_dim: int | None = None
-
-
-@dataclasses.dataclass
-class ArmOptions(JobOptions):
-    recipe: str = "pretext"
-    arm: str = ""  # baseline: the initial weights; pretext: backbone.keras
-    start: str = ""  # the initial weights the comparison started from (random, or the backbone's default)
+SWEEP_ONLY = ("pretext_epochs", "label_fractions", "finetune")  # PretextOptions' own: which runs follow
 
 
 # -- the objectives -------------------------------------------------------------------------------------------------
@@ -216,19 +202,6 @@ def starts_random(opts: JobOptions) -> bool:
     return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None
 
 
-def random_init_everything(job: Job):
-    """Every layer trains, batch norm at compare's scratch momentum (random statistics must follow the weights)."""
-    import keras
-
-    from tfl.freezing import leaf_layers, make_plan
-    from tfl.recipes.compare import SCRATCH_BN_MOMENTUM
-
-    for layer in leaf_layers(job.model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = SCRATCH_BN_MOMENTUM
-    return make_plan(job.spec, job.model, None)
-
-
 def pretext_recipe(out: str, state: dict):
     def recipe(job: Job) -> dict:
         from tfl import models
@@ -238,7 +211,7 @@ def pretext_recipe(out: str, state: dict):
         objective = objective_for(opts)
         state["splits"] = job.splits
         if starts_random(opts):
-            stage = Stage("pretext", random_init_everything(job), opts.epochs, {"backbone": job.lr, "head": job.lr})
+            stage = scratch_stage(job, "pretext", opts.epochs)
         else:
             stage = Stage("pretext", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})
         job.prepare([stage], config={"pretext_targets": list(objective.targets)}, loss=objective.loss,
@@ -256,32 +229,24 @@ def pretext_recipe(out: str, state: dict):
     return recipe
 
 
-def pretext_options(opts: PretextOptions, out: str) -> PretextRunOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    values = {**shared, "output_dir": os.path.join(out, "pretext"), "epochs": opts.pretext_epochs, "head_epochs": 0,
-              "label_fraction": None, "cache": "off", "export": False, "resume": False}
+def pretext_run(opts: PretextOptions, out: str, state: dict) -> sweep.Run:
+    changes = {"output_dir": os.path.join(out, "pretext"), "epochs": opts.pretext_epochs, "head_epochs": 0,
+               "label_fraction": None, "cache": "off", "export": False}
     if opts.objective == "simclr" and not opts.head_hidden:
-        values["head_hidden"] = SIMCLR_HIDDEN
-    run = PretextRunOptions(**values, objective=opts.objective)
-    if opts.objective == "simclr":
-        run.temperature, run.projection_dim = opts.temperature, opts.projection_dim
-    if starts_random(run):
-        run.freeze_up_to, run.rules, run.train_bn = None, (), True
-    return run
+        changes["head_hidden"] = SIMCLR_HIDDEN
+    if opts.objective != "simclr":
+        changes.update(temperature=None, projection_dim=None)
+    if starts_random(opts):
+        changes.update(freeze_up_to=None, rules=(), train_bn=True)
+    return sweep.Run(f"{opts.objective} pretext run", sweep.derive(opts, **changes), pretext_recipe(out, state),
+                     {"recipe": "pretext"}, SWEEP_ONLY, targets=objective_for(opts).targets)
 
 
 # -- the fine-tunes -------------------------------------------------------------------------------------------------
 def arm_recipe(random_start: bool):
     def recipe(job: Job) -> dict:
-        from tfl.freezing import head_only_plan
-
-        opts = job.opts
-        if random_start:  # both arms alike: every layer, as compare's scratch arm
-            stages = [Stage("scratch", random_init_everything(job), opts.head_epochs + opts.epochs,
-                            {"backbone": job.lr, "head": job.lr})]
-        else:
-            stages = [Stage("head", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr}),
-                      Stage("finetune", job.plan, opts.epochs, {"backbone": job.backbone_lr, "head": job.lr})]
+        # random weights: both arms alike, every layer (as compare's scratch arm)
+        stages = [scratch_stage(job)] if random_start else head_then_finetune(job)
         job.prepare(stages, config={"arm_stages": [s.name for s in stages]})
         job.train(stages)
         return job.finish()
@@ -296,18 +261,20 @@ def start_name(opts: JobOptions) -> str:
     return models.resolve_weights(registry.get(opts.backbone), opts.weights) or "random"
 
 
-def arm_options(opts: PretextOptions, arm: str, fraction: float, out: str) -> ArmOptions:
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    values = {**shared, "output_dir": os.path.join(out, f"frac{fraction:g}", arm), "label_fraction": fraction,
-              "limit_train": None, "resume": False, "export": False}
+def arm_run(opts: PretextOptions, arm: str, fraction: float, out: str) -> sweep.Run:
+    changes = {"output_dir": os.path.join(out, f"frac{fraction:g}", arm), "label_fraction": fraction,
+               "limit_train": None, "export": False}
     if arm == "pretext":
         # The backbone comes from the pretext run; building the initial weights first would be wasted.
-        values.update(init_from=os.path.join(out, BACKBONE_FILE), weights="none", reuse=(), reuse_exclude=(),
-                      rename=())
-    member = ArmOptions(**values, arm=arm, start=start_name(opts))
+        changes.update(init_from=os.path.join(out, BACKBONE_FILE), weights="none", reuse=(), reuse_exclude=(),
+                       rename=())
     if starts_random(opts):
-        member.freeze_up_to, member.rules, member.train_bn = None, (), True
-    return member
+        changes.update(freeze_up_to=None, rules=(), train_bn=True)
+    start = start_name(opts)
+    return sweep.Run(f"fine-tune {arm} ({'backbone.keras' if arm == 'pretext' else start + ' weights'}), label "
+                     f"fraction {fraction:g}", sweep.derive(sweep.job_options(opts), **changes),
+                     arm_recipe(starts_random(opts)), {"recipe": "pretext", "arm": arm, "start": start},
+                     row={"arm": arm, "start": start, "label_fraction": fraction, "seed": opts.seed})
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -352,8 +319,6 @@ def pretext(opts: PretextOptions, log=print) -> dict:
     """The pretext run, then (unless --no-finetune) baseline and pretext fine-tunes at every label fraction;
     returns what pretext.json holds, plus output_dir."""
     check_options(opts)
-    import keras
-
     from tfl.training import rundir
 
     out = opts.output_dir or rundir.default_path("pretext", opts.dataset)
@@ -362,50 +327,25 @@ def pretext(opts: PretextOptions, log=print) -> dict:
                                               "label_fractions": list(fractions)},
               "pretext": None, "runs": []}
     state: dict = {}
-    run_opts = pretext_options(opts, out)
-    objective = objective_for(opts)
     log(f"pretext: {opts.objective} on {opts.dataset}'s train images (labels ignored), {opts.backbone} from "
         f"{start_name(opts)} weights, {opts.pretext_epochs} epoch(s)")
-    keras.backend.clear_session()
-    started = time.time()
-    metrics = jobs.run(run_opts, pretext_recipe(out, state), log, targets=objective.targets)
+    metrics, seconds = sweep.train(pretext_run(opts, out, state), log)
     result["pretext"] = {"objective": opts.objective, "test_accuracy": metrics["test_accuracy"],
                          "test_loss": metrics["test_loss"], "val_accuracy": metrics["val_accuracy"],
                          "epochs": metrics["epochs_run"], "eval_split": metrics["eval_split"],
-                         "wall_seconds": round(time.time() - started, 1), "run_dir": metrics["run_dir"],
+                         "wall_seconds": seconds, "run_dir": metrics["run_dir"],
                          "backbone_file": metrics["backbone_file"]}
-    write_tables(out, result)
-    for fraction in fractions:
-        for arm in ("baseline", "pretext"):
-            member = arm_options(opts, arm, fraction, out)
-            log(f"pretext: fine-tune {arm} ({'backbone.keras' if arm == 'pretext' else member.start + ' weights'}), "
-                f"label fraction {fraction:g}")
-            keras.backend.clear_session()
-            started = time.time()
-            metrics = jobs.run(member, arm_recipe(starts_random(opts)), log)
-            result["runs"].append(_row(member, metrics, time.time() - started))
-            write_tables(out, result)
+    tables = sweep.Tables(PRETEXT_JSON, {PRETEXT_CSV: (COLUMNS, lambda r: r["runs"])})
+    sweep.write(out, result, tables)
+    runs = [arm_run(opts, arm, fraction, out) for fraction in fractions for arm in ("baseline", "pretext")]
+    sweep.sweep(runs, out, result, tables, log, "pretext", row=_row)
     write_figure(out, result, opts)
     log(f"pretext: wrote {os.path.join(out, PRETEXT_JSON)}, {PRETEXT_CSV} and {PRETEXT_PNG}")
     return result
 
 
-def _row(member: ArmOptions, metrics: dict, seconds: float) -> dict:
-    from tfl.training import rundir
-
-    config = rundir.RunDir(metrics["run_dir"], create=False).read_json(rundir.CONFIG)
-    return {"arm": member.arm, "start": member.start, "label_fraction": member.label_fraction, "seed": member.seed,
-            "test_accuracy": metrics["test_accuracy"], "best_val_accuracy": metrics["val_accuracy"],
-            "epochs": metrics["epochs_run"], "wall_seconds": round(seconds, 1),
-            "train_examples": config["num_examples"]["train"], "run_dir": metrics["run_dir"]}
-
-
-def write_tables(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
-    folder = rundir.RunDir(out)
-    folder.write_json(PRETEXT_JSON, {k: v for k, v in result.items() if k != "output_dir"})
-    folder.write_csv(PRETEXT_CSV, COLUMNS, result["runs"])
+def _row(run: sweep.Run, metrics: dict, seconds: float) -> dict:
+    return {k: v for k, v in sweep.classifier_row(run, metrics, seconds).items() if k != "trainable_params"}
 
 
 def write_figure(out: str, result: dict, opts: PretextOptions) -> None:

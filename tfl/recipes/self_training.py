@@ -9,11 +9,11 @@ only by the pseudo-labels it sees (the same budget, seed and data order rule): t
 pseudo-labels' and not more epochs'.
 
 Where the unlabeled rows come from:
-  --labeled-fraction F   a seeded, stratified share F of each class's training rows is labeled (tfl.data's
-                         stratified_rows, as --label-fraction elsewhere); the other training rows are unlabeled,
+  --label-fraction F     a seeded, stratified share F of each class's training rows is labeled (tfl.data's
+                         stratified_rows, as for every command); the other training rows are unlabeled,
                          and since their true labels are known the pseudo-labels' accuracy is reported.
   --unlabeled DIR        every image file under DIR (recursively) is unlabeled; there is no accuracy to report
-                         for them. With --labeled-fraction as well, both pools are used.
+                         for them. With --label-fraction as well, both pools are used.
 
 The backbone stays frozen: every round trains the head on pooled features cached once (tfl.training.boundary;
 one backbone pass over train, val, test and the unlabeled folder for the whole run, reused by later runs), and
@@ -31,9 +31,7 @@ round and the current pseudo-labels).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 from typing import ClassVar
@@ -43,23 +41,22 @@ import numpy as np
 from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import FRACTION, FROZEN_BACKBONE, option
+from tfl.options import option
+from tfl.recipes import sweep
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
-COLUMNS = ("round", "labeled", "pseudo_labeled", "pseudo_accuracy_trained", "val_accuracy", "test_accuracy",
-           "passed", "passed_accuracy", "unlabeled")
 POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's rest, and the --unlabeled folder
 
 
 @dataclasses.dataclass
 class SelfTrainOptions(JobOptions):
-    unused: ClassVar = ("label_fraction", "epochs", *FROZEN_BACKBONE, "strategy", "worker_hosts", "task_index",
+    unused: ClassVar = ("epochs", "freeze_up_to", "backbone_lr", "augment", "strategy", "worker_hosts", "task_index",
                         "scale_lr")
-    option_help: ClassVar = {"head_epochs": "Epochs of every round (the head on cached features)."}
+    option_help: ClassVar = {
+        "head_epochs": "Epochs of every round (the head on cached features).",
+        "label_fraction": ("Keep a seeded, stratified share F of each class's training rows labeled; the rest of "
+                           "train is the unlabeled pool (its true labels only score the pseudo-labels).")}
 
-    labeled_fraction: float | None = option(None, flag="--label-fraction", check=FRACTION, metavar="F", help=(
-        "Keep a seeded, stratified share F of each class's training rows labeled; the rest of train is the "
-        "unlabeled pool (its true labels only score the pseudo-labels)."))
     unlabeled: str | None = option(None, metavar="DIR", help=(
         "A folder of unlabeled images (searched recursively), added to the unlabeled pool."))
     threshold: float = option(0.9, check=(0, 1, True, True), help=(
@@ -72,16 +69,13 @@ class SelfTrainOptions(JobOptions):
 def check_options(opts: SelfTrainOptions) -> None:
     from tfl.data import check_label_fraction
 
-    if opts.label_fraction is not None:
-        raise UsageError(f"--label-fraction {opts.label_fraction}: tfl self-train takes --labeled-fraction (the rest "
-                         "of train becomes its unlabeled pool)")
-    if opts.labeled_fraction is None and not opts.unlabeled:
-        raise UsageError("tfl self-train needs unlabeled data: give --labeled-fraction F (a share of each class's "
+    if opts.label_fraction is None and not opts.unlabeled:
+        raise UsageError("tfl self-train needs unlabeled data: give --label-fraction F (a share of each class's "
                          "training rows stays labeled, the rest is unlabeled) or --unlabeled DIR (a folder of images)")
-    if opts.labeled_fraction is not None:
-        check_label_fraction(opts.labeled_fraction)
-        if opts.labeled_fraction >= 1.0 and not opts.unlabeled:
-            raise UsageError("--labeled-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
+    if opts.label_fraction is not None:
+        check_label_fraction(opts.label_fraction)
+        if opts.label_fraction >= 1.0 and not opts.unlabeled:
+            raise UsageError("--label-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
                              "or --unlabeled DIR")
     if opts.unlabeled and not os.path.isdir(opts.unlabeled):
         raise UsageError(f"--unlabeled {opts.unlabeled!r}: not a directory; give a folder of image files")
@@ -171,11 +165,11 @@ def selection_record(pools: dict, class_names: list[str], truths: dict) -> dict:
 class SelfTraining:
     """One run: the job's model, the cached features of every pool, the rounds."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, fraction: float | None):
         from tfl.freezing import head_only_plan
         from tfl.training import boundary
 
-        self.job, self.opts = job, job.opts
+        self.job, self.opts, self.fraction = job, job.opts, fraction
         opts = self.opts
         self.initial = [np.array(v.numpy()) for v in job.model.weights]  # every round starts here
         self.stages = [Stage(f"round{k}", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr})
@@ -229,7 +223,7 @@ class SelfTraining:
         self.boundary, self.train_model, self.eval_model = feed.boundary, feed.model, feed.eval_model
         self.val = feed.val
         labels = np.asarray(job.inputs.labels("train", self.boundary), np.int64)
-        fraction = self.opts.labeled_fraction
+        fraction = self.fraction
         self.labeled = (data.stratified_rows(labels, fraction, self.opts.seed) if fraction is not None
                         else np.arange(len(labels), dtype=np.int64))
         self.truth = {"train": labels}
@@ -240,7 +234,7 @@ class SelfTraining:
         self.pool_rows = {p: r for p, r in pool_rows.items() if len(r)}
         if len(self.labeled) < job.batch:
             raise UsageError(f"--batch-size {job.batch} is larger than the {len(self.labeled)} labeled examples; "
-                             "lower it or raise --labeled-fraction")
+                             "lower it or raise --label-fraction")
 
     def _rows(self, split: str):
         """The rows of `split` the trainer gathers from: cached features, or decoded images without a cache."""
@@ -370,12 +364,12 @@ class SelfTraining:
             from tfl.export.saved_model import export_saved_model
 
             metrics["export_dir"] = export_saved_model(job.run_dir.path, log=job.log)
-        result = {"settings": {"labeled_fraction": self.opts.labeled_fraction, "unlabeled": self.opts.unlabeled,
+        result = {"settings": {"label_fraction": self.fraction, "unlabeled": self.opts.unlabeled,
                                "threshold": self.opts.threshold, "rounds": self.opts.rounds, "seed": self.opts.seed,
                                "head_epochs": self.opts.head_epochs, "backbone": self.opts.backbone,
                                "image_size": job.image_size, "dataset": self.opts.dataset},
                   "classes": job.class_names, "rounds": records, "metrics": metrics}
-        write_outputs(job.run_dir.path, result)
+        sweep.write(job.run_dir.path, result, TABLES)
         job.log(f"self-train: best round by val accuracy: {self.test_split} accuracy {test:.4f} (round 0, labeled "
                 f"only: {records[0]['test_accuracy']:.4f}); wrote {SELF_JSON}, {SELF_CSV} and {SELF_PNG} in "
                 f"{job.run_dir.path}")
@@ -386,7 +380,13 @@ def self_train(opts: SelfTrainOptions, log=print) -> dict:
     """Round 0 on the labeled rows, then --rounds rounds with pseudo-labels; returns what self_training.json holds,
     plus output_dir."""
     check_options(opts)
-    return jobs.run(opts, lambda job: SelfTraining(job).run(), log)
+
+    def recipe(job: Job) -> dict:
+        # The Job loads every training row (the unlabeled pool is the rest of train); config.json records F.
+        job.record = sweep.record(job.opts, identity={"label_fraction": opts.label_fraction})
+        return SelfTraining(job, opts.label_fraction).run()
+
+    return jobs.run(dataclasses.replace(opts, label_fraction=None), recipe, log)
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------------
@@ -401,20 +401,6 @@ def csv_rows(result: dict) -> list[dict]:
         row.update({f"passed_{name}": n for name, n in chosen["per_class"].items()})
         rows.append(row)
     return rows
-
-
-def write_outputs(out: str, result: dict) -> None:
-    from tfl.training import rundir
-
-    folder = rundir.RunDir(out)
-    folder.write_json(SELF_JSON, result)
-    rows = csv_rows(result)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    rundir.atomic_write(folder.file(SELF_CSV), buffer.getvalue().encode())
-    write_figure(result, folder.file(SELF_PNG))
 
 
 def write_figure(result: dict, path: str) -> str:
@@ -444,9 +430,13 @@ def write_figure(result: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.set_xticks(rounds)
     s = result["settings"]
-    figure.suptitle(f"self-training, {s['backbone']} {s['image_size']}px, labeled fraction "
-                    f"{s['labeled_fraction']}, threshold {s['threshold']:g}")
+    figure.suptitle(f"self-training, {s['backbone']} {s['image_size']}px, label fraction "
+                    f"{s['label_fraction']}, threshold {s['threshold']:g}")
     return _save(figure, path)
+
+
+TABLES = sweep.Tables(SELF_JSON, {SELF_CSV: (None, csv_rows)},
+                      lambda folder, result: write_figure(result, folder.file(SELF_PNG)))
 
 
 def format_table(result: dict) -> str:
