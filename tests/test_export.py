@@ -1,4 +1,4 @@
-"""tfl.export: a SavedModel that TF Serving's tools load and run, and TFLite files, checked against the Keras model.
+"""tfl.serving: a SavedModel that TF Serving's tools load and run, and TFLite files, checked against the Keras model.
 
 The run here is EfficientNet-Lite0 at 32 px with its ImageNet weights and a seeded random 3-class head, written
 as `tfl finetune` would (tests/test_cli_export.py makes a trained one); conversions are the slow part, so each
@@ -20,9 +20,9 @@ from PIL import Image
 
 from tfl.data import make_pipeline
 from tfl.data.decode import decode_files
-from tfl.export import export_run, layout
-from tfl.export.saved_model import export_saved_model
-from tfl.export.tflite import convert_saved_model, write_probabilities_model
+from tfl.serving import export_run, layout
+from tfl.serving.saved_model import export_saved_model
+from tfl.serving.tflite import convert_saved_model, write_probabilities_model
 from tfl.models import build_classifier
 from tfl.training import rundir
 

@@ -50,7 +50,7 @@ def _hostile_saved_model(path, marker):
 
 
 def test_a_saved_model_that_writes_a_file_is_refused_and_writes_nothing(tmp_path):
-    from tfl.export.audit import side_effects
+    from tfl.serving.audit import side_effects
 
     marker = tmp_path / "pwned.txt"
     export = _hostile_saved_model(tmp_path / "evil" / "1", marker)
@@ -72,7 +72,7 @@ def test_a_saved_model_that_writes_a_file_is_refused_and_writes_nothing(tmp_path
 
 
 def test_python_functions_and_printing_to_files_are_refused(tmp_path):
-    from tfl.export.audit import side_effects
+    from tfl.serving.audit import side_effects
 
     class Module(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")], autograph=False)
@@ -92,7 +92,7 @@ def test_python_functions_and_printing_to_files_are_refused(tmp_path):
                                 "SaveV2", "RestoreV2", "TFRecordDataset", "WriteScalarSummary", "ImmutableConst",
                                 "DebugIdentityV2", "CollectiveReduceV2", "DatasetToTFRecord", "DecodeProtoV2"])
 def test_denied_ops(op):
-    from tfl.export.audit import denied
+    from tfl.serving.audit import denied
 
     assert denied(op)
 
@@ -102,7 +102,7 @@ def test_denied_ops(op):
                                 "LookupTableFindV2", "InitializeTableFromTextFileV2", "MapDefun", "While",
                                 "TensorListReserve", "Erf", "StringJoin"])
 def test_compute_ops_pass(op):
-    from tfl.export.audit import denied
+    from tfl.serving.audit import denied
 
     assert not denied(op)
 
@@ -110,8 +110,8 @@ def test_compute_ops_pass(op):
 def test_tfl_exports_pass_the_audit(tmp_path):
     from test_export import untrained_run
 
-    from tfl.export.audit import side_effects
-    from tfl.export.saved_model import export_saved_model
+    from tfl.serving.audit import side_effects
+    from tfl.serving.saved_model import export_saved_model
 
     path = export_saved_model(str(untrained_run(tmp_path)), str(tmp_path / "exported"), log=lambda *_: None)
     assert side_effects(path) == []

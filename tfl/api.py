@@ -342,7 +342,7 @@ def evaluate(run_dir: str, dataset: str | None = None, data_dir: str | None = No
 def export(run_dir: str, format: str = "saved_model", output: str | None = None, version: int | None = None,
            top_k: int | None = None, tflite_mode: str | None = None, log=None) -> str:
     """Export a run's model for serving into a new versioned directory (`tfl export`); returns its path."""
-    from tfl.export import export_run
+    from tfl.serving import export_run
 
     return export_run(run_dir, format, output, version, top_k, tflite_mode, log=log or logger.info)
 

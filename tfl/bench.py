@@ -444,7 +444,7 @@ def _serving_case(cfg: BenchConfig, data, log) -> dict:
 
     from tfl import models
     from tfl.data.pipeline import IMAGE, index_order
-    from tfl.export.saved_model import SERVING_SIGNATURE, write_saved_model
+    from tfl.serving.saved_model import SERVING_SIGNATURE, write_saved_model
 
     keras.utils.set_random_seed(cfg.seed)
     model = models.build_classifier(cfg.backbone, data.num_classes, cfg.image_size, cfg.weights)

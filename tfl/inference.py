@@ -13,9 +13,9 @@ from tfl import data
 from tfl.data.image_check import file_problem
 from tfl.data.pipeline import resize_uint8
 from tfl.errors import UsageError
-from tfl.export.audit import check_saved_model
-from tfl.export.layout import resolve_saved_model
-from tfl.export.saved_model import BYTES_INPUT, SERVING_SIGNATURE
+from tfl.serving.audit import check_saved_model
+from tfl.serving.layout import resolve_saved_model
+from tfl.serving.saved_model import BYTES_INPUT, SERVING_SIGNATURE
 from tfl.models import build_imagenet_classifier
 from tfl.options import SPLITS  # the choices of --split
 from tfl.training import rundir
@@ -156,7 +156,7 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
 
     `top_k` is capped by the k the export was made with. One request per file, so a file the export cannot
     decode is named. Unless `trust`, a SavedModel whose graph has side-effecting ops (files, processes, Python,
-    network; tfl.export.audit) is refused before TensorFlow loads it.
+    network; tfl.serving.audit) is refused before TensorFlow loads it.
     """
     check_image_files(paths)  # before loading anything; a FIFO would block the open below
     export_dir = resolve_saved_model(export_dir)

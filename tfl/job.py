@@ -33,7 +33,7 @@ from tfl.reporting.figures import write_curves
 from tfl.training import checkpoint, rundir, strategy as strategies
 
 # The modules built on TensorFlow/Keras (tfl.models, tfl.freezing, tfl.precision, tfl.reuse, tfl.training.boundary
-# and .trainer, tfl.export.saved_model, the TensorBoard writer) are imported inside the functions that use them:
+# and .trainer, tfl.serving.saved_model, the TensorBoard writer) are imported inside the functions that use them:
 # the CLI imports this module (and every recipe, which imports it) to print --help, and TensorFlow takes seconds.
 # None of them imports tfl.job, so these are not hidden cycles (tests/test_layering.py checks).
 
@@ -397,7 +397,7 @@ class Job:
                  f"epoch(s), {train_seconds:.0f}s; saved {run.file(rundir.MODEL)}")
         metrics["run_dir"] = run.path
         if self.opts.export and not self.scratch:  # the chief exports; built from model.keras, no collectives
-            from tfl.export.saved_model import export_saved_model
+            from tfl.serving.saved_model import export_saved_model
 
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics

@@ -13,6 +13,7 @@ import typing
 
 import click
 
+from tfl.cli.core import UsageFailure
 from tfl.errors import UsageError
 from tfl.options import GROUPS, check_value, flag_of
 
@@ -167,10 +168,10 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
             if parse and value is not None:
                 value = tuple(map(parse, value)) if meta.get("repeat") else parse(value)
         except ValueError as err:
-            raise click.BadParameter(str(err)) from None
+            raise UsageFailure(f"Invalid value for '{flag.split('/')[0]}': {err}") from None
         problem = None if isinstance(value, tuple) else check_value(field, value)  # lists: the library's check
         if problem:
-            raise click.BadParameter(problem)
+            raise UsageFailure(f"Invalid value for '{flag.split('/')[0]}': {problem}")
         return value
 
     option = click.Option([flag, field.name], callback=callback, **attrs)

@@ -361,7 +361,7 @@ class SelfTraining:
         job.run_dir.write_json(rundir.METRICS, metrics)
         trainer.finish()
         if self.opts.export and not job.scratch:
-            from tfl.export.saved_model import export_saved_model
+            from tfl.serving.saved_model import export_saved_model
 
             metrics["export_dir"] = export_saved_model(job.run_dir.path, log=job.log)
         result = {"settings": {"label_fraction": self.fraction, "unlabeled": self.opts.unlabeled,

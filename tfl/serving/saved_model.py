@@ -19,7 +19,7 @@ import tensorflow as tf
 # The pipeline's own resize functions, so serving cannot drift from what the model saw in evaluation.
 from tfl.data.pipeline import resize_uint8, to_model_input
 from tfl.errors import UsageError
-from tfl.export import layout
+from tfl.serving import layout
 from tfl.training import rundir
 
 SERVING_SIGNATURE = "serving_default"

@@ -13,7 +13,7 @@ import tempfile
 import tensorflow as tf
 
 from tfl.errors import UsageError
-from tfl.export import layout
+from tfl.serving import layout
 from tfl.training import rundir
 
 from tfl.options import TFLITE_MODES as MODES

@@ -1,6 +1,6 @@
 """Export a run for serving: a SavedModel for TF Serving (`saved_model`) or a TFLite flatbuffer (`tflite`).
 
-Both go to BASE/<integer version>/ (see tfl.export.layout). Imports are lazy so `import tfl.export` does not
+Both go to BASE/<integer version>/ (see tfl.serving.layout). Imports are lazy so `import tfl.serving` does not
 pay for TensorFlow.
 """
 
@@ -16,13 +16,13 @@ def export_run(run_path: str, format: str = "saved_model", output: str | None = 
     if format == "saved_model":
         if tflite_mode is not None:
             raise UsageError("--tflite-mode only applies to --format tflite")
-        from tfl.export.saved_model import DEFAULT_TOP_K, export_saved_model
+        from tfl.serving.saved_model import DEFAULT_TOP_K, export_saved_model
 
         return export_saved_model(run_path, output, version, DEFAULT_TOP_K if top_k is None else top_k, log)
     if format == "tflite":
         if top_k is not None:
             raise UsageError("--top-k only applies to --format saved_model (a TFLite export outputs every probability)")
-        from tfl.export.tflite import export_tflite
+        from tfl.serving.tflite import export_tflite
 
         return export_tflite(run_path, output, version, tflite_mode or "float32", log)
     raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
