@@ -142,3 +142,21 @@ def test_ctrl_c_names_the_default_run_directory_from_the_library_not_the_log(tmp
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     assert f"run the same command again with --output-dir {os.path.join('runs', runs[0].name)}" in child.err
+
+
+def test_inspect_without_freeze_up_to_shows_the_plan_finetune_uses():
+    import json
+
+    from tfl.backbones import registry
+
+    def plan(*extra):
+        result = CliRunner().invoke(cli, ["inspect", "resnet50", "--image-size", "32", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    default = plan()
+    assert default == plan("--freeze-up-to", registry.get("resnet50").default_freeze_up_to)
+    assert default["frozen_params"] > 0 and default["trainable_params"] > 0
+    trained = {layer["stage"] for layer in default["layers"] if not layer["frozen"] and layer["params"]}
+    assert "block4" in trained  # conv5_x trains in stage 2: block4 is not the default on ResNet50
+    assert plan("--freeze-up-to", "none")["frozen_params"] == 0
