@@ -231,7 +231,7 @@ def machine_info(peaks: dict) -> dict:
     }
 
 
-# -- data ---------------------------------------------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Data:
     stores: dict  # split -> ImageStore (decoded once, shared by every run)
@@ -265,7 +265,7 @@ def _batches(store, cfg: BenchConfig, training: bool):
     return store.batches(order)
 
 
-# -- the Lite0 cases -----------------------------------------------------------------------------------------------------
+# -- the Lite0 cases ---------------------------------------------------------------------------------------------------
 def _transfer_case(name, cfg, data, peaks, head_epochs, epochs, freeze_up_to, cache_dir, log) -> dict:
     peak = peaks["float32"]
     images = (cfg.train + cfg.val) * (head_epochs + epochs)  # images the epoch budget passes through the model
@@ -274,7 +274,8 @@ def _transfer_case(name, cfg, data, peaks, head_epochs, epochs, freeze_up_to, ca
     warm = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "on", cache_dir)
     log(f"{name}: tfl again, reusing the persisted cache {warm['seconds']:.1f}s")
     baseline = _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to)
-    log(f"{name}: Keras guide recipe (compile + fit) {baseline['seconds']:.1f}s, test accuracy {baseline['accuracy']:.4f}")
+    log(f"{name}: Keras guide recipe (compile + fit) {baseline['seconds']:.1f}s, "
+        f"test accuracy {baseline['accuracy']:.4f}")
     uncached = _tfl_run(cfg, data, head_epochs, epochs, freeze_up_to, "off", cache_dir)
     log(f"{name}: tfl without cache {uncached['seconds']:.1f}s, test accuracy {uncached['accuracy']:.4f}")
     flops = cached["flops"]
@@ -388,7 +389,7 @@ def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
     return {"seconds": seconds, "accuracy": accuracy}
 
 
-# -- ResNet50 frozen forward --------------------------------------------------------------------------------------------
+# -- ResNet50 frozen forward -------------------------------------------------------------------------------------------
 def _resnet_case(cfg: BenchConfig, peaks: dict, precision: str, log) -> dict:
     """Frozen forward throughput: tfl's cache extraction vs Keras predict, random weights, synthetic images, in
     float32 or (resnet50_forward_bf16) bfloat16 compute."""
@@ -429,13 +430,14 @@ def _resnet_case(cfg: BenchConfig, peaks: dict, precision: str, log) -> dict:
         f"matmul peak), Keras predict {baseline_seconds:.1f}s")
     result = _case(name, {"seconds": tfl_seconds, "accuracy": None},
                    {"seconds": baseline_seconds, "accuracy": None}, limit)
-    result.update({"images_per_second": {"tfl": significant(n / tfl_seconds), "baseline": significant(n / baseline_seconds)},
+    result.update({"images_per_second": {"tfl": significant(n / tfl_seconds),
+                                         "baseline": significant(n / baseline_seconds)},
                    "precision": precision, "backbone": "resnet50", "image_size": size, "images": n,
                    "backbone_gflops_per_image": significant(flops / 1e9)})
     return result
 
 
-# -- serving an export ---------------------------------------------------------------------------------------------------
+# -- serving an export -------------------------------------------------------------------------------------------------
 def _serving_case(cfg: BenchConfig, data, log) -> dict:
     """An exported SavedModel's serving_default on JPEG bytes (decode, resize, model, softmax, top-k) at batch 1
     and 64, next to Keras predict on the decoded, resized pixels at the same batch sizes."""
@@ -531,7 +533,8 @@ def format_table(report: dict) -> str:
                          f"({c['extraction_images_per_second']:.0f} img/s, {c['extraction_fraction_of_peak']:.0%} of "
                          f"peak), training {parts['training']:.1f}s")
         if "epoch_speedup" in c:
-            lines.append(f"{'':<22} stage-2 epoch with boundary cache {c['epoch_speedup']:.2f}x faster than recomputing")
+            lines.append(f"{'':<22} stage-2 epoch with boundary cache {c['epoch_speedup']:.2f}x faster than "
+                         "recomputing")
     for warning in report.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -230,7 +230,8 @@ class ArrayCache:
             except OSError as err:  # the disk filled up meanwhile, or turned read-only
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not in_memory:
-                    raise NoRoom(f"cannot cache {kind}: saving it to {self.directory} failed ({err.strerror})") from None
+                    raise NoRoom(f"cannot cache {kind}: saving it to {self.directory} failed "
+                                 f"({err.strerror})") from None
                 self.log(f"cache: warning: could not save the {kind} entry to {self.directory} "
                          f"({err.strerror}); keeping it in memory for this run only")
             except BaseException:

@@ -176,7 +176,8 @@ def make_plan(
     for i, layer in enumerate(backbone.layers):
         stage = spec.stage_of(layer.name) or "unstaged"
         plans.append(
-            LayerPlan(layer.name, stage, i <= up_to, _param_count(layer), isinstance(layer, keras.layers.BatchNormalization))
+            LayerPlan(layer.name, stage, i <= up_to, _param_count(layer),
+                      isinstance(layer, keras.layers.BatchNormalization))
         )
     for layer in head_layers(model):
         plans.append(LayerPlan(layer.name, CLASSIFIER_STAGE, False, _param_count(layer)))

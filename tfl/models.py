@@ -72,8 +72,8 @@ def check_image_size(spec, size: int | None) -> None:
                          f"{spec.min_input_size}x, so use at least {spec.min_input_size} (its native size is "
                          f"{spec.input_size})")
     if size > MAX_IMAGE_SIZE:
-        raise UsageError(f"--image-size {size} is too large: tfl accepts at most {MAX_IMAGE_SIZE} px (one {size}x{size} "
-                         f"image's activations alone would take gigabytes); {spec.name}'s native size is "
+        raise UsageError(f"--image-size {size} is too large: tfl accepts at most {MAX_IMAGE_SIZE} px (one "
+                         f"{size}x{size} image's activations alone would take gigabytes); {spec.name}'s native size is "
                          f"{spec.input_size}")
 
 
@@ -86,8 +86,9 @@ def build_classifier(
     dropout: float = 0.2,
     precision: str = "float32",
 ) -> keras.Model:
-    """precision (tfl.precision chooses it; tfl.dtype_policy maps it): "float32", or "bfloat16" / "float16": every layer computes in that with float32
-    variables, except the logits (float32, so softmax and the loss see float32)."""
+    """precision (tfl.precision chooses it; tfl.dtype_policy maps it): "float32", or "bfloat16" / "float16": every
+    layer computes in that with float32 variables, except the logits (float32, so softmax and the loss see
+    float32)."""
     policy = policy_name(precision)
     previous = keras.config.dtype_policy()
     if precision != "float32":
@@ -174,7 +175,8 @@ class NoSingleCut(ValueError):
     """No single tensor separates the two parts (a skip connection crosses the cut)."""
 
 
-def submodel(model: keras.Model, start: str | None = None, end: str | None = None, name: str | None = None) -> keras.Model:
+def submodel(model: keras.Model, start: str | None = None, end: str | None = None,
+             name: str | None = None) -> keras.Model:
     """The part of `model` from layer `start`'s output (None: the input) to layer `end`'s output (None: the
     output), sharing its layers and weights."""
     inputs = model.input if start is None else model.get_layer(start).output

@@ -188,7 +188,8 @@ def _read(path: str) -> dict:
 
 def _recall(path: str, key: dict) -> dict | None:
     entry = _read(path).get(_digest(key))
-    if isinstance(entry, dict) and entry.get("precision") in PRECISIONS and isinstance(entry.get("seconds_per_step"), dict):
+    if (isinstance(entry, dict) and entry.get("precision") in PRECISIONS
+            and isinstance(entry.get("seconds_per_step"), dict)):
         return entry
     return None
 
@@ -196,7 +197,8 @@ def _recall(path: str, key: dict) -> dict | None:
 def _remember(path: str, key: dict, choice: Choice, log) -> None:
     entries = _read(path)
     entries[_digest(key)] = {"key": key, "precision": choice.precision, "reason": choice.reason,
-                             "seconds_per_step": choice.seconds_per_step, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                             "seconds_per_step": choice.seconds_per_step,
+                             "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, entries, indent=1, sort_keys=True)
@@ -245,7 +247,8 @@ def time_train_steps(backbone: str, num_classes: int, image_size: int, freeze_up
         def step():
             with tf.GradientTape() as tape:
                 logits = graph.model(images, training=True)
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32)))
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32)))
                 scaled = optimizer.scale_loss(loss) if precision == "float16" else loss
             optimizer.apply(tape.gradient(scaled, variables), variables)
             return loss

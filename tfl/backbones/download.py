@@ -19,9 +19,9 @@ _DOWNLOAD_LOCK = threading.Lock()
 def weights_download_errors(backbone: str):
     """Turn a failure of Keras' weight download into WeightsUnavailableError, with bounded socket waits.
 
-    Keras Applications (and tfl's torchvision ResNets) fetch weights through keras.src.utils.file_utils.get_file (looked up at call
-    time), so wrapping it here sees the exact file name, URL and cache folder Keras asked for, and only
-    download failures (not Keras' argument checks) become WeightsUnavailableError.
+    Keras Applications (and tfl's torchvision ResNets) fetch weights through keras.src.utils.file_utils.get_file
+    (looked up at call time), so wrapping it here sees the exact file name, URL and cache folder Keras asked for, and
+    only download failures (not Keras' argument checks) become WeightsUnavailableError.
     """
     from keras.src.backend import config
     from keras.src.utils import file_utils

@@ -111,7 +111,8 @@ def build_lite(name: str, input_shape=None, weights=None, include_top: bool = Fa
 
     def conv_bn(x, filters, kernel, stride, prefix, activation=True, depthwise=False):
         if depthwise:
-            conv = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv")
+            conv = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                                          name=f"{prefix}dwconv")
         else:
             conv = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}conv")
         x = conv(x)

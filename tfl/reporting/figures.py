@@ -250,7 +250,8 @@ def write_distill(models: list[dict], path: str, title: str | None = None) -> st
             x = row.get(key)
             if not x:
                 continue
-            ax.scatter([x], [row["test_accuracy"]], s=36, label=f"{row['role']} ({row['model']}, {row['image_size']}px)")
+            ax.scatter([x], [row["test_accuracy"]], s=36,
+                       label=f"{row['role']} ({row['model']}, {row['image_size']}px)")
             ax.annotate(_short(row["role"], 14), (x, row["test_accuracy"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
         ax.set_xscale("log")

@@ -22,8 +22,8 @@ FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 
 def foldable_pairs(model: keras.Model) -> dict:
-    """{conv layer: (BN layer, the conv's input shape)} for each BN in `model`'s own graph whose only input is a linear, channels-last
-    convolution whose output nothing else reads."""
+    """{conv layer: (BN layer, the conv's input shape)} for each BN in `model`'s own graph whose only input is a
+    linear, channels-last convolution whose output nothing else reads."""
     nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
     readers: dict[int, int] = {}
     for node in nodes:

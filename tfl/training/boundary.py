@@ -87,8 +87,9 @@ class StageInputs:
     """The train and val inputs of each stage: decoded images, or cached boundary activations.
 
     sources/counts/data_ids are keyed by split ("train", "val"); data_ids say what the rows are (see
-    data_identity) and go into every cache key. `stores` may hold splits already decoded (ImageStore). Call plan() once with all stages before training, then feed()
-    for each stage after freezing.training_graph has applied its plan, and log_summary() at the end.
+    data_identity) and go into every cache key. `stores` may hold splits already decoded (ImageStore). Call plan()
+    once with all stages before training, then feed() for each stage after freezing.training_graph has applied its
+    plan, and log_summary() at the end.
     """
 
     def __init__(self, model: keras.Model, backbone: str, sources: dict, counts: dict, data_ids: dict,
@@ -136,8 +137,8 @@ class StageInputs:
         if self.augment:
             if self.mode == "on":
                 raise UsageError("--cache on cannot be used with --augment: augmentation changes the images before "
-                                 "the freeze boundary every epoch, so there is nothing fixed to cache; use --cache auto "
-                                 "(recomputes) or drop --augment")
+                                 "the freeze boundary every epoch, so there is nothing fixed to cache; use --cache "
+                                 "auto (recomputes) or drop --augment")
             self.log("cache: not used, --augment changes the images before the freeze boundary every epoch")
             return
         reasons, pending = {}, 0
