@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import tfl.cli as cli
 from tfl import job as jobs
 from tfl.recipes import balance
-from tfl.recipes import finetune as finetune_module
+from tfl.recipes import stages as stages_module
 from tfl.recipes.finetune import FinetuneOptions
 from tiny_runs import image_folder
 
@@ -66,7 +66,7 @@ def _epoch_labels(opts):
 
     def recipe(job):
         stages = [Stage("head", head_only_plan(job.plan), 3, {"head": job.lr})]
-        finetune_module._prepare_balanced(job, stages)
+        stages_module.prepare_balanced(job, stages)
         graph = freezing.training_graph(job.model, stages[0].plan, "trainable", False)
         feed = job.inputs.feed("head", graph, [])
         assert feed.boundary is not None  # cached pooled features: the sampler orders them too

@@ -214,3 +214,27 @@ def _assert_real_png(path):
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[0] > 200 and image.shape[1] > 400
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20 and image.std() > 5  # drawn on, not blank
+
+
+def test_a_recipe_other_than_finetune_takes_freeze_up_to_auto(data, tmp_path):
+    """--freeze-up-to auto is resolved by tfl advise in the sweep layer, so every recipe takes it, not only finetune:
+    the run records the advice and trains at the depth it chose."""
+    from click.testing import CliRunner
+
+    from tfl.cli import cli
+
+    out = tmp_path / "auto"
+    args = ["compare", "--arms", "two_stage", "--dataset", data, "--backbone", "mobilenet", "--weights", "none",
+            "--image-size", "32", "--val-split", "0.25", "--head-epochs", "1", "--epochs", "1", "--batch-size", "8",
+            "--freeze-up-to", "auto", "--no-tensorboard", "--output-dir", out, "--json"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = out / "two_stage" / "frac1" / "seed0"
+    advice = _json(run / "advice.json")
+    chosen = advice["resolved"]["freeze_up_to"]
+    assert advice["requested"] == "auto" and chosen in advice["proxy"]["depths"]
+    assert (advice["proxy"]["head_epochs"], advice["proxy"]["epochs"]) == (1, 1)  # the run's own budget
+    config = _json(run / "config.json")
+    assert config["freeze_up_to_requested"] == "auto" and config["freeze_up_to"] == chosen
+    assert _json(run / "freeze_plan.json")["freeze_up_to"] == chosen
+    assert f"--freeze-up-to auto -> {chosen}" in result.output

@@ -70,6 +70,7 @@ class Stage:
     lrs: dict
     policy: object = None  # tfl.training.trainer.StagePolicy; None: the trainer's default
     group_of: Callable[[str], str] | None = None
+    inputs: str | None = None  # the prepared stage whose inputs (cache) it trains on; None: its own
 
 
 def backbone_or_head(stage: str) -> str:
@@ -317,10 +318,7 @@ class Job:
                 run.write_json(ADVICE, self.advice)
         self.log(f"run directory: {run.path}" + (f" (this worker's scratch copy; the chief writes {opts.output_dir})"
                                                  if self.scratch else ""))
-        cfg = TrainConfig(optimizer=opts.optimizer, weight_decay=opts.weight_decay, schedule=opts.schedule,
-                          warmup_epochs=opts.warmup_epochs, step_size=opts.step_size, gamma=opts.gamma,
-                          label_smoothing=opts.label_smoothing, early_stopping=opts.early_stopping, jit=opts.jit,
-                          loss_scale=self.precision.precision == "float16")
+        cfg = TrainConfig.from_options(opts, loss_scale=self.precision.precision == "float16")
         callbacks = [*callbacks, _HistoryWriter(self)]
         if opts.tensorboard and not self.scratch:
             callbacks.append(_tensorboard(run.file(TENSORBOARD), self.config, plan))
@@ -351,11 +349,11 @@ class Job:
         return checkpoint.load_latest(folder, self.log)
 
     # -- the stage loop -----------------------------------------------------------------------------------------------
-    def train(self, stages: list[Stage], adapt: Callable | None = None) -> None:
+    def train(self, stages: list[Stage], adapt: Callable | None = None, after: Callable | None = None) -> None:
         """Train every stage in order (after a resume, finished stages are skipped); history.csv is rewritten
-        after every epoch (see _HistoryWriter). `adapt`: see train_stages."""
+        after every epoch (see _HistoryWriter). `adapt`, `after`: see train_stages."""
         train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
-                     self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt)
+                     self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt, after)
         self.inputs.log_summary(self.trainer.history)
 
     def write_history(self, curves: bool = True) -> None:
@@ -372,35 +370,49 @@ class Job:
         return name, data.make_pipeline(getattr(self.splits, name), self.image_size, self.batch, training=False,
                                         seed=self.opts.seed)
 
-    def finish(self, extra_metrics: dict | None = None, loss=None, metrics=None) -> dict:
+    def finish(self, extra_metrics: dict | None = None, loss=None, metrics=None, score: Callable | None = None,
+               best: bool = True, save: bool = True) -> dict:
         """Restore the run's best weights, score the test split (val without one) and save model and metrics.
         The scores are the classifier's (cross-entropy and accuracy on the labels) whatever loss trained it,
-        unless the recipe passes its own `loss` / `metrics` hooks for them."""
-        from tfl.training.trainer import CrossEntropy, accuracy  # TensorFlow (see the top)
+        unless the recipe passes its own `loss` / `metrics` hooks for them.
 
+        A recipe that scores its own way passes `score(job) -> metrics` (metrics.json holds what it returns; the
+        log line is the recipe's); `best=False` keeps the weights after the last epoch; `save=False` writes no
+        model.keras (the classifier is not what the recipe trained)."""
         trainer, run = self.trainer, self.run_dir
-        trainer.restore_best()
-        train_seconds = time.time() - self.started
-        split, dataset = self.eval_split()
-        test = trainer.evaluate_all(dataset, split, self.steps(split),
-                                    loss=loss or CrossEntropy(len(self.class_names), self.opts.label_smoothing),
-                                    metrics=metrics or accuracy)
-        self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
-        run.save_model(self.model)
-        metrics = {"test_accuracy": round(test["accuracy"], 6), "test_loss": round(test["loss"], 6),
-                   "val_accuracy": round(trainer.best_accuracy, 6), "epochs_run": len(trainer.history),
-                   "train_seconds": round(train_seconds, 1), "best_epoch": trainer.best_epoch, "eval_split": split,
-                   **(extra_metrics or {})}
+        if best:
+            trainer.restore_best()
+        metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
+        if save:
+            self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
+            run.save_model(self.model)
+        metrics.update(extra_metrics or {})
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
-        self.log(f"{split} accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after {len(trainer.history)} "
-                 f"epoch(s), {train_seconds:.0f}s; saved {run.file(rundir.MODEL)}")
+        if message:
+            self.log(f"{message}; saved {run.file(rundir.MODEL)}")
         metrics["run_dir"] = run.path
         if self.opts.export and not self.scratch:  # the chief exports; built from model.keras, no collectives
             from tfl.serving.saved_model import export_saved_model
 
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics
+
+    def _scores(self, loss=None, metrics=None) -> tuple[dict, str]:
+        """The classifier's scores on the test split (val without one), and the log line saying them."""
+        from tfl.training.trainer import CrossEntropy, accuracy  # TensorFlow (see the top)
+
+        trainer = self.trainer
+        train_seconds = time.time() - self.started
+        split, dataset = self.eval_split()
+        test = trainer.evaluate_all(dataset, split, self.steps(split),
+                                    loss=loss or CrossEntropy(len(self.class_names), self.opts.label_smoothing),
+                                    metrics=metrics or accuracy)
+        scores = {"test_accuracy": round(test["accuracy"], 6), "test_loss": round(test["loss"], 6),
+                  "val_accuracy": round(trainer.best_accuracy, 6), "epochs_run": len(trainer.history),
+                  "train_seconds": round(train_seconds, 1), "best_epoch": trainer.best_epoch, "eval_split": split}
+        return scores, (f"{split} accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after "
+                        f"{len(trainer.history)} epoch(s), {train_seconds:.0f}s")
 
 
 def saved_precision(config: dict) -> str | None:
@@ -436,13 +448,17 @@ def choose_precision(opts: JobOptions, strategy, num_classes: int, image_size: i
 
 
 def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, train_bn: bool, steps_per_epoch: int,
-                 batch: int, val_steps: int, log=print, adapt: Callable | None = None) -> None:
+                 batch: int, val_steps: int, log=print, adapt: Callable | None = None,
+                 after: Callable | None = None) -> None:
     """The one stage loop: apply each stage's plan, group its variables, feed it (images or cached activations)
     and train. Shared by every recipe and by `tfl bench`.
 
     `adapt(stage, feed, groups) -> dict`: a recipe that trains another model on the stage's feed (a block on
-    cached pooled features) replaces what the stage trains: any of model, groups, train, val, steps, batch,
-    val_steps, eval_model, trainable (Trainer.run_stage's arguments)."""
+    cached pooled features), or on batches of its own, replaces what the stage trains: any of model, groups,
+    train, val, steps, batch, val_steps, eval_model, trainable (Trainer.run_stage's arguments); it may also swap
+    the trainer's loss. `after(stage)`: what a recipe does between stages (test, update its state). Both run for
+    a stage the trainer skips as finished after a resume too, so a recipe's step that a kill interrupted after
+    the stage's last checkpoint is redone; the recipe's own checkpointed state says what it has done."""
     from tfl import freezing  # Keras (see the top)
     from tfl.training.trainer import Trainer
 
@@ -453,7 +469,7 @@ def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, 
         with trainer.strategy.scope():
             graph = freezing.training_graph(model, stage.plan, freeze_mode, train_bn)
         groups = param_groups(graph, stage)
-        feed = inputs.feed(stage.name, graph, trainer.history)
+        feed = inputs.feed(stage.inputs or stage.name, graph, trainer.history)
         run = {"model": feed.model, "groups": groups, "train": feed.train, "val": feed.val, "steps": steps_per_epoch,
                "batch": batch, "val_steps": val_steps, "eval_model": feed.eval_model,
                "trainable": graph.trainable_stages(), **(adapt(stage, feed, groups) if adapt else {})}
@@ -463,6 +479,8 @@ def train_stages(trainer, model, inputs, stages: list[Stage], freeze_mode: str, 
         trainer.run_stage(stage.name, run["model"], run["groups"], stage.epochs, run["train"], run["val"],
                           run["steps"], run["batch"], run["val_steps"], eval_model=run["eval_model"],
                           policy=stage.policy, trainable=run["trainable"])
+        if after:
+            after(stage)
 
 
 def param_groups(graph, stage: Stage) -> list:

@@ -9,7 +9,7 @@ with nothing to download. It has no pretrained weights; it is trained from scrat
 
 Every conv is conv -> BN -> ReLU; layer names follow the Lite models' (`stem_conv`, `block2a_conv`, `top_bn`), so
 the canonical stages are the names' own prefixes. BatchNormalization uses momentum 0.9: random-init training with
-Keras' 0.99 left the moving statistics behind the weights (see tfl.recipes.compare.SCRATCH_BN_MOMENTUM).
+Keras' 0.99 left the moving statistics behind the weights (see tfl.recipes.stages.SCRATCH_BN_MOMENTUM).
 """
 
 from __future__ import annotations

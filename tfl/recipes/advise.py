@@ -46,13 +46,14 @@ from tfl.cache import ArrayCache, default_cache_dir, parse_size
 from tfl.errors import UsageError
 from tfl.job import ADVICE, AUTO, BACKBONE_LR_FACTOR, JobOptions
 from tfl.options import CACHE_DIR_HELP, all_but, option
-from tfl.recipes import transferability
+from tfl.recipes import runs, transferability
+from tfl.recipes.stages import two_stage
 from tfl.reporting.figures import STAGE_LINE, _figure, _finish
 from tfl.training import checkpoint, rundir, strategy as strategies
 
 # The modules built on TensorFlow/Keras (tfl.models, tfl.freezing, tfl.precision, tfl.data.pipeline,
-# tfl.training.boundary) are imported inside the functions that use them: `tfl finetune` imports this module for
-# --freeze-up-to auto, and the CLI imports finetune to print --help.
+# tfl.training.boundary) are imported inside the functions that use them: every recipe imports this module for
+# --freeze-up-to auto (through tfl.recipes.sweep), and the CLI imports the recipes to print --help.
 
 ADVISE_JSON, ADVISE_CSV, ADVISE_PNG = "advise.json", "advise.csv", "advise.png"
 FORMAT = 1  # of the cached pass; bump when what it holds changes
@@ -317,27 +318,22 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
     one device, everything else as opts; each run directory under root. Returns the best val accuracy per
     boundary, the seconds, and the settings (advise.json "proxy")."""
     from tfl.precision import untouched_random_state  # Keras (see the top)
-    # Here, not at the top: finetune imports this module for --freeze-up-to auto (the one recipe cycle left;
-    # it goes once finetune's two-stage recipe and its command live in separate modules).
-    from tfl.recipes.finetune import FinetuneOptions, two_stage
 
     rows = min(n_train, getattr(opts, "sample", DEFAULT_SAMPLE))
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(JobOptions)}
-    base = FinetuneOptions(**{**shared, "image_size": image_size, "epochs": epochs,
-                              "limit_train": rows if rows < n_train else opts.limit_train,
-                              "mixed_precision": "off", "strategy": "default", "devices": None, "worker_hosts": (),
-                              "task_index": None, "export": False, "tensorboard": False, "resume": False,
-                              "overwrite": True, "freeze_up_to": None})
+    base = runs.derive(runs.job_options(opts), image_size=image_size, epochs=epochs,
+                       limit_train=rows if rows < n_train else opts.limit_train, mixed_precision="off",
+                       strategy="default", devices=None, worker_hosts=(), task_index=None, export=False,
+                       tensorboard=False, overwrite=True)
     accuracy, seconds = {}, {}
     depths = proxy_depths(names)
     log(f"advise: proxy fine-tuning above {len(depths)} boundaries ({', '.join(depths)}): {opts.head_epochs} head + "
         f"{epochs} fine-tune epochs on {rows:,} training images at {image_size}px each")
     for i, depth in enumerate(depths, 1):
-        started = time.time()
-        run_opts = dataclasses.replace(base, freeze_up_to=depth, output_dir=os.path.join(root, depth))
+        run = runs.Run(f"proxy {depth}", runs.derive(base, freeze_up_to=depth, output_dir=os.path.join(root, depth)),
+                       two_stage, {"recipe": "advise_proxy"})
         with untouched_random_state():  # the advised run itself starts from the same random state as without
-            metrics = jobs.run(run_opts, two_stage, log=lambda message: None)
-        accuracy[depth], seconds[depth] = metrics["val_accuracy"], round(time.time() - started, 2)
+            metrics, seconds[depth] = runs.train(run, log=lambda message: None, fresh=False)
+        accuracy[depth] = metrics["val_accuracy"]
         log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
             f"({seconds[depth]:.0f}s)")
     settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs,

@@ -26,8 +26,8 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, SWEEP_RUN, option
 from tfl.recipes import sweep
-from tfl.recipes.finetune import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
-                                  scratch_stage, two_stage)
+from tfl.recipes.stages import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
+                                scratch_stage, two_stage)
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
 COLUMNS = ("arm", "label_fraction", "seed", "test_accuracy", "best_val_accuracy", "epochs", "wall_seconds",

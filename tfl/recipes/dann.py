@@ -400,43 +400,41 @@ def arm_recipe(arm: str):
 
 
 def finish(job: Job, arm: str, model, target: Target, schedule: LambdaSchedule, started: float, n_target: int) -> dict:
-    """The weights after the last epoch: source and target test accuracy; model.keras and metrics.json."""
-    from tfl.training import rundir
-
+    """Job.finish with the weights after the last epoch, scored on the source and target test rows through the
+    model's pooled predictions: model.keras and metrics.json."""
     from tfl.training.boundary import data_identity
 
-    splits, opts, run = job.splits, job.opts, job.run_dir
+    splits, opts = job.splits, job.opts
     test = "test" if splits.test is not None else "val"
 
-    if test == "test":
-        source_test = pooled.features(job, "test", splits.test, splits.num_examples["test"],
-                                      data_identity(splits.fingerprint, "test"))
-    else:
-        source_test = pooled.features(job, "val")
-    target_test = pooled.features(job, "target_test", *target.test)
-    scores = {}
-    for name, entry in (("source", source_test), ("target", target_test)):
-        logits = pooled.predict(model, entry, job.batch, "logits")
-        scores[name] = round(float(np.mean(np.argmax(logits, -1) == entry.labels)), 6)
-    last = job.trainer.history[-1]
-    job.model.trainable = True
-    run.save_model(job.model)
-    metrics = {"arm": arm, "seed": opts.seed, "source_test_accuracy": scores["source"],
-               "target_test_accuracy": scores["target"], "eval_split": test, "target": target.name,
-               "val_accuracy": round(last.val.get("accuracy", math.nan), 6),
-               "val_target_accuracy": round(last.val.get("target_accuracy", math.nan), 6),
-               "val_domain_accuracy": round(last.val.get("domain_accuracy", math.nan), 6),
-               # lambda at the last step, from the schedule (also when a rerun finds every epoch done)
-               "final_lambda": round(schedule.lambda_max * dann_lambda(len(job.trainer.history) / opts.head_epochs,
-                                                                      schedule.gamma), 6),
-               "epochs_run": len(job.trainer.history),
-               "train_seconds": round(time.time() - started, 1),
-               "source_train_examples": job.n_train, "target_train_examples": n_target}
-    run.write_json(rundir.METRICS, metrics)
-    job.trainer.finish()
-    job.log(f"dann: {arm} seed {opts.seed}: {test} accuracy source {scores['source']:.4f}, target "
-            f"{scores['target']:.4f}; domain classifier {metrics['val_domain_accuracy']:.4f} on val")
-    return {**metrics, "run_dir": run.path}
+    def score(job) -> dict:
+        if test == "test":
+            source_test = pooled.features(job, "test", splits.test, splits.num_examples["test"],
+                                          data_identity(splits.fingerprint, "test"))
+        else:
+            source_test = pooled.features(job, "val")
+        target_test = pooled.features(job, "target_test", *target.test)
+        scores = {}
+        for name, entry in (("source", source_test), ("target", target_test)):
+            logits = pooled.predict(model, entry, job.batch, "logits")
+            scores[name] = round(float(np.mean(np.argmax(logits, -1) == entry.labels)), 6)
+        last = job.trainer.history[-1]
+        return {"arm": arm, "seed": opts.seed, "source_test_accuracy": scores["source"],
+                "target_test_accuracy": scores["target"], "eval_split": test, "target": target.name,
+                "val_accuracy": round(last.val.get("accuracy", math.nan), 6),
+                "val_target_accuracy": round(last.val.get("target_accuracy", math.nan), 6),
+                "val_domain_accuracy": round(last.val.get("domain_accuracy", math.nan), 6),
+                # lambda at the last step, from the schedule (also when a rerun finds every epoch done)
+                "final_lambda": round(schedule.lambda_max * dann_lambda(len(job.trainer.history) / opts.head_epochs,
+                                                                       schedule.gamma), 6),
+                "epochs_run": len(job.trainer.history),
+                "train_seconds": round(time.time() - started, 1),
+                "source_train_examples": job.n_train, "target_train_examples": n_target}
+
+    metrics = job.finish(score=score, best=False)
+    job.log(f"dann: {arm} seed {opts.seed}: {test} accuracy source {metrics['source_test_accuracy']:.4f}, target "
+            f"{metrics['target_test_accuracy']:.4f}; domain classifier {metrics['val_domain_accuracy']:.4f} on val")
+    return metrics
 
 
 # -- every arm and seed ---------------------------------------------------------------------------------------------

@@ -380,7 +380,7 @@ def starts_random(opts: JobOptions) -> bool:
 
 def member_stages(job: Job) -> list[Stage]:
     """tfl finetune's two stages for a pretrained student; every layer at once for a randomly initialised one."""
-    from tfl.recipes.finetune import head_then_finetune, scratch_stage
+    from tfl.recipes.stages import head_then_finetune, scratch_stage
 
     return [scratch_stage(job)] if starts_random(job.opts) else head_then_finetune(job)
 

@@ -55,7 +55,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, option
@@ -440,21 +439,16 @@ class Sequence:
         if job.snapshot is not None and "recipe" in job.snapshot.state:
             self.state.load(job.snapshot.state["recipe"], job.snapshot.arrays)
         job.trainer.recipe_state = self.state.to_checkpoint
+        self.labels = None  # split -> the labels of its rows, once the first task is fed
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def _feed(self):
-        from tfl import freezing
-
-        job = self.job
-        with job.strategy.scope():
-            graph = freezing.training_graph(job.model, self.stage.plan, self.opts.freeze_mode, self.opts.train_bn)
-        self.groups = jobs.param_groups(graph, self.stage)
-        self.trainable = graph.trainable_stages()
-        feed = job.inputs.feed(self.stage.name, graph, job.trainer.history)
-        self.boundary, self.train_model = feed.boundary, feed.model
+    def _feed(self, feed, groups) -> None:
+        """What the stage trains and is tested on (the same every task: Stage.inputs is the one prepared stage)."""
+        self.groups, self.boundary = groups, feed.boundary
         self.eval_model = feed.eval_model  # None: the classifier on images
-        self.labels = {split: np.asarray(job.inputs.labels(split, self.boundary))
-                       for split in dict.fromkeys(("train", "val", self.test_split))}
+        if self.labels is None:
+            self.labels = {split: np.asarray(self.job.inputs.labels(split, self.boundary))
+                           for split in dict.fromkeys(("train", "val", self.test_split))}
 
     def rows(self, split: str, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels[split], list(classes))).astype(np.int64)
@@ -495,46 +489,59 @@ class Sequence:
 
     # -- the sequence ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from tfl.training.trainer import StagePolicy, Trainer
+        """One stage per training task on the prepared stage's inputs; Job.train runs them, `task` sets each
+        up (rows, loss, batches) and `tested` follows it (R, the strategy's state)."""
+        from tfl.training.trainer import StagePolicy
 
-        job, trainer, state = self.job, self.job.trainer, self.state
-        self._feed()
-        header = Trainer.header()
-        for k in range(state.done, len(self.training)):
-            started = time.time()
-            classes = self.training[k]
-            seen_row = self.seen[-1] if self.name == "joint" else self.seen[k]
-            rows = self.rows("train", classes)
-            steps = len(rows) // job.batch
-            if steps < 1:
-                raise UsageError(f"task {k + 1} (classes {classes}) has {len(rows)} training examples, fewer than the "
-                                 f"global batch of {job.batch}; lower --batch-size")
-            memory = len(state.buffer.rows()) if state.buffer is not None else 0
-            trainer.loss_fn = self.loss(k)
-            trainer.metrics_fn = masked_accuracy
-            val_classes = [c for task in self.training[: k + 1] for c in task]
-            val, val_steps = self.ordered("val", self.rows("val", val_classes), seen_row)
-            columns = self.columns("train", seen_row)
-
-            def train_batches(epoch, rows=rows, columns=columns):
-                return job.inputs.batches("train", self.boundary, self.train_order(rows, epoch), columns, epoch)
-
-            job.log(f"forgetting: {self.name}, task {k + 1}/{len(self.training)}: classes "
-                    f"{', '.join(map(str, classes))}, {len(rows)} training rows" +
-                    (f" + {min(job.batch, memory)} of {memory} buffer rows in every batch" if memory else ""))
-            if header:
-                job.log(header)
-                header = None
-            trainer.run_stage(f"task{k + 1}", self.train_model, self.groups, self.opts.epochs, train_batches, val,
-                              steps, job.batch + min(job.batch, memory), val_steps, eval_model=self.eval_model,
-                              policy=StagePolicy(), trainable=self.trainable)
-            state.R.append(self.test(seen_row))
-            job.log(f"forgetting: {self.name} after task {k + 1}: test accuracy per task "
-                    + " ".join(f"{a:.4f}" for a in state.R[-1]))
-            self.after_task(k, rows)
-            state.seconds.append(round(time.time() - started, 2))
-            state.done = k + 1
+        stages = [dataclasses.replace(self.stage, name=f"task{k + 1}", policy=StagePolicy(), inputs=self.stage.name)
+                  for k in range(len(self.training))]
+        self.index = {stage.name: k for k, stage in enumerate(stages)}
+        self.job.train(stages, adapt=self.task, after=self.tested)
         return self.finish()
+
+    def task(self, stage, feed, groups) -> dict:
+        """Task k's rows, loss and batches: every batch the task's rows plus replayed ones (see train_order)."""
+        job, state, k = self.job, self.state, self.index[stage.name]
+        if k < state.done:  # finished before the resume: the trainer skips it
+            return {}
+        self.started = time.time()
+        self._feed(feed, groups)
+        classes = self.training[k]
+        seen_row = self.seen[-1] if self.name == "joint" else self.seen[k]
+        rows = self.rows("train", classes)
+        steps = len(rows) // job.batch
+        if steps < 1:
+            raise UsageError(f"task {k + 1} (classes {classes}) has {len(rows)} training examples, fewer than the "
+                             f"global batch of {job.batch}; lower --batch-size")
+        memory = len(state.buffer.rows()) if state.buffer is not None else 0
+        job.trainer.loss_fn = self.loss(k)
+        job.trainer.metrics_fn = masked_accuracy
+        val_classes = [c for task in self.training[: k + 1] for c in task]
+        val, val_steps = self.ordered("val", self.rows("val", val_classes), seen_row)
+        columns = self.columns("train", seen_row)
+
+        def train_batches(epoch):
+            return job.inputs.batches("train", self.boundary, self.train_order(rows, epoch), columns, epoch)
+
+        job.log(f"forgetting: {self.name}, task {k + 1}/{len(self.training)}: classes "
+                f"{', '.join(map(str, classes))}, {len(rows)} training rows" +
+                (f" + {min(job.batch, memory)} of {memory} buffer rows in every batch" if memory else ""))
+        self.current = (rows, seen_row)
+        return {"train": train_batches, "val": val, "steps": steps, "batch": job.batch + min(job.batch, memory),
+                "val_steps": val_steps}
+
+    def tested(self, stage) -> None:
+        """After task k: R's row k (every task's test rows), then the strategy's update (buffer, logits, Fisher)."""
+        state, k = self.state, self.index[stage.name]
+        if k < state.done:
+            return
+        rows, seen_row = self.current
+        state.R.append(self.test(seen_row))
+        self.job.log(f"forgetting: {self.name} after task {k + 1}: test accuracy per task "
+                     + " ".join(f"{a:.4f}" for a in state.R[-1]))
+        self.after_task(k, rows)
+        state.seconds.append(round(time.time() - self.started, 2))
+        state.done = k + 1
 
     def loss(self, k: int):
         if self.name == "lwf" and k > 0:
@@ -593,20 +600,19 @@ class Sequence:
         return diagonal_fisher(self._model(), [v for g in self.groups for v in g.variables], data)
 
     def finish(self) -> dict:
-        job, state = self.job, self.state
-        run = job.run_dir
-        job.model.trainable = True
-        run.save_model(job.model)  # the weights after the last task
+        """model.keras with the weights after the last task, metrics.json with R's metrics, forgetting.json."""
+        state = self.state
         metrics = (cl_metrics.summary(state.R) if self.name != "joint"
                    else {**dict.fromkeys(("acc", "average_incremental_accuracy", "bwt", "forgetting",
                                           "min_old_accuracy")), "per_task_forgetting": [],
                          "acc": round(float(np.mean(state.R[-1])), 6)})
+        train_seconds = round(sum(state.seconds), 1)
+        run = self.job.finish(score=lambda job: {**metrics, "train_seconds": train_seconds}, best=False)["run_dir"]
         result = {"strategy": self.name, "scenario": self.scenario, "tasks": [list(t) for t in self.tasks],
                   "training_tasks": self.training, "R": state.R, "metrics": metrics,
-                  "task_seconds": state.seconds, "train_seconds": round(sum(state.seconds), 1),
-                  "epochs_per_task": self.opts.epochs, "run_dir": run.path}
-        run.write_json(FORGETTING_JSON, {k: v for k, v in result.items() if k != "run_dir"})
-        job.trainer.finish()
+                  "task_seconds": state.seconds, "train_seconds": train_seconds,
+                  "epochs_per_task": self.opts.epochs, "run_dir": run}
+        self.job.run_dir.write_json(FORGETTING_JSON, {k: v for k, v in result.items() if k != "run_dir"})
         return result
 
 

@@ -246,7 +246,6 @@ def run_recipe(arm: str, task_names: tuple):
 
 
 def train_run(job: Job, arm: str, task_names: tuple) -> dict:
-    from tfl.training import rundir
     from tfl.training.boundary import data_identity
     from tfl.training.trainer import ParamGroup
 
@@ -278,23 +277,25 @@ def train_run(job: Job, arm: str, task_names: tuple) -> dict:
 
     job.train([stage], adapt=block)
     splits = job.splits
-    if splits.test is not None:
-        test = pooled.features(job, "test", splits.test, splits.num_examples["test"],
-                               data_identity(splits.fingerprint, "test"))
-    else:
-        test = pooled.features(job, "val")
-    scores = {}
-    for task in tasks:
-        logits = pooled.predict(model, test, job.batch, task.name)
-        scores[task.name] = task_accuracy(task, logits, test.labels)
-    result = {"arm": arm, "seed": opts.seed, "tasks": [t.name for t in tasks], "test_accuracy": scores,
-              "task_weights": weights, "trainable_params": params, "epochs_run": len(job.trainer.history),
-              "eval_split": "test" if splits.test is not None else "val",
-              "train_seconds": round(time.time() - started, 1)}
-    job.run_dir.write_json(rundir.METRICS, result)
-    job.trainer.finish()
-    job.log(f"multitask: {arm} seed {opts.seed}: " + ", ".join(f"{t} {a:.4f}" for t, a in scores.items()))
-    return {**result, "run_dir": job.run_dir.path}
+
+    def score(job) -> dict:  # the block after its last epoch, per task, through its pooled predictions
+        if splits.test is not None:
+            test = pooled.features(job, "test", splits.test, splits.num_examples["test"],
+                                   data_identity(splits.fingerprint, "test"))
+        else:
+            test = pooled.features(job, "val")
+        scores = {task.name: task_accuracy(task, pooled.predict(model, test, job.batch, task.name), test.labels)
+                  for task in tasks}
+        return {"arm": arm, "seed": opts.seed, "tasks": [t.name for t in tasks], "test_accuracy": scores,
+                "task_weights": weights, "trainable_params": params, "epochs_run": len(job.trainer.history),
+                "eval_split": "test" if splits.test is not None else "val",
+                "train_seconds": round(time.time() - started, 1)}
+
+    # The block is not the classifier: no model.keras.
+    result = job.finish(score=score, best=False, save=False)
+    job.log(f"multitask: {arm} seed {opts.seed}: " + ", ".join(f"{t} {a:.4f}" for t, a in
+                                                               result["test_accuracy"].items()))
+    return result
 
 
 # -- every arm -------------------------------------------------------------------------------------------------------

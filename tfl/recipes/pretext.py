@@ -39,7 +39,7 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, option
 from tfl.recipes import sweep
-from tfl.recipes.finetune import head_then_finetune, scratch_stage
+from tfl.recipes.stages import head_then_finetune, scratch_stage
 
 PRETEXT_JSON, PRETEXT_CSV, PRETEXT_PNG = "pretext.json", "pretext.csv", "pretext.png"
 BACKBONE_FILE = "backbone.keras"

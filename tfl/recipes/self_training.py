@@ -38,11 +38,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import option
-from tfl.recipes import sweep
+from tfl.recipes import runs
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
 POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's rest, and the --unlabeled folder
@@ -168,12 +167,14 @@ class SelfTraining:
     def __init__(self, job: Job, fraction: float | None):
         from tfl.freezing import head_only_plan
         from tfl.training import boundary
+        from tfl.training.trainer import StagePolicy
 
         self.job, self.opts, self.fraction = job, job.opts, fraction
         opts = self.opts
         self.initial = [np.array(v.numpy()) for v in job.model.weights]  # every round starts here
-        self.stages = [Stage(f"round{k}", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr})
-                       for k in range(opts.rounds + 1)]
+        # Every round keeps its best epoch: the pseudo-labels come from it.
+        self.stages = [Stage(f"round{k}", head_only_plan(job.plan), opts.head_epochs, {"head": job.lr},
+                             StagePolicy(restore_best=True)) for k in range(opts.rounds + 1)]
         config = {"recipe": "self_train"}
         self.folder = None
         if opts.unlabeled:
@@ -197,6 +198,7 @@ class SelfTraining:
                 self.pseudo[pool] = (np.asarray(arrays[f"recipe.{pool}_rows"], np.int64),
                                      np.asarray(arrays[f"recipe.{pool}_labels"], np.int32))
         job.trainer.recipe_state = self.to_checkpoint
+        self.labeled = None  # the labeled training rows, once the first round is fed
 
     def to_checkpoint(self):
         state = {**self.state, "pools": sorted(self.pseudo)}
@@ -206,22 +208,15 @@ class SelfTraining:
         return state, arrays
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def _feed(self) -> None:
-        from tfl import data, freezing
+    def _feed(self, feed) -> None:
+        """The rounds' inputs (every round's: Stage.inputs is the first round still to train), and once the labeled
+        rows and the unlabeled pools."""
+        from tfl import data
 
         job = self.job
-        epochs_run = {}
-        for result in job.trainer.history:
-            epochs_run[result.stage] = epochs_run.get(result.stage, 0) + 1
-        # Fed as the first round still to train (after a resume, a finished stage gets no cache).
-        stage = next((s for s in self.stages if epochs_run.get(s.name, 0) < s.epochs), self.stages[-1])
-        with job.strategy.scope():
-            graph = freezing.training_graph(job.model, stage.plan, self.opts.freeze_mode, self.opts.train_bn)
-        self.groups = jobs.param_groups(graph, stage)
-        self.trainable = graph.trainable_stages()
-        feed = job.inputs.feed(stage.name, graph, job.trainer.history)
-        self.boundary, self.train_model, self.eval_model = feed.boundary, feed.model, feed.eval_model
-        self.val = feed.val
+        self.boundary, self.eval_model = feed.boundary, feed.eval_model
+        if self.labeled is not None:
+            return
         labels = np.asarray(job.inputs.labels("train", self.boundary), np.int64)
         fraction = self.fraction
         self.labeled = (data.stratified_rows(labels, fraction, self.opts.seed) if fraction is not None
@@ -235,6 +230,10 @@ class SelfTraining:
         if len(self.labeled) < job.batch:
             raise UsageError(f"--batch-size {job.batch} is larger than the {len(self.labeled)} labeled examples; "
                              "lower it or raise --label-fraction")
+        self.unlabeled = sum(len(r) for r in self.pool_rows.values())
+        job.log(f"self-train: {len(self.labeled)} labeled rows, {self.unlabeled} unlabeled ("
+                + ", ".join(f"{p}: {len(r)}" for p, r in self.pool_rows.items()) + f"), threshold "
+                f"{self.opts.threshold:g}, {self.opts.rounds} round(s) after the labeled-only round 0")
 
     def _rows(self, split: str):
         """The rows of `split` the trainer gathers from: cached features, or decoded images without a cache."""
@@ -291,53 +290,61 @@ class SelfTraining:
 
     # -- the rounds ----------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from tfl.training.trainer import StagePolicy, Trainer
-
-        job, trainer, opts = self.job, self.job.trainer, self.opts
-        self._feed()
-        unlabeled = sum(len(r) for r in self.pool_rows.values())
-        job.log(f"self-train: {len(self.labeled)} labeled rows, {unlabeled} unlabeled ("
-                + ", ".join(f"{p}: {len(r)}" for p, r in self.pool_rows.items()) + f"), threshold {opts.threshold:g}, "
-                f"{opts.rounds} round(s) after the labeled-only round 0")
-        header = Trainer.header()
-        snapshot_stage = job.snapshot.state["stage"] if job.snapshot is not None else None
-        for k in range(self.state["done"], opts.rounds + 1):
-            started = time.time()
-            stage = self.stages[k]
-            if snapshot_stage != stage.name:  # a new round (not one a resume continues): the initial weights
-                for variable, value in zip(job.model.weights, self.initial):
-                    variable.assign(value)
-            columns = self._round_columns()
-            train, steps = self._train_batches(columns)
-            pseudo_count = len(columns["label"]) - len(self.labeled)
-            trained_accuracy = self._trained_accuracy()
-            job.log(f"self-train: round {k}/{opts.rounds}: {len(self.labeled)} labeled + {pseudo_count} pseudo-labeled"
-                    " rows" + (f" (pseudo-labels {trained_accuracy:.4f} right)" if trained_accuracy is not None else ""))
-            if header:
-                job.log(header)
-                header = None
-            val_steps = job.steps("val")
-            trainer.run_stage(stage.name, self.train_model, self.groups, stage.epochs, train, self.val, steps,
-                              job.batch, val_steps, eval_model=self.eval_model, policy=StagePolicy(restore_best=True),
-                              trainable=self.trainable)
-            test = self.test_accuracy()
-            self.pseudo = {}
-            for pool, rows in self.pool_rows.items():
-                picked, labels = select(softmax(self.predict(pool, rows)), opts.threshold)
-                self.pseudo[pool] = (rows[picked], labels)
-            chosen = selection_record(self.pseudo, job.class_names, self.truth)
-            record = {"round": k, "labeled": int(len(self.labeled)), "pseudo_labeled": int(pseudo_count),
-                      "pseudo_accuracy_trained": trained_accuracy,
-                      "val_accuracy": round(trainer.stage_best[stage.name]["value"], 6),
-                      "best_epoch": trainer.stage_best[stage.name]["epoch"], "test_accuracy": round(test, 6),
-                      "unlabeled": unlabeled, "selected": chosen, "seconds": round(time.time() - started, 1)}
-            self.state["records"].append(record)
-            self.state["done"] = k + 1
-            accuracy = f", {chosen['accuracy']:.4f} of them right" if chosen["accuracy"] is not None else ""
-            job.log(f"self-train: round {k}: {self.test_split} accuracy {test:.4f}; {chosen['passed']} of {unlabeled} "
-                    f"unlabeled rows passed {opts.threshold:g}{accuracy}; per class "
-                    + " ".join(f"{name}:{n}" for name, n in chosen["per_class"].items()))
+        """Job.train runs the rounds: `round` sets each up (initial weights, the labeled and pseudo-labeled rows),
+        `labelled` follows it (test accuracy, the next pseudo-labels)."""
+        job = self.job
+        # Fed as the first round still to train (after a resume, a finished stage gets no cache).
+        epochs_run = {}
+        for result in job.trainer.history:
+            epochs_run[result.stage] = epochs_run.get(result.stage, 0) + 1
+        fed = next((s for s in self.stages if epochs_run.get(s.name, 0) < s.epochs), self.stages[-1])
+        self.resumed_stage = job.snapshot.state["stage"] if job.snapshot is not None else None
+        self.index = {stage.name: k for k, stage in enumerate(self.stages)}
+        job.train([dataclasses.replace(stage, inputs=fed.name) for stage in self.stages], adapt=self.round,
+                  after=self.labelled)
         return self.finish()
+
+    def round(self, stage, feed, groups) -> dict:
+        job, k = self.job, self.index[stage.name]
+        self._feed(feed)
+        if k < self.state["done"]:  # finished before the resume: the trainer skips it
+            return {}
+        self.started = time.time()
+        if self.resumed_stage != stage.name:  # a new round (not one a resume continues): the initial weights
+            for variable, value in zip(job.model.weights, self.initial):
+                variable.assign(value)
+        columns = self._round_columns()
+        train, steps = self._train_batches(columns)
+        self.pseudo_count = len(columns["label"]) - len(self.labeled)
+        self.trained_accuracy = self._trained_accuracy()
+        job.log(f"self-train: round {k}/{self.opts.rounds}: {len(self.labeled)} labeled + {self.pseudo_count} "
+                "pseudo-labeled rows" + (f" (pseudo-labels {self.trained_accuracy:.4f} right)"
+                                         if self.trained_accuracy is not None else ""))
+        return {"train": train, "steps": steps}
+
+    def labelled(self, stage) -> None:
+        """After round k: its test accuracy, then the pseudo-labels of the next round from its best epoch."""
+        job, trainer, opts = self.job, self.job.trainer, self.opts
+        k = self.index[stage.name]
+        if k < self.state["done"]:
+            return
+        test = self.test_accuracy()
+        self.pseudo = {}
+        for pool, rows in self.pool_rows.items():
+            picked, labels = select(softmax(self.predict(pool, rows)), opts.threshold)
+            self.pseudo[pool] = (rows[picked], labels)
+        chosen = selection_record(self.pseudo, job.class_names, self.truth)
+        record = {"round": k, "labeled": int(len(self.labeled)), "pseudo_labeled": int(self.pseudo_count),
+                  "pseudo_accuracy_trained": self.trained_accuracy,
+                  "val_accuracy": round(trainer.stage_best[stage.name]["value"], 6),
+                  "best_epoch": trainer.stage_best[stage.name]["epoch"], "test_accuracy": round(test, 6),
+                  "unlabeled": self.unlabeled, "selected": chosen, "seconds": round(time.time() - self.started, 1)}
+        self.state["records"].append(record)
+        self.state["done"] = k + 1
+        accuracy = f", {chosen['accuracy']:.4f} of them right" if chosen["accuracy"] is not None else ""
+        job.log(f"self-train: round {k}: {self.test_split} accuracy {test:.4f}; {chosen['passed']} of "
+                f"{self.unlabeled} unlabeled rows passed {opts.threshold:g}{accuracy}; per class "
+                + " ".join(f"{name}:{n}" for name, n in chosen["per_class"].items()))
 
     def _trained_accuracy(self) -> float | None:
         """The accuracy of the pseudo-labels this round trains on, over the rows with true labels."""
@@ -345,34 +352,29 @@ class SelfTraining:
         return round(float(np.mean(labels == self.truth["train"][rows])), 6) if len(rows) else None
 
     def finish(self) -> dict:
-        from tfl.training import rundir
-
-        job, trainer = self.job, self.job.trainer
-        trainer.restore_best()  # the best round by validation accuracy
-        test = self.test_accuracy()
-        job.model.trainable = True
-        job.run_dir.save_model(job.model)
+        """The best round by validation accuracy: its test accuracy, model.keras and metrics.json (Job.finish),
+        then self_training.json, .csv and .png."""
+        job = self.job
         records = self.state["records"]
-        metrics = {"test_accuracy": round(test, 6), "val_accuracy": round(trainer.best_accuracy, 6),
-                   "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history), "eval_split": self.test_split,
-                   "baseline_test_accuracy": records[0]["test_accuracy"],
-                   "last_round_test_accuracy": records[-1]["test_accuracy"],
-                   "train_seconds": round(time.time() - job.started, 1)}
-        job.run_dir.write_json(rundir.METRICS, metrics)
-        trainer.finish()
-        if self.opts.export and not job.scratch:
-            from tfl.serving.saved_model import export_saved_model
 
-            metrics["export_dir"] = export_saved_model(job.run_dir.path, log=job.log)
+        def score(job) -> dict:
+            trainer = job.trainer
+            return {"test_accuracy": round(self.test_accuracy(), 6), "val_accuracy": round(trainer.best_accuracy, 6),
+                    "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+                    "eval_split": self.test_split, "baseline_test_accuracy": records[0]["test_accuracy"],
+                    "last_round_test_accuracy": records[-1]["test_accuracy"],
+                    "train_seconds": round(time.time() - job.started, 1)}
+
+        metrics = {k: v for k, v in job.finish(score=score).items() if k != "run_dir"}
         result = {"settings": {"label_fraction": self.fraction, "unlabeled": self.opts.unlabeled,
                                "threshold": self.opts.threshold, "rounds": self.opts.rounds, "seed": self.opts.seed,
                                "head_epochs": self.opts.head_epochs, "backbone": self.opts.backbone,
                                "image_size": job.image_size, "dataset": self.opts.dataset},
                   "classes": job.class_names, "rounds": records, "metrics": metrics}
-        sweep.write(job.run_dir.path, result, TABLES)
-        job.log(f"self-train: best round by val accuracy: {self.test_split} accuracy {test:.4f} (round 0, labeled "
-                f"only: {records[0]['test_accuracy']:.4f}); wrote {SELF_JSON}, {SELF_CSV} and {SELF_PNG} in "
-                f"{job.run_dir.path}")
+        runs.write(job.run_dir.path, result, TABLES)
+        job.log(f"self-train: best round by val accuracy: {self.test_split} accuracy {metrics['test_accuracy']:.4f} "
+                f"(round 0, labeled only: {records[0]['test_accuracy']:.4f}); wrote {SELF_JSON}, {SELF_CSV} and "
+                f"{SELF_PNG} in {job.run_dir.path}")
         return {**result, "output_dir": job.run_dir.path}
 
 
@@ -381,12 +383,11 @@ def self_train(opts: SelfTrainOptions, log=print) -> dict:
     plus output_dir."""
     check_options(opts)
 
-    def recipe(job: Job) -> dict:
-        # The Job loads every training row (the unlabeled pool is the rest of train); config.json records F.
-        job.record = sweep.record(job.opts, identity={"label_fraction": opts.label_fraction})
-        return SelfTraining(job, opts.label_fraction).run()
-
-    return jobs.run(dataclasses.replace(opts, label_fraction=None), recipe, log)
+    # The Job loads every training row (the unlabeled pool is the rest of train); config.json records F. One run in
+    # its own process: no fresh Keras session needed (self-train offers no --freeze-up-to, so no auto either).
+    run = runs.Run("self-train", dataclasses.replace(opts, label_fraction=None),
+                   lambda job: SelfTraining(job, opts.label_fraction).run(), {"label_fraction": opts.label_fraction})
+    return runs.train(run, log, fresh=False)[0]
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------------
@@ -435,7 +436,7 @@ def write_figure(result: dict, path: str) -> str:
     return _save(figure, path)
 
 
-TABLES = sweep.Tables(SELF_JSON, {SELF_CSV: (None, csv_rows)},
+TABLES = runs.Tables(SELF_JSON, {SELF_CSV: (None, csv_rows)},
                       lambda folder, result: write_figure(result, folder.file(SELF_PNG)))
 
 

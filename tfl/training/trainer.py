@@ -39,25 +39,34 @@ from tfl.data.pipeline import FEATURES, IMAGE, LABEL
 from tfl.training import checkpoint
 from tfl.training.schedules import WarmupSchedule
 
-from tfl.options import OPTIMIZERS
+from tfl.options import OPTIMIZERS, JobOptions
 
 
 class TrainingDiverged(Unavailable):
     """The training loss became NaN or infinite; the run stops at once, its checkpoints hold the last good epoch."""
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    optimizer: str = "adam"
-    weight_decay: float | None = None  # default 0.01 for adamw, 0 otherwise
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_size: int = 7
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    early_stopping: int | None = None  # the default patience of every stage
-    jit: bool = False  # XLA-compile the train and eval steps
-    loss_scale: bool = False  # float16 compute: every optimizer is a LossScaleOptimizer (dynamic loss scaling)
+# The options the trainer reads (--optimizer, --weight-decay (0.01 for adamw when not given, else 0), --schedule,
+# --warmup-epochs, --step-size, --gamma, --label-smoothing, --early-stopping (every stage's default patience),
+# --jit): JobOptions' fields, with their defaults, declared there once.
+TRAIN_OPTIONS = ("optimizer", "weight_decay", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing",
+                 "early_stopping", "jit")
+
+
+def _from_options(cls, opts, **changes) -> "TrainConfig":
+    """The trainer's settings from a command's options (TRAIN_OPTIONS), then `changes` (loss_scale)."""
+    return cls(**{name: getattr(opts, name) for name in TRAIN_OPTIONS}, **changes)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(JobOptions)
+     if f.name in TRAIN_OPTIONS]
+    # float16 compute: every optimizer is a LossScaleOptimizer (dynamic loss scaling); not an option of its own
+    + [("loss_scale", bool, dataclasses.field(default=False))],
+    namespace={"from_options": classmethod(_from_options),
+               "__doc__": "The trainer's settings: TRAIN_OPTIONS of JobOptions, and loss_scale.",
+               "__module__": __name__})
 
 
 @dataclasses.dataclass
