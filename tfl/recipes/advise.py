@@ -465,8 +465,9 @@ def stage_gaps(bn: dict, spec) -> dict:
     per_stage: dict[str, list[float]] = {}
     for name, s in bn.items():
         stage = spec.stage_of(name) or "unstaged"
-        per_stage.setdefault(stage, []).append(transferability.bn_gap(s["mean"], s["var"], s["moving_mean"], s["moving_var"],
-                                                      float(s.get("epsilon", 1e-3))))
+        gap = transferability.bn_gap(s["mean"], s["var"], s["moving_mean"], s["moving_var"],
+                                     float(s.get("epsilon", 1e-3)))
+        per_stage.setdefault(stage, []).append(gap)
     return {stage: round(float(np.mean(v)), 6) for stage, v in per_stage.items()}
 
 

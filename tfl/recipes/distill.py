@@ -70,7 +70,8 @@ class DistillOptions(JobOptions):
     student_weights: str = option("default", help=(
         "'default' (the student backbone's pretrained weights, random init when it has none), 'none' or a weights "
         "file. A random-init student trains every layer for --head-epochs + --epochs epochs."))
-    temperature: float = option(4.0, check="positive", metavar="T", help="Softens both distributions: softmax(logits / T).")
+    temperature: float = option(4.0, check="positive", metavar="T",
+                                help="Softens both distributions: softmax(logits / T).")
     alpha: float = option(0.1, check=(0, 1, False, False), help=(
         "loss = alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)); the "
         "T^2 factor keeps the soft term's gradients on the label term's scale. 0 = soft targets only."))

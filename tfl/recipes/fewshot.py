@@ -63,7 +63,8 @@ class FewShotOptions(JobOptions):
     queries: int = option(15, check="positive", metavar="Q", help="Query images per class and episode.")
     episodes: int = option(600, check="positive", help="Episodes per K.")
     split: str = option("test", choices=SPLITS, help="The split the episodes are drawn from.")
-    head_steps: int = option(100, check="positive", help="linear: full-batch gradient steps of the head on the support set.")
+    head_steps: int = option(100, check="positive",
+                             help="linear: full-batch gradient steps of the head on the support set.")
     head_lr: float = option(1.0, check="positive", help="linear: the head's learning rate (on L2-normalised features).")
     head_decay: float = option(1e-3, check="non_negative", help="linear: L2 weight decay of the head.")
 
@@ -87,8 +88,9 @@ class EpisodeSampler:
         short = [(class_names[c], len(m)) for c, m in enumerate(self.members) if len(m) < need]
         if short:
             listed = ", ".join(f"{name!r} has {n}" for name, n in short)
-            raise UsageError(f"{'class' if len(short) == 1 else 'classes'} {listed} image(s) in {where}, fewer than --shots {shots} + --queries {queries} = "
-                             f"{need}; lower --shots or --queries, or add images to that class")
+            raise UsageError(f"{'class' if len(short) == 1 else 'classes'} {listed} image(s) in {where}, fewer than "
+                             f"--shots {shots} + --queries {queries} = {need}; lower --shots or --queries, or add "
+                             "images to that class")
 
     def episode(self, index: int, shots: int | None = None):
         """(classes [ways], support rows [ways * K], support labels 0..ways-1, query rows, query labels)."""

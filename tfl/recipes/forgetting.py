@@ -467,7 +467,8 @@ class Sequence:
 
         batch = self.job.batch
         order = tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64)).batch(batch)
-        return self.job.inputs.batches(split, self.boundary, order, self.columns(split, seen_row)), -(-len(rows) // batch)
+        batches = self.job.inputs.batches(split, self.boundary, order, self.columns(split, seen_row))
+        return batches, -(-len(rows) // batch)
 
     def train_order(self, rows: np.ndarray, epoch: int):
         """Epoch `epoch`'s index batches: a permutation of the task's rows in full batches, each followed by

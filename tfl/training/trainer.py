@@ -335,8 +335,8 @@ class Trainer:
             grads = [] if scaled else tape.gradient(loss, variables)
             for i, opt in enumerate(optimizers):
                 group = variables[bounds[i]:bounds[i + 1]]
-                opt.apply_gradients(list(zip(tape.gradient(scaled[i], group) if scaled else grads[bounds[i]:bounds[i + 1]],
-                                             group)))
+                gradients = tape.gradient(scaled[i], group) if scaled else grads[bounds[i]:bounds[i + 1]]
+                opt.apply_gradients(list(zip(gradients, group)))
             return self._sums(batch, outputs, per_example)
 
         return self._distributed(step)
@@ -521,7 +521,8 @@ class Trainer:
                 carried = g.name in saved and (resume is not None or (
                     policy.keep_optimizers and saved[g.name][2] in (None, self._variable_indices(g.variables))))
                 schedule = (WarmupSchedule(**saved[g.name][0]) if carried else
-                            WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch, cfg.gamma))
+                            WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch,
+                                           cfg.gamma))
                 opt = make_optimizer(cfg, schedule)
                 if cfg.loss_scale:
                     opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -609,7 +610,8 @@ class Trainer:
         self.stage_best = state["stage_best"]
         self.stopped_early = state["stopped_early"]
         self.global_step = state["global_step"]
-        self._finished_stages = {r.stage for r in self.history} - ({state["stage"]} if not state["stage_done"] else set())
+        unfinished = set() if state["stage_done"] else {state["stage"]}
+        self._finished_stages = {r.stage for r in self.history} - unfinished
         self._resume_stage = None if state["stage_done"] else state
         self._resume_optimizers = {
             g: (state["schedules"][g], [arrays[k] for k in sorted(k for k in arrays if k.startswith(f"opt.{g}."))],
