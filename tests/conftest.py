@@ -1,8 +1,14 @@
 """Suite-wide settings: no test writes the user's real boundary cache (~/.cache/tfl), and runs compute in float32
 unless a test asks otherwise (--mixed-precision auto would choose by timing, and no test's result may depend on the
-machine's speed)."""
+machine's speed).
+
+And the tiny image folders several test files train on (tiny_runs.image_folder), written once a session (once a
+pytest-xdist worker) instead of once a file. Tests only read them: a test that changes its data writes its own.
+A module whose `data` is another folder overrides the `data` fixture."""
 
 import pytest
+
+from tiny_runs import image_folder
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -12,3 +18,33 @@ def _private_cache_dir(tmp_path_factory):
     mp.setenv("TFL_MIXED_PRECISION", "off")
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """circle/square (bright discs vs green squares on noise), 16 train + 4 test images a class at 32 px."""
+    return image_folder(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def data_3_classes(tmp_path_factory):
+    """circle/square/dot (a big and a small disc), 16 train + 4 test images a class at 32 px."""
+    return image_folder(tmp_path_factory.mktemp("shapes3"), classes=("circle", "square", "dot"))
+
+
+@pytest.fixture(scope="session")
+def data_8_a_class(tmp_path_factory):
+    """circle/square, 8 train + 2 test images a class at 32 px."""
+    return image_folder(tmp_path_factory.mktemp("shapes8"), per_class=8)
+
+
+@pytest.fixture(scope="session")
+def data_c0_to_c3(tmp_path_factory):
+    """c0..c3 (c0/c2 discs, c1/c3 squares), 16 train + 4 test images a class at 32 px."""
+    return image_folder(tmp_path_factory.mktemp("c0-c3"), classes=("c0", "c1", "c2", "c3"), per_class=16)
+
+
+@pytest.fixture(scope="session")
+def data_a_to_d(tmp_path_factory):
+    """a..d (a/c discs, b/d squares), 8 train + 2 test images a class at 32 px."""
+    return image_folder(tmp_path_factory.mktemp("a-d"), classes=("a", "b", "c", "d"), per_class=8)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tfl.cli import cli
 from tfl.recipes import advise as adv
 from tfl.recipes import transferability as t
-from tiny_runs import TINY, image_folder
+from tiny_runs import TINY
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -247,8 +247,7 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(tmp_path):
-    data = image_folder(tmp_path / "shapes")
+def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tmp_path):
     cache = tmp_path / "cache"
     common = ["--dataset", data, "--backbone", "mobilenet", "--weights", "none", "--image-size", "32",
               "--val-split", "0.25", "--cache-dir", cache]

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 import tfl
-from tiny_runs import image_folder
 
 TINY = dict(backbone="compact_cnn", weights="none", image_size=32, head_epochs=1, epochs=1, batch_size=8,
             val_split=0.25, tensorboard=False)
 
 
 @pytest.fixture(scope="module")
-def four_classes(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("api") / "data", classes=("a", "b", "c", "d"), per_class=8)
+def four_classes(data_a_to_d):
+    return data_a_to_d
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from tfl import freezing, models
 from tfl.backbones import registry
 from tfl.cli import cli
 from tfl.job import JobOptions
-from tiny_runs import image_folder
 
 SPECS = registry.all_specs()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,9 +155,9 @@ def test_make_plan_default_is_what_a_finetune_plans_for_every_word():
 
 
 @pytest.fixture(scope="module")
-def resnet50_run(tmp_path_factory):
+def resnet50_run(data_8_a_class, tmp_path_factory):
     """`tfl finetune --backbone resnet50` with nothing said about freezing: 12 images, 32 px, one epoch a stage."""
-    data = image_folder(tmp_path_factory.mktemp("shapes"), per_class=8)
+    data = data_8_a_class
     out = tmp_path_factory.mktemp("resnet50") / "run"
     args = ["--backbone", "resnet50", "--weights", "none", "--dataset", data, "--image-size", "32",
             "--head-epochs", "1", "--epochs", "1", "--batch-size", "4", "--limit-train", "12", "--val-split", "0.25",

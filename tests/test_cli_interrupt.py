@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from tiny_runs import TINY, image_folder, start
+from tiny_runs import TINY, start
 
 
-def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes(tmp_path):
-    data = image_folder(tmp_path / "data")
+def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes(data, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", data, *TINY, "--output-dir", out, "--batch-size", "8", "--cache", "off", "--no-tensorboard"]
     env = {"TFL_CACHE_DIR": str(tmp_path / "cache")}

@@ -18,7 +18,7 @@ from tfl.cli import cli
 from tfl.cli.core import call
 from tfl.cli.params import described_flags
 from tfl.errors import Unavailable, UsageError
-from tiny_runs import ROOT, TINY, image_folder, start
+from tiny_runs import ROOT, TINY, start
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
@@ -118,8 +118,8 @@ def test_call_maps_failures_to_exit_codes_and_reports_a_bug_with_its_traceback(t
         call(bug)
 
 
-def test_a_crash_inside_training_says_bug_names_its_traceback_and_keeps_the_last_checkpoint(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=8)
+def test_a_crash_inside_training_says_bug_names_its_traceback_and_keeps_the_last_checkpoint(data_8_a_class, tmp_path):
+    data = data_8_a_class
     out = tmp_path / "run"
     args = ["--dataset", data, *TINY, "--output-dir", out, "--batch-size", "8", "--cache", "off", "--no-tensorboard"]
     env = {"TFL_CACHE_DIR": str(tmp_path / "cache"), "TFL_FAULT": "crash-at-step:2:1", "TMPDIR": str(tmp_path)}
@@ -133,8 +133,8 @@ def test_a_crash_inside_training_says_bug_names_its_traceback_and_keeps_the_last
     assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())  # epoch 1 survives
 
 
-def test_ctrl_c_names_the_default_run_directory_from_the_library_not_the_log(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=8)
+def test_ctrl_c_names_the_default_run_directory_from_the_library_not_the_log(data_8_a_class, tmp_path):
+    data = data_8_a_class
     args = ["--dataset", data, *TINY, "--batch-size", "8", "--cache", "off", "--no-tensorboard"]
     env = {"TFL_CACHE_DIR": str(tmp_path / "cache"), "TFL_FAULT": "interrupt-at-step:2:1"}
     child = start(args, env, cwd=tmp_path).wait()

@@ -18,7 +18,6 @@ from tfl.recipes import compare as cmp
 from tfl.recipes.compare import ARMS, REGISTRY, CompareOptions, compare, format_table
 from tfl.training import boundary
 from test_finetune_pinned import PINNED
-from tiny_runs import image_folder
 
 # 24 train (12 per class) / 8 val / 8 test images at 32 px. efficientnet_lite0's embedded weights build offline, so
 # "pretrained" and "scratch" really differ. The settings of tests/test_finetune_pinned.py (with seed 3).
@@ -41,11 +40,6 @@ def _rows(path):
 def _json(path):
     with open(path) as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("compare-data"))
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,13 @@ from tfl.cli import cli
 from tfl.cache import ArrayCache, default_cache_dir
 from tfl.data.pipeline import IMAGE, LABEL
 from tfl.recipes import distill as d
-from tiny_runs import ROOT, TIMEOUT, checkpoint_arrays, history, image_folder
+from tiny_runs import ROOT, TIMEOUT, checkpoint_arrays, history
 
 # 24 train / 8 val / 8 test images at 32 px; a random-init compact_cnn everywhere (3 steps an epoch at batch 8).
 TINY = ["--image-size", "32", "--head-epochs", "0", "--epochs", "2", "--val-split", "0.25", "--batch-size", "8",
         "--no-tensorboard"]
 
 FAST = ["--throughput-seconds", "0.01"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +190,8 @@ def test_a_born_again_chain_feeds_each_generation_the_previous_ones_outputs(data
     assert ensemble["params"] == 2 * result["models"][1]["params"]
 
 
-def test_a_teacher_with_other_classes_is_refused_naming_the_difference(data, teacher, tmp_path):
-    more = image_folder(tmp_path / "shapes3", classes=("circle", "square", "dot"))
+def test_a_teacher_with_other_classes_is_refused_naming_the_difference(data, teacher, data_3_classes, tmp_path):
+    more = data_3_classes
     result = CliRunner().invoke(cli, ["distill", "--teacher", teacher, "--dataset", more, *TINY,
                                       "--output-dir", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output

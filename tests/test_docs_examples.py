@@ -5,15 +5,14 @@ from __future__ import annotations
 import pathlib
 import re
 
-from tiny_runs import image_folder
 
 PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
-def test_the_python_api_page_runs(tmp_path, monkeypatch):
+def test_the_python_api_page_runs(data_a_to_d, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S)
     assert len(blocks) >= 5
-    folder = image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=8)
+    folder = data_a_to_d
     monkeypatch.chdir(tmp_path)
     namespace = {"folder": folder}
     for block in blocks:

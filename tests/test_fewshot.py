@@ -12,7 +12,6 @@ from click.testing import CliRunner
 import tfl.cli as cli
 from tfl.recipes.fewshot import (EpisodeSampler, FewShotOptions, interval, linear_predict, prototype_predict,
                                  run_episodes)
-from tiny_runs import image_folder
 
 NAMES = ["a", "b", "c", "d"]
 LABELS = np.repeat(np.arange(4), 10)  # 10 rows per class
@@ -86,8 +85,8 @@ def test_run_episodes_summarises_each_shot_and_method_on_easy_features():
 
 # -- end to end --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("fs") / "data", classes=("c0", "c1", "c2", "c3"), per_class=16)
+def data(data_c0_to_c3):
+    return data_c0_to_c3
 
 
 TINY = ["--backbone", "efficientnet_lite0", "--image-size", "32", "--val-split", "0.25", "--batch-size", "8"]

@@ -11,7 +11,6 @@ import os
 import pytest
 
 from tfl.recipes.finetune import FinetuneOptions, finetune
-from tiny_runs import image_folder
 
 # (stage, train_loss, val_loss, lr_backbone, lr_head) per epoch
 PINNED = [
@@ -22,8 +21,8 @@ PINNED = [
 ]
 
 
-def test_seeded_tiny_finetune_reproduces_its_pinned_losses(tmp_path):
-    root = image_folder(tmp_path / "data")
+def test_seeded_tiny_finetune_reproduces_its_pinned_losses(data, tmp_path):
+    root = data
     opts = FinetuneOptions(backbone="efficientnet_lite0", weights="default", image_size=32, head_epochs=2, epochs=2,
                            val_split=0.25, freeze_up_to="block6", lr=0.003, backbone_lr=0.0003, dataset=root,
                            output_dir=str(tmp_path / "run"), batch_size=8, seed=3)

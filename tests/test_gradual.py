@@ -14,7 +14,7 @@ from tfl.recipes import finetune as ft
 from tfl.reporting.tensorboard import read_scalars, read_text
 from tfl.training import checkpoint
 from tfl.training.trainer import Callback
-from tiny_runs import checkpoint_arrays, history, image_folder, start
+from tiny_runs import checkpoint_arrays, history, start
 
 SPEC = registry.get("efficientnet_lite0")
 LR, BACKBONE_LR, DECAY = 0.003, 0.0003, 2.6
@@ -168,11 +168,6 @@ def observed_gradual(observers):
         return ft.gradual(job)
 
     return recipe
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")

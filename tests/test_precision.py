@@ -15,7 +15,7 @@ import tfl.cli as cli
 from tfl import models, precision
 from tfl.training.trainer import ParamGroup, TrainConfig, Trainer
 
-from tiny_runs import TINY, image_folder
+from tiny_runs import TINY
 
 KEY = {"backbone": "compact_cnn", "image_size": 32, "freeze_up_to": "block2", "batch_size": 8}
 HALF_CPU = {"kind": "cpu", "name": "a CPU with bfloat16", "half": "bfloat16", "why": "CPU has avx512_bf16"}
@@ -145,9 +145,8 @@ def test_float16_trains_with_dynamic_loss_scaling():
     assert sum(not np.array_equal(a, b) for a, b in zip(after, before)) >= len(before) // 2  # both groups stepped
 
 
-def test_a_run_records_its_precision_and_a_resume_refuses_another(auto, tmp_path):
-    data, out = tmp_path / "data", tmp_path / "run"
-    image_folder(str(data))
+def test_a_run_records_its_precision_and_a_resume_refuses_another(auto, data, tmp_path):
+    out = tmp_path / "run"
     args = ["finetune", "--dataset", str(data), *TINY, "--batch-size", "8", "--no-tensorboard",
             "--output-dir", str(out)]
     result = CliRunner().invoke(cli.cli, [*args, "--mixed-precision", "off"])
@@ -165,9 +164,7 @@ def test_a_run_records_its_precision_and_a_resume_refuses_another(auto, tmp_path
     assert "precision: float32 (the resumed run's precision" in kept.output
 
 
-def test_auto_on_a_real_run_times_once_then_remembers(auto, tmp_path):
-    data = tmp_path / "data"
-    image_folder(str(data))
+def test_auto_on_a_real_run_times_once_then_remembers(auto, data, tmp_path):
     cache_dir = tmp_path / "cache"
     args = ["finetune", "--dataset", str(data), *TINY, "--batch-size", "8", "--no-tensorboard", "--head-epochs", "1",
             "--epochs", "0", "--cache-dir", str(cache_dir)]

@@ -16,16 +16,10 @@ from click.testing import CliRunner
 from tfl.cli import cli
 from tfl.data.pipeline import IMAGE, LABEL
 from tfl.recipes import pretext as p
-from tiny_runs import image_folder
 
 # 24 train / 8 val / 8 test images at 32 px; random-init compact_cnn (3 steps an epoch at batch 8).
 TINY = ["--backbone", "compact_cnn", "--weights", "none", "--image-size", "32", "--head-epochs", "0", "--epochs", "1",
         "--pretext-epochs", "2", "--val-split", "0.25", "--batch-size", "8", "--no-tensorboard"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def invoke(*args):

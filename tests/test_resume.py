@@ -11,14 +11,9 @@ from click.testing import CliRunner
 
 from tfl.cli import cli
 from tfl.training import checkpoint
-from tiny_runs import TINY, checkpoint_arrays, history, image_folder, largest_change, start
+from tiny_runs import TINY, checkpoint_arrays, history, largest_change, start
 
 TINY = [*TINY, "--batch-size", "4"]  # 6 steps an epoch; head dropout 0.2, so its RNG state must resume too
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +64,11 @@ def test_killed_mid_epoch_and_mid_save_resumes_to_the_uninterrupted_result(data,
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0002.npz", "ckpt-0003.npz", "latest"]
 
 
-def test_resuming_with_a_changed_class_set_is_refused(uninterrupted, tmp_path, monkeypatch):
+def test_resuming_with_a_changed_class_set_is_refused(uninterrupted, data_3_classes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(finished(uninterrupted), run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    more_classes = image_folder(tmp_path / "shapes3", classes=("circle", "square", "dot"))
+    more_classes = data_3_classes
     monkeypatch.setenv("TFL_CACHE_DIR", str(tmp_path / "cache"))
     result = CliRunner().invoke(cli, ["finetune", "--dataset", more_classes, *TINY, "--output-dir", str(run)])
     assert result.exit_code == 2, result.output

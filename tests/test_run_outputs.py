@@ -12,7 +12,6 @@ from PIL import Image
 from tfl.recipes.finetune import FinetuneOptions, finetune
 from tfl.reporting.report import report_run
 from tfl.reporting.tensorboard import read_plugin_tags, read_scalars, read_text
-from tiny_runs import image_folder
 
 CLASSES = ("circle", "square", "dot")  # a big and a small disc: not every test image is easy
 HEAD_EPOCHS, EPOCHS = 1, 2
@@ -24,8 +23,8 @@ STEPS = 36 // 9
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("shapes"), classes=CLASSES)
+def data(data_3_classes):
+    return data_3_classes
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tfl.training import rundir
 from tfl.training.checkpoint import CheckpointManager
 from tfl.training.trainer import ParamGroup, TrainConfig, Trainer, TrainingDiverged
 
-from tiny_runs import ROOT, TINY, image_folder
+from tiny_runs import ROOT, TINY
 
 
 def quiet(*_):
@@ -231,8 +231,7 @@ def test_os_errors_are_one_line_environment_errors(tmp_path):
                                                 "space or choose another --output-dir / --cache-dir")
 
 
-def test_a_run_on_a_disk_that_fills_up_ends_with_one_line(tmp_path):
-    data = image_folder(tmp_path / "data")
+def test_a_run_on_a_disk_that_fills_up_ends_with_one_line(data, tmp_path):
     out = tmp_path / "run"
     limit = "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
             "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY)); " \

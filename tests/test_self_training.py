@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import tfl.cli as cli
 from tfl.recipes.self_training import SelfTrainOptions, check_options, select, selection_record, self_train
 from tfl.training import checkpoint, trainer as trainer_module
-from tiny_runs import Stop, image_folder, stop_at
+from tiny_runs import Stop, stop_at
 
 CLASSES = ("c0", "c1", "c2", "c3")
 TINY = dict(backbone="efficientnet_lite0", image_size=32, head_epochs=2, val_split=0.25, batch_size=8, lr=0.01,
@@ -26,8 +26,8 @@ def _json(path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("st") / "data", classes=CLASSES, per_class=16)
+def data(data_c0_to_c3):
+    return data_c0_to_c3
 
 
 @pytest.fixture(scope="module")
