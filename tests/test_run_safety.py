@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import keras
 import tfl.cli as cli
 from tfl import cache
 from tfl.job import JobOptions, check_finite
-from tfl.recipes.finetune import FinetuneOptions, finetune
+from tfl.recipes.finetune import FinetuneOptions
 from tfl.training import rundir
 from tfl.training.checkpoint import CheckpointManager
 from tfl.training.trainer import ParamGroup, TrainConfig, Trainer, TrainingDiverged
