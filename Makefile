@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/tfl finetune
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -48,3 +48,14 @@ def data_c0_to_c3(tmp_path_factory):
 def data_a_to_d(tmp_path_factory):
     """a..d (a/c discs, b/d squares), 8 train + 2 test images a class at 32 px."""
     return image_folder(tmp_path_factory.mktemp("a-d"), classes=("a", "b", "c", "d"), per_class=8)
+
+
+# The files with the longest runs (from `pytest --durations`), started first: with two xdist workers taking whole
+# files, a long file started last decides when the suite ends. Used with --no-loadscope-reorder (Makefile).
+LONGEST_FIRST = ("test_recipes_distribute.py", "test_bench.py", "test_distribute.py", "test_advise.py",
+                 "test_compare.py", "test_forgetting.py", "test_docs_examples.py", "test_pretext.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
