@@ -95,6 +95,8 @@ def test_compare_distill_and_forgetting_as_a_notebook_would(finetuned, four_clas
     assert {row["arm"] for row in compared.metrics["runs"]} == {"linear_probe", "two_stage"}
     assert len(compared.runs) == 2
     assert compared.load_model().output_shape == (None, 4)  # the arm with the best validation accuracy
+    val = {run: json.load(open(os.path.join(run, "metrics.json")))["val_accuracy"] for run in compared.runs}
+    assert val[compared._best_run()] == max(val.values())
 
     distilled = tfl.distill(teacher=finetuned.run_dir, dataset=four_classes, output_dir=str(tmp_path / "d"),
                             baseline=False, throughput_seconds=0.1,

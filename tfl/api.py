@@ -196,19 +196,16 @@ class Result:
         runs = self.runs
         if not runs:
             raise UsageError(f"{self.run_dir}: no run directory with a model.keras (--no-finetune, or not finished)")
-        if self.run_dir in runs or len(runs) == 1:
-            return self.run_dir if self.run_dir in runs else runs[0]
-        return max(runs, key=_best_val_accuracy)
+        if self.run_dir in runs:
+            return self.run_dir
+        return max(runs, key=_val_accuracy)  # the first of equals: max keeps the earliest
 
 
-def _best_val_accuracy(run_dir: str) -> float:
-    import json
+def _val_accuracy(run_dir: str) -> float:
+    """The validation accuracy metrics.json records for the weights a run kept (0 when it records none)."""
+    from tfl.training.rundir import METRICS, RunDir
 
-    try:
-        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-            return float(json.load(f).get("best_val_accuracy") or 0.0)
-    except (OSError, ValueError):
-        return 0.0
+    return float(RunDir(run_dir, create=False).read_json(METRICS).get("val_accuracy") or 0.0)
 
 
 def options(command: str, base=None, **kwargs):
