@@ -109,3 +109,18 @@ def test_compare_distill_and_forgetting_as_a_notebook_would(finetuned, four_clas
     naive = forgot.metrics["strategies"][0]
     assert naive["strategy"] == "naive" and len(naive["R"]) == 2  # two tasks: (a, b), (c, d)
     assert forgot.load_model().output_shape[-1] == 4
+
+
+def test_option_facts_are_checked_in_one_place_for_every_command():
+    """Field metadata (choices of each listed value, at least one value, options a command does not use) is what
+    every recipe checks: the same sentence from the API, the CLI and a recipe called directly."""
+    from tfl.options import check_options
+    from tfl.recipes.compare import CompareOptions
+    from tfl.recipes.forgetting import ForgettingOptions, forgetting
+
+    with pytest.raises(tfl.UsageError, match=r"--arms \(none\): give at least one, e.g. scratch,"):
+        check_options(CompareOptions(arms=()))
+    with pytest.raises(tfl.UsageError, match="--strategies 'bogus': choose from naive"):
+        forgetting(ForgettingOptions(strategies=("naive", "bogus")))
+    with pytest.raises(tfl.UsageError, match=r"--worker-hosts \('a:1', 'b:2'\): ForgettingOptions does not use it"):
+        forgetting(ForgettingOptions(worker_hosts=("a:1", "b:2")))

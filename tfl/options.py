@@ -72,12 +72,15 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
         return None
     meta = field.metadata
     name = flag_of(field) + " " if named else ""
-    values = value if isinstance(value, tuple) and not meta.get("parse") else (value,)
-    for v in values:
+    listed = isinstance(value, tuple) and not meta.get("parse")
+    if listed and not value and field.default:
+        return f"{name}(none): give at least one, e.g. {','.join(map(str, field.default))}"
+    for v in value if listed else (value,):
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
-        if meta.get("choices") and v not in meta["choices"] and not isinstance(value, tuple):  # lists: the recipe's
-            return f"{name}{v!r} is not one of {', '.join(map(str, meta['choices']))}"
+        if meta.get("choices") and v not in meta["choices"]:
+            choices = ", ".join(map(str, meta["choices"]))
+            return f"{name}{v!r}: choose from {choices}" if listed else f"{name}{v!r} is not one of {choices}"
         check = meta.get("check")
         if check == "positive" and not v > 0:
             return f"{name}{v}: must be > 0"
@@ -96,8 +99,14 @@ def check_options(opts) -> None:
     first bad value and its flag."""
     from tfl.errors import UsageError
 
+    unused = set(getattr(opts, "unused", ()))
     for field in dataclasses.fields(opts):
-        problem = check_value(field, getattr(opts, field.name))
+        value = getattr(opts, field.name)
+        if field.name in unused:
+            if value != field.default and field.default is not dataclasses.MISSING:
+                raise UsageError(f"{flag_of(field)} {value!r}: {type(opts).__name__} does not use it; leave it unset")
+            continue
+        problem = check_value(field, value)
         if problem:
             raise UsageError(problem)
 

@@ -24,7 +24,7 @@ from typing import Callable, ClassVar
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import FRACTION, SWEEP_RUN, option
+from tfl.options import FRACTION, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import sweep
 from tfl.recipes.stages import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
                                 scratch_stage, two_stage)
@@ -117,25 +117,10 @@ def arm_run(opts: CompareOptions, number: int, arm: str, fraction: float, seed: 
 
 def check_options(opts: CompareOptions) -> None:
     """The comparison's own options, checked before the first run starts (a run checks the rest itself)."""
-    from tfl.data import check_label_fraction
-
-    unknown = [arm for arm in opts.arms if arm not in REGISTRY]
-    if unknown or not opts.arms:
-        raise UsageError(f"--arms {', '.join(map(repr, unknown)) or '(none)'}: choose from {', '.join(ARMS)}")
-    if not opts.label_fractions:
-        raise UsageError("--label-fraction: give at least one, e.g. 1.0")
-    for fraction in opts.label_fractions:
-        check_label_fraction(fraction)
-    if opts.label_fraction is not None:
-        raise UsageError(f"label_fraction {opts.label_fraction}: tfl compare takes label_fractions (a tuple) instead")
-    if opts.seeds < 1:
-        raise UsageError(f"--seeds {opts.seeds}: must be at least 1")
-    if opts.head_epochs < 0 or opts.epochs < 0 or budget(opts) < 1:
-        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and "
+    check_fields(opts)
+    if budget(opts) < 1:
+        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: nothing to train; make "
                          "their sum (every arm's epoch budget) >= 1")
-    if opts.worker_hosts:
-        raise UsageError("tfl compare runs its arms one after another in one process; --worker-hosts (a "
-                         "multi-worker run) is not supported, use --devices for several local replicas")
 
 
 # -- the comparison ------------------------------------------------------------------------------------------------

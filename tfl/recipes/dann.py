@@ -440,22 +440,9 @@ def finish(job: Job, arm: str, model, target: Target, schedule: LambdaSchedule, 
 # -- every arm and seed ---------------------------------------------------------------------------------------------
 def check_options(opts: DannOptions) -> None:
     pooled.check_pooled_options(opts, "dann")
-    if opts.target is None and opts.target_shift not in DANN_SHIFTS:
-        raise UsageError(f"--target-shift {opts.target_shift!r}: choose one of {', '.join(DANN_SHIFTS)}")
     if opts.target is not None and not os.path.isdir(opts.target):
         raise UsageError(f"--target {opts.target!r}: not a directory; give an image folder ROOT/{{train,val,test}}/"
                          "<class>/... with the dataset's classes")
-    unknown = [a for a in opts.arms if a not in ARMS]
-    if unknown or not opts.arms:
-        raise UsageError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
-    if opts.seeds < 1:
-        raise UsageError(f"--seeds {opts.seeds}: give at least 1")
-    if opts.domain_hidden < 1:
-        raise UsageError(f"--domain-hidden {opts.domain_hidden}: the domain classifier needs at least 1 unit")
-    if not opts.lambda_max > 0:
-        raise UsageError(f"--lambda-max {opts.lambda_max}: must be > 0 (the source_only arm is lambda 0)")
-    if not opts.lambda_gamma > 0:
-        raise UsageError(f"--lambda-gamma {opts.lambda_gamma}: must be > 0 (the paper: 10)")
 
 
 def arm_run(opts: DannOptions, arm: str, seed: int, out: str, target: str) -> sweep.Run:

@@ -42,7 +42,7 @@ from typing import ClassVar
 from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import SWEEP_RUN, option
+from tfl.options import SWEEP_RUN, check_options as check_fields, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 from tfl.recipes import sweep
 
@@ -455,15 +455,8 @@ def resolved_mode(opts: DistillOptions) -> str:
 def check_options(opts: DistillOptions) -> None:
     from tfl.backbones import registry
 
+    check_fields(opts)
     check_teacher_path(opts.teacher)
-    if not opts.temperature > 0:
-        raise UsageError(f"--temperature {opts.temperature}: must be > 0 (Hinton et al. used 1-20; default 4)")
-    if not 0.0 <= opts.alpha <= 1.0:
-        raise UsageError(f"--alpha {opts.alpha}: the label term's weight must be in [0, 1] (0 = soft targets only)")
-    if opts.born_again < 0:
-        raise UsageError(f"--born-again {opts.born_again}: the number of generations must be >= 0")
-    if opts.teacher_logits not in TEACHER_MODES:
-        raise UsageError(f"--teacher-logits {opts.teacher_logits!r}: choose one of {', '.join(TEACHER_MODES)}")
     if opts.teacher_logits == "cached" and opts.augment:
         raise UsageError("--teacher-logits cached cannot be used with --augment: augmentation changes the images the "
                          "teacher sees every epoch; use --teacher-logits online (or auto), or drop --augment")
@@ -472,12 +465,9 @@ def check_options(opts: DistillOptions) -> None:
                          "the teacher's architecture; drop one of them")
     if not opts.born_again:
         registry.get(opts.student)
-    if opts.head_epochs < 0 or opts.epochs < 0 or opts.head_epochs + opts.epochs < 1:
-        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: each must be >= 0 and their "
+    if opts.head_epochs + opts.epochs < 1:
+        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: nothing to train; make their "
                          "sum >= 1")
-    if opts.worker_hosts:
-        raise UsageError("tfl distill trains its models one after another in one process; --worker-hosts (a "
-                         "multi-worker run) is not supported, use --devices for several local replicas")
 
 
 def plan_members(opts: DistillOptions, out: str, teacher: Teacher) -> list[sweep.Run]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import JobOptions
-from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, option
+from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, check_options as check_fields, option
 from tfl.recipes import sweep
 
 FEWSHOT_JSON, FEWSHOT_CSV, EPISODES_CSV, FEWSHOT_PNG = ("fewshot.json", "fewshot.csv", "fewshot_episodes.csv",
@@ -172,19 +172,7 @@ def run_episodes(features: np.ndarray, labels: np.ndarray, class_names: list[str
 
 # -- the command -------------------------------------------------------------------------------------------------------
 def check_options(opts: FewShotOptions) -> None:
-    from tfl.options import SPLITS
-
-    if opts.ways < 2:
-        raise UsageError(f"--ways {opts.ways}: an episode needs at least 2 classes")
-    if not opts.shots or min(opts.shots) < 1:
-        raise UsageError(f"--shots {','.join(map(str, opts.shots)) or '(none)'}: give one or more K >= 1, e.g. 1,5")
-    if opts.queries < 1 or opts.episodes < 1:
-        raise UsageError(f"--queries {opts.queries} / --episodes {opts.episodes}: each must be >= 1")
-    if opts.split not in SPLITS:
-        raise UsageError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
-    if opts.head_steps < 1 or not opts.head_lr > 0 or opts.head_decay < 0:
-        raise UsageError(f"--head-steps {opts.head_steps} / --head-lr {opts.head_lr} / --head-decay "
-                         f"{opts.head_decay}: need steps >= 1, lr > 0, decay >= 0")
+    check_fields(opts)
 
 
 def features_of(job, split: str):

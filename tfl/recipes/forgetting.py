@@ -57,7 +57,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, option
+from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import forgetting_metrics as cl_metrics, sweep
 
 FORGETTING_JSON, FORGETTING_CSV, MATRIX_CSV = "forgetting.json", "forgetting.csv", "accuracy_matrix.csv"
@@ -113,31 +113,14 @@ def strategy_run(opts: ForgettingOptions, number: int, strategy: str, out: str) 
 
 def check_options(opts: ForgettingOptions) -> None:
     """The options that need no data, checked before anything is loaded."""
-    unknown = [s for s in opts.strategies if s not in CL_STRATEGIES]
-    if unknown or not opts.strategies:
-        raise UsageError(f"--strategies {', '.join(map(repr, unknown)) or '(none)'}: choose from "
-                         f"{', '.join(CL_STRATEGIES)}")
-    if opts.scenario not in CL_SCENARIOS:
-        raise UsageError(f"--scenario {opts.scenario!r}: choose from {', '.join(CL_SCENARIOS)}")
+    check_fields(opts)
     if opts.tasks is not None:
         parse_task_tokens(opts.tasks)
     if opts.epochs < 1:
         raise UsageError(f"--epochs {opts.epochs}: every task trains --epochs epochs; give at least 1")
-    if "replay" in opts.strategies and opts.memory < 1:
-        raise UsageError(f"--memory {opts.memory}: replay needs a buffer of at least 1 example")
-    if opts.lwf_alpha < 0 or opts.temperature <= 0:
-        raise UsageError(f"--lwf-alpha {opts.lwf_alpha} / --temperature {opts.temperature}: need alpha >= 0 and "
-                         "temperature > 0")
-    if opts.ewc_lambda < 0:
-        raise UsageError(f"--ewc-lambda {opts.ewc_lambda}: must be >= 0")
-    if opts.label_smoothing:
-        raise UsageError("--label-smoothing: tfl forgetting trains with plain (masked) cross-entropy; drop it")
     if opts.augment and "lwf" in opts.strategies:
         raise UsageError("--augment with lwf: the old model's outputs are recorded once per task on unaugmented "
                          "inputs, so they would not match the augmented images; drop --augment or lwf")
-    if opts.worker_hosts:
-        raise UsageError("tfl forgetting runs its strategies one after another in one process; --worker-hosts (a "
-                         "multi-worker run) is not supported, use --devices for several local replicas")
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------------

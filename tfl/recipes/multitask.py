@@ -302,13 +302,6 @@ def train_run(job: Job, arm: str, task_names: tuple) -> dict:
 def check_options(opts: MultitaskOptions) -> list[str]:
     """The options that need no data; returns the task names (the label map is read here)."""
     pooled.check_pooled_options(opts, "multitask")
-    unknown = [a for a in opts.arms if a not in ARMS]
-    if unknown or not opts.arms:
-        raise UsageError(f"--arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
-    if opts.seeds < 1:
-        raise UsageError(f"--seeds {opts.seeds}: give at least 1")
-    if not opts.soft_penalty >= 0:
-        raise UsageError(f"--soft-penalty {opts.soft_penalty}: must be >= 0")
     names = list(read_label_map(default_tasks_path(opts)))
     task_weights(opts, names)
     return names

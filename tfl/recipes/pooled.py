@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfl.errors import UsageError
+from tfl.options import check_options as check_fields
 from tfl.job import Job, Stage
 
 RECIPE_WEIGHT = "weight{:05d}"  # names of the extra variables' arrays in a checkpoint (prefixed "recipe.")
@@ -27,18 +28,13 @@ def head_stage(job: Job, name: str, epochs: int) -> Stage:
 
 def check_pooled_options(opts, command: str) -> None:
     """The options under which the block trains on cached pooled features, checked before any data is read."""
-    if opts.augment:
-        raise UsageError(f"--augment: tfl {command} trains on the frozen backbone's pooled features, cached once, so "
-                         "there are no images to augment; drop --augment")
+    check_fields(opts)
     if opts.cache == "off":
         raise UsageError(f"--cache off: tfl {command} trains on the frozen backbone's cached pooled features; use "
                          "--cache auto or on")
     if opts.head_epochs < 1:
         raise UsageError(f"--head-epochs {opts.head_epochs}: the block above the frozen backbone trains for "
                          "--head-epochs epochs; give at least 1")
-    if opts.worker_hosts:
-        raise UsageError(f"tfl {command} trains its runs one after another in one process; --worker-hosts (a "
-                         "multi-worker run) is not supported, use --devices for several local replicas")
 
 
 def check_pooled(feed) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import option
+from tfl.options import check_options as check_fields, option
 from tfl.recipes import runs
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
@@ -66,31 +66,17 @@ class SelfTrainOptions(JobOptions):
 
 
 def check_options(opts: SelfTrainOptions) -> None:
-    from tfl.data import check_label_fraction
-
+    check_fields(opts)
     if opts.label_fraction is None and not opts.unlabeled:
         raise UsageError("tfl self-train needs unlabeled data: give --label-fraction F (a share of each class's "
                          "training rows stays labeled, the rest is unlabeled) or --unlabeled DIR (a folder of images)")
-    if opts.label_fraction is not None:
-        check_label_fraction(opts.label_fraction)
-        if opts.label_fraction >= 1.0 and not opts.unlabeled:
-            raise UsageError("--label-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
-                             "or --unlabeled DIR")
+    if opts.label_fraction is not None and opts.label_fraction >= 1.0 and not opts.unlabeled:
+        raise UsageError("--label-fraction 1 leaves no training row unlabeled; give a fraction < 1, e.g. 0.1, "
+                         "or --unlabeled DIR")
     if opts.unlabeled and not os.path.isdir(opts.unlabeled):
         raise UsageError(f"--unlabeled {opts.unlabeled!r}: not a directory; give a folder of image files")
-    if not 0.0 < opts.threshold < 1.0:
-        raise UsageError(f"--threshold {opts.threshold}: the confidence a pseudo-label needs must be in (0, 1), "
-                         "e.g. 0.9")
-    if opts.rounds < 0:
-        raise UsageError(f"--rounds {opts.rounds}: must be >= 0 (0 trains the labeled-only baseline alone)")
     if opts.head_epochs < 1:
         raise UsageError(f"--head-epochs {opts.head_epochs}: every round trains the head that many epochs; give >= 1")
-    if opts.augment:
-        raise UsageError("--augment: tfl self-train trains every round on features cached once from the unaugmented "
-                         "images (and predicts the unlabeled pool on them); drop --augment")
-    if opts.worker_hosts:
-        raise UsageError("tfl self-train runs in one process; --worker-hosts (a multi-worker run) is not supported, "
-                         "use --devices for several local replicas")
 
 
 # -- the unlabeled folder ----------------------------------------------------------------------------------------------
