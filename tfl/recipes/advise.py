@@ -48,7 +48,9 @@ from tfl.job import ADVICE, AUTO, BACKBONE_LR_FACTOR, JobOptions
 from tfl.options import CACHE_DIR_HELP, all_but, option
 from tfl.recipes import runs, transferability
 from tfl.recipes.stages import two_stage
+from tfl.reporting import table
 from tfl.reporting.figures import STAGE_LINE, _figure, _finish
+from tfl.reporting.table import Column
 from tfl.training import checkpoint, rundir, strategy as strategies
 
 # The modules built on TensorFlow/Keras (tfl.models, tfl.freezing, tfl.precision, tfl.data.pipeline,
@@ -645,15 +647,15 @@ def write_figure(result: dict, path: str) -> str:
     return _finish(figure, axes, title, path)
 
 
+TABLE = (Column("boundary", "boundary"), Column("dim", "dim"), Column("LogME", "logme", ".4f"),
+         Column("H-score", "h_score", ".3f"), Column("probe acc", "probe_accuracy", ".3f"),
+         Column("proxy acc", PROXY, ".3f"), Column("BN gap", "bn_gap", ".3f"),
+         Column("seconds", lambda r: r["logme_seconds"] + r["h_score_seconds"] + r["probe_seconds"]
+                + (r.get("proxy_seconds") or 0), ".2f"))
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'boundary':<10}{'dim':>6}{'LogME':>10}{'H-score':>10}{'probe acc':>11}{'proxy acc':>11}{'BN gap':>9}"
-             f"{'seconds':>9}"]
-    for row in result["boundaries"]:
-        gap = "-" if row.get("bn_gap") is None else f"{row['bn_gap']:.3f}"
-        proxy = "-" if row.get(PROXY) is None else f"{row[PROXY]:.3f}"
-        seconds = row["logme_seconds"] + row["h_score_seconds"] + row["probe_seconds"] + (row.get("proxy_seconds") or 0)
-        lines.append(f"{row['boundary']:<10}{row['dim']:>6}{row['logme']:>10.4f}{row['h_score']:>10.3f}"
-                     f"{row['probe_accuracy']:>11.3f}{proxy:>11}{gap:>9}{seconds:>9.2f}")
+    lines = [table.format_table(TABLE, result["boundaries"])]
     rec = result["recommendation"]
     d = result["data"]
     lines.append("")

@@ -28,6 +28,8 @@ from tfl.options import FRACTION, SWEEP_RUN, check_options as check_fields, opti
 from tfl.recipes import sweep
 from tfl.recipes.stages import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
                                 scratch_stage, two_stage)
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
 COLUMNS = ("arm", "label_fraction", "seed", "test_accuracy", "best_val_accuracy", "epochs", "wall_seconds",
@@ -173,12 +175,12 @@ def _history(runs: list[dict], arm: str, fraction: float, seed: int) -> list[dic
     return read_history_csv(os.path.join(run["run_dir"], rundir.HISTORY))
 
 
+TABLE = (Column("arm", "arm"), Column("fraction", "label_fraction", "g"),
+         Column("test accuracy", lambda r: sweep.format_mean_sd(r["test_accuracy_mean"], r["test_accuracy_sd"])),
+         Column("n", "n"), Column("wall s", "wall_seconds_mean", ".1f"), Column("trainable", "trainable_params", ","))
+
+
 def format_table(result: dict) -> str:
     """One line per (arm, label fraction): test accuracy mean ± sd over n seeds, mean wall seconds, and the
     trainable parameters of the arm's largest stage."""
-    lines = [f"{'arm':<14}{'fraction':>9}  {'test accuracy':<17}{'n':>3}{'wall s':>9}{'trainable':>13}"]
-    for row in result["summary"]:
-        sd = "-" if row["test_accuracy_sd"] is None else f"{row['test_accuracy_sd']:.4f}"
-        lines.append(f"{row['arm']:<14}{row['label_fraction']:>9g}  {row['test_accuracy_mean']:.4f} ± {sd:<6}"
-                     f"{row['n']:>3}{row['wall_seconds_mean']:>9.1f}{row['trainable_params']:>13,}")
-    return "\n".join(lines)
+    return table.format_table(TABLE, result["summary"])

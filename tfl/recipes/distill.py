@@ -45,6 +45,8 @@ from tfl.job import Job, JobOptions, Stage
 from tfl.options import SWEEP_RUN, check_options as check_fields, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 from tfl.recipes import sweep
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 DISTILL_JSON, DISTILL_CSV, DISTILL_PNG = "distill.json", "distill.csv", "distill.png"
 TEACHER_COLUMN = "teacher_logits"  # the batch column the cached teacher logits ride in
@@ -612,12 +614,11 @@ def _softmax(logits):
     return e / e.sum(-1, keepdims=True)
 
 
+TABLE = (Column("role", "role"), Column("model", lambda r: str(r["model"])[:23]), Column("px", "image_size"),
+         Column("test acc", "test_accuracy", ".4f"), Column("params", "params", ","),
+         Column("MB", lambda r: r["file_bytes"] / 2**20, ".2f"), Column("img/s b1", "images_per_second_batch1", ".1f"),
+         Column("img/s b64", "images_per_second_batch64", ".1f"), Column("epoch s", "epoch_seconds", ".1f"))
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'role':<13}{'model':<24}{'px':>4}{'test acc':>10}{'params':>12}{'MB':>8}{'img/s b1':>10}"
-             f"{'img/s b64':>11}{'epoch s':>9}"]
-    for row in result["models"]:
-        epoch = "-" if row["epoch_seconds"] is None else f"{row['epoch_seconds']:.1f}"
-        lines.append(f"{row['role']:<13}{str(row['model'])[:23]:<24}{row['image_size']:>4}{row['test_accuracy']:>10.4f}"
-                     f"{row['params']:>12,}{row['file_bytes'] / 2**20:>8.2f}{row['images_per_second_batch1']:>10.1f}"
-                     f"{row['images_per_second_batch64']:>11.1f}{epoch:>9}")
-    return "\n".join(lines)
+    return table.format_table(TABLE, result["models"])

@@ -37,6 +37,8 @@ from tfl.errors import UsageError
 from tfl.job import JobOptions
 from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, check_options as check_fields, option
 from tfl.recipes import sweep
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 FEWSHOT_JSON, FEWSHOT_CSV, EPISODES_CSV, FEWSHOT_PNG = ("fewshot.json", "fewshot.csv", "fewshot_episodes.csv",
                                                          "fewshot.png")
@@ -259,10 +261,11 @@ TABLES = sweep.Tables(FEWSHOT_JSON, {FEWSHOT_CSV: (("shots", "method", "mean", "
                       lambda folder, result: write_figure(result, folder.file(FEWSHOT_PNG)))
 
 
+TABLE = (Column("shots", "shots"), Column("method", "method"), Column("accuracy", "mean", ".4f"),
+         Column("± 95%", "ci95", ".4f"), Column("sd", "sd", ".4f"))
+
+
 def format_table(result: dict) -> str:
     s = result["settings"]
-    lines = [f"{s['ways']}-way, {s['queries']} queries per class, {s['episodes']} episodes",
-             f"{'shots':>5}  {'method':<10}{'accuracy':>10}{'± 95%':>9}{'sd':>8}"]
-    for r in result["results"]:
-        lines.append(f"{r['shots']:>5}  {r['method']:<10}{r['mean']:>10.4f}{r['ci95']:>9.4f}{r['sd']:>8.4f}")
-    return "\n".join(lines)
+    return (f"{s['ways']}-way, {s['queries']} queries per class, {s['episodes']} episodes\n"
+            + table.format_table(TABLE, result["results"]))

@@ -59,6 +59,8 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import forgetting_metrics as cl_metrics, sweep
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 FORGETTING_JSON, FORGETTING_CSV, MATRIX_CSV = "forgetting.json", "forgetting.csv", "accuracy_matrix.csv"
 FORGETTING_PNG, CURVES_PNG = "forgetting.png", "accuracy_curves.png"
@@ -650,14 +652,11 @@ TABLES = sweep.Tables(FORGETTING_JSON, {FORGETTING_CSV: (COLUMNS, strategy_rows)
                       write_figures)
 
 
-def format_table(result: dict) -> str:
-    def number(value):
-        return f"{value:>9.4f}" if value is not None else f"{'-':>9}"
+TABLE = (Column("strategy", "strategy"), *(Column(title, key, ".4f") for title, key in (
+    ("ACC", "acc"), ("AIA", "average_incremental_accuracy"), ("BWT", "bwt"), ("forget", "forgetting"),
+    ("min old", "min_old_accuracy"))), Column("train s", "train_seconds", ".1f"),
+    Column("wall s", "wall_seconds", ".1f"))
 
-    lines = [f"{'strategy':<10}{'ACC':>9}{'AIA':>9}{'BWT':>9}{'forget':>9}{'min old':>9}{'train s':>9}{'wall s':>9}"]
-    for run in result["strategies"]:
-        m = run["metrics"]
-        lines.append(f"{run['strategy']:<10}" + "".join(number(m[k]) for k in (
-            "acc", "average_incremental_accuracy", "bwt", "forgetting", "min_old_accuracy"))
-            + f"{run['train_seconds']:>9.1f}{run.get('wall_seconds') or 0:>9.1f}")
-    return "\n".join(lines)
+
+def format_table(result: dict) -> str:
+    return table.format_table(TABLE, strategy_rows(result))

@@ -40,6 +40,8 @@ from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import sweep
 from tfl.recipes.stages import head_then_finetune, scratch_stage
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 PRETEXT_JSON, PRETEXT_CSV, PRETEXT_PNG = "pretext.json", "pretext.csv", "pretext.png"
 BACKBONE_FILE = "backbone.keras"
@@ -358,13 +360,13 @@ def arm_label_start(result: dict) -> str:
     return "random init" if start == "random" else start
 
 
+TABLE = (Column("arm", arm_label), Column("fraction", "label_fraction", "g"), Column("train", "train_examples"),
+         Column("test acc", "test_accuracy", ".4f"), Column("val acc", "best_val_accuracy", ".4f"),
+         Column("wall s", "wall_seconds", ".1f"))
+
+
 def format_table(result: dict) -> str:
     p = result["pretext"]
-    lines = [f"pretext {p['objective']}: {p['eval_split']} pretext accuracy {p['test_accuracy']:.4f} after "
-             f"{p['epochs']} epoch(s), {p['wall_seconds']:.0f}s; backbone in {p['backbone_file']}"]
-    if result["runs"]:
-        lines.append(f"{'arm':<28}{'fraction':>9}{'train':>8}{'test acc':>10}{'val acc':>9}{'wall s':>8}")
-        for row in result["runs"]:
-            lines.append(f"{arm_label(row):<28}{row['label_fraction']:>9g}{row['train_examples']:>8}"
-                         f"{row['test_accuracy']:>10.4f}{row['best_val_accuracy']:>9.4f}{row['wall_seconds']:>8.1f}")
-    return "\n".join(lines)
+    head = (f"pretext {p['objective']}: {p['eval_split']} pretext accuracy {p['test_accuracy']:.4f} after "
+            f"{p['epochs']} epoch(s), {p['wall_seconds']:.0f}s; backbone in {p['backbone_file']}")
+    return head + ("\n" + table.format_table(TABLE, result["runs"]) if result["runs"] else "")

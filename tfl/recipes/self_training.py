@@ -42,6 +42,8 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import check_options as check_fields, option
 from tfl.recipes import runs
+from tfl.reporting import table
+from tfl.reporting.table import Column
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
 POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's rest, and the --unlabeled folder
@@ -426,19 +428,13 @@ TABLES = runs.Tables(SELF_JSON, {SELF_CSV: (None, csv_rows)},
                       lambda folder, result: write_figure(result, folder.file(SELF_PNG)))
 
 
+TABLE = (Column("round", "round"), Column("labeled", "labeled"), Column("pseudo", "pseudo_labeled"),
+         Column("ps.acc", "pseudo_accuracy_trained", ".4f"), Column("val acc", "val_accuracy", ".4f"),
+         Column("test acc", "test_accuracy", ".4f"), Column("passed", lambda r: r["selected"]["passed"]),
+         Column("pass acc", lambda r: r["selected"]["accuracy"], ".4f"))
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'round':>5}{'labeled':>9}{'pseudo':>8}{'ps.acc':>8}{'val acc':>9}{'test acc':>9}{'passed':>8}"
-             f"{'pass acc':>9}"]
-
-    def num(v, width):
-        return f"{v:>{width}.4f}" if v is not None else f"{'-':>{width}}"
-
-    for r in result["rounds"]:
-        chosen = r["selected"]
-        lines.append(f"{r['round']:>5}{r['labeled']:>9}{r['pseudo_labeled']:>8}{num(r['pseudo_accuracy_trained'], 8)}"
-                     f"{r['val_accuracy']:>9.4f}{r['test_accuracy']:>9.4f}{chosen['passed']:>8}"
-                     f"{num(chosen['accuracy'], 9)}")
     m = result["metrics"]
-    lines.append(f"best round by val: test accuracy {m['test_accuracy']:.4f} (labeled only: "
-                 f"{m['baseline_test_accuracy']:.4f})")
-    return "\n".join(lines)
+    return table.format_table(TABLE, result["rounds"], notes=[
+        f"best round by val: test accuracy {m['test_accuracy']:.4f} (labeled only: {m['baseline_test_accuracy']:.4f})"])
