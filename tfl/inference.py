@@ -132,8 +132,17 @@ def _file_problems(paths) -> dict[int, str]:
         try:
             check_image_files([path])
         except UsageError as error:
-            problems[i] = str(error).removeprefix(f"{path}: ")
+            problems[i] = _reason(error, path)
     return problems
+
+
+def _reason(error: Exception, path) -> str:
+    """A per-file error's message without the file name it starts with (as is, or with non-UTF-8 bytes escaped)."""
+    message = str(error)
+    for name in (str(path), os.fsencode(path).decode("utf-8", "backslashreplace")):
+        if message.startswith(f"{name}: "):
+            return message[len(name) + 2:]
+    return message
 
 
 def _in_order(paths, results: dict[int, dict], failed: dict[int, str]) -> list[dict]:
@@ -165,7 +174,7 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
         try:
             images[i] = load_image(path, size, center_crop)
         except UsageError as error:  # data.DataError: "<path>: not a readable image (why)"
-            failed[i] = str(error).removeprefix(f"{path}: ")
+            failed[i] = _reason(error, path)
         except tf.errors.OpError as error:  # what Pillow read and TensorFlow's decoder did not
             failed[i] = f"not a readable image ({error.message.splitlines()[0]})"
     results = {}
