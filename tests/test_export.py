@@ -174,7 +174,7 @@ def test_versions_count_up_from_the_highest_integer_directory(tmp_path):
         (tmp_path / name).mkdir()
     assert layout.version_dir(str(tmp_path), None) == str(tmp_path / "4")
     assert layout.version_dir(str(tmp_path / "new"), None) == str(tmp_path / "new" / "1")
-    with pytest.raises(ValueError, match="versions are integers >= 1"):
+    with pytest.raises(ValueError, match="versions are integers from 1 to"):
         layout.version_dir(str(tmp_path), 0)
     assert layout.default_base("runs/2026-lite0-shapes/") == os.path.join("saved_models", "2026-lite0-shapes")
 

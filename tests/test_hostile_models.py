@@ -204,6 +204,7 @@ def test_a_run_written_by_tfl_still_loads(tmp_path):
     run = rundir.RunDir(str(tmp_path / "run"))
     model = build_classifier("mobilenet", 2, image_size=32, weights="none")
     run.save_model(model)
+    run.write_json(rundir.CLASSES, ["a", "b"])
     loaded = run.load_model()
     images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded(images), model(images), atol=1e-5)

@@ -305,7 +305,8 @@ def multitask(options=None, **kwargs) -> Result:
 
 # -- using what a run left ------------------------------------------------------------------------------------------
 def load_model(run_dir: str):
-    """A run's model.keras, after the checks every .keras file gets (only Keras built-ins and tfl's classes)."""
+    """A run's model.keras, after the checks every .keras file gets (only Keras built-ins and tfl's classes) and
+    against its classes.json (one class name per output; UsageError naming both counts otherwise)."""
     from tfl.training.rundir import RunDir
 
     return RunDir(os.fspath(run_dir), create=False).load_model()
@@ -314,7 +315,8 @@ def load_model(run_dir: str):
 def predict(images, run_dir: str | None = None, *, backbone: str | None = None, saved_model: str | None = None,
             weights: str = "default", top_k: int = 5, trust_saved_model: bool = False) -> list[dict]:
     """Top-k labels for image files, from a run, a backbone's ImageNet head or an export (`tfl predict`):
-    [{"image", "top": [{"index", "label", "prob"}]}]."""
+    [{"image", "top": [{"index", "label", "prob"}]}], one entry per file in order; a file that cannot be read as
+    an image gets {"image", "error": why} instead of "top", and the others are still predicted."""
     from tfl import inference
 
     images = [os.fspath(images)] if isinstance(images, (str, os.PathLike)) else [os.fspath(i) for i in images]

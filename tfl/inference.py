@@ -69,8 +69,7 @@ def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = N
     """The run's model and classes, and `dataset` (default: the run's own, split as the run split it)."""
     run = rundir.RunDir(run_path, create=False)
     config = run.read_json(rundir.CONFIG)
-    classes = run.read_json(rundir.CLASSES)
-    model = run.load_model()
+    model, classes = run.load()
     name = dataset or config["dataset"]
     own = not dataset
     # The run's own data_dir and bad-image skipping only apply to the run's own dataset.
@@ -99,21 +98,22 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
             "accuracy": round(acc, 6), "loss": round(loss, 6)}
 
 
+def load_image(path, size: int, center_crop: bool) -> tf.Tensor:
+    """A file -> float32 [size, size, 3] in 0..255 RGB; any mode Pillow reads becomes RGB."""
+    image = tf.convert_to_tensor(data.read_image(path))
+    if center_crop:
+        h, w = int(image.shape[0]), int(image.shape[1])
+        scale = size / CENTER_CROP_FRACTION / min(h, w)
+        resized = tf.image.resize(image, (max(size, round(h * scale)), max(size, round(w * scale))), antialias=True)
+        image = tf.image.resize_with_crop_or_pad(resized, size, size)
+        return tf.clip_by_value(image, 0.0, 255.0)
+    # exactly as training and evaluation stored the image (and as the SavedModel export decodes it)
+    return tf.cast(resize_uint8(image, size), tf.float32)
+
+
 def load_images(paths, size: int, center_crop: bool) -> np.ndarray:
     """Files -> float32 [N, size, size, 3] in 0..255 RGB; any mode Pillow reads becomes RGB."""
-    batch = []
-    for path in paths:
-        image = tf.convert_to_tensor(data.read_image(path))
-        if center_crop:
-            h, w = int(image.shape[0]), int(image.shape[1])
-            scale = size / CENTER_CROP_FRACTION / min(h, w)
-            resized = tf.image.resize(image, (max(size, round(h * scale)), max(size, round(w * scale))), antialias=True)
-            image = tf.image.resize_with_crop_or_pad(resized, size, size)
-            image = tf.clip_by_value(image, 0.0, 255.0)
-        else:  # exactly as training and evaluation stored the image (and as the SavedModel export decodes it)
-            image = tf.cast(resize_uint8(image, size), tf.float32)
-        batch.append(image)
-    return tf.stack(batch).numpy()
+    return tf.stack([load_image(path, size, center_crop) for path in paths]).numpy()
 
 
 def check_image_files(paths) -> None:
@@ -125,13 +125,40 @@ def check_image_files(paths) -> None:
             raise UsageError(f"{path}: {problem}")
 
 
+def _file_problems(paths) -> dict[int, str]:
+    """{index: why} for the files that cannot be images by check_image_files' rules, found before opening any."""
+    problems = {}
+    for i, path in enumerate(paths):
+        try:
+            check_image_files([path])
+        except UsageError as error:
+            problems[i] = _reason(error, path)
+    return problems
+
+
+def _reason(error: Exception, path) -> str:
+    """A per-file error's message without the file name it starts with (as is, or with non-UTF-8 bytes escaped)."""
+    message = str(error)
+    for name in (str(path), os.fsencode(path).decode("utf-8", "backslashreplace")):
+        if message.startswith(f"{name}: "):
+            return message[len(name) + 2:]
+    return message
+
+
+def _in_order(paths, results: dict[int, dict], failed: dict[int, str]) -> list[dict]:
+    return [results[i] if i in results else {"image": str(path), "error": failed[i]} for i, path in enumerate(paths)]
+
+
 def predict(paths, run_path: str | None = None, backbone: str | None = None, weights: str | None = "default",
             top_k: int = 5) -> list[dict]:
-    check_image_files(paths)
+    """One entry per file, in order: {"image", "top"}, or {"image", "error"} for a file that cannot be read as an
+    image (one bad file in a list costs only its own result)."""
+    paths = list(paths)
+    failed = _file_problems(paths)
+    if len(failed) == len(paths):
+        return _in_order(paths, {}, failed)  # nothing to load a model for
     if run_path:
-        run = rundir.RunDir(run_path, create=False)
-        labels = run.read_json(rundir.CLASSES)
-        model = run.load_model()
+        model, labels = rundir.RunDir(run_path, create=False).load()
         probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
@@ -140,33 +167,63 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
         probabilities = lambda x: model(x, training=False)  # noqa: E731
         center_crop = True
     size = int(model.inputs[0].shape[1])
-    images = load_images(paths, size, center_crop)
-    probs = keras.ops.convert_to_numpy(probabilities(images))
-    k = min(top_k, probs.shape[1])
-    results = []
-    for path, p in zip(paths, probs):
-        top = np.argsort(-p, kind="stable")[:k]
-        results.append({"image": str(path),
-                        "top": [{"index": int(i), "label": labels[i], "prob": round(float(p[i]), 6)} for i in top]})
-    return results
+    images = {}
+    for i, path in enumerate(paths):
+        if i in failed:
+            continue
+        try:
+            images[i] = load_image(path, size, center_crop)
+        except UsageError as error:  # data.DataError: "<path>: not a readable image (why)"
+            failed[i] = _reason(error, path)
+        except tf.errors.OpError as error:  # what Pillow read and TensorFlow's decoder did not
+            failed[i] = f"not a readable image ({error.message.splitlines()[0]})"
+    results = {}
+    if images:
+        probs = keras.ops.convert_to_numpy(probabilities(tf.stack(list(images.values())).numpy()))
+        k = min(top_k, probs.shape[1])
+        for i, p in zip(images, probs):
+            top = np.argsort(-p, kind="stable")[:k]
+            results[i] = {"image": str(paths[i]), "top": [{"index": int(j), "label": labels[j],
+                                                           "prob": round(float(p[j]), 6)} for j in top]}
+    return _in_order(paths, results, failed)
 
 
 def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = False) -> list[dict]:
     """Top-k for image files through an export's serving_default, fed the files' bytes as a server would be.
 
     `top_k` is capped by the k the export was made with. One request per file, so a file the export cannot
-    decode is named. Unless `trust`, a SavedModel whose graph has side-effecting ops (files, processes, Python,
-    network; tfl.serving.audit) is refused before TensorFlow loads it.
+    decode is named: its entry is {"image", "error"}, and the other files are still predicted. Unless `trust`, a
+    SavedModel whose graph has side-effecting ops (files, processes, Python, network; tfl.serving.audit) is
+    refused before TensorFlow loads it; one missing its weights (variables/, a data shard) is refused by name.
     """
-    check_image_files(paths)  # before loading anything; a FIFO would block the open below
+    from tfl.checkpoints.tf_checkpoint import saved_model_problem
+
+    paths = list(paths)
+    failed = _file_problems(paths)  # before loading anything; a FIFO would block the open below
     export_dir = resolve_saved_model(export_dir)
+    problem = saved_model_problem(export_dir)
+    if problem:
+        raise UsageError(f"--saved-model {export_dir}: {problem}; copy the whole version directory again, or "
+                         "export it again with `tfl export`")
     if not trust:
         check_saved_model(export_dir)
-    serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
-    results = []
-    for path in paths:
-        with open(path, "rb") as f:
-            payload = f.read()
+    if len(failed) == len(paths):
+        return _in_order(paths, {}, failed)
+    try:
+        serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
+    except tf.errors.OpError as error:  # what the check above cannot see (a damaged shard); first line, no advice
+        raise UsageError(f"--saved-model {export_dir}: TensorFlow cannot load it: "
+                         f"{error.message.strip().splitlines()[0]}") from None
+    results = {}
+    for i, path in enumerate(paths):
+        if i in failed:
+            continue
+        try:
+            with open(path, "rb") as f:
+                payload = f.read()
+        except OSError as error:
+            failed[i] = f"cannot be read ({error.strerror or error})"
+            continue
         try:
             out = serve(**{BYTES_INPUT: tf.constant([payload])})
         except tf.errors.InvalidArgumentError as error:
@@ -174,9 +231,10 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
             noise = ("Graph execution error", "Detected at", "<stack", "\t", " ", "[")
             reason = next((line for line in error.message.splitlines() if line and not line.startswith(noise)),
                           error.message)
-            raise UsageError(f"{path}: the export cannot decode it: {reason}") from None
+            failed[i] = f"the export cannot decode it: {reason}"
+            continue
         probs, classes, labels = (out[key].numpy()[0] for key in ("probabilities", "classes", "labels"))
-        results.append({"image": str(path), "top": [
-            {"index": int(i), "label": label.decode("utf-8"), "prob": round(float(probs[i]), 6)}
-            for i, label in zip(classes[:top_k], labels[:top_k])]})
-    return results
+        results[i] = {"image": str(path), "top": [
+            {"index": int(j), "label": label.decode("utf-8"), "prob": round(float(probs[j]), 6)}
+            for j, label in zip(classes[:top_k], labels[:top_k])]}
+    return _in_order(paths, results, failed)

@@ -11,7 +11,11 @@ TensorFlow:
   call (measured with TF 2.21) and would hide a GPU that exists.
 - While `import tensorflow` runs, file descriptor 2 goes to a temporary file; afterwards every line is copied to
   stderr except exactly those start-up notices (the cuda-drivers line only when there is no driver).
-A TF_CPP_MIN_LOG_LEVEL set by the user turns all of this off: they asked for TensorFlow's own logging.
+A TF_CPP_MIN_LOG_LEVEL set by the user is kept as it is. 0 turns all of this off (they asked for every line of
+TensorFlow's logging); any higher level (the common `export TF_CPP_MIN_LOG_LEVEL=2`) hides INFO, which these
+notices are but cannot obey, so they are still filtered. Below 3 TensorFlow would then print the cuInit failure at
+the first op: without a driver, the GPU list is read inside the filtered window, so that certain and meaningless
+line is dropped there too (with a driver it stays: a real GPU problem).
 TF_ENABLE_ONEDNN_OPTS is not touched either: it changes the kernels, not just the notice.
 """
 
@@ -26,8 +30,11 @@ _NOISE = (
     re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
     re.compile(r"I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on\..*"),
 )
-_NO_DRIVER_NOISE = re.compile(r"I\d{4} [\d:. ]+\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your "
-                              r"machine, GPU will not be used\.")
+_NO_DRIVER_NOISE = (
+    re.compile(r"I\d{4} [\d:. ]+\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not "
+               r"be used\."),
+    re.compile(r"E\d{4} [\d:. ]+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*\(303\)"),
+)
 
 
 def has_nvidia_driver() -> bool:
@@ -36,43 +43,70 @@ def has_nvidia_driver() -> bool:
 
 def is_noise(line: str, driver: bool) -> bool:
     line = line.rstrip("\n")
-    return any(p.fullmatch(line) for p in _NOISE) or (not driver and bool(_NO_DRIVER_NOISE.fullmatch(line)))
+    return any(p.fullmatch(line) for p in _NOISE) or (not driver and any(p.fullmatch(line) for p in _NO_DRIVER_NOISE))
+
+
+def _level(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0  # TensorFlow reads what is not a number as 0
 
 
 def quiet_tensorflow() -> None:
     """Set the log level default and filter the import's notices (see the module docstring). Idempotent."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    if "tensorflow" in sys.modules:
         return
     driver = has_nvidia_driver()
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if driver else "3"
+    given = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if given is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2" if driver else "3"
+    elif _level(given) <= 0:
+        return
+    level = _level(os.environ["TF_CPP_MIN_LOG_LEVEL"])
     if not any(isinstance(f, _QuietImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietImport(driver))
+        sys.meta_path.insert(0, _QuietImport(driver, probe_gpus=not driver and level < 3))
 
 
 class _QuietImport:
-    """A meta-path hook that finds nothing itself: it wraps the real loader of the first `import tensorflow`."""
+    """A meta-path hook that finds nothing itself: it wraps the real loader of the first `import tensorflow`.
 
-    def __init__(self, driver: bool):
+    It stays in place until that import runs: a bare importlib.util.find_spec("tensorflow") (a library asking
+    whether TensorFlow is installed) must not use it up. probe_gpus: read the GPU list inside the filtered window
+    (see the module docstring)."""
+
+    def __init__(self, driver: bool, probe_gpus: bool = False):
         self.driver = driver
+        self.probe_gpus = probe_gpus
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
             return None
-        sys.meta_path.remove(self)  # once, and so the real finders answer the lookup below
         import importlib.util
 
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(self)  # so the real finders answer the lookup below
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
-        driver = self.driver
+        hook = self
 
         def exec_module(module):
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)  # the import is running: the hook's work is done
             try:
-                with _FilteredStderr(driver):
+                with _FilteredStderr(hook.driver):
                     run(module)
+                    if hook.probe_gpus:
+                        try:
+                            module.config.list_physical_devices("GPU")
+                        except Exception:  # noqa: BLE001 - a probe only; the first op meets the same problem
+                            pass
             finally:
-                del spec.loader.exec_module  # back to the class's own method
+                spec.loader.__dict__.pop("exec_module", None)  # back to the class's own method
 
         spec.loader.exec_module = exec_module
         return spec

@@ -151,6 +151,10 @@ def build_lite(name: str, input_shape=None, weights=None, include_top: bool = Fa
 def weights_file(name: str, weights: str) -> str:
     """The .pth file behind `weights` ("imagenet" or a path), or a ValueError that says how to get one."""
     if weights != "imagenet":
+        if os.path.isdir(weights):
+            raise UsageError(f"--weights {weights!r} is a directory; expected a file, a lukemelas-style .pth state "
+                             "dict. To copy weights by name from a TF checkpoint or SavedModel directory use "
+                             "`tfl finetune --weights none --init-from DIR`")
         if not os.path.isfile(weights):
             raise UsageError(f"--weights {weights!r}: no such file (expected a lukemelas-style .pth state dict)")
         return weights

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Mapping, Sequence
 
 from tfl.backbones.download import weights_download_errors
@@ -606,6 +607,13 @@ def _checked_weights(backbone: str, weights):
         path = os.fspath(weights)
         if os.path.isfile(path):
             return path
+        if os.path.isdir(path):
+            raise UsageError(
+                f"weights={path!r} for backbone {backbone!r} is a directory; Keras Applications read one weights "
+                "file (a Keras Applications .h5, or one written by model.save_weights('x.weights.h5')). To copy "
+                "weights by name from a TF checkpoint or SavedModel directory use `tfl finetune --weights none "
+                "--init-from DIR`"
+            )
         raise UsageError(
             f"weights={path!r} for backbone {backbone!r}: no such file. Pass None (random init), "
             "'imagenet' (Keras' download), or the path of an existing weights file "
@@ -647,8 +655,33 @@ def _build(variant: Variant, family: Family, input_shape=None, weights=None, inc
         kwargs.update(pooling=None)
     constructor = getattr(keras.applications, variant.constructor)
     downloads = weights_download_errors(variant.name) if weights == "imagenet" else contextlib.nullcontext()
-    with downloads, _fresh_layer_names():
+    with downloads, _fresh_layer_names(), _weights_file_errors(variant.name, weights):
         return constructor(**kwargs)
+
+
+@contextlib.contextmanager
+def _weights_file_errors(backbone: str, weights):
+    """What Keras raises when it cannot load a weights file the user named (another architecture's, names that
+    are not UTF-8, not Keras' at all) as a UsageError naming the file, instead of a Keras traceback (and without
+    the dozens of per-layer warnings Keras prints on its way to that failure)."""
+    if weights is None or weights == "imagenet":
+        yield
+        return
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    except Exception as err:  # noqa: BLE001 - Keras raises ValueError, KeyError, UnicodeDecodeError, OSError, ...
+        if isinstance(err, UsageError):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"weights={weights!r} for backbone {backbone!r}: Keras cannot load this file into it "
+            f"({type(err).__name__}{': ' + first if first else ''}). Pass a Keras Applications .h5 for "
+            f"{backbone}, or copy weights by name from any file `tfl inspect-checkpoint` reads with "
+            "`tfl finetune --weights none --init-from FILE`"
+        ) from None
+    for w in caught:  # loaded after all: what Keras had to say stands
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _spec(family: Family, variant: Variant) -> BackboneSpec:

@@ -120,6 +120,12 @@ def weights_file(name: str, weights) -> str:
             f"got a {type(weights).__name__}"
         )
     path = os.fspath(weights)
+    if os.path.isdir(path):
+        raise UsageError(
+            f"weights={path!r} for backbone {name!r} is a directory; expected a file, a torchvision ResNet state "
+            "dict (.pth or .safetensors). To copy weights by name from a TF checkpoint or SavedModel directory use "
+            "`tfl finetune --weights none --init-from DIR`"
+        )
     if not os.path.isfile(path):
         raise UsageError(
             f"weights={path!r} for backbone {name!r}: no such file. Pass None (random init), 'imagenet' "

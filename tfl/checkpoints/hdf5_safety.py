@@ -34,6 +34,12 @@ _MAX_EXPANSION = 100
 _SMALL_FILE_ALLOWANCE = 64 * 1024 * 1024
 
 
+def text(name) -> str:
+    """An HDF5 link or attribute name as text. h5py gives the bytes of a name that is not UTF-8 (legal in HDF5);
+    those bytes are shown escaped (`dense\\xff`), so such a file is read like any other and its names stay printable."""
+    return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
+
+
 def has_signature(head: bytes) -> bool:
     return head.startswith(SIGNATURE)
 
@@ -78,8 +84,8 @@ def check_tree(f: h5py.File) -> None:
     while pending:
         prefix, group = pending.pop()
         for name in group.keys():  # link names only: listing a group resolves nothing
-            path = f"{prefix}/{name}"
-            kind = group.id.links.get_info(name.encode("utf-8")).type
+            path = f"{prefix}/{text(name)}"
+            kind = group.id.links.get_info(name if isinstance(name, bytes) else name.encode("utf-8")).type
             if kind != h5py.h5l.TYPE_HARD:
                 what = _LINK_KINDS.get(kind, f"a user-defined link (type {kind})")
                 raise _Hostile(f"{path} is {what} to {_link_target(group, name)}")

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from tfl.checkpoints.errors import CheckpointError
-from tfl.checkpoints.hdf5_safety import open_checked
+from tfl.checkpoints.hdf5_safety import open_checked, text
 from tfl.checkpoints.json_limits import JSONTooDeep, loads_bounded
 
 _WEIGHTS_MEMBER = "model.weights.h5"
@@ -82,13 +82,18 @@ def short_name(path: str) -> str:
 
 def _array(dataset) -> np.ndarray:
     if not isinstance(dataset, h5py.Dataset):
-        raise CheckpointError(f"{dataset.name} is a group where Keras writes a weight dataset")
+        raise CheckpointError(f"{_h5_name(dataset)} is a group where Keras writes a weight dataset")
     value = np.asarray(dataset[()])
     if dataset.attrs.get("dtype") in ("bfloat16", b"bfloat16") and value.dtype.itemsize == 2:
         return (value.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if value.dtype.kind == "V":
-        raise CheckpointError(f"dataset {dataset.name} holds opaque {value.dtype} values tfl cannot interpret")
+        raise CheckpointError(f"dataset {_h5_name(dataset)} holds opaque {value.dtype} values tfl cannot interpret")
     return value.astype(value.dtype.newbyteorder("="), copy=False)
+
+
+def _h5_name(obj) -> str:
+    """An object's full HDF5 path as text, also when a part of it is not UTF-8 (see hdf5_safety.text)."""
+    return text(h5py.h5i.get_name(obj.id))
 
 
 def layout(f) -> str | None:
@@ -110,11 +115,11 @@ def _keras3_tensors(f, label: str) -> tuple[dict, dict]:
     def visit(group, h5_path: str, chain: tuple[str, ...]):
         if "vars" in group and hasattr(group["vars"], "keys"):
             vars_group = group["vars"]
-            layer = vars_group.attrs.get("name", h5_path.rsplit("/", 1)[-1] or "model")
-            layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+            layer = text(vars_group.attrs.get("name", h5_path.rsplit("/", 1)[-1] or "model"))
             chain = chain + (layer,) if h5_path else chain  # the root saveable is the model itself
-            for key in sorted(vars_group.keys(), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
-                value = _array(vars_group[key])
+            keys = [(text(k), k) for k in vars_group.keys()]
+            for key, raw in sorted(keys, key=lambda k: (not k[0].isdigit(), int(k[0]) if k[0].isdigit() else 0, k[0])):
+                value = _array(vars_group[raw])
                 if h5_path.startswith("layers/"):
                     weights.append((f"{layer}/vars/{key}", "/".join(chain) + f"/vars/{key}", value))
                 else:
@@ -122,7 +127,7 @@ def _keras3_tensors(f, label: str) -> tuple[dict, dict]:
         for name in group.keys():
             child = group[name]
             if name != "vars" and hasattr(child, "keys"):
-                visit(child, f"{h5_path}/{name}".lstrip("/"), chain)
+                visit(child, f"{h5_path}/{text(name)}".lstrip("/"), chain)
 
     visit(f, "", ())
     names = leaf_names([(short, full) for short, full, _ in weights], label)
@@ -139,8 +144,9 @@ def read_weights_h5(path: str) -> tuple[dict, dict]:
 # --- legacy Keras 2 .h5 ----------------------------------------------------------------------------------------
 
 
-def _strings(obj, name: str) -> list[str]:
-    """A list-of-names attribute; Keras 2 splits long ones into name0, name1, ... (64 KB attribute limit)."""
+def _strings(obj, name: str) -> list:
+    """A list-of-names attribute; Keras 2 splits long ones into name0, name1, ... (64 KB attribute limit).
+    The values as stored (bytes, or str), to look groups up by; text() gives their printable names."""
     if name in obj.attrs:
         values = list(obj.attrs[name])
     else:
@@ -148,21 +154,32 @@ def _strings(obj, name: str) -> list[str]:
         while f"{name}{chunk}" in obj.attrs:
             values += list(obj.attrs[f"{name}{chunk}"])
             chunk += 1
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    return [bytes(v) if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _member(group, raw):
+    """group[raw], or None when there is no such member. (`raw in group` decodes the name as UTF-8 first.)"""
+    try:
+        return group[raw]
+    except KeyError:
+        return None
 
 
 def _legacy_group_tensors(root, layer_names, label: str) -> list[tuple[str, str, np.ndarray]]:
     found = []
-    for layer in layer_names:
-        if layer not in root:
+    for raw_layer in layer_names:
+        layer = text(raw_layer)
+        group = _member(root, raw_layer)
+        if group is None:
             raise CheckpointError(f"cannot read {label}: layer_names lists {layer!r} but the file has no such group")
-        group = root[layer]
-        for weight in _strings(group, "weight_names"):
-            if weight not in group:
+        for raw_weight in _strings(group, "weight_names"):
+            weight = text(raw_weight)
+            dataset = _member(group, raw_weight)
+            if dataset is None:
                 raise CheckpointError(f"cannot read {label}: layer {layer!r} lists weight {weight!r}, which is missing")
             full = _LEGACY_SUFFIX.sub("", weight)
             full = full if "/" in full else f"{layer}/{full}"  # Keras 1 names (`conv1_W`) carry no layer
-            found.append((short_name(full), full, _array(group[weight])))
+            found.append((short_name(full), full, _array(dataset)))
     return found
 
 
@@ -176,7 +193,8 @@ def read_legacy_h5(path: str) -> tuple[dict, dict]:
         extra = {}
         if "optimizer_weights" in f:
             group = f["optimizer_weights"]
-            extra = {_LEGACY_SUFFIX.sub("", w): _array(group[w]) for w in _strings(group, "weight_names") if w in group}
+            members = {text(w): _member(group, w) for w in _strings(group, "weight_names")}
+            extra = {_LEGACY_SUFFIX.sub("", w): _array(m) for w, m in members.items() if m is not None}
         return dict(zip(names, (value for _, _, value in weights))), extra
 
 

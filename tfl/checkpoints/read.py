@@ -107,12 +107,10 @@ def _resolve(path: str) -> tuple[str, str]:
     p = Path(path)
     if p.is_dir():
         if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
-            variables = str(p / "variables" / "variables")
-            if not tf_checkpoint.is_index_file(Path(variables + ".index")):
-                raise CheckpointError(
-                    f"cannot read {path}: a SavedModel without variables/variables.index holds no weights"
-                )
-            return "saved_model", variables
+            problem = tf_checkpoint.saved_model_problem(str(p))
+            if problem:
+                raise CheckpointError(f"cannot read {path}: {problem}")
+            return "saved_model", str(p / "variables" / "variables")
         prefix = tf_checkpoint.prefix_in_directory(p)
         if prefix is None:
             raise _unknown(path, "a directory with neither saved_model.pb, a `checkpoint` file nor one .index file")

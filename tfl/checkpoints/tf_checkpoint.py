@@ -44,6 +44,33 @@ def is_index_file(path: Path) -> bool:
         return False
 
 
+def missing_data_shards(prefix: str) -> list[str]:
+    """The data shards (`<prefix>.data-<i>-of-<n>`) a checkpoint lacks: those the shards present count and are not
+    there, or the first one when none is (every checkpoint TensorFlow writes has at least one)."""
+    folder, name = os.path.split(prefix)
+    pattern = re.compile(re.escape(name) + r"\.data-(\d{5})-of-(\d{5})")
+    present, totals = set(), set()
+    for entry in os.listdir(folder or "."):
+        match = pattern.fullmatch(entry)
+        if match:
+            present.add(entry)
+            totals.add(int(match.group(2)))
+    expected = {f"{name}.data-{i:05d}-of-{n:05d}" for n in totals for i in range(n)} or {f"{name}.data-00000-of-00001"}
+    return sorted(expected - present)
+
+
+def saved_model_problem(directory: str) -> str | None:
+    """What a SavedModel directory lacks to be loaded (its variables' index or a data shard), or None."""
+    variables = os.path.join(directory, "variables", "variables")
+    if not is_index_file(Path(variables + ".index")):
+        return "a SavedModel without variables/variables.index holds no weights"
+    missing = missing_data_shards(variables)
+    if missing:
+        return (f"a SavedModel without {', '.join('variables/' + m for m in missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}: its weights are incomplete")
+    return None
+
+
 def prefix_of(path: str) -> str | None:
     """The checkpoint prefix `path` names — a prefix, its .index or a data shard — if its index file is real."""
     prefix = _DATA_SHARD.sub("", path[: -len(".index")] if path.endswith(".index") else path)

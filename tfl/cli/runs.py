@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from tfl import api
-from tfl.cli.core import call, cli, echo_err, echo_json
+from tfl.cli.core import UsageFailure, call, cli, echo_err, echo_json
 from tfl.cli.params import non_negative, positive
 from tfl.options import EXPORT_FORMATS, IMAGE_EXTENSIONS, SPLITS, TFLITE_MODES
 
@@ -33,7 +35,8 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
 
 
 @cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}),
-    regular files only, any colour mode. EXIF orientation is ignored, as in training and in the export.""")
+    regular files only, any colour mode. EXIF orientation is ignored, as in training and in the export. A file that
+    cannot be read is named on stderr and the others are still predicted; the exit code is then 2.""")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Use a run's fine-tuned model and classes.")
 @click.option("--backbone", help="Use a backbone's ImageNet head and the ImageNet class names.")
@@ -47,17 +50,36 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
 @click.option("--weights", default="default", show_default=True, help="With --backbone: 'default' or a weights file.")
 @click.option("--top-k", default=5, show_default=True, callback=positive,
               help="How many of the most probable classes to print for each image.")
-@click.option("--json", "as_json", is_flag=True, help='Print [{"image", "top": [{"index", "label", "prob"}]}].')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print [{"image", "top": [{"index", "label", "prob"}]}]; a file that cannot be read as an image '
+                   'gets {"image", "error"} instead of "top".')
 def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, top_k, as_json):
     results = call(api.predict, list(images), run_dir, backbone=backbone, saved_model=saved_model, weights=weights,
                    top_k=top_k, trust_saved_model=trust_saved_model)
+    failed = [f"{printable(r['image'])}: {r['error']}" for r in results if "error" in r]
+    if len(results) == 1 and failed:
+        raise UsageFailure(failed[0])
+    for line in failed:
+        echo_err(line)
     if as_json:
         echo_json(results)
-        return
-    for r in results:
-        click.echo(r["image"])
-        for t in r["top"]:
-            click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
+    else:
+        for r in results:
+            if "top" in r:
+                click.echo(printable(r["image"]))
+                for t in r["top"]:
+                    click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
+    if failed:
+        done = len(results) - len(failed)
+        raise UsageFailure(f"{len(failed)} of {len(results)} images could not be predicted (named above)"
+                           + (f"; the other {done} were" if done else ""))
+
+
+def printable(name: str) -> str:
+    """A file name for one line of output: bytes that are not UTF-8 (os.fsdecode's stand-ins) as \\xNN, control
+    characters as Python escapes them (\\n, \\t)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -49,4 +50,4 @@ def read_image(path: str) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({error})") from None
     if info.needs_pillow:
         return pillow_rgb(path)
-    return _decode_native(tf.constant(path)).numpy()
+    return _decode_native(tf.constant(os.fsencode(path))).numpy()

@@ -3,12 +3,22 @@
 TF Serving watches BASE and loads the highest integer-named subdirectory, so a half-written version directory
 would be loaded half-written. Exports are therefore built in a hidden sibling (`.tmp-*`, a name TF Serving
 ignores) and renamed into place, and an existing version is never overwritten.
+
+The sibling's name says who builds it: `.tmp-<version>-<random>-pid<pid>@<host>`. An export killed mid-way (SIGKILL,
+a power cut) leaves it behind; the next export into the same base directory removes such folders when their owner
+is gone (this host, no such process) or they are older than STALE_AFTER (no export takes that long). Nothing
+else is touched: folders of that form only, and the unnamed `.tmp-<version>-<random>` of older tfl versions only
+after STALE_AFTER.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from typing import Callable
 
@@ -25,10 +35,14 @@ def default_base(run_path: str, suffix: str = "", root: str = DEFAULT_ROOT) -> s
     return os.path.join(root, name + suffix)
 
 
+MAX_VERSION = 2**63 - 1  # TF Serving reads version directory names as int64 and skips any larger one
+
+
 def existing_versions(base: str) -> list[int]:
     if not os.path.isdir(base):
         return []
-    return sorted(int(name) for name in os.listdir(base) if name.isdigit() and os.path.isdir(os.path.join(base, name)))
+    return sorted(int(name) for name in os.listdir(base)
+                  if name.isascii() and name.isdigit() and os.path.isdir(os.path.join(base, name)))
 
 
 def version_dir(base: str, version: int | None) -> str:
@@ -37,8 +51,13 @@ def version_dir(base: str, version: int | None) -> str:
         raise UsageError(f"--output {base!r} is a file; give a directory (the model's base directory)")
     if version is None:
         version = max(existing_versions(base), default=0) + 1
-    elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise UsageError(f"--version {version!r}: versions are integers >= 1 (TF Serving loads the highest)")
+        if version > MAX_VERSION:
+            raise UsageError(f"{base} holds version {version - 1}, so the next would be above {MAX_VERSION}, the "
+                             "largest version TF Serving reads (int64); pass --version N with a free N below that, "
+                             "or choose another --output")
+    elif isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise UsageError(f"--version {version!r}: versions are integers from 1 to {MAX_VERSION} (TF Serving reads "
+                         "them as int64 and loads the highest); pick one in that range")
     path = os.path.join(base, str(version))
     if os.path.exists(path):
         raise UsageError(f"{path} already exists; pick another --version (next free: "
@@ -46,12 +65,57 @@ def version_dir(base: str, version: int | None) -> str:
     return path
 
 
-def write_version(path: str, build: Callable[[str], None]) -> None:
-    """Run build(tmp) on an empty directory beside `path`, then rename it to `path` in one step."""
+STALE_AFTER = 24 * 3600  # seconds: a build folder this old is abandoned whoever made it
+_OWNED_TMP = re.compile(r"\.tmp-\d+-[0-9a-f]{8}-pid(?P<pid>\d+)@(?P<host>[^/]+)")
+_OLD_TMP = re.compile(r"\.tmp-\d+-[0-9a-f]{8}")  # tfl before build folders named their owner
+
+
+def _tmp_name(version: str) -> str:
+    return f".tmp-{version}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
+
+
+def remove_stale_builds(base: str) -> list[str]:
+    """Delete the build folders that interrupted exports left in `base` (see the module's docstring)."""
+    if not os.path.isdir(base):
+        return []
+    removed, host, now = [], socket.gethostname(), time.time()
+    for name in sorted(os.listdir(base)):
+        folder = os.path.join(base, name)
+        owned, old = _OWNED_TMP.fullmatch(name), _OLD_TMP.fullmatch(name)
+        if not (owned or old) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        try:
+            age = now - os.stat(folder).st_mtime
+        except FileNotFoundError:  # another export removed it first
+            continue
+        gone = bool(owned) and owned["host"] == host and _process_gone(int(owned["pid"]))
+        if gone or age > STALE_AFTER:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not os.path.exists(folder):
+                removed.append(folder)
+    return removed
+
+
+def write_version(path: str, build: Callable[[str], None], log=None) -> None:
+    """Run build(tmp) on an empty directory beside `path`, then rename it to `path` in one step. First remove what
+    interrupted exports left beside it (remove_stale_builds), saying so through `log`."""
     base = os.path.dirname(path) or "."
     os.makedirs(base, exist_ok=True)
+    for folder in remove_stale_builds(base):
+        if log:
+            log(f"removed {folder}, the partial folder of an interrupted export")
     # os.mkdir honours the umask (mkdtemp would make it 0700, unreadable for a server running as another user).
-    tmp = os.path.join(base, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(base, _tmp_name(os.path.basename(path)))
     os.mkdir(tmp)
     try:
         build(tmp)
@@ -61,6 +125,20 @@ def write_version(path: str, build: Callable[[str], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What a writer that is not Python's (TensorFlow's file system layer) says when the disk refuses: its messages end
+# in the C library's text for the errno, which is all that is left of it.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def disk_error(message: str, path: str) -> OSError | None:
+    """The OSError (errno, text, `path`) a file-system failure reported as `message` stands for; None if it is not
+    one. So a full disk under TensorFlow's writer reads like one under Python's (one line, exit 1)."""
+    for number in _DISK_ERRNOS:
+        if os.strerror(number) in message:
+            return OSError(number, os.strerror(number), path)
+    return None
 
 
 def labels_text(class_names) -> str:

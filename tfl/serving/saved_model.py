@@ -35,12 +35,21 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k {top_k!r} must be a positive integer")
     run = rundir.RunDir(run_path, create=False)
-    class_names = run.read_json(rundir.CLASSES)
-    labels = layout.labels_text(class_names)
+    labels = layout.labels_text(run.read_classes())
     path = layout.version_dir(output or layout.default_base(run_path), version)
-    model = run.load_model()
+    model, class_names = run.load()
     k = min(top_k, len(class_names))
-    layout.write_version(path, lambda tmp: write_saved_model(model, labels, tmp, k))
+
+    def build(tmp):
+        try:
+            write_saved_model(model, labels, tmp, k)
+        except tf.errors.OpError as err:  # TensorFlow's writer: a full disk is ResourceExhausted, ulimit -f OutOfRange
+            disk = layout.disk_error(err.message, path)
+            if disk is None:
+                raise
+            raise disk from None
+
+    layout.write_version(path, build, log)
     log(f"exported SavedModel ({len(class_names)} classes, top {k}, {model.inputs[0].shape[1]}px) to {path}")
     return path
 

@@ -28,10 +28,10 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
     """Export a run's best model to OUTPUT/<version>/ (default saved_models/<run name>-tflite-<mode>/<next>/)."""
     check_mode(mode)
     run = rundir.RunDir(run_path, create=False)
-    labels = layout.labels_text(run.read_json(rundir.CLASSES))
+    labels = layout.labels_text(run.read_classes())
     # Its own default base: TF Serving would try to load a TFLite version dir found among SavedModel versions.
     path = layout.version_dir(output or layout.default_base(run_path, f"-tflite-{mode}"), version)
-    model = run.load_model()
+    model, _ = run.load()
     flatbuffer = convert(model, mode)
 
     def build(tmp):
@@ -40,7 +40,7 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
         with open(os.path.join(tmp, layout.LABELS_FILE), "w", encoding="utf-8") as f:
             f.write(labels)
 
-    layout.write_version(path, build)
+    layout.write_version(path, build, log)
     log(f"exported TFLite {mode} ({len(flatbuffer) / 2**20:.1f} MiB, {model.inputs[0].shape[1]}px) to {path}")
     return path
 

@@ -199,7 +199,35 @@ class RunDir:
     def save_model(self, model) -> None:
         save_keras(model, self.file(MODEL))
 
+    def read_classes(self) -> list[str]:
+        """classes.json: a non-empty list of class names (strings), index order."""
+        classes = self.read_json(CLASSES)
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise UsageError(f"{self.file(CLASSES)} is not a list of class names (a JSON list of strings, one per "
+                             "class in index order); restore the run's own classes.json")
+        return classes
+
+    def load(self) -> tuple[object, list[str]]:
+        """(model.keras, classes.json), checked against each other: one class name per output of the model.
+
+        The one place a finished run is loaded (predict, evaluate, report, export, tfl.load_model), so a
+        classes.json edited or copied from another run is refused by name everywhere instead of mislabelling."""
+        classes = self.read_classes()
+        model = self._load_keras()
+        outputs = model.outputs if isinstance(model.outputs, list) else [model.outputs]
+        if len(outputs) == 1 and outputs[0].shape[-1] is not None and int(outputs[0].shape[-1]) != len(classes):
+            count = int(outputs[0].shape[-1])
+            raise UsageError(f"{self.file(CLASSES)} names {len(classes)} class{'es' if len(classes) != 1 else ''} "
+                             f"but {self.file(MODEL)} outputs {count}: the class names do not belong to this model "
+                             f"(edited, or copied from another run); restore the run's own classes.json ({count} "
+                             "names, in index order)")
+        return model, classes
+
     def load_model(self):
+        """model.keras after the checks of load() (the classes.json beside it must fit the model)."""
+        return self.load()[0]
+
+    def _load_keras(self):
         """model.keras, rebuilt by Keras only after the checks every .keras file gets: known archive members,
         bounded sizes and nesting, only Keras built-ins and tfl's own classes (a run directory is a folder anyone
         can hand over, and a config naming `os.system` or a Lambda must be refused by name, not by Keras)."""
