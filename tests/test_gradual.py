@@ -257,24 +257,34 @@ def uninterrupted(data, tmp_path_factory):
     return out, start(cli_args({**RESUMABLE, "dataset": data, "output_dir": str(out)}), {"TFL_CACHE_DIR": str(cache)})
 
 
-@pytest.mark.parametrize("epoch, where", [
+KILLS = [
+    (3, "+head"),  # the last epoch before a boundary: resumes mid-step, then crosses it
     (4, "+head"),  # the first epoch of the second unfreeze step: resumes right after a boundary
-    (3, "+head"),  # the last epoch before that boundary: resumes mid-step, then crosses it
     (5, "+block7"),  # mid-step in a step that kept the optimizers of the groups before it
-])
-def test_a_gradual_run_killed_and_resumed_ends_exactly_as_an_uninterrupted_one(data, uninterrupted, tmp_path, epoch,
-                                                                               where):
+]
+
+
+def test_a_gradual_run_killed_and_resumed_ends_exactly_as_an_uninterrupted_one(data, uninterrupted, tmp_path):
+    """One run killed three times, each kill at step 1 of the next epoch of KILLS and each resume from the
+    checkpoint the kill left: the resumes after a boundary, mid-step and in a later step all continue exactly."""
     out = tmp_path / "run"
     options = {**RESUMABLE, "dataset": data, "output_dir": str(out)}
-    killed = start(cli_args(options), {"TFL_FAULT": f"kill-at-step:{epoch}:1"}).wait()
-    assert killed.proc.returncode == -9, killed.why()
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"ckpt-{epoch - 1:04d}.npz"
-    saved = checkpoint.read(str(out / "checkpoints" / latest)).state
-    assert [r["stage"] for r in saved["history"]] == STAGES[: epoch - 1]
-    assert saved["stage_done"] is (STAGES[epoch - 2] != STAGES[epoch - 1])
+    for number, (epoch, _) in enumerate(KILLS):
+        resumed_from = KILLS[number - 1] if number else None
+        killed = start(cli_args(options) + (["--resume"] if number else []),
+                       {"TFL_FAULT": f"kill-at-step:{epoch}:1"}).wait()
+        assert killed.proc.returncode == -9, killed.why()
+        if resumed_from:
+            said = f"resuming after epoch {resumed_from[0] - 1} (stage {resumed_from[1]})"
+            assert said in killed.out + killed.err, killed.why()
+        latest = (out / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"ckpt-{epoch - 1:04d}.npz"
+        saved = checkpoint.read(str(out / "checkpoints" / latest)).state
+        assert [r["stage"] for r in saved["history"]] == STAGES[: epoch - 1]
+        assert saved["stage_done"] is (STAGES[epoch - 2] != STAGES[epoch - 1])
 
     # In-process, through the library: the resume is refused unless the CLI made the same options.
+    epoch, where = KILLS[-1]
     logs = []
     metrics = ft.finetune(ft.FinetuneOptions(**{**options, "resume": True}), log=logs.append)
     assert f"resuming after epoch {epoch - 1} (stage {where}) from the checkpoint in {out / 'checkpoints'}" in logs
