@@ -12,15 +12,18 @@ train only the layers above block7 with BN frozen: each replica draws its own dr
 normalises over its own share of the batch."""
 
 import csv
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from tfl.cli import cli
-from tiny_runs import checkpoint_arrays, history, image_folder, largest_change, start
+from tiny_runs import ROOT, TIMEOUT, checkpoint_arrays, history, image_folder, largest_change
 
 TOLERANCE = 1e-6  # float sums in another order; an epoch of training moves the weights by orders of magnitude more
 COMMON = ["--image-size", "32", "--val-split", "0.25", "--lr", "0.01", "--dropout", "0", "--no-tensorboard"]
@@ -78,20 +81,57 @@ def teacher(tmp, data):
     return out
 
 
+# The 2-replica runs, one after another in one child process (as a notebook would run them; TensorFlow's devices
+# are configured once, for the first): each with its own cache directory; what each printed and its exit code.
+CHILD = """
+import json, os, sys
+from click.testing import CliRunner
+from tfl.cli import cli
+todo, report = json.loads(sys.argv[1]), sys.argv[2]
+done = {}
+for name, (args, cache) in todo.items():
+    os.environ["TFL_CACHE_DIR"] = cache
+    result = CliRunner().invoke(cli, args)
+    crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    done[name] = {"exit_code": result.exit_code, "output": result.output + (repr(crash) if crash else "")}
+    with open(report, "w") as f:
+        json.dump(done, f)
+"""
+
+
+@dataclasses.dataclass
+class Ran:
+    """One recipe's 2-replica run in the child: its exit code and what it printed (log and errors)."""
+
+    returncode: int
+    err: str
+
+    def why(self) -> str:
+        return f"exit {self.returncode}\n{self.err[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every recipe's 2-replica child at once (each with its own cache directory); meanwhile the one-device
-    references run in this process. Returns (tmp, {name: (command args, run dirs, child, reference result)})."""
+    """Every recipe's 2-replica run in one child process; meanwhile the one-device references run in this
+    process. Returns (tmp, {name: (run dirs, the child's Ran, reference result)})."""
     tmp = tmp_path_factory.mktemp("recipes-distribute")
     table = recipes(tmp)
-    children = {name: start([*args, "--batch-size", "4", "--devices", "2", "--output-dir", tmp / "devices2" / name],
-                            {"TFL_CACHE_DIR": str(tmp / f"cache-{name}")}, command=command)
-                for name, (command, args, _) in table.items()}
+    todo = {name: ([command, *map(str, args), "--batch-size", "4", "--devices", "2", "--output-dir",
+                    str(tmp / "devices2" / name)], str(tmp / f"cache-{name}"))
+            for name, (command, args, _) in table.items()}
+    report = tmp / "child.json"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "TFL_FAULT")}, "PYTHONPATH": ROOT}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(todo), str(report)], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     references = {}
     for name, (command, args, _) in table.items():
         references[name] = CliRunner().invoke(cli, [command, *map(str, args), "--batch-size", "8",
                                                     "--output-dir", str(tmp / "devices1" / name)])
-    return tmp, {name: (table[name][2], children[name].wait(), references[name]) for name in table}
+    printed, _ = child.communicate(timeout=TIMEOUT * len(table))
+    done = read_json(report) if report.exists() else {}
+    ran = {name: Ran(done[name]["exit_code"], done[name]["output"]) if name in done else
+           Ran(child.returncode, f"the child stopped before this run:\n{printed[-3000:]}") for name in table}
+    return tmp, {name: (table[name][2], ran[name], references[name]) for name in table}
 
 
 def read_json(path):
