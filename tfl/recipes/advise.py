@@ -127,7 +127,7 @@ def advise(opts: AdviseOptions, log=print) -> dict:
     image_size = jobs.pick_image_size(opts.image_size, spec.input_size, splits.native_size)
     out = opts.output_dir or rundir.default_path("advise", opts.dataset)
     result = measure(opts, spec, splits, source, n_train, rows, image_size, log, proxy_root=os.path.join(out, "proxy"))
-    write_outputs(out, result)
+    runs.write(out, result, TABLES)
     log(f"advise: wrote {os.path.join(out, ADVISE_JSON)}, {ADVISE_CSV} and {ADVISE_PNG}")
     return {**result, "output_dir": out}
 
@@ -616,11 +616,8 @@ def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float,
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------
-def write_outputs(out: str, result: dict) -> None:
-    folder = rundir.RunDir(out)
-    folder.write_json(ADVISE_JSON, result)
-    folder.write_csv(ADVISE_CSV, COLUMNS, result["boundaries"], extrasaction="ignore")
-    write_figure(result, folder.file(ADVISE_PNG))
+TABLES = runs.Tables(ADVISE_JSON, {ADVISE_CSV: (COLUMNS, lambda result: result["boundaries"])},
+                     lambda folder, result: write_figure(result, folder.file(ADVISE_PNG)))
 
 
 def write_figure(result: dict, path: str) -> str:
