@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from tfl.data import pixel_limit
 from tfl.options import IMAGE_EXTENSIONS  # noqa: E402 - re-exported: the one list, for training and predict
 
 
@@ -56,9 +57,16 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
-def inspect_image(path: str) -> ImageInfo:
-    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails (or it is no file)."""
+def inspect_image(path: str, max_pixels: int | None = None) -> ImageInfo:
+    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails (or it is no file, or its
+    header says more pixels than `max_pixels`, default $TFL_MAX_PIXELS: then nothing is decoded)."""
     problem = file_problem(path)
+    if problem:
+        raise BadImage(problem)
+    try:
+        problem = pixel_limit.problem(path, max_pixels)
+    except OSError as error:
+        raise BadImage(f"cannot be read ({error.strerror or error})") from None
     if problem:
         raise BadImage(problem)
     try:
