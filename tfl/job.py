@@ -444,8 +444,10 @@ class Job:
             if not bad:
                 raise
             self.trainer.finish()
-            listing = data.list_some([f"{path}  ({reason})" for path, reason in bad])
-            kept = (f"{self.run_dir.file(rundir.MODEL)} holds the trained model; " if saved else "")
+            from tfl.data.errors import list_some
+
+            listing = list_some([f"{path}  ({reason})" for path, reason in bad])
+            kept = f"{self.run_dir.file(rundir.MODEL)} holds the trained model. " if saved else ""
             raise data.DataError(
                 f"{len(bad)} image file(s) changed after the check before training and cannot be read any more, so "
                 f"{what} stopped:\n{listing}\n{kept}Fix or restore the file(s), then run the same command with "
