@@ -22,6 +22,11 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def bytes_digest(data: bytes) -> str:
+    """file_digest of a file whose bytes are `data`."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_digest(path: str | bytes) -> str:
     """32 hex chars of BLAKE2b over the file's bytes (read in 1 MB pieces; the GIL is released while hashing)."""
     digest = hashlib.blake2b(digest_size=16)

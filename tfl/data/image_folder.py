@@ -16,7 +16,7 @@ import numpy as np
 from tfl.data import pixel_limit
 from tfl.data.decode import decode_files
 from tfl.data.errors import DataError, list_some, shown, unprintable
-from tfl.data.fingerprint import file_digest, fingerprint
+from tfl.data.fingerprint import fingerprint
 from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, ImageInfo, file_problem, inspect_image
 from tfl.data.splits import DatasetSplits
 from tfl.data.stratify import check_val_split, stratified_split
@@ -236,14 +236,10 @@ def _inspect_all(files: list[_File], max_pixels: int | None = None) -> list[tupl
         if file.problem:  # decided from stat alone: a FIFO, a device or a link is never opened
             return file.problem
         try:
-            file.info = inspect_image(file.path, max_pixels)
-            file.digest = file_digest(file.path)  # just read by Pillow: from the page cache
+            file.info = inspect_image(file.path, max_pixels, digest=True)  # the digest from the same read
         except BadImage as error:
-            file.info = None
             return str(error)
-        except OSError as error:  # gone or unreadable since Pillow read it
-            file.info = None
-            return f"cannot be read ({error.strerror or error})"
+        file.digest = file.info.digest
         return None
 
     workers = min(32, 2 * (os.cpu_count() or 1))

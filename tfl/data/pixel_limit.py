@@ -14,6 +14,7 @@ command starts or an export is written (the export keeps the limit it was made w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -44,9 +45,10 @@ def describe(pixels: int) -> str:
     return f"{pixels / 1e6:.1f} Mpixel" if pixels >= 100_000 else f"{pixels} pixels"
 
 
-def problem(path: str, limit: int | None = None) -> str | None:
-    """Why `path` is too large to decode (its size and the limit, and what to do), or None. Reads the header only;
-    a file whose header says nothing readable is left to the decoder (which then names what is wrong)."""
+def problem(path, limit: int | None = None) -> str | None:
+    """Why `path` (a file name, or a binary file object at its start) is too large to decode (its size and the
+    limit, and what to do), or None. Reads the header only; a file whose header says nothing readable is left to
+    the decoder (which then names what is wrong)."""
     limit = max_pixels() if limit is None else limit
     try:
         size = header_size(path)
@@ -68,18 +70,19 @@ class _Huge(Exception):
         self.pixels = pixels
 
 
-def header_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the file's header (PNG IHDR, JPEG SOF, GIF screen, BMP, WebP; other formats through
-    Pillow's header parser), without decoding pixels; None when the header cannot be read. Raises _Huge when Pillow
-    refuses to open the file for its size."""
-    with open(path, "rb") as f:
+def header_size(path) -> tuple[int, int] | None:
+    """(width, height) from the header of the file `path` (or of a binary file object at its start): PNG IHDR, JPEG
+    SOF, GIF screen, BMP, WebP, other formats through Pillow's header parser; nothing is decoded. None when the
+    header cannot be read. Raises _Huge when Pillow refuses to open the file for its size."""
+    with (open(path, "rb") if isinstance(path, (str, bytes, os.PathLike)) else contextlib.nullcontext(path)) as f:
         head = f.read(_HEAD)
         if head[:2] == b"\xff\xd8":
             return _jpeg_size(f)
-    size = bytes_header_size(head)
-    if size is not None or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"GIF" or head[:2] == b"BM":
-        return size
-    return _pillow_size(path)
+        size = bytes_header_size(head)
+        if size is not None or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"GIF" or head[:2] == b"BM":
+            return size
+        f.seek(0)
+        return _pillow_size(f)
 
 
 def bytes_header_size(head: bytes) -> tuple[int, int] | None:
@@ -140,7 +143,7 @@ def _jpeg_size(f) -> tuple[int, int] | None:
     return None
 
 
-def _pillow_size(path: str) -> tuple[int, int] | None:
+def _pillow_size(path) -> tuple[int, int] | None:
     import warnings
 
     from PIL import Image
