@@ -232,6 +232,12 @@ def test_swapped_pixels_are_not_served_from_the_cache_nor_resumed(tmp_path, monk
                                                      r"started \(their content"):
         finetune(FinetuneOptions(**opts, output_dir=str(tmp_path / "a"), resume=True), log=quiet)
 
+    config = json.loads((tmp_path / "a" / "config.json").read_text())  # as a tfl that keyed by size and mtime wrote it
+    config.pop("data_fingerprints")
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "dataset_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(checkpoint.ResumeError, match="by file size and modification time .* cannot be told"):
+        finetune(FinetuneOptions(**opts, output_dir=str(tmp_path / "a"), resume=True), log=quiet)
+
     logged = []
     metrics = finetune(FinetuneOptions(**opts, output_dir=str(tmp_path / "b")), log=logged.append)
     cache_lines = [line for line in logged if line.startswith("cache: pooled features")]

@@ -350,6 +350,10 @@ class Job:
         if saved.get("data_fingerprints") and current.get("data_fingerprints"):
             differences, saved, current = self._data_differences(saved, current)
             ignore += ("dataset_fingerprint", "data_fingerprints")
+        elif current.get("data_fingerprints") and saved.get("dataset_fingerprint") != current["dataset_fingerprint"]:
+            differences = ["its data fingerprint is by file size and modification time (an earlier tfl), this one by "
+                           "file content, so whether the images changed cannot be told"]
+            ignore += ("dataset_fingerprint", "data_fingerprints")
         differences += checkpoint.config_differences(saved, current, ignore)
         if differences:
             raise checkpoint.ResumeError(f"cannot resume {opts.output_dir}: its run used other settings ("
