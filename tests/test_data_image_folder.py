@@ -170,10 +170,13 @@ def test_fingerprint_follows_file_changes_only(tmp_path):
     assert load_dataset(str(tmp_path), log=quiet).fingerprint == first
     stat = os.stat(paths["train"][0])
     os.utime(paths["train"][0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    touched = load_dataset(str(tmp_path), log=quiet).fingerprint
-    assert touched != first
+    assert load_dataset(str(tmp_path), log=quiet).fingerprint == first  # by content: a touch changes nothing
+    Image.new("RGB", (6, 4), (9, 9, 9)).save(paths["train"][0])
+    os.utime(paths["train"][0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    repainted = load_dataset(str(tmp_path), log=quiet).fingerprint
+    assert repainted != first  # new pixels under the old mtime
     Image.new("RGB", (6, 4)).save(tmp_path / "train" / "a" / "new.png")
-    assert load_dataset(str(tmp_path), log=quiet).fingerprint not in (first, touched)
+    assert load_dataset(str(tmp_path), log=quiet).fingerprint not in (first, repainted)
 
 
 @pytest.mark.parametrize("val_split", [0, 1, 1.5, -0.1])

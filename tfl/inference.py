@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import data
+from tfl.data import pixel_limit
 from tfl.data.image_check import file_problem
 from tfl.data.pipeline import resize_uint8
 from tfl.errors import UsageError
@@ -120,7 +121,7 @@ def check_image_files(paths) -> None:
     """Refuse what cannot be an image before opening anything: the training set's rules (regular files only, the
     same extensions), so predict reads exactly the files training would."""
     for path in paths:
-        problem = file_problem(str(path))
+        problem = file_problem(str(path)) or pixel_limit.problem(str(path))  # the size from the header, undecoded
         if problem:
             raise UsageError(f"{path}: {problem}")
 

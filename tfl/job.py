@@ -13,6 +13,7 @@ writes the run directory (the others write into a scratch directory removed at t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -294,7 +295,10 @@ class Job:
         self.config = {**recorded, **(config or {}), "image_size": self.image_size,
                        "weights_resolved": weights, "num_classes": len(self.class_names),
                        "num_examples": {**self.splits.num_examples, "train": self.n_train},
-                       "dataset_fingerprint": self.splits.fingerprint, "replicas": self.replicas,
+                       "dataset_fingerprint": self.splits.fingerprint,
+                       **({"data_fingerprints": self.splits.split_fingerprints}
+                          if self.splits.split_fingerprints else {}),
+                       "replicas": self.replicas,
                        "global_batch_size": self.batch, "stages": [_stage_record(s) for s in stages],
                        "precision": self.precision.precision, "precision_choice": self.precision.to_json(),
                        "versions": versions(), "command": sys.argv}
@@ -341,19 +345,47 @@ class Job:
         previous = rundir.RunDir(opts.output_dir, create=False)
         saved = {**previous.read_json(rundir.CONFIG), "classes": previous.read_json(rundir.CLASSES)}
         saved.setdefault("precision", saved_precision(saved))
-        differences = checkpoint.config_differences(saved, {**self.config, "classes": self.class_names},
-                                                    RESUME_MAY_CHANGE)
+        current = {**self.config, "classes": self.class_names}
+        differences, ignore = [], RESUME_MAY_CHANGE
+        if saved.get("data_fingerprints") and current.get("data_fingerprints"):
+            differences, saved, current = self._data_differences(saved, current)
+            ignore += ("dataset_fingerprint", "data_fingerprints")
+        elif current.get("data_fingerprints") and saved.get("dataset_fingerprint") != current["dataset_fingerprint"]:
+            differences = ["its data fingerprint is by file size and modification time (an earlier tfl), this one by "
+                           "file content, so whether the images changed cannot be told"]
+            ignore += ("dataset_fingerprint", "data_fingerprints")
+        differences += checkpoint.config_differences(saved, current, ignore)
         if differences:
             raise checkpoint.ResumeError(f"cannot resume {opts.output_dir}: its run used other settings ("
                                          + "; ".join(differences) + "). Use the same settings, or another --output-dir")
         return checkpoint.load_latest(folder, self.log)
 
+    def _data_differences(self, saved: dict, current: dict) -> tuple[list, dict, dict]:
+        """The resume check of the data, split by split: what training read (train, val) must be the same files
+        by content; the test split may have changed (it is only scored at the end, as it is now: a test file fixed
+        after a failed final evaluation must not cost the training). Returns (differences, saved and current
+        without the test split's example count)."""
+        before, now = saved["data_fingerprints"], current["data_fingerprints"]
+        differences = [f"the {split} images changed since the run started (their content: {split} fingerprint "
+                       f"{before.get(split, '(none)')} -> {now.get(split, '(none)')})"
+                       for split in dict.fromkeys([*before, *now])
+                       if split != "test" and before.get(split) != now.get(split)]
+        if before.get("test") != now.get("test"):
+            self.log("note: the test images changed since this run started; it is scored on them as they are now")
+
+        def without_test(config):
+            return {**config, "num_examples": {k: v for k, v in (config.get("num_examples") or {}).items()
+                                               if k != "test"}}
+
+        return differences, without_test(saved), without_test(current)
+
     # -- the stage loop -----------------------------------------------------------------------------------------------
     def train(self, stages: list[Stage], adapt: Callable | None = None, after: Callable | None = None) -> None:
         """Train every stage in order (after a resume, finished stages are skipped); history.csv is rewritten
         after every epoch (see _HistoryWriter). `adapt`, `after`: see train_stages."""
-        train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
-                     self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt, after)
+        with self.naming_changed_files(("train", "val"), "training"):
+            train_stages(self.trainer, self.model, self.inputs, stages, self.opts.freeze_mode, self.opts.train_bn,
+                         self.steps_per_epoch, self.batch, self.steps("val"), self.log, adapt, after)
         self.inputs.log_summary(self.trainer.history)
 
     def write_history(self, curves: bool = True) -> None:
@@ -382,10 +414,12 @@ class Job:
         trainer, run = self.trainer, self.run_dir
         if best:
             trainer.restore_best()
-        metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
-        if save:
+        if save:  # before the last pass over the data: a file that fails it must not cost what training produced
             self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
             run.save_model(self.model)
+        splits = (self.eval_split()[0],) if score is None else ("test", "val", "train")
+        with self.naming_changed_files(splits, "the final evaluation", saved=save):
+            metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
         metrics.update(extra_metrics or {})
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
@@ -398,6 +432,32 @@ class Job:
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics
 
+    @contextlib.contextmanager
+    def naming_changed_files(self, splits, what: str, saved: bool = False):
+        """Turn TensorFlow's failure to read an image of `splits` (an InvalidArgumentError naming no file) into a
+        DataError naming the files that are no longer readable images: they changed after the check before training
+        (a sync job rewriting the folder). Any other failure is raised as it was."""
+        import tensorflow as tf
+
+        try:
+            yield
+        except tf.errors.OpError as error:
+            files = self.splits.files or {}
+            paths = [path for split in splits for path in files.get(split, [])]
+            bad = recheck_images(paths) if paths else []
+            if not bad:
+                raise
+            self.trainer.finish()
+            from tfl.data.errors import list_some
+
+            listing = list_some([f"{path}  ({reason})" for path, reason in bad])
+            kept = f"{self.run_dir.file(rundir.MODEL)} holds the trained model. " if saved else ""
+            raise data.DataError(
+                f"{len(bad)} image file(s) changed after the check before training and cannot be read any more, so "
+                f"{what} stopped:\n{listing}\n{kept}Fix or restore the file(s), then run the same command with "
+                f"--resume --output-dir {self.opts.output_dir}: it checks the data again and continues from the last "
+                "checkpoint (a changed test file does not stop it).") from error
+
     def _scores(self, loss=None, metrics=None) -> tuple[dict, str]:
         """The classifier's scores on the test split (val without one), and the log line saying them."""
         from tfl.training.trainer import CrossEntropy, accuracy  # TensorFlow (see the top)
@@ -408,11 +468,26 @@ class Job:
         test = trainer.evaluate_all(dataset, split, self.steps(split),
                                     loss=loss or CrossEntropy(len(self.class_names), self.opts.label_smoothing),
                                     metrics=metrics or accuracy)
-        scores = {"test_accuracy": round(test["accuracy"], 6), "test_loss": round(test["loss"], 6),
-                  "val_accuracy": round(trainer.best_accuracy, 6), "epochs_run": len(trainer.history),
+        # Named for the split they were measured on: without a test split the scores are validation scores (the
+        # validation accuracy is the best epoch's, measured while training, which this evaluation repeats).
+        held_out = ({"test_accuracy": round(test["accuracy"], 6), "test_loss": round(test["loss"], 6)}
+                    if split == "test" else {"val_loss": round(test["loss"], 6)})
+        scores = {**held_out, "val_accuracy": round(trainer.best_accuracy, 6), "epochs_run": len(trainer.history),
                   "train_seconds": round(train_seconds, 1), "best_epoch": trainer.best_epoch, "eval_split": split}
         return scores, (f"{split} accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) after "
                         f"{len(trainer.history)} epoch(s), {train_seconds:.0f}s")
+
+
+def held_out_accuracy(metrics: dict) -> float:
+    """The accuracy Job.finish measured on the held-out split: test, or val when the data has none
+    (metrics["eval_split"] says which)."""
+    return metrics["test_accuracy"] if "test_accuracy" in metrics else metrics["val_accuracy"]
+
+
+def recheck_images(paths: list) -> list:
+    from tfl.data.image_folder import recheck
+
+    return recheck(paths)
 
 
 def saved_precision(config: dict) -> str | None:

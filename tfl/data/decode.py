@@ -8,15 +8,19 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.errors import DataError
+from tfl.data.errors import DataError, shown
 from tfl.data.image_check import BadImage, inspect_image, pillow_rgb
 
 
 def decode_files(paths: Sequence[str], labels: Sequence[int], needs_pillow: Sequence[bool]) -> tf.data.Dataset:
-    """Decode with TF ops; only files flagged `needs_pillow` go through Pillow (via tf.numpy_function)."""
+    """Decode with TF ops; only files flagged `needs_pillow` go through Pillow (via tf.numpy_function).
+
+    Paths go to TensorFlow as the file system's bytes (os.fsencode): a file name that is not UTF-8 (legal on
+    Linux, common on disks from other systems) is a str with stand-in characters that tf.constant cannot encode."""
     flags = np.asarray(needs_pillow, dtype=bool).reshape(-1)
     ds = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(list(paths), tf.string), tf.constant(np.asarray(labels, np.int64).reshape(-1)), flags)
+        (tf.constant([os.fsencode(p) for p in paths], tf.string),
+         tf.constant(np.asarray(labels, np.int64).reshape(-1)), flags)
     )
     # With no Pillow file, keep numpy_function out of the graph entirely: no GIL in the hot path.
     decode = _decode_with_fallback if flags.any() else _decode_native_pair
@@ -47,7 +51,7 @@ def read_image(path: str) -> np.ndarray:
     try:
         info = inspect_image(path)
     except BadImage as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
+        raise DataError(f"{shown(path)}: not a readable image ({error})") from None
     if info.needs_pillow:
         return pillow_rgb(path)
     return _decode_native(tf.constant(os.fsencode(path))).numpy()

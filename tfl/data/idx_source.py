@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import os
 import socket
@@ -12,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from tfl.data.errors import DataError
-from tfl.data.fingerprint import fingerprint
+from tfl.data.fingerprint import file_digest, fingerprint
 from tfl.data.idx import read_idx
 from tfl.data.splits import DatasetSplits
 from tfl.data.stratify import stratified_split
@@ -172,9 +171,8 @@ def _dataset(images: np.ndarray, labels: np.ndarray):
 
 
 def _file_id(path: str) -> tuple[str, int, str]:
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(65536)).hexdigest()
-    return os.path.basename(path), os.path.getsize(path), head
+    """By content, all of it (a file corrected in place keeps its size): 0.05 s for Fashion-MNIST's .gz files."""
+    return os.path.basename(path), os.path.getsize(path), file_digest(path)
 
 
 def _download(spec: IdxDataset, log: Callable) -> str | None:

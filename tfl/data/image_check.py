@@ -8,6 +8,7 @@ so training pixels match what a user's own inference code most likely feeds the 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import stat
 import struct
@@ -16,6 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from tfl.data import pixel_limit
+from tfl.data.fingerprint import bytes_digest, file_digest
 from tfl.options import IMAGE_EXTENSIONS  # noqa: E402 - re-exported: the one list, for training and predict
 
 
@@ -25,6 +28,10 @@ class ImageInfo:
     width: int
     # True when tf.io.decode_image would fail on this file or give different pixels from the policy above.
     needs_pillow: bool
+    digest: str | None = None  # of the file's bytes, when inspect_image was asked for it
+
+
+_READ_WHOLE = 16 << 20  # bytes: a file up to this size is read into memory once for all checks
 
 
 class BadImage(Exception):
@@ -56,21 +63,40 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
-def inspect_image(path: str) -> ImageInfo:
-    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails (or it is no file)."""
+def inspect_image(path: str, max_pixels: int | None = None, digest: bool = False) -> ImageInfo:
+    """Fully decode `path` once with Pillow; raise BadImage with the reason if that fails (or it is no file, or its
+    header says more pixels than `max_pixels`, default $TFL_MAX_PIXELS: then nothing is decoded). `digest`: also
+    hash the file's bytes (ImageInfo.digest, tfl.data.fingerprint.file_digest) from the same read."""
     problem = file_problem(path)
     if problem:
         raise BadImage(problem)
     try:
+        # Read once (a small file, as nearly all are): the header check, both Pillow passes and the digest see the
+        # same bytes, for one open instead of three or four. A large file is read from disk each time.
+        data = None
+        if os.stat(path).st_size <= _READ_WHOLE:
+            with open(path, "rb") as f:
+                data = f.read()
+        problem = pixel_limit.problem(io.BytesIO(data) if data is not None else path, max_pixels)
+        hashed = (bytes_digest(data) if data is not None else file_digest(path)) if digest else None
+    except OSError as error:
+        raise BadImage(f"cannot be read ({error.strerror or error})") from None
+    if problem:
+        raise BadImage(problem)
+    source = None
+    try:
         # verify() catches what load() lets through (PNG chunk CRCs); load() catches what verify() cannot
         # (truncated JPEG data). A file needs both, and verify() leaves the image unusable, hence two opens.
-        with Image.open(path) as image:
+        source = io.BytesIO(data) if data is not None else path
+        with Image.open(source) as image:
             image.verify()
-        with Image.open(path) as image:
+        source = io.BytesIO(data) if data is not None else path
+        with Image.open(source) as image:
             image.load()
-            return ImageInfo(image.height, image.width, _needs_pillow(path, image))
+            return ImageInfo(image.height, image.width, _needs_pillow(path, image), hashed)
     except Exception as error:  # noqa: BLE001 - any failure to read means the file cannot be trained on
-        raise BadImage(f"{type(error).__name__}: {error}") from None
+        reason = str(error).replace(repr(source), repr(path)) if source is not path else str(error)
+        raise BadImage(f"{type(error).__name__}: {reason}") from None
 
 
 def _needs_pillow(path: str, image: Image.Image) -> bool:

@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from tfl.data import pixel_limit
 from tfl.data.decode import decode_files
-from tfl.data.errors import DataError, list_some
+from tfl.data.errors import DataError, list_some, shown, unprintable
 from tfl.data.fingerprint import fingerprint
 from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, ImageInfo, file_problem, inspect_image
 from tfl.data.splits import DatasetSplits
@@ -36,6 +37,7 @@ class _File:
     mtime_ns: int
     problem: str | None = None  # why it cannot be an image, known without opening it
     info: ImageInfo | None = None
+    digest: str | None = None  # of the file's bytes (tfl.data.fingerprint.file_digest), set with info
 
 
 def load_image_folder(
@@ -45,6 +47,7 @@ def load_image_folder(
     split_dirs = _find_split_dirs(root)
     if split_dirs["val"] is None:
         check_val_split(val_split)
+    max_pixels = pixel_limit.max_pixels()  # before anything is read: a bad $TFL_MAX_PIXELS is refused first
 
     class_names = _class_names(split_dirs["train"])
     _check_class_sets(split_dirs, class_names)
@@ -55,16 +58,16 @@ def load_image_folder(
     _check_no_empty_classes(files, split_dirs, class_names, "has no files")
 
     everything = [f for split_files in files.values() for f in split_files]
-    log(f"checking {len(everything)} image files under {root} ...")
-    bad = _inspect_all(everything)
+    log(f"checking {len(everything)} image files under {shown(root)} ...")
+    bad = _inspect_all(everything, max_pixels)
     if bad:
         listing = list_some([f"{path}  ({reason})" for path, reason in bad])
         if not skip_bad_images:
             raise DataError(
-                f"{len(bad)} file(s) under {root} are not readable images:\n{listing}\n"
+                f"{len(bad)} file(s) under {shown(root)} are not readable images:\n{listing}\n"
                 "Delete or fix them, or pass --skip-bad-images to train without them."
             )
-        log(f"warning: skipping {len(bad)} unreadable file(s) under {root}:\n{listing}")
+        log(f"warning: skipping {len(bad)} unreadable file(s) under {shown(root)}:\n{listing}")
         files = {split: [f for f in split_files if f.info is not None] for split, split_files in files.items()}
         _check_no_empty_classes(files, split_dirs, class_names, "has no readable images")
 
@@ -79,6 +82,7 @@ def load_image_folder(
             )
         if lonely:
             log(f"warning: class(es) with a single image get no validation example: {', '.join(lonely)}")
+        _log_held_out(labels, val_idx, class_names, val_split, log)
         files["val"] = [files["train"][i] for i in val_idx]
         files["train"] = [files["train"][i] for i in train_idx]
         split_spec: object = {"val_split": val_split, "seed": seed}
@@ -89,6 +93,11 @@ def load_image_folder(
     files["train"] = [files["train"][i] for i in np.random.default_rng([seed, 1]).permutation(len(files["train"]))]
 
     sizes = {(f.info.height, f.info.width) for split_files in files.values() for f in split_files}
+    # What each split is: its files by content (file_digest, not size and mtime: a copy can keep both and change
+    # the pixels) and how it was split. The resume check compares train and val (what training read).
+    per_split = {split: fingerprint("image_folder", split_spec, split,
+                                    sorted((os.path.relpath(f.path, root), f.size_bytes, f.digest) for f in chosen))
+                 for split, chosen in files.items()}
     return DatasetSplits(
         name=root,
         train=_dataset(files["train"]),
@@ -97,12 +106,10 @@ def load_image_folder(
         class_names=class_names,
         num_examples={split: len(files.get(split, [])) for split in ("train", "val", "test")},
         native_size=sizes.pop() if len(sizes) == 1 else None,
-        fingerprint=fingerprint(
-            "image_folder",
-            split_spec,
-            sorted((os.path.relpath(f.path, root), f.size_bytes, f.mtime_ns) for f in everything),
-        ),
+        fingerprint=fingerprint("image_folder", per_split),
         train_labels=np.array([f.label for f in files["train"]], dtype=np.int64),
+        split_fingerprints=per_split,
+        files={split: [f.path for f in split_files] for split, split_files in files.items()},
     )
 
 
@@ -128,7 +135,14 @@ def _find_split_dirs(root: str) -> dict[str, str | None]:
 def _class_names(train_dir: str) -> list[str]:
     names = sorted(_subdirs(train_dir))
     if not names:
-        raise DataError(f"{train_dir} has no class folders; {LAYOUT_HINT}")
+        raise DataError(f"{shown(train_dir)} has no class folders; {LAYOUT_HINT}")
+    # A class name goes into classes.json, log lines and an export's labels.txt (one name a line): refuse a name
+    # that cannot be one line of text now, not after training.
+    bad = [name for name in names if unprintable(name)]
+    if bad:
+        raise DataError(f"class folder name(s) in {shown(train_dir)} with a control character (a newline, a tab, "
+                        "...) or bytes that are not UTF-8 cannot be class names:\n" + list_some(bad)
+                        + "\nRename the folder(s) to plain text.")
     return names
 
 
@@ -214,22 +228,45 @@ def _list_files(split_dir: str, class_names: list[str]) -> list[_File]:
     return files
 
 
-def _inspect_all(files: list[_File]) -> list[tuple[str, str]]:
-    """Fill in each file's ImageInfo; return (path, reason) for the bad ones. Parallel: Pillow drops the GIL."""
+def _inspect_all(files: list[_File], max_pixels: int | None = None) -> list[tuple[str, str]]:
+    """Fill in each file's ImageInfo and digest; return (path, reason) for the bad ones. Parallel: Pillow and
+    hashlib drop the GIL."""
 
     def inspect(file: _File) -> str | None:
         if file.problem:  # decided from stat alone: a FIFO, a device or a link is never opened
             return file.problem
         try:
-            file.info = inspect_image(file.path)
+            file.info = inspect_image(file.path, max_pixels, digest=True)  # the digest from the same read
         except BadImage as error:
             return str(error)
+        file.digest = file.info.digest
         return None
 
     workers = min(32, 2 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(inspect, files))
     return [(f.path, reason) for f, reason in zip(files, reasons) if reason is not None]
+
+
+def _log_held_out(labels: np.ndarray, val_idx: np.ndarray, class_names: list[str], val_split: float, log) -> None:
+    """Say what --val-split held out, per class where it is more than asked (every class with two or more images
+    gives at least one, so small classes give a larger share)."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    held = np.bincount(labels[val_idx], minlength=len(class_names))
+    log(f"validation: held out {len(val_idx)} of {len(labels)} train images (--val-split {val_split:g}, stratified "
+        "by class; no val/ folder)")
+    over = [f"{class_names[i]}: {held[i]} of {counts[i]}" for i in range(len(class_names))
+            if counts[i] and held[i] / counts[i] > 1.5 * val_split and held[i] / counts[i] >= val_split + 0.05]
+    if over:
+        log(f"warning: --val-split {val_split:g} holds out more of these small classes (each gives at least one "
+            f"image to validation, the rest train):\n{list_some(over)}\nAdd images, or give a val/ folder.")
+
+
+def recheck(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) for each of `paths` that is not a readable image now: after TensorFlow failed to read a
+    split, the files that changed since the check before training (a sync job rewriting the folder)."""
+    files = [_File(p, 0, -1, 0, problem=file_problem(p)) for p in paths]
+    return _inspect_all(files)
 
 
 def _dataset(files: list[_File]):

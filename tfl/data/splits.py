@@ -26,6 +26,11 @@ class DatasetSplits:
     native_size: tuple[int, int] | None  # (H, W) when every image has that size, else None
     fingerprint: str  # stable short hash of what the data is; changes when the files or the split do
     train_labels: "np.ndarray | None" = None  # the train labels in element order, when the source has them at hand
+    # Per split ("train", "val", "test"), when the source can tell: a fingerprint of that split alone (so a changed
+    # test file need not stop a resumed run), and the files in element order (to name a file that changed after the
+    # check before training, when reading it fails).
+    split_fingerprints: "dict[str, str] | None" = None
+    files: "dict[str, list[str]] | None" = None
 
     @property
     def num_classes(self) -> int:

@@ -561,6 +561,7 @@ def score_models(opts: DistillOptions, teacher: Teacher, members: list[dict], sp
     their softmax probabilities; its images/s is the members' run one after another)."""
     import numpy as np
 
+    from tfl.job import held_out_accuracy
     from tfl.training import rundir
 
     split = "test" if splits.test is not None else "val"
@@ -574,9 +575,9 @@ def score_models(opts: DistillOptions, teacher: Teacher, members: list[dict], sp
     for role, model, path, member, backbone, _ in models:
         logits, labels = predict_logits(model, source, count, opts.batch_size, f"{role} on {split}")
         accuracy = float(np.mean(np.argmax(logits, -1) == labels))
-        if member is not None and abs(accuracy - member["test_accuracy"]) > 1e-3:
+        if member is not None and abs(accuracy - held_out_accuracy(member)) > 1e-3:
             log(f"warning: {role}'s {split} accuracy {accuracy:.4f} differs from its metrics.json "
-                f"{member['test_accuracy']:.4f}")
+                f"{held_out_accuracy(member):.4f}")
         if role.startswith("generation"):
             probabilities[role] = _softmax(logits)
         speeds = {b: throughput(model, b, opts.throughput_seconds) for b in THROUGHPUT_BATCHES}

@@ -52,7 +52,16 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     check_balance(opts.balance)
     recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
+    _check_budget(opts)
     return jobs.run(opts, recipe, log, resolve_depth=resolve_auto)
+
+
+def _check_budget(opts: FinetuneOptions) -> None:
+    """Refuse a run that would train nothing: it would save the untrained model as if it were the result."""
+    if not opts.unfreeze_schedule and opts.head_epochs + opts.epochs < 1:  # a schedule's steps are >= 1 epoch each
+        raise UsageError(f"--head-epochs {opts.head_epochs} and --epochs {opts.epochs}: nothing would be trained (the "
+                         "run would save the untrained model as its result); give at least one epoch, e.g. "
+                         "--head-epochs 1")
 
 
 def gradual(job: Job) -> dict:

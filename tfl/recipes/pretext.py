@@ -36,7 +36,7 @@ import dataclasses
 import os
 from typing import ClassVar
 from tfl.errors import UsageError
-from tfl.job import Job, JobOptions, Stage
+from tfl.job import Job, JobOptions, Stage, held_out_accuracy
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import sweep
 from tfl.recipes.stages import head_then_finetune, scratch_stage
@@ -313,8 +313,10 @@ def pretext(opts: PretextOptions, log=print) -> dict:
     log(f"pretext: {opts.objective} on {opts.dataset}'s train images (labels ignored), {opts.backbone} from "
         f"{start_name(opts)} weights, {opts.pretext_epochs} epoch(s)")
     metrics, seconds = sweep.train(pretext_run(opts, out, state), log)
-    result["pretext"] = {"objective": opts.objective, "test_accuracy": metrics["test_accuracy"],
-                         "test_loss": metrics["test_loss"], "val_accuracy": metrics["val_accuracy"],
+    # test_accuracy / test_loss: on the eval split (val when the data has no test split; eval_split says which)
+    result["pretext"] = {"objective": opts.objective, "test_accuracy": held_out_accuracy(metrics),
+                         "test_loss": metrics.get("test_loss", metrics.get("val_loss")),
+                         "val_accuracy": metrics["val_accuracy"],
                          "epochs": metrics["epochs_run"], "eval_split": metrics["eval_split"],
                          "wall_seconds": seconds, "run_dir": metrics["run_dir"],
                          "backbone_file": metrics["backbone_file"]}

@@ -86,7 +86,7 @@ def unlabeled_folder(root: str, skip_bad_images: bool = False, log=print):
     """(dataset of (image, -1) elements, count, fingerprint) for every image file under `root`, in sorted order."""
     from tfl.data.decode import decode_files
     from tfl.data.errors import DataError, list_some
-    from tfl.data.fingerprint import fingerprint
+    from tfl.data.fingerprint import file_digest, fingerprint
     from tfl.data.image_check import IMAGE_EXTENSIONS, BadImage, inspect_image
 
     root = os.path.abspath(os.path.expanduser(root))
@@ -110,7 +110,8 @@ def unlabeled_folder(root: str, skip_bad_images: bool = False, log=print):
         log(f"warning: skipping {len(bad)} unreadable file(s) under {root}:\n{list_some(bad)}")
     if not infos:
         raise DataError(f"--unlabeled {root}: no readable image")
-    stats = [(os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in infos]
+    # by content: other pixels under the same size and mtime (`cp -p`, `rsync -a`) must not reuse a cache
+    stats = [(os.path.relpath(p, root), os.stat(p).st_size, file_digest(p)) for p, _ in infos]
     ds = decode_files([p for p, _ in infos], [-1] * len(infos), [info.needs_pillow for _, info in infos])
     return ds, len(infos), fingerprint("unlabeled_folder", stats)
 

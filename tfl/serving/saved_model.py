@@ -3,6 +3,7 @@
 Signatures (the Keras model inside already holds the preprocessing: raw 0-255 RGB in, logits out):
   serving_default  image_bytes string [N] (JPEG, PNG, GIF, BMP)  -> probabilities float32 [N, C],
                                                                      classes int32 [N, k], labels string [N, k]
+                   (an image above $TFL_MAX_PIXELS at export time, by its header, is refused undecoded)
   predict_images   images float32 [N, H, W, 3], 0-255 RGB, any H, W -> the same outputs
 A signature has one input dtype; predict_images takes float32 (JSON numbers need nothing, gRPC clients cast
 uint8 arrays), rather than doubling the signatures for uint8.
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 # The pipeline's own resize functions, so serving cannot drift from what the model saw in evaluation.
 from tfl.data.pipeline import resize_uint8, to_model_input
+from tfl.data.pixel_limit import checked_bytes, max_pixels
 from tfl.errors import UsageError
 from tfl.serving import layout
 from tfl.training import rundir
@@ -58,6 +60,7 @@ def write_saved_model(model, labels: str, path: str, top_k: int) -> None:
     import keras
 
     size = int(model.inputs[0].shape[1])
+    limit = max_pixels()  # $TFL_MAX_PIXELS now: the export refuses larger images from their header, undecoded
     with tempfile.TemporaryDirectory() as scratch:
         labels_path = os.path.join(scratch, layout.LABELS_FILE)
         with open(labels_path, "w", encoding="utf-8") as f:
@@ -79,7 +82,8 @@ def write_saved_model(model, labels: str, path: str, top_k: int) -> None:
         def from_bytes(image_bytes):
             # Per image as the pipeline does for image folders: decode, resize, round to uint8; then batch as float.
             def decode(data):
-                image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+                image = tf.io.decode_image(checked_bytes(data, limit), channels=3, expand_animations=False,
+                                           dtype=tf.uint8)
                 return resize_uint8(tf.ensure_shape(image, [None, None, 3]), size)
 
             images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))

@@ -6,7 +6,7 @@ runs/<timestamp>-<backbone>-<dataset>/
   freeze_plan.json  the plan tfl inspect would print
   history.csv       one row per epoch
   model.keras       the best model (raw 0-255 RGB pixels in, logits out)
-  metrics.json      test_accuracy, test_loss, val_accuracy, epochs_run, train_seconds
+  metrics.json      test_accuracy, test_loss (with a test split; else val_loss), val_accuracy, eval_split, ...
   checkpoints/      the last two finished epochs and a `latest` pointer, to resume from (see checkpoint.py)
 
 A crash leaves at most `.tmp-*` files behind, never a partial file under a real name; a resumed run removes them.
