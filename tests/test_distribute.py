@@ -153,3 +153,49 @@ def test_more_cpu_replicas_than_cores_are_warned_about(tmp_path):
     assert child.returncode == 2, child.why()
     assert (f"warning: --devices {replicas} splits the CPU into {replicas} replicas but this process has "
             f"{cpu_cores()} core(s)") in child.out + child.err
+
+
+UNEVEN_EVALUATION = """
+import json, sys
+import keras, numpy as np, tensorflow as tf
+from tfl.training import strategy as strategies
+from tfl.training.trainer import TrainConfig, Trainer
+
+mirrored = strategies.make_strategy("mirrored", 2)  # 2 logical CPUs, before anything initialises TensorFlow
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, strides=2),  # no empty batches
+                             keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(3)])
+
+
+images = np.random.default_rng(0).uniform(0, 1, (9, 8, 8, 3)).astype("float32")
+labels = np.arange(9, dtype="int32") % 3
+data = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(8)  # 4 a replica: 8, then 1
+one = build()
+with mirrored.scope():
+    two = build()
+two.set_weights(one.get_weights())
+scores = {name: Trainer(strategy, model, 3, TrainConfig(), log=lambda *_: None).evaluate_all(data)
+          for name, strategy, model in (("one", tf.distribute.get_strategy(), one), ("two", mirrored, two))}
+json.dump(scores, sys.stdout)
+"""
+
+
+def test_a_last_evaluation_batch_smaller_than_the_replicas_counts_each_example_once(tmp_path):
+    """9 examples at 4 a replica on 2 replicas: the last global batch has 1 row, so one replica's share is empty
+    unless padded; the padding must not be counted. 2 logical CPUs need a fresh process."""
+    import subprocess
+    import sys
+
+    from tiny_runs import ROOT, TIMEOUT
+
+    child = subprocess.run([sys.executable, "-c", UNEVEN_EVALUATION], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=TIMEOUT)
+    assert child.returncode == 0, child.stderr[-3000:]
+    scores = json.loads(child.stdout)
+    assert scores["two"]["accuracy"] == scores["one"]["accuracy"]
+    assert round(scores["one"]["accuracy"] * 9, 6) % 1 == 0  # a count of the 9 examples
+    assert scores["two"]["loss"] == pytest.approx(scores["one"]["loss"], abs=1e-6)

@@ -42,6 +42,10 @@ from tfl.training.schedules import WarmupSchedule
 from tfl.options import OPTIMIZERS, JobOptions
 
 
+# The evaluation batches' column marking the rows that only pad a final batch for the replicas (weight 0).
+PAD_WEIGHT = "_tfl_pad_weight"
+
+
 class TrainingDiverged(Unavailable):
     """The training loss became NaN or infinite; the run stops at once, its checkpoints hold the last good epoch."""
 
@@ -311,11 +315,16 @@ class Trainer:
         return -math.inf if self.best_value is None else self.best_value
 
     # -- one pass -------------------------------------------------------------------------------------------
-    def _sums(self, batch, outputs, per_example, metrics=None):
-        """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas."""
+    def _sums(self, batch, outputs, per_example, metrics=None, weight=None):
+        """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas.
+        `weight` [B]: 1 for a real row, 0 for a row that only pads the batch (evaluation); such rows count nowhere."""
         values = {"loss": per_example, **(metrics or self.metrics_fn)(batch, outputs)}
-        sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
-        sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+        if weight is None:
+            sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
+            sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+            return sums
+        sums = {k: tf.reduce_sum(_weighted(tf.cast(v, tf.float32), weight)) for k, v in values.items()}
+        sums["examples"] = tf.reduce_sum(weight)
         return sums
 
     def _train_step_fn(self, train_model, groups, optimizers, global_batch):
@@ -343,8 +352,10 @@ class Trainer:
 
     def _eval_step_fn(self, model, loss, metrics):
         def step(batch):
+            batch = dict(batch)
+            weight = batch.pop(PAD_WEIGHT, None)  # (the hooks see the batch as the data made it)
             outputs = model(self.inputs_fn(batch), training=False)
-            return self._sums(batch, outputs, loss(batch, outputs), metrics)
+            return self._sums(batch, outputs, loss(batch, outputs), metrics, weight)
 
         return self._distributed(step)
 
@@ -359,11 +370,42 @@ class Trainer:
     def _distribute(self, dataset: tf.data.Dataset):
         # DATA sharding: every worker builds the same pipeline and takes its replicas' slices of each global
         # batch, so results do not depend on the worker count. (FILE sharding needs file-based sources.)
-        if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:  # Keras-style (x, y)
-            dataset = dataset.map(lambda x, y: {IMAGE: x, LABEL: y})
+        dataset = _as_dicts(dataset)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+    def _distribute_padded(self, dataset: tf.data.Dataset):
+        """Evaluation batches for every replica, however small the last batch: each global batch is padded (by
+        repeating its own rows) to a multiple of the replicas and split evenly, the padding marked PAD_WEIGHT 0.
+
+        tf.distribute splits a final batch smaller than the replicas into empty per-replica batches, which a
+        convolution cannot take ("Incompatible shapes: [0,3,3,512]"); padding with a weight of 0 is its documented
+        remedy, and the weight keeps every example counted exactly once. Every worker iterates the same pipeline
+        and keeps its own replicas' slices (as DATA sharding does). One replica: the batches as they are."""
+        dataset = _as_dicts(dataset)
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas == 1:
+            return self._distribute(dataset)
+
+        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            first = context.input_pipeline_id * local
+
+            def split(batch):
+                rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+                per_replica = (rows + replicas - 1) // replicas
+                index = tf.range(per_replica * replicas)
+                real = index < rows
+                mine = tf.reshape(tf.where(real, index, index % rows), [replicas, per_replica])[first:first + local]
+                padded = tf.nest.map_structure(lambda column: tf.gather(column, mine), batch)
+                padded[PAD_WEIGHT] = tf.cast(tf.reshape(real, [replicas, per_replica])[first:first + local],
+                                             tf.float32)
+                return padded
+
+            return dataset.map(split).unbatch()  # one element per local replica and step
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
 
     def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
                      model: keras.Model | None = None, loss: Callable | None = None,
@@ -378,7 +420,7 @@ class Trainer:
         eval_step = self._eval_steps[key][-1]
         totals: dict = {}
         progress = Progress(steps or 0, f"    {label}") if steps else None
-        for i, batch in enumerate(self._distribute(dataset), 1):
+        for i, batch in enumerate(self._distribute_padded(dataset), 1):
             _accumulate(totals, eval_step(batch))
             if progress:
                 progress.update(i, *_loss_and_accuracy(totals))
@@ -651,6 +693,22 @@ def history_rows(history: list[EpochResult]) -> list[dict]:
             row["trainable"] = ";".join(r.trainable)
         rows.append(row)
     return rows
+
+
+def _as_dicts(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:  # Keras-style (x, y)
+        return dataset.map(lambda x, y: {IMAGE: x, LABEL: y})
+    return dataset
+
+
+def _weighted(values, weight):
+    """values [B, ...] times weight [B]; a value without a batch axis is left as it is."""
+    rank = values.shape.rank
+    if rank == 0:
+        return values
+    shape = [-1] + [1] * (rank - 1) if rank is not None else tf.concat([[-1], tf.ones([tf.rank(values) - 1],
+                                                                                       tf.int32)], 0)
+    return values * tf.reshape(weight, shape)
 
 
 def _same_variables(a: list, b: list) -> bool:
