@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from tfl.errors import Unavailable, UsageError
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -36,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL
-from tfl.training import checkpoint
+from tfl.training import checkpoint, stopping
 from tfl.training.schedules import WarmupSchedule
 
 from tfl.options import OPTIMIZERS, JobOptions
@@ -44,6 +45,8 @@ from tfl.options import OPTIMIZERS, JobOptions
 
 # The evaluation batches' column marking the rows that only pad a final batch for the replicas (weight 0).
 PAD_WEIGHT = "_tfl_pad_weight"
+# Every step's all-reduced count of replicas whose process got SIGTERM (tfl.training.stopping): > 0, all stop.
+STOP = "_tfl_stop"
 
 
 class TrainingDiverged(Unavailable):
@@ -206,9 +209,9 @@ class Callback:
 
 
 class FaultHook(Callback):
-    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S / crash-at-step:N:S (see tfl.training.checkpoint):
-    SIGKILL, SIGINT as Ctrl-C sends it, or an unexpected exception (as a bug would raise), right after step S of
-    epoch N."""
+    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S / term-at-step:N:S / crash-at-step:N:S (see
+    tfl.training.checkpoint): SIGKILL, SIGINT as Ctrl-C sends it, SIGTERM as a scheduler sends it, or an unexpected
+    exception (as a bug would raise), right after step S of epoch N."""
 
     def __init__(self, at: tuple[int, int], kind: str = "kill-at-step"):
         self.at, self.kind = tuple(at), kind
@@ -217,6 +220,8 @@ class FaultHook(Callback):
         if (epoch, step) == self.at:
             if self.kind == "interrupt-at-step":
                 os.kill(os.getpid(), signal.SIGINT)
+            elif self.kind == "term-at-step":
+                os.kill(os.getpid(), signal.SIGTERM)
             elif self.kind == "crash-at-step":
                 raise RuntimeError(f"TFL_FAULT crash-at-step:{epoch}:{step}, an injected failure")
             else:
@@ -224,7 +229,7 @@ class FaultHook(Callback):
 
 
 def default_callbacks() -> list[Callback]:
-    for kind in ("kill-at-step", "interrupt-at-step", "crash-at-step"):
+    for kind in ("kill-at-step", "interrupt-at-step", "term-at-step", "crash-at-step"):
         at = checkpoint.injected_fault(kind)
         if at:
             return [FaultHook(at, kind)]
@@ -268,6 +273,22 @@ class Progress:
             self.stream.flush()
 
 
+def _sigterm_deferred(method):
+    """SIGTERM during `method` is noted for its steps to act on (tfl.training.stopping), so that no step, validation
+    pass or checkpoint save is cut in half; one noted after the last step stops a single process at the end."""
+
+    @functools.wraps(method)
+    def deferring(self, *args, **kwargs):
+        with stopping.deferred():
+            result = method(self, *args, **kwargs)
+        if self._stop_now():
+            raise self._terminated("at the end of " + ("the stage" if method.__name__ == "run_stage" else
+                                                       "the evaluation"))
+        return result
+
+    return deferring
+
+
 @dataclasses.dataclass
 class _LiveOptimizer:
     optimizer: keras.optimizers.Optimizer
@@ -282,6 +303,7 @@ class Trainer:
                  metrics: Callable | None = None, inputs: Callable = model_inputs,
                  callbacks: list[Callback] | None = None, select: str = "val_accuracy"):
         self.strategy = strategy
+        self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.model = model  # the canonical model: evaluated, saved, and where best weights live
         self.num_classes = num_classes
         self.cfg = cfg
@@ -360,12 +382,35 @@ class Trainer:
         return self._distributed(step)
 
     def _distributed(self, step):
+        """The step on every replica, its sums all-reduced; `stop` (1.0: this process got SIGTERM) is summed with
+        them, so every worker learns at the same step that one of them was asked to stop."""
+        def with_stop(batch, stop):
+            return {**step(batch), STOP: tf.identity(stop)}
+
         @tf.function(jit_compile=self.cfg.jit)
-        def distributed(batch):
-            results = self.strategy.run(step, args=(batch,))
+        def distributed(batch, stop):
+            results = self.strategy.run(with_stop, args=(batch, stop))
             return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
 
         return distributed
+
+    def _step(self, step, batch) -> tuple[dict, bool]:
+        """(the step's all-reduced sums, whether any worker got SIGTERM)."""
+        sums = {k: float(v) for k, v in step(batch, tf.constant(float(stopping.requested()))).items()}
+        return sums, sums.pop(STOP) > 0
+
+    def _terminated(self, where: str, progress=None) -> stopping.Terminated:
+        """The exception that stops the run after SIGTERM (see tfl.training.stopping), after a line saying where."""
+        if progress:
+            progress.close()
+        kept = (f"the checkpoint of epoch {len(self.history)} in {self.checkpoints.folder} is kept"
+                if self.checkpoints and self.history else "no epoch had finished, so nothing was saved")
+        self.log(f"SIGTERM{' (on one of the workers)' if self._multi_worker else ''}: stopped {where}; {kept}")
+        return stopping.Terminated(where)
+
+    def _stop_now(self) -> bool:
+        """A single process stops as soon as SIGTERM is noted; workers only at a step all of them take."""
+        return stopping.requested() and not self._multi_worker
 
     def _distribute(self, dataset: tf.data.Dataset):
         # DATA sharding: every worker builds the same pipeline and takes its replicas' slices of each global
@@ -407,6 +452,7 @@ class Trainer:
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
+    @_sigterm_deferred
     def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
                      model: keras.Model | None = None, loss: Callable | None = None,
                      metrics: Callable | None = None) -> dict:
@@ -421,7 +467,12 @@ class Trainer:
         totals: dict = {}
         progress = Progress(steps or 0, f"    {label}") if steps else None
         for i, batch in enumerate(self._distribute_padded(dataset), 1):
-            _accumulate(totals, eval_step(batch))
+            if self._stop_now():
+                raise self._terminated(f"during the {label} evaluation", progress)
+            sums, stop = self._step(eval_step, batch)
+            if stop:
+                raise self._terminated(f"during the {label} evaluation", progress)
+            _accumulate(totals, sums)
             if progress:
                 progress.update(i, *_loss_and_accuracy(totals))
         if progress:
@@ -435,6 +486,7 @@ class Trainer:
         return result["loss"], result.get("accuracy", math.nan)
 
     # -- a stage ----------------------------------------------------------------------------------------------
+    @_sigterm_deferred
     def run_stage(self, stage: str, train_model: keras.Model, groups: list[ParamGroup], epochs: int,
                   train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset], val_ds: tf.data.Dataset,
                   steps_per_epoch: int, global_batch: int, val_steps: int | None = None,
@@ -486,7 +538,12 @@ class Trainer:
             data = train_ds(number) if callable(train_ds) else train_ds
             self._best_is_current = False
             for i, batch in enumerate(self._distribute(data), 1):
-                sums = {k: float(v) for k, v in train_step(batch).items()}
+                if self._stop_now():
+                    raise self._terminated(f"after step {i - 1} of epoch {number}" if i > 1 else
+                                           f"before epoch {number}", progress)
+                sums, stop = self._step(train_step, batch)
+                if stop:
+                    raise self._terminated(f"after step {i} of epoch {number}", progress)
                 if not math.isfinite(sums.get("loss", 0.0)):
                     progress.close()
                     raise TrainingDiverged(self._diverged(stage, number, epoch, i, sums["loss"]))
