@@ -3,7 +3,7 @@ the last checkpoint stays, the command says how to resume, and it exits at once 
 
 `sigterm_stops()` (the CLI's training commands) installs the handler. Outside the trainer's loops SIGTERM raises
 Terminated at once, as Ctrl-C raises KeyboardInterrupt. Inside them (`deferred()`: Trainer.run_stage and
-Trainer.evaluate_all) it is only noted, so a step, a validation pass or a checkpoint save is never cut in half:
+Trainer.evaluate_all) it is only noted, so a step or a checkpoint save is never cut in half:
 the trainer passes the note into its next step, whose all-reduce hands every replica of every worker the sum,
 and every worker stops after that same step. So a multi-worker run stops together even when the scheduler
 signals one worker only, or the workers a few steps apart, instead of the others waiting in an all-reduce for a
