@@ -24,7 +24,7 @@ class Terminated(KeyboardInterrupt):
     scratch directories, temp files) does so after SIGTERM too, and `except Exception` does not catch it."""
 
 
-_state = {"requested": False, "deferring": 0}
+_state = {"requested": False, "deferring": 0, "active": False}
 
 
 def requested() -> bool:
@@ -46,12 +46,20 @@ def sigterm_stops():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    _state["requested"] = False
+    _state.update(requested=False, active=True)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _state["requested"] = False
+        _state.update(requested=False, active=False)
+
+
+def reclaim() -> None:
+    """Put the handler back after TensorFlow's multi-worker runtime has set up: its preemption notifier installs a
+    SIGTERM handler of its own in C, over Python's, which only notes the signal for TensorFlow's own preemption
+    API, so without this a worker would ignore SIGTERM altogether."""
+    if _state["active"] and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import logging
 import os
 
 from tfl.options import STRATEGIES as CHOICES
+from tfl.training import stopping
 
 
 class StrategyUnavailableError(Unavailable):
@@ -57,7 +58,9 @@ def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: 
                                  "start more workers instead")
             _local_devices(devices)
         os.environ["TF_CONFIG"] = tf_config  # MultiWorkerMirroredStrategy reads the cluster from here
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        stopping.reclaim()  # SIGTERM stops a worker as it stops one process (tfl.training.stopping)
+        return strategy
     return _tpu_strategy(tf)
 
 

@@ -49,6 +49,19 @@ PAD_WEIGHT = "_tfl_pad_weight"
 STOP = "_tfl_stop"
 
 
+class WorkerLost(Unavailable):
+    """Another worker of a multi-worker run left it (stopped, crashed, unreachable): this one cannot go on alone."""
+
+
+def _peer_lost(err: Exception) -> str:
+    text = str(err)
+    reason = text.partition("aborted by: ")[2] or text
+    reason = " ".join(line.strip() for line in reason.strip().splitlines()[:2])[:240]
+    return (f"another worker of this multi-worker run stopped or became unreachable ({reason}), so this one stops "
+            "too. The chief's checkpoints keep the last finished epoch: start every worker again with the same "
+            "command to resume")
+
+
 class TrainingDiverged(Unavailable):
     """The training loss became NaN or infinite; the run stops at once, its checkpoints hold the last good epoch."""
 
@@ -274,13 +287,20 @@ class Progress:
 
 
 def _sigterm_deferred(method):
-    """SIGTERM during `method` is noted for its steps to act on (tfl.training.stopping), so that no step, validation
-    pass or checkpoint save is cut in half; one noted after the last step stops a single process at the end."""
+    """SIGTERM during `method` is noted for its steps to act on (tfl.training.stopping), so that no step or
+    checkpoint save is cut in half; one noted after the last step stops a single process at the end. A worker whose
+    peer left the run (Ctrl-C, a crash, SIGTERM outside the loop) says so in one line instead of reporting
+    TensorFlow's aborted collective as a bug."""
 
     @functools.wraps(method)
     def deferring(self, *args, **kwargs):
-        with stopping.deferred():
-            result = method(self, *args, **kwargs)
+        try:
+            with stopping.deferred():
+                result = method(self, *args, **kwargs)
+        except tf.errors.UnavailableError as err:
+            if not self._multi_worker:
+                raise
+            raise WorkerLost(_peer_lost(err)) from None
         if self._stop_now():
             raise self._terminated("at the end of " + ("the stage" if method.__name__ == "run_stage" else
                                                        "the evaluation"))
@@ -403,7 +423,7 @@ class Trainer:
         """The exception that stops the run after SIGTERM (see tfl.training.stopping), after a line saying where."""
         if progress:
             progress.close()
-        kept = (f"the checkpoint of epoch {len(self.history)} in {self.checkpoints.folder} is kept"
+        kept = (f"the checkpoint of epoch {len(self.history)} is kept"
                 if self.checkpoints and self.history else "no epoch had finished, so nothing was saved")
         self.log(f"SIGTERM{' (on one of the workers)' if self._multi_worker else ''}: stopped {where}; {kept}")
         return stopping.Terminated(where)
