@@ -445,8 +445,8 @@ class Trainer:
         repeating its own rows) to a multiple of the replicas and split evenly, the padding marked PAD_WEIGHT 0.
 
         tf.distribute splits a final batch smaller than the replicas into empty per-replica batches, which a
-        convolution cannot take ("Incompatible shapes: [0,3,3,512]"); padding with a weight of 0 is its documented
-        remedy, and the weight keeps every example counted exactly once. Every worker iterates the same pipeline
+        convolution cannot take ("Incompatible shapes: [0,3,3,512]"). Padding with a sample weight of 0 is the usual
+        remedy; the weight keeps every example counted exactly once. Every worker iterates the same pipeline
         and keeps its own replicas' slices (as DATA sharding does). One replica: the batches as they are."""
         dataset = _as_dicts(dataset)
         replicas = self.strategy.num_replicas_in_sync
