@@ -99,7 +99,8 @@ def test_tpu_strategy_without_a_tpu_fails_with_one_line(runs):
     (["--strategy", "default", "--devices", "2"], "--devices 2 needs --strategy mirrored"),
     (["--task-index", "1"], "--task-index goes with --worker-hosts"),
     (["--strategy", "multi_worker"], "--strategy multi_worker needs the cluster"),
-    (["--worker-hosts", "localhost:2222,localhost:2223", "--task-index", "2"], "--task-index 2: give this worker's"),
+    (["--worker-hosts", "localhost:2222,localhost:2223", "--task-index", "2"],
+     "--task-index 2: give this worker's position in --worker-hosts, which lists 2 worker(s): 0..1"),
     (["--worker-hosts", "localhost", "--task-index", "0"], "'localhost' is not HOST:PORT"),
     (["--strategy", "mirrored", "--worker-hosts", "localhost:2222", "--task-index", "0"],
      "does not go with --strategy mirrored"),
@@ -111,3 +112,90 @@ def test_strategy_usage_errors_exit_2_before_any_work(args, needle, monkeypatch,
     assert needle in result.output and "Traceback" not in result.output
     assert "TF_CONFIG" not in os.environ
     assert not (tmp_path / "run").exists()
+
+
+FORM = 'expected the form {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}}'
+
+
+@pytest.mark.parametrize("tf_config,needle", [
+    ('{"cluster": {"worker": "localhost:2222"}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG: \"cluster\"'s 'worker' is \"localhost:2222\", not a list of host:port strings; " + FORM),
+    ('{"task": {"type": "worker", "index": 0}}', 'TF_CONFIG: it has no "cluster"; ' + FORM),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, "task": {"type": "worker", "index": "1"}}',
+     'TF_CONFIG: "task"\'s "index" is "1", not an integer; ' + FORM),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, "task": {"type": ["worker"], "index": 1}}',
+     'TF_CONFIG: "task"\'s "type" is ["worker"], not a string such as "worker"; ' + FORM),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, "task": {"type": "ps", "index": 0}}',
+     'TF_CONFIG: "task"\'s "type" \'ps\' is not in "cluster", which has \'worker\'; ' + FORM),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}}', 'no "task" saying which of its workers'),
+    ('{"cluster": {"worker": [2222, 2223]}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG: \"cluster\"'s 'worker' lists 2222, not a host:port string; " + FORM),
+    ('["localhost:2222"]', "TF_CONFIG: it is a JSON list, not an object; " + FORM),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, "task": {"type": "worker", "index": 5}}',
+     "TF_CONFIG: task index 5 is beyond its worker list, which has 2 worker(s) (indices 0..1)"),
+])
+def test_a_malformed_tf_config_is_one_line_naming_it_and_the_expected_form(tf_config, needle, monkeypatch,
+                                                                           tmp_path):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    result = CliRunner().invoke(cli, ["finetune", "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_cpu_replicas_than_cores_are_warned_about(tmp_path):
+    from tfl.training.strategy import cpu_cores
+
+    replicas = cpu_cores() + 1
+    # A missing dataset stops the run right after the strategy is made: the warning is all this child is for.
+    child = start(["--dataset", tmp_path / "missing", "--devices", replicas, "--output-dir", tmp_path / "run"]).wait()
+    assert child.returncode == 2, child.why()
+    assert (f"warning: --devices {replicas} splits the CPU into {replicas} replicas but this process has "
+            f"{cpu_cores()} core(s)") in child.out + child.err
+
+
+UNEVEN_EVALUATION = """
+import json, sys
+import keras, numpy as np, tensorflow as tf
+from tfl.training import strategy as strategies
+from tfl.training.trainer import TrainConfig, Trainer
+
+mirrored = strategies.make_strategy("mirrored", 2)  # 2 logical CPUs, before anything initialises TensorFlow
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, strides=2),  # no empty batches
+                             keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(3)])
+
+
+images = np.random.default_rng(0).uniform(0, 1, (9, 8, 8, 3)).astype("float32")
+labels = np.arange(9, dtype="int32") % 3
+data = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(8)  # 4 a replica: 8, then 1
+one = build()
+with mirrored.scope():
+    two = build()
+two.set_weights(one.get_weights())
+scores = {name: Trainer(strategy, model, 3, TrainConfig(), log=lambda *_: None).evaluate_all(data)
+          for name, strategy, model in (("one", tf.distribute.get_strategy(), one), ("two", mirrored, two))}
+json.dump(scores, sys.stdout)
+"""
+
+
+def test_a_last_evaluation_batch_smaller_than_the_replicas_counts_each_example_once(tmp_path):
+    """9 examples at 4 a replica on 2 replicas: the last global batch has 1 row, so one replica's share is empty
+    unless padded; the padding must not be counted. 2 logical CPUs need a fresh process."""
+    import subprocess
+    import sys
+
+    from tiny_runs import ROOT, TIMEOUT
+
+    child = subprocess.run([sys.executable, "-c", UNEVEN_EVALUATION], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=TIMEOUT)
+    assert child.returncode == 0, child.stderr[-3000:]
+    scores = json.loads(child.stdout)
+    assert scores["two"]["accuracy"] == scores["one"]["accuracy"]
+    assert round(scores["one"]["accuracy"] * 9, 6) % 1 == 0  # a count of the 9 examples
+    assert scores["two"]["loss"] == pytest.approx(scores["one"]["loss"], abs=1e-6)

@@ -123,3 +123,16 @@ def test_the_cli_exits_2_naming_a_class_with_too_few_images(data, tmp_path):
     assert result.exit_code == 2
     assert "'c0' has 4" in result.output and "--shots 1 + --queries 4 = 5" in result.output
     assert not os.path.exists(tmp_path / "x" / "fewshot.json")
+
+
+def test_the_batch_size_does_not_stop_episodes_on_a_small_folder(data, tmp_path):
+    # 48 train images, fewer than the default --batch-size 64: nothing trains, so only the episodes are checked.
+    args = ["fewshot", "--dataset", data, *[a for a in TINY if a not in ("--batch-size", "8")], "--split", "test",
+            "--ways", "2", "--shots", "1"]
+    short = CliRunner().invoke(cli.cli, [*args, "--queries", "4", "--output-dir", str(tmp_path / "x")])
+    assert short.exit_code == 2, short.output
+    assert "'c0' has 4" in short.output and "--batch-size" not in short.output
+    fits = CliRunner().invoke(cli.cli, [*args, "--queries", "3", "--episodes", "3", "--output-dir",
+                                        str(tmp_path / "y"), "--json"])
+    assert fits.exit_code == 0, fits.output
+    assert json.loads(fits.stdout)["settings"]["shots"] == [1]

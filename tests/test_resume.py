@@ -64,6 +64,32 @@ def test_killed_mid_epoch_and_mid_save_resumes_to_the_uninterrupted_result(data,
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-0002.npz", "ckpt-0003.npz", "latest"]
 
 
+def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes_exactly(data, uninterrupted, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's preemption notice), sent by the run to itself after step 3 of epoch 2: the step ends,
+    epoch 1's checkpoint stays, the resume hint is printed, exit 143; the same command then ends where an
+    uninterrupted run does."""
+    out, cache = tmp_path / "run", {"TFL_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["--dataset", data, *TINY, "--output-dir", out]
+    stopped = start(args, {**cache, "TFL_FAULT": "term-at-step:2:3"}).wait()
+    assert stopped.returncode == 143, stopped.why()
+    assert "SIGTERM: stopped after step 3 of epoch 2; the checkpoint of epoch 1 is kept" in stopped.out
+    assert stopped.err.strip().splitlines()[-1] == (f"Error: stopped by SIGTERM. Run the same command again to resume "
+                                                    f"{out} after its last finished epoch.")
+    assert "Traceback" not in stopped.err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "ckpt-0001.npz"
+    assert not (out / "model.keras").exists()
+
+    monkeypatch.setenv("TFL_CACHE_DIR", cache["TFL_CACHE_DIR"])
+    resumed = CliRunner().invoke(cli, ["finetune", *map(str, args)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 1 (stage head)" in resumed.output
+    reference = finished(uninterrupted)
+    assert history(out) == history(reference)
+    final, final_reference = checkpoint_arrays(out, 3), checkpoint_arrays(reference, 3)
+    assert final.keys() == final_reference.keys()
+    assert all(np.array_equal(final[k], final_reference[k]) for k in final)
+
+
 def test_resuming_with_a_changed_class_set_is_refused(uninterrupted, data_3_classes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(finished(uninterrupted), run)

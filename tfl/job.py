@@ -223,7 +223,7 @@ class Job:
         image_size = pick_image_size(opts.image_size, spec.input_size, splits.native_size, spec.min_input_size)
         replicas = strategy.num_replicas_in_sync
         batch = opts.batch_size * replicas  # the global batch; --batch-size is per replica
-        if n_train < batch:
+        if n_train < batch and getattr(opts, "trains", True):  # fewshot (trains = False) only extracts features
             per_replica = f"{opts.batch_size}" + (f" x {replicas} replicas = {batch}" if replicas > 1 else "")
             raise UsageError(f"--batch-size {per_replica} is larger than the {n_train} training examples; lower it")
         log(f"data: {splits.name}: {n_train} train / {splits.num_examples['val']} val / "

@@ -3,7 +3,9 @@ exit code, printing results.
 
 Exit codes: 0 done; 2 a usage error (tfl.UsageError or click's own: the input is wrong, the message says how);
 1 the environment (tfl.Unavailable, a file-system error: no network, a full disk, a locked run directory) or a bug
-in tfl (one line naming the file its traceback went to; TFL_DEBUG=1 prints it); 130 interrupted (Ctrl-C).
+in tfl (one line naming the file its traceback went to; TFL_DEBUG=1 prints it); 130 interrupted (Ctrl-C); 143
+a training command stopped by SIGTERM (what a cluster scheduler sends before preemption: handled like Ctrl-C, see
+tfl.training.stopping).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import traceback
 import click
 
 from tfl.errors import Unavailable, UsageError
+from tfl.training import stopping
 
 
 class UsageFailure(click.ClickException):
@@ -30,6 +33,12 @@ class Interrupted(click.ClickException):
     """Ctrl-C during training: say how to resume instead of click's bare "Aborted!"; 130 is the shell's code."""
 
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """SIGTERM during training: the same message as Ctrl-C's; 143 (128 + 15) is the shell's code for SIGTERM."""
+
+    exit_code = 143
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -47,10 +56,14 @@ def cli():
 def call(fn, *args, resume_hint: str | None = None, **kwargs):
     """Call into tfl and map what it raises to one line and an exit code (see the module's docstring).
 
-    resume_hint: the run directory to name when Ctrl-C stops a training command.
+    resume_hint: how to resume (resume_hint()) when Ctrl-C or SIGTERM stops a training command; given, SIGTERM
+    stops the command as Ctrl-C does (tfl.training.stopping), else it keeps its default (the process ends).
     """
     try:
-        return fn(*args, **kwargs)
+        if resume_hint is None:
+            return fn(*args, **kwargs)
+        with stopping.sigterm_stops():
+            return fn(*args, **kwargs)
     except click.ClickException:
         raise
     except UsageError as err:
@@ -59,10 +72,14 @@ def call(fn, *args, resume_hint: str | None = None, **kwargs):
         raise click.ClickException(str(err)) from None
     except OSError as err:  # a full or read-only disk, a missing permission: the environment, exit 1
         raise click.ClickException(describe_os_error(err)) from None
+    except stopping.Terminated:
+        if resume_hint is None:
+            raise
+        raise Terminated(f"stopped by SIGTERM. {resume_hint}") from None
     except KeyboardInterrupt:
         if resume_hint is None:
             raise
-        raise Interrupted(resume_hint) from None
+        raise Interrupted(f"interrupted. {resume_hint}") from None
     except Exception as err:  # noqa: BLE001 (anything else is a bug in tfl: say so, keep the traceback)
         if os.environ.get("TFL_DEBUG") == "1":
             raise
@@ -70,11 +87,11 @@ def call(fn, *args, resume_hint: str | None = None, **kwargs):
 
 
 def resume_hint(output_dir: str, given: bool) -> str:
-    """What to say when Ctrl-C stops a training run writing into output_dir (given: the user named it)."""
+    """How to resume when Ctrl-C or SIGTERM stops a training run writing into output_dir (given: the user named
+    it); call() says which of them it was first."""
     if given:
-        return f"interrupted. Run the same command again to resume {output_dir} after its last finished epoch."
-    return (f"interrupted. To resume after the last finished epoch, run the same command again with --output-dir "
-            f"{output_dir}")
+        return f"Run the same command again to resume {output_dir} after its last finished epoch."
+    return f"To resume after the last finished epoch, run the same command again with --output-dir {output_dir}"
 
 
 def bug_report(err: BaseException) -> str:

@@ -51,6 +51,9 @@ class FewShotOptions(JobOptions):
     unused: ClassVar = all_but("dataset", "data_dir", "val_split", "skip_bad_images", "image_size", "limit_train",
                                "backbone", "weights", "seed", "batch_size", "cache", "cache_budget", "cache_dir",
                                "output_dir")
+    # Nothing is trained: --batch-size is only the feature pass's batch, so a train split smaller than it is fine
+    # (Job.setup skips its check) and the episodes' own check, which names a short class, is the one a user meets.
+    trains: ClassVar = False
     option_help: ClassVar = {
         "seed": "Seeds the val split and the episodes.", "batch_size": "Images per batch of the feature pass.",
         "weights": "'default' (the backbone's ImageNet weights), 'none' (random init) or a path to a weights file.",

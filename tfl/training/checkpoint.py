@@ -16,6 +16,7 @@ SIGKILL at a chosen point, to test crash safety deterministically:
   TFL_FAULT=kill-during-save:N   while saving the checkpoint of epoch N, after half of it reached its temp file
   TFL_FAULT=kill-at-step:N:S     right after training step S of epoch N (epochs count across stages from 1)
   TFL_FAULT=interrupt-at-step:N:S  the same point, but SIGINT (what Ctrl-C sends) instead of SIGKILL
+  TFL_FAULT=term-at-step:N:S     the same point, but SIGTERM (what a scheduler sends before preemption)
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from tfl.errors import Unavailable, UsageError
 import json
+import logging
 import os
 
 from tfl.options import STRATEGIES as CHOICES
+from tfl.training import stopping
 
 
 class StrategyUnavailableError(Unavailable):
@@ -56,7 +58,9 @@ def make_strategy(name: str = "auto", devices: int | None = None, worker_hosts: 
                                  "start more workers instead")
             _local_devices(devices)
         os.environ["TF_CONFIG"] = tf_config  # MultiWorkerMirroredStrategy reads the cluster from here
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        stopping.reclaim()  # SIGTERM stops a worker as it stops one process (tfl.training.stopping)
+        return strategy
     return _tpu_strategy(tf)
 
 
@@ -67,9 +71,12 @@ def worker_tf_config(worker_hosts, task_index: int | None) -> str:
         _, _, port = host.rpartition(":")
         if not port.isdigit():
             raise UsageError(f"--worker-hosts: {host!r} is not host:port (e.g. localhost:12345)")
-    if task_index is None or not 0 <= task_index < len(hosts):
-        raise UsageError(f"--task-index {task_index}: give this worker's position in --worker-hosts, "
+    if task_index is None:
+        raise UsageError(f"--worker-hosts needs --task-index: this worker's position in --worker-hosts, "
                          f"0..{len(hosts) - 1} (0 is the chief)")
+    if not 0 <= task_index < len(hosts):
+        raise UsageError(f"--task-index {task_index}: give this worker's position in --worker-hosts, which lists "
+                         f"{len(hosts)} worker(s): 0..{len(hosts) - 1} (0 is the chief)")
     if "TF_CONFIG" in os.environ:
         raise UsageError("both TF_CONFIG and --worker-hosts are set; use one of them")
     return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": task_index}})
@@ -112,15 +119,76 @@ def chief_value(strategy, value: int) -> int:
     return int(values[0])
 
 
+TF_CONFIG_FORM = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}} (every '
+                  'worker\'s host:port, chief first; I this worker\'s position in that list)')
+CLUSTER_JOBS = ("chief", "worker")  # the jobs MultiWorkerMirroredStrategy trains on
+
+
 def _cluster_size(tf_config: str | None) -> int:
-    if not tf_config:
+    """The number of training tasks (chief and workers) in `tf_config`, after checking all of it that TensorFlow
+    reads: a TF_CONFIG it would refuse with a TypeError or its own wording is refused here with one line."""
+    if not tf_config or not tf_config.strip():
         return 0
     try:
-        cluster = json.loads(tf_config).get("cluster", {})
-        return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
-    except (ValueError, AttributeError, TypeError):
-        raise UsageError(f"TF_CONFIG is not valid JSON of the form {{\"cluster\": {{\"worker\": [...]}}, "
-                         f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}}: {tf_config[:200]!r}") from None
+        config = json.loads(tf_config)
+    except ValueError as err:
+        raise _bad_tf_config(f"it is not JSON ({err})", tf_config) from None
+    if not isinstance(config, dict):
+        raise _bad_tf_config(f"it is a JSON {type(config).__name__}, not an object", tf_config)
+    if not config:  # {}: no cluster at all, as TensorFlow reads it
+        return 0
+    cluster = config.get("cluster")
+    if cluster is None:
+        raise _bad_tf_config('it has no "cluster"', tf_config)
+    if not isinstance(cluster, dict):
+        raise _bad_tf_config(f'"cluster" is {_json(cluster)}, not an object of lists', tf_config)
+    for job, tasks in cluster.items():
+        if not isinstance(tasks, list):
+            raise _bad_tf_config(f'"cluster"\'s {job!r} is {_json(tasks)}, not a list of host:port strings',
+                                 tf_config)
+        for address in tasks:
+            if not isinstance(address, str) or not _is_host_port(address):
+                raise _bad_tf_config(f'"cluster"\'s {job!r} lists {_json(address)}, not a host:port string',
+                                     tf_config)
+    size = sum(len(cluster.get(job, [])) for job in CLUSTER_JOBS)
+    task = config.get("task")
+    if task is None:
+        if size > 1:
+            raise _bad_tf_config('it has a cluster but no "task" saying which of its workers this process is',
+                                 tf_config)
+        return size
+    if not isinstance(task, dict):
+        raise _bad_tf_config(f'"task" is {_json(task)}, not an object', tf_config)
+    kind, index = task.get("type"), task.get("index")
+    if not isinstance(kind, str):
+        raise _bad_tf_config(f'"task"\'s "type" is {_json(kind)}, not a string such as "worker"', tf_config)
+    if kind not in cluster:
+        raise _bad_tf_config(f'"task"\'s "type" {kind!r} is not in "cluster", which has '
+                             f'{", ".join(map(repr, cluster)) or "no jobs"}', tf_config)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise _bad_tf_config(f'"task"\'s "index" is {_json(index)}, not an integer', tf_config)
+    count = len(cluster[kind])
+    if not count:
+        raise _bad_tf_config(f'"cluster"\'s {kind!r} list is empty', tf_config)
+    if not 0 <= index < count:
+        raise UsageError(f"TF_CONFIG: task index {index} is beyond its {kind} list, which has {count} "
+                         f"{kind}(s) (indices 0..{count - 1}); set \"index\" to this process's position in "
+                         f"\"cluster\"'s {kind!r} list")
+    return size
+
+
+def _is_host_port(address: str) -> bool:
+    host, colon, port = address.rpartition(":")
+    return bool(host and colon and port.isdigit())
+
+
+def _bad_tf_config(what: str, tf_config: str) -> UsageError:
+    return UsageError(f"TF_CONFIG: {what}; expected the form {TF_CONFIG_FORM}; it is {tf_config[:200]!r}")
+
+
+def _json(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _gpu_count() -> int:
@@ -140,6 +208,7 @@ def _local_devices(n: int) -> list[str]:
                 raise UsageError(f"--devices {n}: this machine has only {len(gpus)} GPU(s)")
             tf.config.set_visible_devices(gpus[:n], "GPU")
             return [f"/gpu:{i}" for i in range(n)]
+        _warn_above_cores(n)
         cpu = tf.config.list_physical_devices("CPU")[0]
         if len(tf.config.get_logical_device_configuration(cpu) or [None]) != n:  # (listing would initialise)
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
@@ -147,6 +216,26 @@ def _local_devices(n: int) -> list[str]:
     except RuntimeError:  # TensorFlow already initialised its devices in this process
         raise UsageError(f"--devices {n}: TensorFlow's devices are already initialised in this process; "
                          "choose the devices before anything else runs TensorFlow (a fresh process)") from None
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's limit), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _warn_above_cores(replicas: int) -> None:
+    """Warn when logical CPU replicas outnumber the cores. Not refused: replicas on one CPU are how a multi-GPU
+    run's numbers are reproduced on a laptop (the tests do it), and no count is wrong in itself; but every replica
+    runs its own copy of each step and holds its own buffers, so past the cores a run is only slower and larger."""
+    cores = cpu_cores()
+    if replicas > cores:
+        logging.getLogger("tfl").warning(
+            f"warning: --devices {replicas} splits the CPU into {replicas} replicas but this process has {cores} "
+            f"core(s); each replica runs its own copy of every step and holds its own memory, so the run will be "
+            f"slower and larger than with --devices {cores} or fewer")
 
 
 # One MirroredStrategy per device list for the whole process. Recipes that run several jobs one after another

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from tfl.errors import Unavailable, UsageError
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -36,10 +37,29 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL
-from tfl.training import checkpoint
+from tfl.training import checkpoint, stopping
 from tfl.training.schedules import WarmupSchedule
 
 from tfl.options import OPTIMIZERS, JobOptions
+
+
+# The evaluation batches' column marking the rows that only pad a final batch for the replicas (weight 0).
+PAD_WEIGHT = "_tfl_pad_weight"
+# Every step's all-reduced count of replicas whose process got SIGTERM (tfl.training.stopping): > 0, all stop.
+STOP = "_tfl_stop"
+
+
+class WorkerLost(Unavailable):
+    """Another worker of a multi-worker run left it (stopped, crashed, unreachable): this one cannot go on alone."""
+
+
+def _peer_lost(err: Exception) -> str:
+    text = str(err)
+    reason = text.partition("aborted by: ")[2] or text
+    reason = " ".join(line.strip() for line in reason.strip().splitlines()[:2])[:240]
+    return (f"another worker of this multi-worker run stopped or became unreachable ({reason}), so this one stops "
+            "too. The chief's checkpoints keep the last finished epoch: start every worker again with the same "
+            "command to resume")
 
 
 class TrainingDiverged(Unavailable):
@@ -202,9 +222,9 @@ class Callback:
 
 
 class FaultHook(Callback):
-    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S / crash-at-step:N:S (see tfl.training.checkpoint):
-    SIGKILL, SIGINT as Ctrl-C sends it, or an unexpected exception (as a bug would raise), right after step S of
-    epoch N."""
+    """TFL_FAULT=kill-at-step:N:S / interrupt-at-step:N:S / term-at-step:N:S / crash-at-step:N:S (see
+    tfl.training.checkpoint): SIGKILL, SIGINT as Ctrl-C sends it, SIGTERM as a scheduler sends it, or an unexpected
+    exception (as a bug would raise), right after step S of epoch N."""
 
     def __init__(self, at: tuple[int, int], kind: str = "kill-at-step"):
         self.at, self.kind = tuple(at), kind
@@ -213,6 +233,8 @@ class FaultHook(Callback):
         if (epoch, step) == self.at:
             if self.kind == "interrupt-at-step":
                 os.kill(os.getpid(), signal.SIGINT)
+            elif self.kind == "term-at-step":
+                os.kill(os.getpid(), signal.SIGTERM)
             elif self.kind == "crash-at-step":
                 raise RuntimeError(f"TFL_FAULT crash-at-step:{epoch}:{step}, an injected failure")
             else:
@@ -220,7 +242,7 @@ class FaultHook(Callback):
 
 
 def default_callbacks() -> list[Callback]:
-    for kind in ("kill-at-step", "interrupt-at-step", "crash-at-step"):
+    for kind in ("kill-at-step", "interrupt-at-step", "term-at-step", "crash-at-step"):
         at = checkpoint.injected_fault(kind)
         if at:
             return [FaultHook(at, kind)]
@@ -264,6 +286,29 @@ class Progress:
             self.stream.flush()
 
 
+def _sigterm_deferred(method):
+    """SIGTERM during `method` is noted for its steps to act on (tfl.training.stopping), so that no step or
+    checkpoint save is cut in half; one noted after the last step stops a single process at the end. A worker whose
+    peer left the run (Ctrl-C, a crash, SIGTERM outside the loop) says so in one line instead of reporting
+    TensorFlow's aborted collective as a bug."""
+
+    @functools.wraps(method)
+    def deferring(self, *args, **kwargs):
+        try:
+            with stopping.deferred():
+                result = method(self, *args, **kwargs)
+        except tf.errors.UnavailableError as err:
+            if not self._multi_worker:
+                raise
+            raise WorkerLost(_peer_lost(err)) from None
+        if self._stop_now():
+            raise self._terminated("at the end of " + ("the stage" if method.__name__ == "run_stage" else
+                                                       "the evaluation"))
+        return result
+
+    return deferring
+
+
 @dataclasses.dataclass
 class _LiveOptimizer:
     optimizer: keras.optimizers.Optimizer
@@ -278,6 +323,7 @@ class Trainer:
                  metrics: Callable | None = None, inputs: Callable = model_inputs,
                  callbacks: list[Callback] | None = None, select: str = "val_accuracy"):
         self.strategy = strategy
+        self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.model = model  # the canonical model: evaluated, saved, and where best weights live
         self.num_classes = num_classes
         self.cfg = cfg
@@ -311,11 +357,16 @@ class Trainer:
         return -math.inf if self.best_value is None else self.best_value
 
     # -- one pass -------------------------------------------------------------------------------------------
-    def _sums(self, batch, outputs, per_example, metrics=None):
-        """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas."""
+    def _sums(self, batch, outputs, per_example, metrics=None, weight=None):
+        """{"loss", each metric: sum over this replica's batch, "examples": its size}; summed across replicas.
+        `weight` [B]: 1 for a real row, 0 for a row that only pads the batch (evaluation); such rows count nowhere."""
         values = {"loss": per_example, **(metrics or self.metrics_fn)(batch, outputs)}
-        sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
-        sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+        if weight is None:
+            sums = {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
+            sums["examples"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+            return sums
+        sums = {k: tf.reduce_sum(_weighted(tf.cast(v, tf.float32), weight)) for k, v in values.items()}
+        sums["examples"] = tf.reduce_sum(weight)
         return sums
 
     def _train_step_fn(self, train_model, groups, optimizers, global_batch):
@@ -343,28 +394,85 @@ class Trainer:
 
     def _eval_step_fn(self, model, loss, metrics):
         def step(batch):
+            batch = dict(batch)
+            weight = batch.pop(PAD_WEIGHT, None)  # (the hooks see the batch as the data made it)
             outputs = model(self.inputs_fn(batch), training=False)
-            return self._sums(batch, outputs, loss(batch, outputs), metrics)
+            return self._sums(batch, outputs, loss(batch, outputs), metrics, weight)
 
         return self._distributed(step)
 
     def _distributed(self, step):
+        """The step on every replica, its sums all-reduced; `stop` (1.0: this process got SIGTERM) is summed with
+        them, so every worker learns at the same step that one of them was asked to stop."""
+        def with_stop(batch, stop):
+            return {**step(batch), STOP: tf.identity(stop)}
+
         @tf.function(jit_compile=self.cfg.jit)
-        def distributed(batch):
-            results = self.strategy.run(step, args=(batch,))
+        def distributed(batch, stop):
+            results = self.strategy.run(with_stop, args=(batch, stop))
             return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
 
         return distributed
 
+    def _step(self, step, batch) -> tuple[dict, bool]:
+        """(the step's all-reduced sums, whether any worker got SIGTERM)."""
+        sums = {k: float(v) for k, v in step(batch, tf.constant(float(stopping.requested()))).items()}
+        return sums, sums.pop(STOP) > 0
+
+    def _terminated(self, where: str, progress=None) -> stopping.Terminated:
+        """The exception that stops the run after SIGTERM (see tfl.training.stopping), after a line saying where."""
+        if progress:
+            progress.close()
+        kept = (f"the checkpoint of epoch {len(self.history)} is kept"
+                if self.checkpoints and self.history else "no epoch had finished, so nothing was saved")
+        self.log(f"SIGTERM{' (on one of the workers)' if self._multi_worker else ''}: stopped {where}; {kept}")
+        return stopping.Terminated(where)
+
+    def _stop_now(self) -> bool:
+        """A single process stops as soon as SIGTERM is noted; workers only at a step all of them take."""
+        return stopping.requested() and not self._multi_worker
+
     def _distribute(self, dataset: tf.data.Dataset):
         # DATA sharding: every worker builds the same pipeline and takes its replicas' slices of each global
         # batch, so results do not depend on the worker count. (FILE sharding needs file-based sources.)
-        if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:  # Keras-style (x, y)
-            dataset = dataset.map(lambda x, y: {IMAGE: x, LABEL: y})
+        dataset = _as_dicts(dataset)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
+    def _distribute_padded(self, dataset: tf.data.Dataset):
+        """Evaluation batches for every replica, however small the last batch: each global batch is padded (by
+        repeating its own rows) to a multiple of the replicas and split evenly, the padding marked PAD_WEIGHT 0.
+
+        tf.distribute splits a final batch smaller than the replicas into empty per-replica batches, which a
+        convolution cannot take ("Incompatible shapes: [0,3,3,512]"). Padding with a sample weight of 0 is the usual
+        remedy; the weight keeps every example counted exactly once. Every worker iterates the same pipeline
+        and keeps its own replicas' slices (as DATA sharding does). One replica: the batches as they are."""
+        dataset = _as_dicts(dataset)
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas == 1:
+            return self._distribute(dataset)
+
+        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            first = context.input_pipeline_id * local
+
+            def split(batch):
+                rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+                per_replica = (rows + replicas - 1) // replicas
+                index = tf.range(per_replica * replicas)
+                real = index < rows
+                mine = tf.reshape(tf.where(real, index, index % rows), [replicas, per_replica])[first:first + local]
+                padded = tf.nest.map_structure(lambda column: tf.gather(column, mine), batch)
+                padded[PAD_WEIGHT] = tf.cast(tf.reshape(real, [replicas, per_replica])[first:first + local],
+                                             tf.float32)
+                return padded
+
+            return dataset.map(split).unbatch()  # one element per local replica and step
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
+
+    @_sigterm_deferred
     def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
                      model: keras.Model | None = None, loss: Callable | None = None,
                      metrics: Callable | None = None) -> dict:
@@ -378,8 +486,13 @@ class Trainer:
         eval_step = self._eval_steps[key][-1]
         totals: dict = {}
         progress = Progress(steps or 0, f"    {label}") if steps else None
-        for i, batch in enumerate(self._distribute(dataset), 1):
-            _accumulate(totals, eval_step(batch))
+        for i, batch in enumerate(self._distribute_padded(dataset), 1):
+            if self._stop_now():
+                raise self._terminated(f"during the {label} evaluation", progress)
+            sums, stop = self._step(eval_step, batch)
+            if stop:
+                raise self._terminated(f"during the {label} evaluation", progress)
+            _accumulate(totals, sums)
             if progress:
                 progress.update(i, *_loss_and_accuracy(totals))
         if progress:
@@ -393,6 +506,7 @@ class Trainer:
         return result["loss"], result.get("accuracy", math.nan)
 
     # -- a stage ----------------------------------------------------------------------------------------------
+    @_sigterm_deferred
     def run_stage(self, stage: str, train_model: keras.Model, groups: list[ParamGroup], epochs: int,
                   train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset], val_ds: tf.data.Dataset,
                   steps_per_epoch: int, global_batch: int, val_steps: int | None = None,
@@ -444,7 +558,12 @@ class Trainer:
             data = train_ds(number) if callable(train_ds) else train_ds
             self._best_is_current = False
             for i, batch in enumerate(self._distribute(data), 1):
-                sums = {k: float(v) for k, v in train_step(batch).items()}
+                if self._stop_now():
+                    raise self._terminated(f"after step {i - 1} of epoch {number}" if i > 1 else
+                                           f"before epoch {number}", progress)
+                sums, stop = self._step(train_step, batch)
+                if stop:
+                    raise self._terminated(f"after step {i} of epoch {number}", progress)
                 if not math.isfinite(sums.get("loss", 0.0)):
                     progress.close()
                     raise TrainingDiverged(self._diverged(stage, number, epoch, i, sums["loss"]))
@@ -651,6 +770,22 @@ def history_rows(history: list[EpochResult]) -> list[dict]:
             row["trainable"] = ";".join(r.trainable)
         rows.append(row)
     return rows
+
+
+def _as_dicts(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:  # Keras-style (x, y)
+        return dataset.map(lambda x, y: {IMAGE: x, LABEL: y})
+    return dataset
+
+
+def _weighted(values, weight):
+    """values [B, ...] times weight [B]; a value without a batch axis is left as it is."""
+    rank = values.shape.rank
+    if rank == 0:
+        return values
+    shape = [-1] + [1] * (rank - 1) if rank is not None else tf.concat([[-1], tf.ones([tf.rank(values) - 1],
+                                                                                       tf.int32)], 0)
+    return values * tf.reshape(weight, shape)
 
 
 def _same_variables(a: list, b: list) -> bool:
