@@ -112,8 +112,8 @@ def test_fractions_and_seeds_are_summarised_and_a_failing_run_keeps_the_rows_so_
     def broken(job):
         raise RuntimeError("broken arm")
 
-    monkeypatch.setitem(REGISTRY, "broken", cmp.Arm(broken, "fails after setup", {}))
-    opts = CompareOptions(**MOBILENET, dataset=data, output_dir=str(tmp_path), arms=("linear_probe", "broken"),
+    monkeypatch.setitem(REGISTRY, "scratch", cmp.Arm(broken, "fails after setup", {}))  # the second arm breaks
+    opts = CompareOptions(**MOBILENET, dataset=data, output_dir=str(tmp_path), arms=("linear_probe", "scratch"),
                           label_fractions=(0.5, 1.0), seeds=2, seed=3)
     with pytest.raises(RuntimeError, match="broken arm"):
         compare(opts, log=_quiet)
