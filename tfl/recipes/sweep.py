@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable, Iterable
 
+from tfl.job import held_out_accuracy
 from tfl.recipes import runs as one
 from tfl.recipes.advise import resolve_auto
 # The run layer's names, as the recipes spell them (sweep.Run, sweep.derive ...).
@@ -33,8 +34,6 @@ def classifier_row(run: Run, metrics: dict, seconds: float) -> dict:
     """The row of a run that Job.finish ended: its scores, epochs and time, and from its config.json the
     trainable parameters of its largest stage and the training examples."""
     from tfl.training import rundir
-
-    from tfl.job import held_out_accuracy
 
     config = rundir.RunDir(metrics["run_dir"], create=False).read_json(rundir.CONFIG)
     # "test_accuracy": the held-out accuracy, on val when the data has no test split ("eval_split" says which)
