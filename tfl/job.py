@@ -575,14 +575,15 @@ def param_groups(graph, stage: Stage) -> list:
 
 
 class _HistoryWriter:
-    """Rewrites history.csv after every epoch, so a crash loses at most the epoch in progress, and curves.png at
-    most every CURVES_EVERY seconds (drawing costs about as much as a cached head epoch) and at the end."""
+    """Rewrites history.csv after every epoch, so a crash loses at most the epoch in progress, and curves.png at the
+    end and, while a run goes on, every CURVES_EVERY seconds (drawing takes about half a second, as long as a cached
+    head epoch: a short run draws it once)."""
 
     CURVES_EVERY = 30.0
 
     def __init__(self, job: Job):
         self.job = job
-        self.drawn = -math.inf
+        self.drawn = time.monotonic()
 
     def on_epoch_end(self, result) -> None:
         draw = time.monotonic() - self.drawn >= self.CURVES_EVERY

@@ -74,7 +74,8 @@ def train(run: Run, log=print, resolve_depth: jobs.DepthResolver | None = None,
     return metrics, round(time.time() - started, 1)
 
 
-def write(out: str, result: dict, tables: Tables) -> None:
+def write(out: str, result: dict, tables: Tables, figure: bool = True) -> None:
+    """The result's JSON and CSV files, and its figure unless figure=False."""
     from tfl.training import rundir
 
     folder = rundir.RunDir(out)
@@ -83,5 +84,5 @@ def write(out: str, result: dict, tables: Tables) -> None:
         rows = list(rows_of(result))
         folder.write_csv(name, columns if columns is not None else list(rows[0]) if rows else (), rows,
                          extrasaction="ignore")
-    if tables.figure is not None:
+    if figure and tables.figure is not None:
         tables.figure(folder, result)

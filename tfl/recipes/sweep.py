@@ -11,6 +11,7 @@ CSV, figure) after every run, so a failing run leaves the finished rows behind.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable, Iterable
 
 from tfl.job import held_out_accuracy
@@ -18,6 +19,8 @@ from tfl.recipes import runs as one
 from tfl.recipes.advise import resolve_auto
 # The run layer's names, as the recipes spell them (sweep.Run, sweep.derive ...).
 from tfl.recipes.runs import Run, Tables, derive, job_options, record, write  # noqa: F401
+
+FIGURE_EVERY = 30.0  # seconds: a figure takes about a second to draw
 
 
 def train(run: Run, log=print) -> tuple[dict, float]:
@@ -47,14 +50,23 @@ def classifier_row(run: Run, metrics: dict, seconds: float) -> dict:
 def sweep(runs: Iterable[Run], out: str, result: dict, tables: Tables, log=print, command: str = "sweep",
           key: str = "runs", row: Callable = default_row, summarize: Callable | None = None) -> dict:
     """Train every run in order; after each, append row(run, metrics, seconds) to result[key], let `summarize`
-    update the result, and rewrite the tables. Returns the result."""
-    for run in runs:
+    update the result, and rewrite the JSON and CSV files; the figure after the last run and, while the sweep goes
+    on, every FIGURE_EVERY seconds. Returns the result."""
+    runs, drawn = list(runs), time.monotonic()
+    for number, run in enumerate(runs, 1):
         log(f"{command}: {run.name}")
-        metrics, seconds = train(run, log)
+        try:
+            metrics, seconds = train(run, log)
+        except BaseException:
+            if result[key]:
+                write(out, result, tables)  # the figure of the runs so far, then the failure
+            raise
         result[key].append(row(run, metrics, seconds))
         if summarize is not None:
             summarize(result)
-        write(out, result, tables)
+        draw = number == len(runs) or time.monotonic() - drawn >= FIGURE_EVERY
+        write(out, result, tables, figure=draw)
+        drawn = time.monotonic() if draw else drawn
     return result
 
 
