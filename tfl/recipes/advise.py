@@ -48,8 +48,7 @@ from tfl.job import ADVICE, AUTO, BACKBONE_LR_FACTOR, JobOptions
 from tfl.options import CACHE_DIR_HELP, all_but, option
 from tfl.recipes import runs, transferability
 from tfl.recipes.stages import two_stage
-from tfl.reporting import table
-from tfl.reporting.figures import STAGE_LINE, _figure, _finish
+from tfl.reporting import figures_transfer, table
 from tfl.reporting.table import Column
 from tfl.training import checkpoint, rundir, strategy as strategies
 
@@ -617,31 +616,7 @@ def _with_size_lr_epochs(summary: dict, stride: int, input_size: int, lr: float,
 
 # -- outputs -------------------------------------------------------------------------------------------------------
 TABLES = runs.Tables(ADVISE_JSON, {ADVISE_CSV: (COLUMNS, lambda result: result["boundaries"])},
-                     lambda folder, result: write_figure(result, folder.file(ADVISE_PNG)))
-
-
-def write_figure(result: dict, path: str) -> str:
-    """A panel per score against the boundary (LogME, H-score, probe accuracy, the proxy's accuracy where it
-    ran) and the BN gap; the recommendation marked."""
-    rows = result["boundaries"]
-    names = [row["boundary"] for row in rows]
-    x = np.arange(len(names))
-    panels = [(key, title) for key, title in zip((*SCORES, PROXY, "bn_gap"), (
-        "LogME", "H-score (shrunk)", "linear probe accuracy", "proxy fine-tune val accuracy",
-        "BN gap (KL to ImageNet stats)")) if any(row.get(key) is not None for row in rows)]
-    figure = _figure((3.75 * len(panels), 3.8))
-    axes = figure.subplots(1, len(panels))
-    chosen = result["recommendation"]["freeze_up_to"]
-    for ax, (key, title) in zip(axes, panels):
-        shown = [i for i, row in enumerate(rows) if row.get(key) is not None]  # the proxy: every other boundary
-        ax.plot(x[shown], [rows[i][key] for i in shown], marker="o", markersize=4)
-        ax.set_xticks(x, names, rotation=45, ha="right")
-        ax.set_title(title)
-        if chosen in names:
-            ax.axvline(names.index(chosen), **STAGE_LINE)
-    title = (f"{result['backbone']} on {result['dataset']} at {result['image_size']}px: --freeze-up-to "
-             f"{chosen or 'none'} (dashed)")
-    return _finish(figure, axes, title, path)
+                     lambda folder, result: figures_transfer.write_advise(result, folder.file(ADVISE_PNG)))
 
 
 TABLE = (Column("boundary", "boundary"), Column("dim", "dim"), Column("LogME", "logme", ".4f"),

@@ -37,7 +37,7 @@ from tfl.errors import UsageError
 from tfl.job import JobOptions
 from tfl.options import CACHE_DIR_HELP, SPLITS, all_but, check_options as check_fields, option
 from tfl.recipes import sweep
-from tfl.reporting import table
+from tfl.reporting import figures_transfer, table
 from tfl.reporting.table import Column
 
 FEWSHOT_JSON, FEWSHOT_CSV, EPISODES_CSV, FEWSHOT_PNG = ("fewshot.json", "fewshot.csv", "fewshot_episodes.csv",
@@ -234,34 +234,11 @@ def episodes(job) -> dict:
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------------
-def write_figure(result: dict, path: str) -> str:
-    """Mean query accuracy with its 95 % interval per K, one bar per method."""
-    from tfl.reporting.figures import _figure, _save  # noqa: PLC2701 - the shared Agg figure and atomic save
-
-    s = result["settings"]
-    figure = _figure((6.4, 4.0))
-    ax = figure.subplots()
-    width = 0.8 / len(METHODS)
-    for m, method in enumerate(METHODS):
-        rows = [r for r in result["results"] if r["method"] == method]
-        xs = [i + (m - (len(METHODS) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["ci95"] for r in rows], capsize=4, label=method)
-    ax.set_xticks(range(len(s["shots"])), [f"{k}-shot" for k in s["shots"]])
-    ax.axhline(1.0 / s["ways"], color="0.5", linestyle=":", label="chance")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("query accuracy (mean ± 95 % CI)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    figure.suptitle(f"{s['ways']}-way few-shot, {s['episodes']} episodes, {s['backbone']} {s['image_size']}px "
-                    f"({s['split']})")
-    return _save(figure, path)
-
-
 TABLES = sweep.Tables(FEWSHOT_JSON, {FEWSHOT_CSV: (("shots", "method", "mean", "ci95", "sd", "episodes"),
                                                    lambda result: result["results"]),
                                      EPISODES_CSV: (("shots", "episode", "classes", *METHODS),
                                                     lambda result: result["episodes"])},
-                      lambda folder, result: write_figure(result, folder.file(FEWSHOT_PNG)))
+                      lambda folder, result: figures_transfer.write_fewshot(result, folder.file(FEWSHOT_PNG)))
 
 
 TABLE = (Column("shots", "shots"), Column("method", "method"), Column("accuracy", "mean", ".4f"),

@@ -42,7 +42,7 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import check_options as check_fields, option
 from tfl.recipes import runs
-from tfl.reporting import table
+from tfl.reporting import figures_transfer, table
 from tfl.reporting.table import Column
 
 SELF_JSON, SELF_CSV, SELF_PNG = "self_training.json", "self_training.csv", "self_training.png"
@@ -393,40 +393,8 @@ def csv_rows(result: dict) -> list[dict]:
     return rows
 
 
-def write_figure(result: dict, path: str) -> str:
-    """Test accuracy per round (round 0 = labeled only, dashed) and, per round, how many unlabeled rows passed the
-    threshold and how many of those were right."""
-    from tfl.reporting.figures import _figure, _save  # noqa: PLC2701 - the shared Agg figure and atomic save
-
-    records = result["rounds"]
-    figure = _figure((10, 3.8))
-    acc_ax, count_ax = figure.subplots(1, 2)
-    rounds = [r["round"] for r in records]
-    acc_ax.plot(rounds, [r["test_accuracy"] for r in records], marker="o", label="self-training")
-    acc_ax.axhline(records[0]["test_accuracy"], color="0.5", linestyle="--", label="labeled only (round 0)")
-    acc_ax.set_xlabel("round")
-    acc_ax.set_ylabel("test accuracy")
-    acc_ax.legend(fontsize=8)
-    passed = [r["selected"]["passed"] for r in records]
-    count_ax.bar(rounds, passed, color="tab:blue", alpha=0.5, label="passed the threshold")
-    right = [round(r["selected"]["accuracy"] * r["selected"]["checked"]) if r["selected"]["accuracy"] is not None
-             else None for r in records]
-    if any(v is not None for v in right):
-        count_ax.bar(rounds, [v or 0 for v in right], color="tab:green", alpha=0.7, label="of them right")
-    count_ax.set_xlabel("after round")
-    count_ax.set_ylabel("unlabeled rows")
-    count_ax.legend(fontsize=8)
-    for ax in (acc_ax, count_ax):
-        ax.grid(alpha=0.3)
-        ax.set_xticks(rounds)
-    s = result["settings"]
-    figure.suptitle(f"self-training, {s['backbone']} {s['image_size']}px, label fraction "
-                    f"{s['label_fraction']}, threshold {s['threshold']:g}")
-    return _save(figure, path)
-
-
 TABLES = runs.Tables(SELF_JSON, {SELF_CSV: (None, csv_rows)},
-                      lambda folder, result: write_figure(result, folder.file(SELF_PNG)))
+                      lambda folder, result: figures_transfer.write_self_training(result, folder.file(SELF_PNG)))
 
 
 TABLE = (Column("round", "round"), Column("labeled", "labeled"), Column("pseudo", "pseudo_labeled"),

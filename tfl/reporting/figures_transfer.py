@@ -1,11 +1,12 @@
-"""Figures of `tfl dann` and `tfl multitask` (Agg canvas, atomic writes, as tfl.reporting.figures)."""
+"""Figures of `tfl advise`, `dann`, `fewshot`, `multitask` and `self-train` (Agg canvas, atomic writes, as
+tfl.reporting.figures)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from tfl.errors import UsageError
-from tfl.reporting.figures import _figure, _finish, _number
+from tfl.reporting.figures import STAGE_LINE, _figure, _finish, _number
 
 
 def write_dann(runs: list[dict], curves: dict[str, list[dict]], path: str, title: str | None = None) -> str:
@@ -68,3 +69,74 @@ def write_multitask(summary: list[dict], path: str, title: str | None = None) ->
     ax.set_ylabel("test accuracy")
     ax.set_title("test accuracy per task and arm")
     return _finish(figure, [ax], title, path)
+
+
+ADVISE_PANELS = (("logme", "LogME"), ("h_score", "H-score (shrunk)"), ("probe_accuracy", "linear probe accuracy"),
+                 ("proxy_accuracy", "proxy fine-tune val accuracy"), ("bn_gap", "BN gap (KL to ImageNet stats)"))
+
+
+def write_advise(result: dict, path: str) -> str:
+    """A panel per score against the boundary (LogME, H-score, probe accuracy, the proxy's accuracy where it
+    ran) and the BN gap; the recommendation marked."""
+    rows = result["boundaries"]
+    names = [row["boundary"] for row in rows]
+    x = np.arange(len(names))
+    panels = [(key, title) for key, title in ADVISE_PANELS if any(row.get(key) is not None for row in rows)]
+    figure = _figure((3.75 * len(panels), 3.8))
+    axes = figure.subplots(1, len(panels))
+    chosen = result["recommendation"]["freeze_up_to"]
+    for ax, (key, title) in zip(axes, panels):
+        shown = [i for i, row in enumerate(rows) if row.get(key) is not None]  # the proxy: every other boundary
+        ax.plot(x[shown], [rows[i][key] for i in shown], marker="o", markersize=4)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_title(title)
+        if chosen in names:
+            ax.axvline(names.index(chosen), **STAGE_LINE)
+    title = (f"{result['backbone']} on {result['dataset']} at {result['image_size']}px: --freeze-up-to "
+             f"{chosen or 'none'} (dashed)")
+    return _finish(figure, axes, title, path)
+
+
+def write_fewshot(result: dict, path: str) -> str:
+    """Mean query accuracy with its 95 % interval per K, one bar per method."""
+    s = result["settings"]
+    methods = list(dict.fromkeys(r["method"] for r in result["results"]))
+    figure = _figure((6.4, 4.0))
+    ax = figure.subplots()
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        rows = [r for r in result["results"] if r["method"] == method]
+        xs = [i + (m - (len(methods) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["ci95"] for r in rows], capsize=4, label=method)
+    ax.set_xticks(range(len(s["shots"])), [f"{k}-shot" for k in s["shots"]])
+    ax.axhline(1.0 / s["ways"], color="0.5", linestyle=":", label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("query accuracy (mean ± 95 % CI)")
+    return _finish(figure, [ax], f"{s['ways']}-way few-shot, {s['episodes']} episodes, {s['backbone']} "
+                                 f"{s['image_size']}px ({s['split']})", path)
+
+
+def write_self_training(result: dict, path: str) -> str:
+    """Test accuracy per round (round 0 = labeled only, dashed) and, per round, how many unlabeled rows passed the
+    threshold and how many of those were right."""
+    records = result["rounds"]
+    figure = _figure((10, 3.8))
+    acc_ax, count_ax = figure.subplots(1, 2)
+    rounds = [r["round"] for r in records]
+    acc_ax.plot(rounds, [r["test_accuracy"] for r in records], marker="o", label="self-training")
+    acc_ax.axhline(records[0]["test_accuracy"], color="0.5", linestyle="--", label="labeled only (round 0)")
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("test accuracy")
+    count_ax.bar(rounds, [r["selected"]["passed"] for r in records], color="tab:blue", alpha=0.5,
+                 label="passed the threshold")
+    right = [round(r["selected"]["accuracy"] * r["selected"]["checked"]) if r["selected"]["accuracy"] is not None
+             else None for r in records]
+    if any(v is not None for v in right):
+        count_ax.bar(rounds, [v or 0 for v in right], color="tab:green", alpha=0.7, label="of them right")
+    count_ax.set_xlabel("after round")
+    count_ax.set_ylabel("unlabeled rows")
+    for ax in (acc_ax, count_ax):
+        ax.set_xticks(rounds)
+    s = result["settings"]
+    return _finish(figure, [acc_ax, count_ax], f"self-training, {s['backbone']} {s['image_size']}px, label "
+                                               f"fraction {s['label_fraction']}, threshold {s['threshold']:g}", path)
