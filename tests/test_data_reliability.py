@@ -287,6 +287,35 @@ def test_a_test_image_broken_during_training_is_named_and_resume_finishes_the_ru
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
 
 
+def test_tfl_evaluate_names_a_test_image_broken_after_its_check(tmp_path, monkeypatch):
+    """`tfl evaluate` checks the folder, then reads it again to evaluate: a file rewritten in between (a sync job) is
+    named in one message, not TensorFlow's decode error naming no file; once fixed, the same command evaluates."""
+    from tfl import inference
+    from tfl.recipes.finetune import FinetuneOptions, finetune
+
+    root = _bmp_folder(tmp_path / "data", test=True)
+    victim = root / "test" / "cat" / "1.bmp"
+    good = victim.read_bytes()
+    finetune(FinetuneOptions(**TINY, dataset=str(root), val_split=0.25, head_epochs=1, epochs=0,
+                             cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run")), log=quiet)
+    checked = inference.load_run
+
+    def check_then_break(*args, **kwargs):
+        loaded = checked(*args, **kwargs)
+        victim.write_bytes(b"BM" + b"\x00" * 100)
+        return loaded
+
+    monkeypatch.setattr(inference, "load_run", check_then_break)
+    with pytest.raises(DataError) as error:
+        inference.evaluate_run(str(tmp_path / "run"), batch_size=4, log=quiet)
+    message = str(error.value)
+    assert f"\n  {victim}  (" in message and "of the test split" in message and "run the same command" in message
+    monkeypatch.setattr(inference, "load_run", checked)
+    victim.write_bytes(good)
+    result = inference.evaluate_run(str(tmp_path / "run"), batch_size=4, log=quiet)
+    assert (result["split"], result["examples"]) == ("test", 8) and 0 <= result["accuracy"] <= 1
+
+
 # -- a run that trains nothing ---------------------------------------------------------------------------------------
 def test_finetune_with_no_epochs_at_all_is_refused(tmp_path):
     from click.testing import CliRunner

@@ -11,7 +11,9 @@ import tensorflow as tf
 
 from tfl import data
 from tfl.data import pixel_limit
+from tfl.data.errors import list_some
 from tfl.data.image_check import file_problem
+from tfl.data.image_folder import recheck
 from tfl.data.pipeline import resize_uint8
 from tfl.errors import UsageError
 from tfl.serving.audit import check_saved_model
@@ -94,7 +96,16 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
     split, source, examples = loaded.split()
     ds = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
     trainer = Trainer(tf.distribute.get_strategy(), loaded.model, len(loaded.classes), TrainConfig(), log)
-    loss, acc = trainer.evaluate(ds, split, -(-examples // batch_size))
+    try:
+        loss, acc = trainer.evaluate(ds, split, -(-examples // batch_size))
+    except tf.errors.OpError as error:  # TensorFlow names no file: say which ones changed since the check above
+        bad = recheck((loaded.splits.files or {}).get(split, []))
+        if not bad:
+            raise
+        listing = list_some([f"{path}  ({reason})" for path, reason in bad])
+        raise data.DataError(f"{len(bad)} image file(s) of the {split} split changed after the check at the start "
+                             f"and cannot be read any more, so the evaluation stopped:\n{listing}\n"
+                             "Fix or restore the file(s) and run the same command again.") from error
     return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
             "accuracy": round(acc, 6), "loss": round(loss, 6)}
 
