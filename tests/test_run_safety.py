@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import click
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
@@ -228,6 +229,15 @@ def test_os_errors_are_one_line_environment_errors(tmp_path):
     err.value.filename = "/runs/x/model.keras"
     assert cli.describe_os_error(err.value) == ("cannot use /runs/x/model.keras: No space left on device; free some "
                                                 "space or choose another --output-dir / --cache-dir")
+    # The advice names the options the running command has: tfl export writes to --output, inspect nowhere.
+    from tfl.cli.core import output_places
+
+    for command, places in (("export", ("--output",)), ("finetune", ("--output-dir", "--cache-dir")),
+                            ("inspect", ())):
+        with click.Context(cli.cli.commands[command]):
+            assert output_places() == places
+    assert cli.describe_os_error(err.value, ("--output",)).endswith("free some space or choose another --output")
+    assert cli.describe_os_error(err.value, ()).endswith("free some space or write somewhere else")
 
 
 def test_a_run_on_a_disk_that_fills_up_ends_with_one_line(data, tmp_path):

@@ -146,7 +146,14 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=No
             has_checkpoint = checkpoint.has_checkpoint(os.path.join(path, rundir.CHECKPOINTS))
             for removed in rundir.check_reusable(path, opts.overwrite, has_checkpoint):
                 log(f"--overwrite: removed {removed}")
-            return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets, resolve_depth=resolve_depth))
+            fresh = not rundir.run_files(path)
+            try:
+                return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets,
+                                        resolve_depth=resolve_depth))
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (tfl.training.stopping.Terminated)
+                if fresh:
+                    forget_untrained(path, log)
+                raise
     scratch = tempfile.mkdtemp(prefix=f"tfl-{strategies.worker_name(strategy)}-")
     try:
         return recipe(Job.setup(opts, log, strategy, scratch, targets=targets, resolve_depth=resolve_depth))
@@ -482,6 +489,15 @@ def held_out_accuracy(metrics: dict) -> float:
     """The accuracy Job.finish measured on the held-out split: test, or val when the data has none
     (metrics["eval_split"] says which)."""
     return metrics["test_accuracy"] if "test_accuracy" in metrics else metrics["val_accuracy"]
+
+
+def forget_untrained(path: str, log) -> None:
+    """A new run stopped before its first epoch was saved: remove the files it wrote (config.json and the like),
+    so that the same command starts it again instead of refusing a directory with nothing to resume."""
+    if checkpoint.has_checkpoint(os.path.join(path, rundir.CHECKPOINTS)) or rundir.MODEL in rundir.run_files(path):
+        return
+    if rundir.check_reusable(path, overwrite=True, has_checkpoint=False):
+        log(f"nothing was trained yet: removed the run's files from {path}, so the same command starts it again")
 
 
 def recheck_images(paths: list) -> list:

@@ -71,7 +71,7 @@ def call(fn, *args, resume_hint: str | None = None, **kwargs):
     except Unavailable as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # a full or read-only disk, a missing permission: the environment, exit 1
-        raise click.ClickException(describe_os_error(err)) from None
+        raise click.ClickException(describe_os_error(err, output_places())) from None
     except stopping.Terminated:
         if resume_hint is None:
             raise
@@ -105,18 +105,27 @@ def bug_report(err: BaseException) -> str:
             "(TFL_DEBUG=1 prints it); please report it with the command you ran.")
 
 
-def describe_os_error(err: OSError) -> str:
-    """One line for a file-system failure: what, where, and what to do."""
+def describe_os_error(err: OSError, places: tuple[str, ...] = ("--output-dir", "--cache-dir")) -> str:
+    """One line for a file-system failure: what, where, and what to do. `places`: the options of the command
+    that choose where it writes (output_places())."""
     where = f" {err.filename}" if err.filename else ""
     what = err.strerror or str(err)
-    advice = {errno.ENOSPC: "free some space or choose another --output-dir / --cache-dir",
-              errno.EDQUOT: "free some space or choose another --output-dir / --cache-dir",
+    elsewhere = f"choose another {' / '.join(places)}" if places else "write somewhere else"
+    advice = {errno.ENOSPC: f"free some space or {elsewhere}",
+              errno.EDQUOT: f"free some space or {elsewhere}",
               errno.EFBIG: "the file-size limit (ulimit -f) is too low for this file",
-              errno.EROFS: "that file system is read-only; choose another --output-dir",
+              errno.EROFS: f"that file system is read-only; {elsewhere}",
               errno.EACCES: "no permission; choose a directory you can write",
               errno.EPERM: "no permission; choose a directory you can write"}.get(err.errno)
     return (f"cannot use{where}: {what}" if where else f"a file could not be written: {what}") + (
         f"; {advice}" if advice else "")
+
+
+def output_places() -> tuple[str, ...]:
+    """The running command's options that choose where it writes (--output-dir, --output, --cache-dir)."""
+    context = click.get_current_context(silent=True)
+    names = {p.name for p in context.command.params} if context else set()
+    return tuple(f"--{n.replace('_', '-')}" for n in ("output_dir", "output", "cache_dir") if n in names)
 
 
 def echo_json(obj) -> None:

@@ -44,12 +44,17 @@ class RunDirInUse(Unavailable):
     """Another process holds the run directory's lock (an environment problem: exit 1)."""
 
 
+def run_files(path: str) -> list[str]:
+    """The names in `path` besides the lock and temporary files (none if it does not exist)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if n != LOCK and not n.startswith(TMP_PREFIX))
+
+
 def check_reusable(path: str, overwrite: bool, has_checkpoint: bool) -> list[str]:
     """Refuse to start a run in a non-empty `path` that is not a resumable run; with `overwrite`, delete the
     earlier run's files there (and only those). Returns what was deleted."""
-    if not os.path.isdir(path):
-        return []
-    contents = sorted(n for n in os.listdir(path) if n != LOCK and not n.startswith(TMP_PREFIX))
+    contents = run_files(path)
     if not contents or (has_checkpoint and not overwrite):
         return []
     if not overwrite:
