@@ -1,6 +1,7 @@
-"""Each backbone's default --freeze-up-to (BackboneSpec.default_freeze_up_to): what it freezes on every registered
-backbone, that it is the measured rule's choice, how a stage the backbone lacks is refused, what `tfl inspect` shows,
-and a ResNet50 fine-tune that trains conv5_x by default (and resumes against the resolved stage)."""
+"""Each backbone's default --freeze-up-to (BackboneSpec.default_freeze_up_to): the measured rule, how a stage the
+backbone lacks is refused, what `tfl inspect` shows, and a ResNet50 fine-tune that trains conv5_x by default (and
+resumes against the resolved stage). What the default freezes on every registered backbone is checked in
+test_stage_contract.py, on the same model as the stage contract (each backbone built once)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import re
 import shutil
 
-import keras
 import pytest
 from click.testing import CliRunner
 
@@ -33,45 +33,6 @@ def _load_rule():
 
 
 RULE = _load_rule()
-
-
-@pytest.fixture(autouse=True)
-def fresh_session():
-    yield
-    keras.backend.clear_session()
-
-
-def plan_without_weights(spec, freeze_up_to):
-    """The plan on the classifier tfl builds, its variables never created (parameters are counted from shapes)."""
-    with keras.StatelessScope(initialize_variables=False):
-        try:
-            model = models.build_classifier(spec.name, 3, 32, "none")
-        except ValueError as err:  # Inception and Xception need at least 75 / 71 px
-            if "Input size must be at least" not in str(err):
-                raise
-            model = models.build_classifier(spec.name, 3, 75, "none")
-    return freezing.make_plan(spec, model, freeze_up_to)
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=[spec.name for spec in SPECS])
-def test_default_freezes_some_backbone_stages_trains_others_and_is_the_rules_choice(spec):
-    plan = plan_without_weights(spec, "default")
-    assert plan.freeze_up_to == spec.default_freeze_up_to  # the plan (and freeze_plan.json) records the stage
-
-    backbone = [layer for layer in plan.layers if layer.stage != freezing.CLASSIFIER_STAGE and layer.params]
-    frozen = [s for s in spec.stage_names if any(l.stage == s for l in backbone)
-              and all(l.frozen for l in backbone if l.stage == s)]
-    trained = [s for s in spec.stage_names if any(l.stage == s and not l.frozen for l in backbone)]
-    assert frozen and trained, f"frozen stages {frozen}, trained stages {trained}"
-    index = spec.stage_names.index
-    assert max(map(index, frozen)) < min(map(index, trained))  # a prefix: stage 2 trains the top
-    assert plan.boundary() is not None
-
-    totals = {s: sum(l.params for l in backbone if l.stage == s) for s in spec.stage_names}
-    assert sum(totals.values()) == sum(l.params for l in backbone)  # every weighted layer is in a stage
-    share = sum(l.params for l in backbone if not l.frozen) / sum(totals.values())
-    assert share == pytest.approx(RULE.trainable_shares(totals)[spec.default_freeze_up_to])
-    assert RULE.PINNED.get(spec.name, RULE.choose(totals)) == spec.default_freeze_up_to, f"trainable share {share:.2f}"
 
 
 def test_the_rule_picks_the_stage_nearest_a_quarter_to_a_third_by_ratio():

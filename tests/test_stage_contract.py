@@ -2,10 +2,15 @@
 
 On the classifier tfl builds (weights left uninitialised, the smallest input Keras accepts, so all of them build
 in under a minute): each backbone layer with weights is in exactly one canonical stage, stages follow the layer order, only a
-trailing `head` may be empty, and freezing up to a stage freezes exactly that stage and the ones before it.
+trailing `head` may be empty, and freezing up to a stage freezes exactly that stage and the ones before it. And
+its default --freeze-up-to (BackboneSpec.default_freeze_up_to) freezes some stages, trains the ones above, and is
+the choice of the rule in scripts/freeze_defaults.py that chose it.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import keras
 import pytest
@@ -14,6 +19,18 @@ from tfl import freezing, models
 from tfl.backbones import registry
 
 SPECS = registry.all_specs()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_rule():
+    # The rule lives in the measuring script (it is how the specs' data was chosen, not something tfl runs).
+    loader = importlib.util.spec_from_file_location("freeze_defaults", os.path.join(ROOT, "scripts", "freeze_defaults.py"))
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+RULE = _load_rule()
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +53,7 @@ def build(spec) -> keras.Model:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[spec.name for spec in SPECS])
-def test_stages_cover_the_backbone_in_order_and_freeze_as_prefixes(spec):
+def test_stages_cover_the_backbone_in_order_freeze_as_prefixes_and_the_default_trains_the_top(spec):
     model = build(spec)
     layers = models.backbone_of(model).layers
     weighted = [layer.name for layer in layers if layer.weights]
@@ -60,3 +77,23 @@ def test_stages_cover_the_backbone_in_order_and_freeze_as_prefixes(spec):
         expected = {name for name in weighted if index[spec.stage_of(name)] <= index[stage]}
         assert frozen == expected, (f"--freeze-up-to {stage}: frozen but later: {sorted(frozen - expected)[:5]}, "
                                     f"earlier but trainable: {sorted(expected - frozen)[:5]}")
+
+    check_default_plan(spec, freezing.make_plan(spec, model, "default"))
+
+
+def check_default_plan(spec, plan):
+    assert plan.freeze_up_to == spec.default_freeze_up_to  # the plan (and freeze_plan.json) records the stage
+    backbone = [layer for layer in plan.layers if layer.stage != freezing.CLASSIFIER_STAGE and layer.params]
+    frozen = [s for s in spec.stage_names if any(l.stage == s for l in backbone)
+              and all(l.frozen for l in backbone if l.stage == s)]
+    trained = [s for s in spec.stage_names if any(l.stage == s and not l.frozen for l in backbone)]
+    assert frozen and trained, f"frozen stages {frozen}, trained stages {trained}"
+    index = spec.stage_names.index
+    assert max(map(index, frozen)) < min(map(index, trained))  # a prefix: stage 2 trains the top
+    assert plan.boundary() is not None
+
+    totals = {s: sum(l.params for l in backbone if l.stage == s) for s in spec.stage_names}
+    assert sum(totals.values()) == sum(l.params for l in backbone)  # every weighted layer is in a stage
+    share = sum(l.params for l in backbone if not l.frozen) / sum(totals.values())
+    assert share == pytest.approx(RULE.trainable_shares(totals)[spec.default_freeze_up_to])
+    assert RULE.PINNED.get(spec.name, RULE.choose(totals)) == spec.default_freeze_up_to, f"trainable share {share:.2f}"
