@@ -51,6 +51,30 @@ def test_the_filter_drops_exactly_the_notices(capfd):
     assert is_noise(lines[1], driver=True)
 
 
+def test_tensorflows_retracing_advice_is_dropped_and_its_other_warnings_kept():
+    """tfl traces a new step function per stage, split and job on purpose; the CLI (which imports tfl.cli, so
+    quiet_tensorflow ran) drops TensorFlow's advice about it and nothing else of TensorFlow's logger."""
+    import logging
+
+    import tensorflow as tf
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    tf.get_logger().addHandler(handler)
+    try:
+        tf.get_logger().warning("5 out of the last 5 calls to <function Trainer._distributed.<locals>.distributed at "
+                                "0x7f> triggered tf.function retracing. Tracing is expensive and ...")
+        tf.get_logger().warning("a real TensorFlow warning")
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert seen == ["a real TensorFlow warning"]
+
+
 def _help_of(command: str) -> dict[str, str]:
     ctx = click.Context(cli)
     cmd = cli.get_command(ctx, command)

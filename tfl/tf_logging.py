@@ -17,10 +17,15 @@ notices are but cannot obey, so they are still filtered. Below 3 TensorFlow woul
 the first op: without a driver, the GPU list is read inside the filtered window, so that certain and meaningless
 line is dropped there too (with a driver it stays: a real GPU problem).
 TF_ENABLE_ONEDNN_OPTS is not touched either: it changes the kernels, not just the notice.
+
+And one warning in the run's log: "5 out of the last 5 calls to <function ...> triggered tf.function retracing".
+tfl makes a new step function for each stage, split and job on purpose (each traced once); TensorFlow counts those
+traces together and advises on code the user did not write, so the CLI drops that warning (RetracingFilter).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -53,8 +58,18 @@ def _level(value: str) -> int:
         return 0  # TensorFlow reads what is not a number as 0
 
 
+class RetracingFilter(logging.Filter):
+    """Drops TensorFlow's "... triggered tf.function retracing" warning (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def quiet_tensorflow() -> None:
     """Set the log level default and filter the import's notices (see the module docstring). Idempotent."""
+    tf_logger = logging.getLogger("tensorflow")  # the logger TensorFlow's Python side writes to
+    if not any(isinstance(f, RetracingFilter) for f in tf_logger.filters):
+        tf_logger.addFilter(RetracingFilter())
     if "tensorflow" in sys.modules:
         return
     driver = has_nvidia_driver()
