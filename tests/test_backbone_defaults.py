@@ -6,7 +6,6 @@ test_stage_contract.py, on the same model as the stage contract (each backbone b
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -17,22 +16,14 @@ from click.testing import CliRunner
 
 from tfl import freezing, models
 from tfl.backbones import registry
+from tiny_runs import freeze_defaults_rule
 from tfl.cli import cli
 from tfl.job import JobOptions
 
 SPECS = registry.all_specs()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_rule():
-    # The rule lives in the measuring script (it is how the specs' data was chosen, not something tfl runs).
-    loader = importlib.util.spec_from_file_location("freeze_defaults", os.path.join(ROOT, "scripts", "freeze_defaults.py"))
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module
-
-
-RULE = _load_rule()
+RULE = freeze_defaults_rule()
 
 
 def test_the_rule_picks_the_stage_nearest_a_quarter_to_a_third_by_ratio():

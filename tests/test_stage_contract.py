@@ -9,28 +9,18 @@ the choice of the rule in scripts/freeze_defaults.py that chose it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import keras
 import pytest
 
 from tfl import freezing, models
 from tfl.backbones import registry
+from tiny_runs import freeze_defaults_rule
 
 SPECS = registry.all_specs()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_rule():
-    # The rule lives in the measuring script (it is how the specs' data was chosen, not something tfl runs).
-    loader = importlib.util.spec_from_file_location("freeze_defaults", os.path.join(ROOT, "scripts", "freeze_defaults.py"))
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module
-
-
-RULE = _load_rule()
+RULE = freeze_defaults_rule()
 
 
 @pytest.fixture(autouse=True)

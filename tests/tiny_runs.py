@@ -148,3 +148,13 @@ def stop_then_resume(recipe, opts, stage: str, run_dir: str, monkeypatch):
     resumed = recipe(opts("run"), log=lines.append)["runs"][0]
     return reference, snapshot, resumed, lines
 
+
+def freeze_defaults_rule():
+    """scripts/freeze_defaults.py as a module: the rule that chose each backbone's default --freeze-up-to (how the
+    specs' data was chosen, not something tfl runs)."""
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("freeze_defaults", os.path.join(ROOT, "scripts", "freeze_defaults.py"))
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
