@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from tfl import freezing, models
 from tfl.backbones import registry
-from tiny_runs import freeze_defaults_rule
 from tfl.cli import cli
 from tfl.job import JobOptions
+from tiny_runs import freeze_defaults_rule
 
 SPECS = registry.all_specs()
 

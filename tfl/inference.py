@@ -11,9 +11,8 @@ import tensorflow as tf
 
 from tfl import data
 from tfl.data import pixel_limit
-from tfl.data.errors import list_some
 from tfl.data.image_check import file_problem
-from tfl.data.image_folder import recheck
+from tfl.data.image_folder import changed_files_error
 from tfl.data.pipeline import resize_uint8
 from tfl.errors import UsageError
 from tfl.serving.audit import check_saved_model
@@ -99,13 +98,12 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
     try:
         loss, acc = trainer.evaluate(ds, split, -(-examples // batch_size))
     except tf.errors.OpError as error:  # TensorFlow names no file: say which ones changed since the check above
-        bad = recheck((loaded.splits.files or {}).get(split, []))
-        if not bad:
+        changed = changed_files_error((loaded.splits.files or {}).get(split, []),
+                                      f"of the {split} split changed after the check at the start", "the evaluation",
+                                      "Fix or restore the file(s) and run the same command again.")
+        if changed is None:
             raise
-        listing = list_some([f"{path}  ({reason})" for path, reason in bad])
-        raise data.DataError(f"{len(bad)} image file(s) of the {split} split changed after the check at the start "
-                             f"and cannot be read any more, so the evaluation stopped:\n{listing}\n"
-                             "Fix or restore the file(s) and run the same command again.") from error
+        raise changed from error
     return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
             "accuracy": round(acc, 6), "loss": round(loss, 6)}
 

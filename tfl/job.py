@@ -449,21 +449,20 @@ class Job:
         try:
             yield
         except tf.errors.OpError as error:
+            from tfl.data.image_folder import changed_files_error
+
             files = self.splits.files or {}
-            paths = [path for split in splits for path in files.get(split, [])]
-            bad = recheck_images(paths) if paths else []
-            if not bad:
+            kept = f"{self.run_dir.file(rundir.MODEL)} holds the trained model. " if saved else ""
+            changed = changed_files_error(
+                [path for split in splits for path in files.get(split, [])],
+                "changed after the check before training", what,
+                f"{kept}Fix or restore the file(s), then run the same command with --resume --output-dir "
+                f"{self.opts.output_dir}: it checks the data again and continues from the last checkpoint (a changed "
+                "test file does not stop it).")
+            if changed is None:
                 raise
             self.trainer.finish()
-            from tfl.data.errors import list_some
-
-            listing = list_some([f"{path}  ({reason})" for path, reason in bad])
-            kept = f"{self.run_dir.file(rundir.MODEL)} holds the trained model. " if saved else ""
-            raise data.DataError(
-                f"{len(bad)} image file(s) changed after the check before training and cannot be read any more, so "
-                f"{what} stopped:\n{listing}\n{kept}Fix or restore the file(s), then run the same command with "
-                f"--resume --output-dir {self.opts.output_dir}: it checks the data again and continues from the last "
-                "checkpoint (a changed test file does not stop it).") from error
+            raise changed from error
 
     def _scores(self, loss=None, metrics=None) -> tuple[dict, str]:
         """The classifier's scores on the test split (val without one), and the log line saying them."""
@@ -498,12 +497,6 @@ def forget_untrained(path: str, log) -> None:
         return
     if rundir.check_reusable(path, overwrite=True, has_checkpoint=False):
         log(f"nothing was trained yet: removed the run's files from {path}, so the same command starts it again")
-
-
-def recheck_images(paths: list) -> list:
-    from tfl.data.image_folder import recheck
-
-    return recheck(paths)
 
 
 def saved_precision(config: dict) -> str | None:

@@ -269,6 +269,18 @@ def recheck(paths: list[str]) -> list[tuple[str, str]]:
     return _inspect_all(files)
 
 
+def changed_files_error(paths: list[str], changed: str, stopped: str, advice: str) -> DataError | None:
+    """After TensorFlow failed to read `paths` (its error names no file): a DataError listing those that are no
+    longer readable images ("N image file(s) {changed} and cannot be read any more, so {stopped} stopped: ...
+    {advice}"), or None when every one still reads (the failure was something else)."""
+    bad = recheck(paths) if paths else []
+    if not bad:
+        return None
+    listing = list_some([f"{path}  ({reason})" for path, reason in bad])
+    return DataError(f"{len(bad)} image file(s) {changed} and cannot be read any more, so {stopped} stopped:\n"
+                     f"{listing}\n{advice}")
+
+
 def _dataset(files: list[_File]):
     return decode_files([f.path for f in files], [f.label for f in files], [f.info.needs_pillow for f in files])
 
