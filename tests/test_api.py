@@ -1,4 +1,6 @@
-"""tfl's Python API, used as a notebook would: import tfl, call a command with keyword arguments, read the result."""
+"""tfl's Python API, used as a notebook would: import tfl, call a command with keyword arguments, read the result.
+(The recipes called this way, compare, distill, forgetting and the rest: tests/test_docs_examples.py, which runs
+the Python API page.)"""
 
 from __future__ import annotations
 
@@ -87,28 +89,6 @@ def test_options_are_checked_as_the_command_line_checks_them(four_classes):
         tfl.dann(dataset=four_classes, epochs=3)  # dann trains --head-epochs only: it does not take epochs
     opts = tfl.FinetuneOptions(dataset=four_classes, **TINY)
     assert tfl.api.options("finetune", opts, head_hidden=[16]).head_hidden == (16,)  # a list becomes a tuple
-
-
-def test_compare_distill_and_forgetting_as_a_notebook_would(finetuned, four_classes, tmp_path):
-    compared = tfl.compare(dataset=four_classes, arms=["linear_probe", "two_stage"], output_dir=str(tmp_path / "c"),
-                           **TINY)
-    assert {row["arm"] for row in compared.metrics["runs"]} == {"linear_probe", "two_stage"}
-    assert len(compared.runs) == 2
-    assert compared.load_model().output_shape == (None, 4)  # the arm with the best validation accuracy
-    val = {run: json.load(open(os.path.join(run, "metrics.json")))["val_accuracy"] for run in compared.runs}
-    assert val[compared._best_run()] == max(val.values())
-
-    distilled = tfl.distill(teacher=finetuned.run_dir, dataset=four_classes, output_dir=str(tmp_path / "d"),
-                            baseline=False, throughput_seconds=0.1,
-                            **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")})
-    assert distilled.metrics["models"][0]["role"] in ("teacher", "student")
-    assert distilled.load_model().output_shape == (None, 4)
-
-    forgot = tfl.forgetting(dataset=four_classes, strategies=["naive"], output_dir=str(tmp_path / "f"),
-                            **{k: v for k, v in TINY.items() if k != "head_epochs"})
-    naive = forgot.metrics["strategies"][0]
-    assert naive["strategy"] == "naive" and len(naive["R"]) == 2  # two tasks: (a, b), (c, d)
-    assert forgot.load_model().output_shape[-1] == 4
 
 
 def test_option_facts_are_checked_in_one_place_for_every_command():

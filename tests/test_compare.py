@@ -218,7 +218,7 @@ def test_a_recipe_other_than_finetune_takes_freeze_up_to_auto(data, tmp_path):
     from tfl.cli import cli
 
     out = tmp_path / "auto"
-    args = ["compare", "--arms", "two_stage", "--dataset", data, "--backbone", "mobilenet", "--weights", "none",
+    args = ["compare", "--arms", "two_stage", "--dataset", data, "--backbone", "compact_cnn", "--weights", "none",
             "--image-size", "32", "--val-split", "0.25", "--head-epochs", "1", "--epochs", "1", "--batch-size", "8",
             "--freeze-up-to", "auto", "--no-tensorboard", "--output-dir", out, "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -407,7 +407,7 @@ class Trainer:
         def with_stop(batch, stop):
             return {**step(batch), STOP: tf.identity(stop)}
 
-        @tf.function(jit_compile=self.cfg.jit)
+        @tf.function(jit_compile=self.cfg.jit, autograph=False)
         def distributed(batch, stop):
             results = self.strategy.run(with_stop, args=(batch, stop))
             return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
