@@ -403,7 +403,11 @@ class Trainer:
 
     def _distributed(self, step):
         """The step on every replica, its sums all-reduced; `stop` (1.0: this process got SIGTERM) is summed with
-        them, so every worker learns at the same step that one of them was asked to stop."""
+        them, so every worker learns at the same step that one of them was asked to stop.
+
+        Traced without AutoGraph, as Keras traces its own train step: the step, the model and every recipe's hooks
+        branch on Python values only (tensor-dependent branches use tf.cond / ops.where), and converting all of
+        them cost a fifth of each trace (0.4 s of a tiny run's 2.2 s of tracing)."""
         def with_stop(batch, stop):
             return {**step(batch), STOP: tf.identity(stop)}
 
