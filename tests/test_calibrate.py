@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from tfl import calibration
 from tfl.cli import cli
 from tfl.errors import UsageError
+from tfl.training import rundir
 from tfl.training.rundir import CALIBRATION, RunDir
 from test_export import evaluation_pixels, tflite_probabilities
 
@@ -93,6 +94,19 @@ def test_an_empty_val_split_and_a_bad_temperature_file_are_refused(tmp_path):
     run.write_json(CALIBRATION, {"temperature": -2})
     with pytest.raises(UsageError, match=r"'temperature' is -2, not a positive number; run `tfl calibrate --run"):
         run.temperature()
+    with pytest.raises(UsageError, match="logits on the val split are not all finite"):
+        calibration.calibrate_logits(np.array([[np.nan, 0.0]]), np.array([0]))
+
+
+def test_a_new_model_in_the_run_directory_drops_the_old_temperature(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.write_json(CALIBRATION, {"temperature": 2.0})
+    assert run.temperature() == 2.0 and run.forget_calibration() and run.temperature() == 1.0  # Job.finish's step
+    assert not run.forget_calibration()
+    run.write_json("config.json", {})
+    run.write_json(CALIBRATION, {"temperature": 2.0})
+    removed = rundir.check_reusable(str(tmp_path), overwrite=True, has_checkpoint=False)  # --overwrite
+    assert sorted(os.path.basename(p) for p in removed) == [CALIBRATION, "config.json"]
 
 
 # -- one tiny calibrated run, every reader of it --------------------------------------------------------------------

@@ -123,6 +123,9 @@ def calibrate_logits(val_logits, val_labels, test_logits=None, test_labels=None,
     if not len(val_logits):
         raise UsageError("the val split has no examples, so there is nothing to fit a temperature on; give the run "
                          "a val split (an image folder's val/, or train a run with a larger --val-split)")
+    if not np.isfinite(val_logits).all():
+        raise UsageError("the model's logits on the val split are not all finite (NaN or infinity): no temperature "
+                         "can fix that; train the run again (a lower --lr)")
     fitted = fit_temperature(val_logits, val_labels)
     before, after = nll(val_logits, val_labels), nll(val_logits, val_labels, fitted)
     at_bound = not T_RANGE[0] * 1.001 < fitted < T_RANGE[1] / 1.001
@@ -157,16 +160,15 @@ def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, lo
     passes = {}
     for split in ("val", "test"):
         source = getattr(splits, split)
-        if source is None:
-            if split == "val":
-                raise UsageError(f"--run {run_path}: its dataset has no val split to fit a temperature on; give it "
-                                 "one (an image folder's val/ folder, or --val-split when it has none) and train "
-                                 "the run again")
-            continue
-        log(f"calibration: predicting the {split} split ...")
-        pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
-        labels, logits = logits_of(model, pipeline)
-        passes[split] = (logits, labels)
+        if source is not None:
+            log(f"calibration: predicting the {split} split ...")
+            pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
+            labels, logits = logits_of(model, pipeline)
+            if len(labels):
+                passes[split] = (logits, labels)
+    if "val" not in passes:
+        raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
+                         "give the dataset a val/ folder (or train the run again with a larger --val-split)")
     record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
     rundir.RunDir(run_path, create=False).write_json(CALIBRATION, record)
     log(f"calibration: temperature {record['temperature']:.4g}" + (" (kept)" if record["kept"] else "")
