@@ -166,6 +166,8 @@ def test_evaluate_reports_the_calibrated_nll(calibrated):
     assert scores["temperature"] == calibrated["record"]["temperature"]
     assert scores["loss"] == pytest.approx(calibrated["record"]["test"]["after"]["nll"], abs=1e-5)
     assert scores["accuracy"] == calibrated["record"]["test"]["after"]["accuracy"]
+    text = invoke("evaluate", "--run", calibrated["run"])
+    assert f"(calibrated, T = {scores['temperature']:.4g})" in text.stdout
 
 
 def test_saved_model_serves_the_probabilities_predict_returns(calibrated):

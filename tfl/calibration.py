@@ -176,14 +176,15 @@ def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, lo
     return record
 
 
-def calibrate_run(run_path: str, batch_size: int = 64, log=print) -> dict:
+def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print) -> dict:
     """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
-    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature."""
+    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
+    where the run's dataset is read from (default: the run's own)."""
     from tfl.inference import load_run
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
-    loaded = load_run(run_path, log=log)
+    loaded = load_run(run_path, data_dir=data_dir, log=log)
     return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log)
 
 
