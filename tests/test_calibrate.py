@@ -60,6 +60,17 @@ def test_temperature_stays_1_and_says_why_when_val_nll_does_not_improve(logits, 
     assert calibration.describe(record).startswith("temperature 1 (kept): ")
 
 
+def test_a_fit_at_the_end_of_the_range_is_kept_at_1_when_it_sharpens_and_used_when_it_flattens():
+    separated = calibration.calibrate_logits(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([0, 1]))
+    assert separated["kept"] and separated["temperature"] == 1.0 and separated["at_range_bound"]
+    assert separated["fitted_temperature"] == pytest.approx(calibration.T_RANGE[0], rel=1e-3)
+    assert "every val example is right" in separated["reason"] and "T stays 1" in separated["reason"]
+    wrong = calibration.calibrate_logits(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([1, 0]))
+    assert not wrong["kept"] and wrong["at_range_bound"]
+    assert wrong["temperature"] == pytest.approx(calibration.T_RANGE[1], rel=1e-3)
+    assert "warning: T reached the upper end" in calibration.describe(wrong)
+
+
 def test_ece_brier_and_nll_against_hand_computations():
     probs = np.array([[0.9, 0.1], [0.08, 0.92], [0.3, 0.7], [0.55, 0.45], [0.62, 0.38]])
     labels = np.array([0, 0, 1, 1, 0])

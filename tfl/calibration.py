@@ -24,8 +24,11 @@ from tfl.training import rundir
 from tfl.training.rundir import CALIBRATION
 
 ECE_BINS = 15
-# The search range of T. A fit at either end means the val split cannot place T (every val example right drives T
-# towards 0, a model no better than chance towards infinity): calibration.json says so and the log warns.
+# The search range of T. A fit at either end means the val split cannot place T. At the lower end every val example
+# is right and the NLL keeps falling as T -> 0: that T is an artefact of the range, and sharpening by it would make
+# every mistake on new data a confident one, so T stays 1. At the upper end the model ranks the classes no better
+# than chance on val and T flattens its probabilities towards uniform, which is what such a model should say: it
+# is used, with a warning.
 T_RANGE = (0.01, 100.0)
 MIN_GAIN = 1e-6  # nats of val NLL: a smaller gain keeps T = 1 (the fitted T is then 1 within the search tolerance)
 _TOLERANCE = 1e-10  # of the golden-section search, in log T
@@ -129,14 +132,22 @@ def calibrate_logits(val_logits, val_labels, test_logits=None, test_labels=None,
     fitted = fit_temperature(val_logits, val_labels)
     before, after = nll(val_logits, val_labels), nll(val_logits, val_labels, fitted)
     at_bound = not T_RANGE[0] * 1.001 < fitted < T_RANGE[1] / 1.001
-    kept = not after < before - MIN_GAIN
+    if not after < before - MIN_GAIN:
+        reason = (f"the fitted T = {fitted:.4f} lowers the val NLL by {before - after:.2g} nats, less than "
+                  f"{MIN_GAIN:g}: the model is already calibrated on val, so T stays 1")
+    elif at_bound and fitted < 1:
+        reason = (f"every val example is right and the val NLL keeps falling as T goes to 0 (the fit stopped at the "
+                  f"end of its range, T = {T_RANGE[0]:g}): the val split cannot place T, so T stays 1; a larger val "
+                  "split, with some mistakes in it, gives a temperature to trust")
+    else:
+        reason = None
+    kept = reason is not None
     temperature = 1.0 if kept else fitted
     record = {
         "temperature": round(temperature, 8),
         "fitted_temperature": round(fitted, 8),
         "kept": kept,
-        "reason": (f"the fitted T = {fitted:.4f} lowers the val NLL by {before - after:.2g} nats, less than "
-                   f"{MIN_GAIN:g}: the model is already calibrated on val, so T stays 1" if kept else None),
+        "reason": reason,
         "at_range_bound": at_bound,
         "range": list(T_RANGE),
         "bins": bins,
@@ -207,13 +218,9 @@ def describe(record: dict, run_path: str | None = None) -> str:
                 f"{val['examples']} examples")
     lines = [head]
     if record["at_range_bound"] and not record["kept"]:
-        low = record["fitted_temperature"] < 1
-        lines.append(f"warning: T reached the {'lower' if low else 'upper'} end of its search range "
-                     f"{record['range'][0]:g}..{record['range'][1]:g}: "
-                     + ("every val example is right and the fit sharpens the probabilities without limit"
-                        if low else "on val the model ranks the classes no better than chance, so the fit "
-                        "flattens the probabilities towards uniform")
-                     + "; a larger val split (or a better model) gives a temperature to trust")
+        lines.append(f"warning: T reached the upper end of its search range ({record['range'][1]:g}): on val the "
+                     "model ranks the classes no better than chance, so its probabilities are now close to "
+                     "uniform; a better model (or a larger val split) gives a temperature to trust")
     lines.append(f"{'split':<6} {'':<7} {'ECE':>7} {'NLL':>8} {'Brier':>7} {'accuracy':>9}")
     for split in ("val", "test"):
         if record[split] is None:
