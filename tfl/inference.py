@@ -110,7 +110,7 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
         raise changed from error
     return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
             "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
-            **({"temperature": t} if t != 1.0 else {})}
+            **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
 
 
 def logits_of(model, pipeline, each=None) -> tuple[np.ndarray, np.ndarray]:
