@@ -11,8 +11,9 @@ is light: TensorFlow loads when a function first needs it.
 
 from tfl.version import __version__  # noqa: F401
 
-from tfl.api import (Result, advise, compare, dann, distill, evaluate, export, fewshot, finetune, forgetting,  # noqa: E402
-                     load_model, multitask, predict, pretext, restore, self_train, set_progress)
+from tfl.api import (Result, advise, calibrate, compare, dann, distill, evaluate, export, fewshot,  # noqa: E402
+                     finetune, forgetting, load_model, multitask, predict, pretext, restore, self_train,
+                     set_progress)
 from tfl.errors import Unavailable, UsageError  # noqa: E402
 
 # The options classes, loaded on first use (tfl.FinetuneOptions, ...): they live beside their recipes.
@@ -23,8 +24,8 @@ _OPTIONS = {"JobOptions": "tfl.options", "FinetuneOptions": "tfl.recipes.finetun
             "FewShotOptions": "tfl.recipes.fewshot", "DannOptions": "tfl.recipes.dann",
             "MultitaskOptions": "tfl.recipes.multitask"}
 
-__all__ = ["Result", "Unavailable", "UsageError", "advise", "compare", "dann", "distill", "evaluate", "export",
-           "fewshot", "finetune", "forgetting", "load_model", "multitask", "predict", "pretext", "restore",
+__all__ = ["Result", "Unavailable", "UsageError", "advise", "calibrate", "compare", "dann", "distill", "evaluate",
+           "export", "fewshot", "finetune", "forgetting", "load_model", "multitask", "predict", "pretext", "restore",
            "self_train", "set_progress", *_OPTIONS]
 
 

@@ -338,6 +338,15 @@ def evaluate(run_dir: str, dataset: str | None = None, data_dir: str | None = No
     return evaluate_run(run_dir, dataset, data_dir, batch_size, log=log or logger.info)
 
 
+def calibrate(run_dir: str, batch_size: int = 64, data_dir: str | None = None, log=None) -> dict:
+    """Fit a temperature on the run's val split and score val and test before and after (`tfl calibrate`); writes
+    calibration.json, which predict, evaluate, report and export then use. Returns that record: {"temperature",
+    "kept", "reason", "val": {"examples", "before", "after"}, "test": ... or None, "bins", ...}."""
+    from tfl.calibration import calibrate_run
+
+    return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info)
+
+
 def export(run_dir: str, format: str = "saved_model", output: str | None = None, version: int | None = None,
            top_k: int | None = None, tflite_mode: str | None = None, log=None) -> str:
     """Export a run's model for serving into a new versioned directory (`tfl export`); returns its path."""

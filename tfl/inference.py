@@ -21,7 +21,7 @@ from tfl.serving.saved_model import BYTES_INPUT, SERVING_SIGNATURE
 from tfl.models import build_imagenet_classifier
 from tfl.options import SPLITS  # the choices of --split
 from tfl.training import rundir
-from tfl.training.trainer import TrainConfig, Trainer
+from tfl.training.trainer import CrossEntropy, TrainConfig, Trainer, accuracy
 
 IMAGENET_LABELS = os.path.join(os.path.dirname(__file__), "assets", "imagenet_labels.txt")
 CENTER_CROP_FRACTION = 0.875  # the standard ImageNet evaluation crop: resize to S/0.875, crop S
@@ -45,6 +45,7 @@ class LoadedRun:
     model: "keras.Model"
     dataset: str
     splits: "data.DatasetSplits"
+    temperature: float = 1.0  # calibration.json's T (tfl.calibration); the run's probabilities: softmax(logits / T)
 
     @property
     def image_size(self) -> int:
@@ -86,7 +87,7 @@ def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = N
             f"missing {missing or 'none'}, extra {extra or 'none'}"
             + ("" if missing or extra else " (same names, different order)")
         )
-    return LoadedRun(run_path, config, list(classes), model, name, splits)
+    return LoadedRun(run_path, config, list(classes), model, name, splits, run.temperature())
 
 
 def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
@@ -95,8 +96,11 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
     split, source, examples = loaded.split()
     ds = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
     trainer = Trainer(tf.distribute.get_strategy(), loaded.model, len(loaded.classes), TrainConfig(), log)
+    t = loaded.temperature
+    cross_entropy = CrossEntropy(len(loaded.classes))
+    loss = cross_entropy if t == 1.0 else lambda batch, logits: cross_entropy(batch, logits / t)  # the calibrated NLL
     try:
-        loss, acc = trainer.evaluate(ds, split, -(-examples // batch_size))
+        scores = trainer.evaluate_all(ds, split, -(-examples // batch_size), loss=loss, metrics=accuracy)
     except tf.errors.OpError as error:  # TensorFlow names no file: say which ones changed since the check above
         changed = changed_files_error((loaded.splits.files or {}).get(split, []),
                                       f"of the {split} split changed after the check at the start", "the evaluation",
@@ -105,7 +109,27 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
             raise
         raise changed from error
     return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
-            "accuracy": round(acc, 6), "loss": round(loss, 6)}
+            "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
+            **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
+
+
+def logits_of(model, pipeline, each=None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N] int64, logits [N, C] float32) of `model` over an evaluation pipeline's batches, in order.
+    each(images, labels, logits), if given, sees every batch as it goes (tfl report keeps its mistakes' images)."""
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    all_labels, all_logits = [], []
+    for batch in pipeline:
+        # tfl.data.pipeline's batches are becoming dicts; (images, labels) tuples are the older form.
+        images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        logits = tf.cast(forward(images), tf.float32).numpy()
+        labels = labels.numpy().astype(np.int64)
+        all_labels.append(labels)
+        all_logits.append(logits)
+        if each is not None:
+            each(images, labels, logits)
+    if not all_labels:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(all_labels), np.concatenate(all_logits)
 
 
 def load_image(path, size: int, center_crop: bool) -> tf.Tensor:
@@ -168,8 +192,10 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
     if len(failed) == len(paths):
         return _in_order(paths, {}, failed)  # nothing to load a model for
     if run_path:
-        model, labels = rundir.RunDir(run_path, create=False).load()
-        probabilities = lambda x: keras.ops.softmax(model(x, training=False))  # noqa: E731
+        run = rundir.RunDir(run_path, create=False)
+        model, labels = run.load()
+        t = run.temperature()  # calibration.json's T, 1 without one
+        probabilities = lambda x: keras.ops.softmax(model(x, training=False) / t)  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
         labels = imagenet_labels()

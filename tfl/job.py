@@ -47,7 +47,8 @@ SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px)
 # Settings a resumed run may change: where files are, how the work is spread (the global batch and learning
 # rates are still compared), what happens after training. Any other difference is refused.
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
-                     "task_index", "export", "versions", "command", "cache", "cache_budget", "cache_dir", "tensorboard",
+                     "task_index", "export", "calibrate", "versions", "command", "cache", "cache_budget", "cache_dir",
+                     "tensorboard",
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice")
 
@@ -182,6 +183,8 @@ class Job:
     precision: object = None  # tfl.precision.Choice: what the model computes in, and why
     targets: list | None = None  # the model's output names when they are not the data's classes (a pretext task)
     record: dict | None = None  # the options config.json records; None: every field (a sweep's run: tfl.recipes.sweep)
+    # (job) -> extra metrics: what a command does with the saved model before --export (finetune --calibrate)
+    finishers: list = dataclasses.field(default_factory=list)
     # set by prepare():
     inputs: object = None  # StageInputs
     config: dict | None = None
@@ -424,6 +427,9 @@ class Job:
         if save:  # before the last pass over the data: a file that fails it must not cost what training produced
             self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
             run.save_model(self.model)
+            if run.forget_calibration():  # its temperature was fitted to the model just replaced
+                self.log(f"removed {run.file(rundir.CALIBRATION)}: it belonged to the model this run replaced; run "
+                         f"`tfl calibrate --run {run.path}` to fit the new one")
         splits = (self.eval_split()[0],) if score is None else ("test", "val", "train")
         with self.naming_changed_files(splits, "the final evaluation", saved=save):
             metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
@@ -433,6 +439,8 @@ class Job:
         if message:
             self.log(f"{message}; saved {run.file(rundir.MODEL)}")
         metrics["run_dir"] = run.path
+        for finisher in self.finishers if not self.scratch else ():  # the chief's, like the export below
+            metrics.update(finisher(self) or {})
         if self.opts.export and not self.scratch:  # the chief exports; built from model.keras, no collectives
             from tfl.serving.saved_model import export_saved_model
 

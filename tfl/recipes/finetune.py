@@ -42,6 +42,10 @@ class FinetuneOptions(JobOptions):
         "For imbalanced classes. sampler: every epoch draws its batches with replacement, each class equally "
         "likely; loss: each training row's loss weighted by n / (classes x its class's count). Validation and test "
         "stay unweighted; config.json records the counts and weights."))
+    calibrate: bool = option(False, group="run", help=(
+        "Then fit a temperature on the val split, as `tfl calibrate --run` does (before --export, so the export "
+        "holds it): predict, evaluate, report and export return softmax(logits / T); calibration.json has T and "
+        "ECE, NLL and Brier before and after."))
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
@@ -53,7 +57,17 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
     _check_budget(opts)
-    return jobs.run(opts, recipe, log, resolve_depth=resolve_auto)
+    return jobs.run(opts, calibrating(recipe) if opts.calibrate else recipe, log, resolve_depth=resolve_auto)
+
+
+def calibrating(recipe):
+    """The recipe, with the temperature fitted on val once the best model is saved (--calibrate)."""
+    def run(job: Job) -> dict:
+        from tfl.calibration import calibrate_job
+
+        job.finishers.append(calibrate_job)
+        return recipe(job)
+    return run
 
 
 def _check_budget(opts: FinetuneOptions) -> None:

@@ -12,6 +12,7 @@ import importlib
 _LAZY = {
     "write_curves": "tfl.reporting.figures", "read_history_csv": "tfl.reporting.figures",
     "write_confusion_matrix": "tfl.reporting.figures", "write_misclassified_grid": "tfl.reporting.figures",
+    "write_reliability": "tfl.reporting.figures",
     "TensorBoardCallback": "tfl.reporting.tensorboard", "read_scalars": "tfl.reporting.tensorboard",
     "read_text": "tfl.reporting.tensorboard", "read_plugin_tags": "tfl.reporting.tensorboard",
     "report_run": "tfl.reporting.report", "format_report": "tfl.reporting.report",

@@ -156,6 +156,42 @@ def write_compare(summary: list[dict], curves: dict[str, list[dict]], path: str,
     return _finish(figure, (acc_ax, curve_ax), title, path)
 
 
+def write_reliability(before: list[dict], after: list[dict], temperature: float, path: str,
+                      title: str | None = None) -> str:
+    """A reliability diagram, before (T = 1) and after the run's temperature: per confidence bin (tfl.calibration.
+    reliability's rows) the accuracy as a bar against the diagonal of perfect calibration, the gap shaded, the
+    bin's share of examples below; ECE in each panel's title."""
+    if not before or len(before) != len(after):
+        raise UsageError(f"write_reliability needs the same non-empty bins before and after, got {len(before)} and "
+                         f"{len(after)} (for {path})")
+    figure = _figure((10, 5.2))
+    axes = figure.subplots(2, 2, sharex=True, height_ratios=(3, 1))
+    for column, (rows, label) in enumerate(((before, "before: T = 1"), (after, f"after: T = {temperature:.3f}"))):
+        ax, share_ax = axes[0][column], axes[1][column]
+        lows = np.array([row["low"] for row in rows])
+        width = float(rows[0]["high"] - rows[0]["low"])
+        counts = np.array([row["count"] for row in rows], dtype=np.float64)
+        total = counts.sum()
+        accuracy = np.array([row["accuracy"] if row["count"] else 0.0 for row in rows])
+        confidence = np.array([row["confidence"] if row["count"] else 0.0 for row in rows])
+        filled = counts > 0
+        gap = float((counts[filled] / total * np.abs(accuracy[filled] - confidence[filled])).sum()) if total else 0.0
+        ax.bar(lows[filled], accuracy[filled], width=width, align="edge", color="tab:blue", edgecolor="white",
+               label="accuracy")
+        ax.bar(lows[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
+               align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1.0, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{label}   ECE {gap:.4f}")
+        share_ax.bar(lows, counts / total if total else counts, width=width, align="edge", color="0.5",
+                     edgecolor="white")
+        share_ax.set_xlabel("confidence (top probability)")
+        share_ax.set_ylabel("share")
+    return _finish(figure, [ax for row in axes for ax in row], title, path)
+
+
 def _finish(figure, axes, title: str | None, path: str) -> str:
     """Grid and legend on every panel, the title, then the atomic save."""
     for ax in axes:

@@ -2,6 +2,7 @@
 
     report_run("runs/x")  ->  runs/x/report/{report.json, confusion_matrix.json, confusion_matrix.png,
                                             per_class.csv, misclassified.png}
+                              + reliability.png when the run is calibrated (calibration.json)
 
 The metric functions are pure numpy on a confusion matrix, so they are tested on hand-made matrices.
 """
@@ -13,16 +14,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tfl import data
+from tfl import calibration, data
 from tfl.durable import write_csv, write_json
 from tfl.errors import UsageError
-from tfl.inference import check_split, load_run
+from tfl.inference import check_split, load_run, logits_of
 from tfl.reporting import figures
+from tfl.training import rundir
 
 REPORT_DIR = "report"
 FILES = {"report": "report.json", "confusion_matrix_json": "confusion_matrix.json",
          "confusion_matrix_png": "confusion_matrix.png", "per_class_csv": "per_class.csv",
          "misclassified_png": "misclassified.png"}
+RELIABILITY_PNG = "reliability.png"  # a calibrated run's reliability diagram, before and after its temperature
 TOP_CONFUSIONS = 10
 
 
@@ -40,7 +43,8 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     classes = loaded.classes
     log(f"predicting the {split} split of {loaded.dataset} with {run_dir} ...")
     pipeline = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
-    labels, logits, mistakes = _predict(loaded.model, pipeline, max_images)
+    t = loaded.temperature  # the run's probabilities are softmax(logits / t); 1 for an uncalibrated run
+    labels, logits, mistakes = _predict(loaded.model, pipeline, max_images, t)
     if not len(labels):
         raise UsageError(f"split {split!r} of {loaded.dataset} has no examples; choose another split")
 
@@ -50,10 +54,13 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     out = output_dir or os.path.join(run_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     paths = {key: os.path.join(out, name) for key, name in FILES.items()}
+    calibrated = os.path.isfile(os.path.join(run_dir, rundir.CALIBRATION))
+    if calibrated:
+        paths["reliability_png"] = os.path.join(out, RELIABILITY_PNG)
 
     result = {
         "run": run_dir, "dataset": loaded.dataset, "split": split, "examples": int(matrix.sum()),
-        "accuracy": round(accuracy(matrix), 6), "loss": round(_mean_cross_entropy(logits, labels), 6),
+        "accuracy": round(accuracy(matrix), 6), "loss": round(_mean_cross_entropy(logits / t, labels), 6),
         "class_names": list(classes),
         "per_class": [{"class": name, **{k: v[i] for k, v in scores["per_class"].items()}}
                       for i, name in enumerate(classes)],
@@ -64,6 +71,10 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
             {"true": classes[m.true], "predicted": classes[m.predicted], "prob": round(m.prob, 6)} for m in mistakes]},
         "files": paths,
     }
+    if calibrated:
+        result["calibration"] = {"temperature": t, "bins": calibration.ECE_BINS,
+                                 "before": calibration.scores(logits, labels, 1.0),
+                                 "after": calibration.scores(logits, labels, t)}
     write_json(paths["confusion_matrix_json"], {"class_names": list(classes), "rows": "true",
                                                  "columns": "predicted", "matrix": matrix.tolist()})
     _write_per_class_csv(paths["per_class_csv"], result["per_class"])
@@ -72,6 +83,10 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     figures.write_misclassified_grid([m.image for m in mistakes], [classes[m.true] for m in mistakes],
                                      [classes[m.predicted] for m in mistakes], [m.prob for m in mistakes],
                                      paths["misclassified_png"])
+    if calibrated:
+        figures.write_reliability(calibration.reliability(calibration.softmax(logits), labels),
+                                  calibration.reliability(calibration.softmax(logits, t), labels), t,
+                                  paths["reliability_png"], title=f"{title.partition(':')[0]}: {split}")
     write_json(paths["report"], result)  # last: its presence means the whole report was written
     log(f"{split} accuracy {result['accuracy']:.4f} on {result['examples']} examples; report in {out}")
     return result
@@ -138,6 +153,12 @@ def format_report(result: dict) -> str:
     lines += ["-" * len(header), line("macro avg", result["macro_avg"]), line("weighted avg", result["weighted_avg"])]
     lines += ["", "most confused (true -> predicted):"]
     lines += [f"  {c['true']} -> {c['predicted']}: {c['count']}" for c in result["top_confusions"]] or ["  none"]
+    if "calibration" in result:
+        c = result["calibration"]
+        lines += ["", f"calibrated: temperature {c['temperature']:.4f}; ECE {c['before']['ece']:.4f} -> "
+                      f"{c['after']['ece']:.4f}, NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}, Brier "
+                      f"{c['before']['brier']:.4f} -> {c['after']['brier']:.4f} (reliability diagram in "
+                      f"{result['files']['reliability_png']})"]
     shown = len(result["misclassified"]["shown"])
     lines += ["", f"misclassified: {result['misclassified']['total']} ({shown} shown in "
                   f"{result['files']['misclassified_png']})"]
@@ -151,30 +172,27 @@ class Mistake(NamedTuple):
     prob: float  # of the predicted class
 
 
-def _predict(model, pipeline, max_images: int) -> tuple[np.ndarray, np.ndarray, list[Mistake]]:
-    """(labels [N], logits [N, C], the max_images most confident mistakes, most confident first)."""
+def _predict(model, pipeline, max_images: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray,
+                                                                                   list[Mistake]]:
+    """(labels [N], logits [N, C], the max_images most confident mistakes, most confident first; their
+    probability is the run's: softmax(logits / temperature))."""
     import tensorflow as tf
 
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    all_labels, all_logits, mistakes = [], [], []
-    for batch in pipeline:
-        # tfl.data.pipeline's batches are becoming dicts; (images, labels) tuples are the older form.
-        images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
-        logits = tf.cast(forward(images), tf.float32).numpy()
-        labels = labels.numpy().astype(np.int64)
-        all_labels.append(labels)
-        all_logits.append(logits)
+    mistakes: list[Mistake] = []
+
+    def keep_mistakes(images, labels, logits):
+        nonlocal mistakes
         predicted = logits.argmax(axis=1)
         wrong = np.nonzero(predicted != labels)[0]
         if max_images and len(wrong):
-            probs = _softmax(logits[wrong])
+            probs = _softmax(logits[wrong] / temperature)
             shown = tf.saturate_cast(tf.round(tf.gather(images, wrong)), tf.uint8).numpy()  # what the model saw
             mistakes += [Mistake(shown[k], int(labels[i]), int(predicted[i]), float(probs[k, predicted[i]]))
                          for k, i in enumerate(wrong)]
             mistakes = sorted(mistakes, key=lambda m: -m.prob)[:max_images]  # stable: ties keep dataset order
-    if not all_labels:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
-    return np.concatenate(all_labels), np.concatenate(all_logits), mistakes
+
+    labels, logits = logits_of(model, pipeline, keep_mistakes)
+    return labels, logits, mistakes
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

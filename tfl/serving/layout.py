@@ -23,6 +23,7 @@ import uuid
 from typing import Callable
 
 from tfl.errors import UsageError
+from tfl.training.rundir import CALIBRATION
 
 DEFAULT_ROOT = "saved_models"
 LABELS_FILE = "labels.txt"
@@ -160,3 +161,22 @@ def resolve_saved_model(path: str) -> str:
     where = f" or in its highest version {versions[-1]}/" if versions else ""
     raise UsageError(f"--saved-model {path!r}: no {SAVED_MODEL_FILE} there{where}; give a directory written by "
                      "`tfl export --format saved_model`")
+
+
+# -- a calibrated run's temperature (tfl.calibration) in an export ---------------------------------------------------
+def scaled(logits, temperature: float):
+    """logits / T in the serving graph; an uncalibrated run's graph (T = 1) stays as it was."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def write_calibration(run, folder: str) -> None:
+    """Copy the run's calibration.json (its temperature, how it was fitted, ECE before and after) into `folder`
+    of the export; nothing for an uncalibrated run."""
+    if os.path.isfile(run.file(CALIBRATION)):
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(run.file(CALIBRATION), os.path.join(folder, CALIBRATION))
+
+
+def describe_temperature(run) -> str:
+    """", calibrated: T = 1.53" for a log line; "" for an uncalibrated run."""
+    return f", calibrated: T = {run.temperature():.4g}" if os.path.isfile(run.file(CALIBRATION)) else ""

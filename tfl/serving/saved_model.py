@@ -8,6 +8,8 @@ Signatures (the Keras model inside already holds the preprocessing: raw 0-255 RG
 A signature has one input dtype; predict_images takes float32 (JSON numbers need nothing, gRPC clients cast
 uint8 arrays), rather than doubling the signatures for uint8.
 Class names travel as the asset assets/labels.txt (line i = class i), read by a lookup table.
+A calibrated run (calibration.json, tfl.calibration) is exported with its temperature: probabilities are
+softmax(logits / T) inside the graph, and assets.extra/calibration.json (which TF Serving leaves alone) records it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ IMAGES_SIGNATURE = "predict_images"
 BYTES_INPUT = "image_bytes"  # TF Serving's REST API treats `{"b64": ...}` values as bytes; `_bytes` is its convention
 IMAGES_INPUT = "images"
 DEFAULT_TOP_K = 5
+EXTRA_ASSETS = "assets.extra"  # the SavedModel folder for files the graph does not read (TF Serving ignores it)
 
 
 def export_saved_model(run_path: str, output: str | None = None, version: int | None = None,
@@ -40,11 +43,13 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     labels = layout.labels_text(run.read_classes())
     path = layout.version_dir(output or layout.default_base(run_path), version)
     model, class_names = run.load()
+    temperature = run.temperature()
     k = min(top_k, len(class_names))
 
     def build(tmp):
         try:
-            write_saved_model(model, labels, tmp, k)
+            write_saved_model(model, labels, tmp, k, temperature)
+            layout.write_calibration(run, os.path.join(tmp, EXTRA_ASSETS))
         except tf.errors.OpError as err:  # TensorFlow's writer: a full disk is ResourceExhausted, ulimit -f OutOfRange
             disk = layout.disk_error(err.message, path)
             if disk is None:
@@ -52,11 +57,14 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
             raise disk from None
 
     layout.write_version(path, build, log)
-    log(f"exported SavedModel ({len(class_names)} classes, top {k}, {model.inputs[0].shape[1]}px) to {path}")
+    log(f"exported SavedModel ({len(class_names)} classes, top {k}, {model.inputs[0].shape[1]}px"
+        f"{layout.describe_temperature(run)}) to {path}")
     return path
 
 
-def write_saved_model(model, labels: str, path: str, top_k: int) -> None:
+def write_saved_model(model, labels: str, path: str, top_k: int, temperature: float = 1.0) -> None:
+    """The SavedModel of `model` (raw pixels in, logits out) with both signatures; probabilities are
+    softmax(logits / temperature)."""
     import keras
 
     size = int(model.inputs[0].shape[1])
@@ -74,7 +82,7 @@ def write_saved_model(model, labels: str, path: str, top_k: int) -> None:
         # One traced function behind both signatures: the model's graph is built and stored once.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], autograph=False)
         def outputs(images):
-            probabilities = tf.nn.softmax(model(images, training=False), axis=-1)
+            probabilities = tf.nn.softmax(layout.scaled(model(images, training=False), temperature), axis=-1)
             _, classes = tf.math.top_k(probabilities, k=top_k)
             return {"probabilities": probabilities, "classes": classes,
                     "labels": table.lookup(tf.cast(classes, tf.int64))}

@@ -2,7 +2,8 @@
 
 Modes: float32 (as trained), float16 (weights stored as float16, half the size) and int8 (dynamic-range
 quantization: int8 weights, activations quantized on the fly; a quarter of the size, no calibration data).
-The version directory holds model.tflite and labels.txt (line i = class i).
+The version directory holds model.tflite and labels.txt (line i = class i); for a calibrated run (calibration.json)
+the probabilities are softmax(logits / T) inside the flatbuffer, and calibration.json beside it records T.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
     # Its own default base: TF Serving would try to load a TFLite version dir found among SavedModel versions.
     path = layout.version_dir(output or layout.default_base(run_path, f"-tflite-{mode}"), version)
     model, _ = run.load()
-    flatbuffer = convert(model, mode)
+    flatbuffer = convert(model, mode, run.temperature())
 
     def build(tmp):
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(flatbuffer)
         with open(os.path.join(tmp, layout.LABELS_FILE), "w", encoding="utf-8") as f:
             f.write(labels)
+        layout.write_calibration(run, tmp)
 
     layout.write_version(path, build, log)
-    log(f"exported TFLite {mode} ({len(flatbuffer) / 2**20:.1f} MiB, {model.inputs[0].shape[1]}px) to {path}")
+    log(f"exported TFLite {mode} ({len(flatbuffer) / 2**20:.1f} MiB, {model.inputs[0].shape[1]}px"
+        f"{layout.describe_temperature(run)}) to {path}")
     return path
 
 
@@ -50,14 +53,15 @@ def check_mode(mode: str) -> None:
         raise UsageError(f"--tflite-mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
-def convert(model, mode: str) -> bytes:
+def convert(model, mode: str, temperature: float = 1.0) -> bytes:
     with tempfile.TemporaryDirectory() as scratch:
-        write_probabilities_model(model, scratch)
+        write_probabilities_model(model, scratch, temperature)
         return convert_saved_model(scratch, mode)
 
 
-def write_probabilities_model(model, path: str) -> None:
-    """The graph TFLite gets, as a SavedModel: serving_default, image [N, S, S, 3] -> probabilities.
+def write_probabilities_model(model, path: str, temperature: float = 1.0) -> None:
+    """The graph TFLite gets, as a SavedModel: serving_default, image [N, S, S, 3] -> probabilities
+    (softmax(logits / temperature)).
 
     Through a SavedModel because from_concrete_functions leaves Keras 3 variables unfrozen and uninitialised
     (NaN outputs, a 200 KB file, measured on TF 2.21); from_saved_model folds them into constants.
@@ -67,7 +71,7 @@ def write_probabilities_model(model, path: str) -> None:
     size = int(model.inputs[0].shape[1])
 
     def probabilities(image):
-        return {OUTPUT: tf.nn.softmax(model(image, training=False), axis=-1)}
+        return {OUTPUT: tf.nn.softmax(layout.scaled(model(image, training=False), temperature), axis=-1)}
 
     archive = keras.export.ExportArchive()  # variables are tracked from the endpoint; the model holds no tables
     archive.add_endpoint(SIGNATURE, probabilities, [tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT)])

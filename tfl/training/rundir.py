@@ -7,6 +7,8 @@ runs/<timestamp>-<backbone>-<dataset>/
   history.csv       one row per epoch
   model.keras       the best model (raw 0-255 RGB pixels in, logits out)
   metrics.json      test_accuracy, test_loss (with a test split; else val_loss), val_accuracy, eval_split, ...
+  calibration.json  after `tfl calibrate` (or finetune --calibrate): the temperature T every reader of the run
+                    divides model.keras's logits by (tfl.calibration); without it T = 1
   checkpoints/      the last two finished epochs and a `latest` pointer, to resume from (see checkpoint.py)
 
 A crash leaves at most `.tmp-*` files behind, never a partial file under a real name; a resumed run removes them.
@@ -34,10 +36,11 @@ from tfl.durable import TMP_PREFIX, atomic_write, fsync_dir, save_keras, write_c
 
 CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
     "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
+CALIBRATION = "calibration.json"
 LOCK = ".tfl.lock"
 MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # a run's JSON files are small and shallow; anything else is refused
 # What a tfl run writes into its directory besides the names above; --overwrite deletes exactly these.
-RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json")
+RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json", CALIBRATION)
 
 
 class RunDirInUse(Unavailable):
@@ -227,6 +230,25 @@ class RunDir:
                              f"(edited, or copied from another run); restore the run's own classes.json ({count} "
                              "names, in index order)")
         return model, classes
+
+    def temperature(self) -> float:
+        """The temperature calibration.json holds (T > 0, finite), 1.0 when the run has none: the run's
+        probabilities are softmax(logits / T) wherever they are computed (predict, evaluate, report, export)."""
+        if not os.path.isfile(self.file(CALIBRATION)):
+            return 1.0
+        record = self.read_json(CALIBRATION)
+        value = record.get("temperature") if isinstance(record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise UsageError(f"{self.file(CALIBRATION)}: 'temperature' is {value!r}, not a positive number; run "
+                             f"`tfl calibrate --run {self.path}` again to rewrite it, or delete the file")
+        return float(value)
+
+    def forget_calibration(self) -> bool:
+        """Remove calibration.json (its temperature was fitted to a model.keras that was just replaced)."""
+        if os.path.isfile(self.file(CALIBRATION)):
+            os.unlink(self.file(CALIBRATION))
+            return True
+        return False
 
     def load_model(self):
         """model.keras after the checks of load() (the classes.json beside it must fit the model)."""

@@ -1,0 +1,235 @@
+"""Temperature scaling (Guo et al. 2017): one scalar T fitted on the val split, so that softmax(logits / T) says
+how often the model is right. The run's model.keras keeps its logits; calibration.json beside it holds T, and
+everything that reads the run (predict, evaluate, report, export) divides the logits by it.
+
+    calibrate_run("runs/x")  ->  runs/x/calibration.json: temperature, val NLL before/after, test ECE, NLL and
+                                 Brier before/after, split sizes, and why T stayed 1 when it did
+
+The metrics and the fit are pure numpy functions of logits and labels, so they are tested on hand-made arrays:
+  NLL    mean over examples of -log p(true class)
+  Brier  mean over examples of sum over classes of (p_c - onehot_c)^2  (0 perfect, 2 worst)
+  ECE    15 equal-width bins of the top probability (bin m holds confidences in ((m-1)/15, m/15]):
+         sum over bins of |bin| / n x |accuracy(bin) - mean confidence(bin)|
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from tfl.errors import UsageError
+from tfl.training import rundir
+from tfl.training.rundir import CALIBRATION
+
+ECE_BINS = 15
+# The search range of T. A fit at either end means the val split cannot place T. At the lower end every val example
+# is right and the NLL keeps falling as T -> 0: that T is an artefact of the range, and sharpening by it would make
+# every mistake on new data a confident one, so T stays 1. At the upper end the model ranks the classes no better
+# than chance on val and T flattens its probabilities towards uniform, which is what such a model should say: it
+# is used, with a warning.
+T_RANGE = (0.01, 100.0)
+MIN_GAIN = 1e-6  # nats of val NLL: a smaller gain keeps T = 1 (the fitted T is then 1 within the search tolerance)
+_TOLERANCE = 1e-10  # of the golden-section search, in log T
+
+
+# -- metrics --------------------------------------------------------------------------------------------------------
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true labels under softmax(logits / T)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def brier(probs, labels) -> float:
+    """Mean over examples of sum over classes of (p_c - onehot_c)^2."""
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[np.asarray(labels, dtype=np.int64)]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def reliability(probs, labels, bins: int = ECE_BINS) -> list[dict]:
+    """Per equal-width bin of the top probability ((m-1)/bins, m/bins]: its edges, how many examples fall in it,
+    their mean confidence and their accuracy (None for an empty bin)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    confidence = probs.max(axis=1)
+    hit = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    rows = []
+    for m in range(bins):
+        inside = which == m
+        count = int(inside.sum())
+        rows.append({"low": m / bins, "high": (m + 1) / bins, "count": count,
+                     "confidence": float(confidence[inside].mean()) if count else None,
+                     "accuracy": float(hit[inside].mean()) if count else None})
+    return rows
+
+
+def ece(probs, labels, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over bins of |bin| / n x |accuracy(bin) - confidence(bin)|."""
+    rows = reliability(probs, labels, bins)
+    n = sum(row["count"] for row in rows)
+    return float(sum(row["count"] / n * abs(row["accuracy"] - row["confidence"]) for row in rows if row["count"]))
+
+
+def scores(logits, labels, temperature: float = 1.0, bins: int = ECE_BINS) -> dict:
+    """{"accuracy", "nll", "ece", "brier"} of softmax(logits / T) against the labels."""
+    probs = softmax(logits, temperature)
+    labels = np.asarray(labels, dtype=np.int64)
+    return {"accuracy": round(float((probs.argmax(axis=1) == labels).mean()), 6),
+            "nll": round(nll(logits, labels, temperature), 6), "ece": round(ece(probs, labels, bins), 6),
+            "brier": round(brier(probs, labels), 6)}
+
+
+# -- the fit --------------------------------------------------------------------------------------------------------
+def fit_temperature(logits, labels, t_range: tuple[float, float] = T_RANGE) -> float:
+    """The T in t_range minimising the mean NLL of softmax(logits / T): a golden-section search over log T.
+
+    The NLL is convex in 1 / T (a log-sum-exp minus a linear term), so it has one minimum along log T and the
+    search finds it (or the end of the range it lies beyond)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    low, high = math.log(t_range[0]), math.log(t_range[1])
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def loss(u):
+        return nll(logits, labels, math.exp(u))
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss(a), loss(b)
+    while high - low > _TOLERANCE:
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(b)
+    return math.exp((low + high) / 2)
+
+
+def calibrate_logits(val_logits, val_labels, test_logits=None, test_labels=None, bins: int = ECE_BINS) -> dict:
+    """Fit T on the val logits; score val and (given) test before (T = 1) and after. T stays 1 when the fit does
+    not lower the val NLL by MIN_GAIN; "kept" and "reason" say so. The record calibration.json holds."""
+    val_logits = np.asarray(val_logits, dtype=np.float64)
+    if not len(val_logits):
+        raise UsageError("the val split has no examples, so there is nothing to fit a temperature on; give the run "
+                         "a val split (an image folder's val/, or train a run with a larger --val-split)")
+    if not np.isfinite(val_logits).all():
+        raise UsageError("the model's logits on the val split are not all finite (NaN or infinity): no temperature "
+                         "can fix that; train the run again (a lower --lr)")
+    fitted = fit_temperature(val_logits, val_labels)
+    before, after = nll(val_logits, val_labels), nll(val_logits, val_labels, fitted)
+    at_bound = not T_RANGE[0] * 1.001 < fitted < T_RANGE[1] / 1.001
+    if not after < before - MIN_GAIN:
+        reason = (f"the fitted T = {fitted:.4f} lowers the val NLL by {before - after:.2g} nats, less than "
+                  f"{MIN_GAIN:g}: the model is already calibrated on val, so T stays 1")
+    elif at_bound and fitted < 1:
+        reason = (f"every val example is right and the val NLL keeps falling as T goes to 0 (the fit stopped at the "
+                  f"end of its range, T = {T_RANGE[0]:g}): the val split cannot place T, so T stays 1; a larger val "
+                  "split, with some mistakes in it, gives a temperature to trust")
+    else:
+        reason = None
+    kept = reason is not None
+    temperature = 1.0 if kept else fitted
+    record = {
+        "temperature": round(temperature, 8),
+        "fitted_temperature": round(fitted, 8),
+        "kept": kept,
+        "reason": reason,
+        "at_range_bound": at_bound,
+        "range": list(T_RANGE),
+        "bins": bins,
+        "method": "temperature scaling: T minimising the mean NLL of softmax(logits / T) on the val split",
+    }
+    for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
+        if logits is None or not len(logits):
+            record[split] = None
+            continue
+        record[split] = {"examples": int(len(labels)), "before": scores(logits, labels, 1.0, bins),
+                         "after": scores(logits, labels, temperature, bins)}
+    return record
+
+
+# -- a run ----------------------------------------------------------------------------------------------------------
+def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print) -> dict:
+    """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json."""
+    from tfl import data
+    from tfl.inference import logits_of
+
+    passes = {}
+    for split in ("val", "test"):
+        source = getattr(splits, split)
+        if source is not None:
+            log(f"calibration: predicting the {split} split ...")
+            pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
+            labels, logits = logits_of(model, pipeline)
+            if len(labels):
+                passes[split] = (logits, labels)
+    if "val" not in passes:
+        raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
+                         "give the dataset a val/ folder (or train the run again with a larger --val-split)")
+    record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
+    rundir.RunDir(run_path, create=False).write_json(CALIBRATION, record)
+    log(f"calibration: temperature {record['temperature']:.4g}" + (" (kept)" if record["kept"] else "")
+        + f"; wrote {os.path.join(run_path, CALIBRATION)}")
+    return record
+
+
+def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print) -> dict:
+    """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
+    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
+    where the run's dataset is read from (default: the run's own)."""
+    from tfl.inference import load_run
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    loaded = load_run(run_path, data_dir=data_dir, log=log)
+    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log)
+
+
+def calibrate_job(job) -> dict:
+    """`tfl finetune --calibrate`: calibrate the model a job just saved (its splits, in memory) before --export."""
+    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log)
+    for line in describe(record).splitlines():  # finetune's log is its result
+        job.log(line)
+    return {"temperature": record["temperature"]}
+
+
+def describe(record: dict, run_path: str | None = None) -> str:
+    """The record as a few lines: T and why, then ECE / NLL / Brier before and after on each split."""
+    t = record["temperature"]
+    val = record["val"]
+    if record["kept"]:
+        head = f"temperature 1 (kept): {record['reason']}"
+    else:
+        head = (f"temperature {t:.4f}: val NLL {val['before']['nll']:.4f} -> {val['after']['nll']:.4f} on "
+                f"{val['examples']} examples")
+    lines = [head]
+    if record["at_range_bound"] and not record["kept"]:
+        lines.append(f"warning: T reached the upper end of its search range ({record['range'][1]:g}): on val the "
+                     "model ranks the classes no better than chance, so its probabilities are now close to "
+                     "uniform; a better model (or a larger val split) gives a temperature to trust")
+    lines.append(f"{'split':<6} {'':<7} {'ECE':>7} {'NLL':>8} {'Brier':>7} {'accuracy':>9}")
+    for split in ("val", "test"):
+        if record[split] is None:
+            lines.append(f"{split:<6} (no {split} split)")
+            continue
+        for when in ("before", "after"):
+            s = record[split][when]
+            lines.append(f"{split:<6} {when:<7} {s['ece']:>7.4f} {s['nll']:>8.4f} {s['brier']:>7.4f} "
+                         f"{s['accuracy']:>9.4f}")
+    if run_path:
+        lines.append(f"ECE over {record['bins']} bins; wrote {os.path.join(run_path, CALIBRATION)}")
+    return "\n".join(lines)
