@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from tfl.cli import cli
 from tfl.recipes import advise as adv
 from tfl.recipes import transferability as t
-from tiny_runs import TINY
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -287,7 +286,9 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert rules["proxy"] is None and rules["recommendation"]["score"] == "logme" and rules["pass"]["reused"]
     assert not (tmp_path / "rules" / "proxy").exists()
 
-    flags = [flag for flag in TINY if flag not in ("--freeze-up-to", "block4")]
+    # the backbone advise scored above, so its pass is reused
+    flags = ["--backbone", "mobilenet", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs",
+             "2", "--val-split", "0.25", "--lr", "0.01", "--backbone-lr", "0.01"]
     out = tmp_path / "run"
     args = ["finetune", *flags, "--dataset", data, "--batch-size", "8", "--freeze-up-to", "auto", "--cache-dir", cache,
             "--output-dir", out, "--no-tensorboard"]
@@ -296,7 +297,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
     recorded = json.loads((out / "advice.json").read_text())
     assert recorded["requested"] == "auto"
-    # auto ran its own proxy with the run's budget (TINY's --head-epochs 1 and --epochs 2, batch 8), in a
+    # auto ran its own proxy with the run's budget (--head-epochs 1 and --epochs 2, batch 8), in a
     # temporary directory it removed
     proxy = recorded["proxy"]
     assert (proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]) == (1, 2, 8)

@@ -252,7 +252,7 @@ def test_a_run_on_a_disk_that_fills_up_ends_with_one_line(data, tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: cannot use ") and "File too large" in last
-    assert json.load(open(out / "config.json"))["backbone"] == "mobilenet"  # what was written before is intact
+    assert json.load(open(out / "config.json"))["backbone"] == "compact_cnn"  # what was written before is intact
 
 
 # -- image sizes -------------------------------------------------------------------------------------------------------
