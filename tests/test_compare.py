@@ -24,8 +24,8 @@ from test_finetune_pinned import PINNED
 TINY = dict(backbone="efficientnet_lite0", weights="default", image_size=32, head_epochs=2, epochs=2, val_split=0.25,
             freeze_up_to="block6", lr=0.003, backbone_lr=0.0003, batch_size=8, tensorboard=False)
 E = TINY["head_epochs"] + TINY["epochs"]
-# Where pretrained weights don't matter: random-init MobileNet, about half the time per run.
-MOBILENET = {**TINY, "backbone": "mobilenet", "weights": "none", "freeze_up_to": "block4"}
+# Where pretrained weights don't matter: the random-init compact CNN, about half the time per run.
+COMPACT = {**TINY, "backbone": "compact_cnn", "weights": "none", "freeze_up_to": "block2"}
 
 
 def _quiet(*_):
@@ -113,7 +113,7 @@ def test_fractions_and_seeds_are_summarised_and_a_failing_run_keeps_the_rows_so_
         raise RuntimeError("broken arm")
 
     monkeypatch.setitem(REGISTRY, "scratch", cmp.Arm(broken, "fails after setup", {}))  # the second arm breaks
-    opts = CompareOptions(**MOBILENET, dataset=data, output_dir=str(tmp_path), arms=("linear_probe", "scratch"),
+    opts = CompareOptions(**COMPACT, dataset=data, output_dir=str(tmp_path), arms=("linear_probe", "scratch"),
                           label_fractions=(0.5, 1.0), seeds=2, seed=3)
     with pytest.raises(RuntimeError, match="broken arm"):
         compare(opts, log=_quiet)
@@ -150,7 +150,7 @@ def test_label_fraction_is_a_stratified_seeded_subset():
 
 def test_job_trains_on_the_label_fraction_and_keys_the_cache_by_its_rows(data):
     def setup(**kw):
-        opts = JobOptions(**{**MOBILENET, "batch_size": 4}, dataset=data, **kw)
+        opts = JobOptions(**{**COMPACT, "batch_size": 4}, dataset=data, **kw)
         return Job.setup(opts, _quiet, tf.distribute.get_strategy())
 
     first, again, other = setup(label_fraction=0.25), setup(label_fraction=0.25), setup(label_fraction=0.25, seed=1)
