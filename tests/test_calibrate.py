@@ -16,7 +16,7 @@ from tfl.cli import cli
 from tfl.errors import UsageError
 from tfl.training import rundir
 from tfl.training.rundir import CALIBRATION, RunDir
-from test_export import evaluation_pixels, tflite_probabilities
+from test_export import evaluation_pixels, tflite_outputs
 
 
 # -- the fit and the metrics, on hand-made arrays ------------------------------------------------------------------
@@ -120,7 +120,78 @@ def test_a_new_model_in_the_run_directory_drops_the_old_temperature(tmp_path):
     assert sorted(os.path.basename(p) for p in removed) == [CALIBRATION, "config.json"]
 
 
+# -- abstaining: the threshold and the risk-coverage curve, on hand-made arrays ----------------------------------------
+def test_risk_coverage_and_selective_scores_against_a_hand_computation():
+    confidence = np.array([0.9, 0.6, 0.8, 0.6, 0.95, 0.5])
+    hit = np.array([True, False, True, True, False, True])
+    # By confidence: .95 wrong, .9 right, .8 right, .6 wrong + .6 right (a tie: one threshold), .5 right.
+    assert calibration.risk_coverage(confidence, hit) == [
+        {"threshold": 0.95, "coverage": 1 / 6, "risk": 1.0},
+        {"threshold": 0.9, "coverage": 2 / 6, "risk": 1 / 2},
+        {"threshold": 0.8, "coverage": 3 / 6, "risk": 1 / 3},
+        {"threshold": 0.6, "coverage": 5 / 6, "risk": 2 / 5},
+        {"threshold": 0.5, "coverage": 1.0, "risk": 2 / 6}]
+    assert calibration.selective(confidence, hit, 0.8) == {"examples": 6, "coverage": 0.5,
+                                                            "selective_accuracy": pytest.approx(2 / 3, abs=1e-6)}
+    assert calibration.selective(confidence, hit, 0.99)["selective_accuracy"] is None  # nothing answered
+    # coverage:0.5 -> the 3rd highest confidence; coverage:0.8 -> ceil(4.8) = 5th, a tie at .6 (coverage 5/6)
+    assert calibration.choose_threshold(confidence, hit, "coverage", 0.5) == 0.8
+    assert calibration.choose_threshold(confidence, hit, "coverage", 0.8) == 0.6
+    assert calibration.choose_threshold(confidence, hit, "coverage", 1.0) == 0.5
+    # selective accuracies by threshold: 0, .5, .667, .6, .667; the smallest meeting precision:0.66 is .5
+    assert calibration.choose_threshold(confidence, hit, "precision", 0.66) == 0.5  # 4/6 = .667 at .5 as well
+    wrong_last = hit.copy()
+    wrong_last[5] = False  # selective accuracies now 0, .5, .667, .6, .5
+    assert calibration.choose_threshold(confidence, wrong_last, "precision", 0.5) == 0.5
+    assert calibration.choose_threshold(confidence, wrong_last, "precision", 0.6) == 0.6
+    assert calibration.choose_threshold(confidence, wrong_last, "precision", 0.65) == 0.8
+    with pytest.raises(UsageError, match=r"--abstain precision:0.9: no threshold reaches .*the best is 0.6667"):
+        calibration.choose_threshold(confidence, hit, "precision", 0.9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind,target", [("coverage", 0.95), ("coverage", 0.5), ("coverage", 0.83),
+                                         ("precision", 0.9), ("precision", 0.99)])
+def test_the_threshold_meets_its_target_on_val_by_construction(seed, kind, target):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    logits = rng.normal(0, 3, (n, 4))
+    labels = np.where(rng.random(n) < 0.8, logits.argmax(axis=1), rng.integers(0, 4, n))
+    if seed == 5:  # ties: confidences on a coarse grid
+        logits = np.round(logits)
+    probs = calibration.softmax(logits)
+    confidence, hit = probs.max(axis=1), probs.argmax(axis=1) == labels
+    try:
+        threshold = calibration.choose_threshold(confidence, hit, kind, target)
+    except UsageError:  # only a precision no threshold reaches, checked against every threshold
+        assert kind == "precision"
+        assert all(1 - row["risk"] < target for row in calibration.risk_coverage(confidence, hit))
+        return
+    at = calibration.selective(confidence, hit, threshold)
+    raw_coverage, raw_accuracy = (confidence >= threshold).mean(), hit[confidence >= threshold].mean()
+    rows = calibration.risk_coverage(confidence, hit)
+    if kind == "coverage":
+        assert raw_coverage >= target
+        assert all(row["coverage"] < target for row in rows if row["threshold"] > threshold)  # the largest
+    else:
+        assert raw_accuracy >= target
+        assert all(1 - row["risk"] < target for row in rows if row["threshold"] < threshold)  # the smallest
+    assert at["coverage"] == pytest.approx(raw_coverage, abs=1e-6)
+    record = calibration.abstain_record(f"{kind}:{target}", logits, labels, logits, labels, 1.0)
+    assert record["threshold"] == threshold and record["val"] == record["test"] == at
+
+
+@pytest.mark.parametrize("spec", ["coverage:1.5", "coverage", "precision:0", "recall:0.9", "coverage:x", ""])
+def test_a_bad_abstain_value_is_named_with_the_fix(spec):
+    with pytest.raises(UsageError, match=rf"^--abstain {spec!r}: give coverage:C .* e\.g\. --abstain coverage:0\.95$"):
+        calibration.parse_abstain(spec)
+    assert calibration.parse_abstain("precision:0.99") == ("precision", 0.99)
+
+
 # -- one tiny calibrated run, every reader of it --------------------------------------------------------------------
+ABSTAIN = "coverage:0.75"  # of 8 val images: the 6th highest top probability
+
+
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -134,10 +205,10 @@ def calibrated(data_a_to_d, tmp_path_factory):
         trained = invoke("finetune", "--dataset", data_a_to_d, "--backbone", "compact_cnn", "--weights", "none",
                          "--image-size", 32, "--head-epochs", 1, "--epochs", 1, "--batch-size", 8, "--val-split",
                          0.25, "--lr", 0.01, "--no-tensorboard", "--output-dir", root / "run", "--calibrate",
-                         "--export", "--json")
+                         "--abstain", ABSTAIN, "--export", "--json")
         assert trained.exit_code == 0, trained.output
         record = json.loads((root / "run" / CALIBRATION).read_text())
-        again = invoke("calibrate", "--run", root / "run", "--json")
+        again = invoke("calibrate", "--run", root / "run", "--abstain", ABSTAIN, "--json")
         assert again.exit_code == 0, again.output
     files = sorted(str(p) for p in pathlib.Path(data_a_to_d).glob("test/*/*.png"))
     model = RunDir(str(root / "run"), create=False).load_model()
@@ -150,6 +221,11 @@ def expected_probabilities(calibrated):
     return calibration.softmax(calibrated["logits"], calibrated["record"]["temperature"])
 
 
+def expected_confident(calibrated):
+    top = expected_probabilities(calibrated).max(axis=1).astype(np.float32)
+    return top >= np.float32(calibrated["record"]["abstain"]["threshold"])
+
+
 def test_finetune_calibrate_writes_calibration_json_and_calibrate_refits_the_same(calibrated):
     record, t = calibrated["record"], calibrated["record"]["temperature"]
     assert record["val"]["examples"] == 8 and record["test"]["examples"] == 8 and record["bins"] == 15
@@ -158,15 +234,29 @@ def test_finetune_calibrate_writes_calibration_json_and_calibrate_refits_the_sam
     # From model.keras's own logits again: the earlier temperature is not applied twice.
     assert calibrated["again"]["temperature"] == pytest.approx(t, rel=1e-6)
     assert calibrated["again"]["test"] == record["test"]
+    abstain = record["abstain"]
+    assert abstain["target"] == ABSTAIN and calibrated["metrics"]["abstain_threshold"] == abstain["threshold"]
+    assert abstain["val"]["coverage"] >= 0.75 and abstain["val"]["examples"] == 8  # its target, on val
+    assert abstain["test"]["examples"] == 8 and 0 <= abstain["test"]["coverage"] <= 1
+    assert calibrated["again"]["abstain"]["threshold"] == pytest.approx(abstain["threshold"], abs=1e-6)
+    without = calibration.describe(record)
+    assert f"abstain ({ABSTAIN}): confident when the top probability >= " in without
 
 
 def test_predict_returns_softmax_of_logits_over_t(calibrated):
     result = invoke("predict", "--run", calibrated["run"], "--top-k", 4, "--json", *calibrated["files"])
     assert result.exit_code == 0, result.output
     expected = expected_probabilities(calibrated)
-    for row, p in zip(json.loads(result.stdout), expected):
+    rows = json.loads(result.stdout)
+    for row, p in zip(rows, expected):
         for top in row["top"]:
             assert top["prob"] == pytest.approx(p[top["index"]], abs=2e-6)
+    confident = [row["confident"] for row in rows]
+    assert confident == list(expected_confident(calibrated))
+    assert sum(confident) / len(confident) == calibrated["record"]["abstain"]["test"]["coverage"]
+    text = invoke("predict", "--run", calibrated["run"], *calibrated["files"]).stdout
+    assert [line.endswith("  unsure") for line in text.splitlines() if not line.startswith(" ")] == [
+        not c for c in confident]
     assert not np.allclose(expected, calibration.softmax(calibrated["logits"]), atol=1e-3)  # T changed them
 
 
@@ -191,10 +281,12 @@ def test_saved_model_serves_the_probabilities_predict_returns(calibrated):
         calibrated["record"]["temperature"])
     signatures = tf.saved_model.load(str(version)).signatures
     for name in ("serving_default", "predict_images"):
-        assert set(signatures[name].structured_outputs) == {"probabilities", "classes", "labels"}
+        assert set(signatures[name].structured_outputs) == {"probabilities", "classes", "labels", "confident"}
+        assert signatures[name].structured_outputs["confident"].dtype == tf.bool
     images = evaluation_pixels(calibrated["files"])
-    served = signatures["predict_images"](images=tf.constant(images))["probabilities"].numpy()
-    np.testing.assert_allclose(served, expected_probabilities(calibrated), atol=1e-5)
+    served = signatures["predict_images"](images=tf.constant(images))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected_probabilities(calibrated), atol=1e-5)
+    assert list(served["confident"].numpy()) == list(expected_confident(calibrated))
 
     by_bytes = invoke("predict", "--saved-model", base, "--top-k", 4, "--json", *calibrated["files"])
     direct = invoke("predict", "--run", calibrated["run"], "--top-k", 4, "--json", *calibrated["files"])
@@ -202,6 +294,7 @@ def test_saved_model_serves_the_probabilities_predict_returns(calibrated):
     for s, d in zip(json.loads(by_bytes.stdout), json.loads(direct.stdout)):
         assert {t["label"]: t["prob"] for t in s["top"]} == pytest.approx({t["label"]: t["prob"] for t in d["top"]},
                                                                            abs=1e-5)
+        assert s["confident"] == d["confident"]  # the export's verdict from the files' bytes, and predict's
 
 
 def test_tflite_returns_the_calibrated_probabilities(calibrated):
@@ -210,8 +303,10 @@ def test_tflite_returns_the_calibrated_probabilities(calibrated):
     assert result.exit_code == 0, result.output
     version = out / "1"
     assert sorted(os.listdir(version)) == [CALIBRATION, "labels.txt", "model.tflite"]
-    probs = tflite_probabilities(str(version / "model.tflite"), evaluation_pixels(calibrated["files"]))
-    np.testing.assert_allclose(probs, expected_probabilities(calibrated), atol=1e-5)  # float32, as test_export's
+    outputs = tflite_outputs(str(version / "model.tflite"), evaluation_pixels(calibrated["files"]))
+    assert set(outputs) == {"probabilities", "confident"} and outputs["confident"].dtype == np.bool_
+    np.testing.assert_allclose(outputs["probabilities"], expected_probabilities(calibrated), atol=1e-5)
+    assert list(outputs["confident"]) == list(expected_confident(calibrated))
 
 
 def test_report_draws_the_reliability_diagram(calibrated):
@@ -229,6 +324,7 @@ def test_report_draws_the_reliability_diagram(calibrated):
 @pytest.mark.parametrize("args,message", [
     (["--run", "{root}/nope"], "--run '{root}/nope': no such run directory"),
     (["--run", "{run}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--run", "{run}", "--abstain", "coverage:1.5"], "--abstain 'coverage:1.5': give coverage:C"),
 ])
 def test_calibrate_usage_errors_exit_2_with_one_line(calibrated, args, message):
     fill = {"root": calibrated["root"], "run": calibrated["run"]}

@@ -198,14 +198,19 @@ def test_options_of_the_other_format_and_bad_class_names_are_refused(run_dir):
         layout.labels_text(["ok", "a\nb"])
 
 
-def tflite_probabilities(path, images):
+def tflite_outputs(path, images):
+    """Every output of a TFLite file's serving_default for a batch of images, by name."""
     with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to ai-edge-litert
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_path=path)
     runner = interpreter.get_signature_runner("serving_default")
     details = runner.get_input_details()["image"]
     assert list(details["shape_signature"]) == [-1, SIZE, SIZE, 3] and details["dtype"] == np.float32
-    return runner(image=images)["probabilities"]
+    return runner(image=images)
+
+
+def tflite_probabilities(path, images):
+    return tflite_outputs(path, images)["probabilities"]
 
 
 @pytest.fixture(scope="module")

@@ -338,13 +338,16 @@ def evaluate(run_dir: str, dataset: str | None = None, data_dir: str | None = No
     return evaluate_run(run_dir, dataset, data_dir, batch_size, log=log or logger.info)
 
 
-def calibrate(run_dir: str, batch_size: int = 64, data_dir: str | None = None, log=None) -> dict:
+def calibrate(run_dir: str, batch_size: int = 64, data_dir: str | None = None, log=None,
+              abstain: str | None = None) -> dict:
     """Fit a temperature on the run's val split and score val and test before and after (`tfl calibrate`); writes
     calibration.json, which predict, evaluate, report and export then use. Returns that record: {"temperature",
-    "kept", "reason", "val": {"examples", "before", "after"}, "test": ... or None, "bins", ...}."""
+    "kept", "reason", "val": {"examples", "before", "after"}, "test": ... or None, "bins", ...}. abstain
+    ("coverage:0.95" or "precision:0.99") also chooses a threshold on the calibrated top probability on val and adds
+    "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy)."""
     from tfl.calibration import calibrate_run
 
-    return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info)
+    return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info, abstain=abstain)
 
 
 def export(run_dir: str, format: str = "saved_model", output: str | None = None, version: int | None = None,

@@ -162,8 +162,89 @@ def calibrate_logits(val_logits, val_labels, test_logits=None, test_labels=None,
     return record
 
 
+# -- abstaining: a threshold on the calibrated top probability ------------------------------------------------------
+ABSTAIN_KINDS = ("coverage", "precision")
+
+
+def parse_abstain(spec: str | None) -> tuple[str, float] | None:
+    """"coverage:0.95" -> ("coverage", 0.95); None -> None. The one place an --abstain value is checked."""
+    if spec is None:
+        return None
+    kind, _, value = str(spec).partition(":")
+    try:
+        target = float(value)
+    except ValueError:
+        target = None
+    if kind not in ABSTAIN_KINDS or target is None or not 0 < target <= 1:
+        raise UsageError(f"--abstain {spec!r}: give coverage:C (answer on at least a share C of the val images) or "
+                         "precision:P (be right on at least a share P of those answered), with 0 < C, P <= 1, e.g. "
+                         "--abstain coverage:0.95")
+    return kind, target
+
+
+def selective(confidence, hit, threshold: float) -> dict:
+    """Answering only where the top probability >= threshold: {"coverage": share answered, "selective_accuracy":
+    accuracy on those (None when none is answered), "examples"}."""
+    confidence, hit = np.asarray(confidence, dtype=np.float64), np.asarray(hit, dtype=bool)
+    answered = confidence >= threshold
+    count = int(answered.sum())
+    return {"examples": int(len(confidence)), "coverage": round(count / len(confidence), 6) if len(confidence) else 0.0,
+            "selective_accuracy": round(float(hit[answered].mean()), 6) if count else None}
+
+
+def risk_coverage(confidence, hit) -> list[dict]:
+    """One row per distinct top probability t, highest first: {"threshold": t, "coverage", "risk"}, where coverage is
+    the share with confidence >= t and risk the error rate among them (1 - selective accuracy)."""
+    confidence, hit = np.asarray(confidence, dtype=np.float64), np.asarray(hit, dtype=bool)
+    order = np.argsort(-confidence, kind="stable")
+    confidence, hit = confidence[order], hit[order]
+    answered = np.arange(1, len(confidence) + 1)
+    errors = np.cumsum(~hit)
+    last = np.r_[confidence[1:] != confidence[:-1], True]  # the last of each run of equal confidences
+    return [{"threshold": float(confidence[i]), "coverage": float(answered[i] / len(confidence)),
+             "risk": float(errors[i] / answered[i])} for i in np.flatnonzero(last)]
+
+
+def choose_threshold(confidence, hit, kind: str, target: float) -> float:
+    """The threshold on val, meeting its target there by construction. coverage:c -> the largest threshold whose
+    coverage is >= c (the ceil(c n)-th highest confidence); precision:p -> the smallest threshold whose selective
+    accuracy is >= p. A precision no threshold reaches is refused, naming the best one."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if not len(confidence):
+        raise UsageError("--abstain: the val split has no examples to choose a threshold on")
+    if kind == "coverage":
+        k = max(1, math.ceil(target * len(confidence) - 1e-9))
+        return float(np.sort(confidence)[::-1][k - 1])
+    rows = risk_coverage(confidence, hit)
+    meeting = [row for row in rows if 1 - row["risk"] >= target - 1e-12]
+    if not meeting:
+        best = min(rows, key=lambda row: (row["risk"], -row["coverage"]))
+        raise UsageError(f"--abstain precision:{target:g}: no threshold reaches that selective accuracy on the val "
+                         f"split (the best is {1 - best['risk']:.4f}, answering {best['coverage']:.2%} of it); "
+                         "lower the target, or use coverage:C")
+    return min(row["threshold"] for row in meeting)
+
+
+def abstain_record(spec: str, val_logits, val_labels, test_logits, test_labels, temperature: float) -> dict:
+    """calibration.json's "abstain": the threshold chosen on val for the target, its coverage and selective
+    accuracy on val and test (top probability of softmax(logits / T))."""
+    kind, target = parse_abstain(spec)
+
+    def confident_hits(logits, labels):
+        probs = softmax(logits, temperature)
+        return probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels, dtype=np.int64)
+
+    threshold = choose_threshold(*confident_hits(val_logits, val_labels), kind, target)
+    record = {"target": f"{kind}:{target:g}", "kind": kind, "value": target, "threshold": threshold}
+    for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
+        record[split] = (None if logits is None or not len(logits)
+                         else selective(*confident_hits(logits, labels), threshold))
+    return record
+
+
 # -- a run ----------------------------------------------------------------------------------------------------------
-def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print) -> dict:
+def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print,
+              abstain: str | None = None) -> dict:
     """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json."""
     from tfl import data
     from tfl.inference import logits_of
@@ -181,13 +262,17 @@ def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, lo
         raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
                          "give the dataset a val/ folder (or train the run again with a larger --val-split)")
     record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
+    if abstain is not None:
+        record["abstain"] = abstain_record(abstain, *passes["val"], *passes.get("test", (None, None)),
+                                           record["temperature"])
     rundir.RunDir(run_path, create=False).write_json(CALIBRATION, record)
     log(f"calibration: temperature {record['temperature']:.4g}" + (" (kept)" if record["kept"] else "")
         + f"; wrote {os.path.join(run_path, CALIBRATION)}")
     return record
 
 
-def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print) -> dict:
+def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print,
+                  abstain: str | None = None) -> dict:
     """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
     The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
     where the run's dataset is read from (default: the run's own)."""
@@ -195,16 +280,18 @@ def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = No
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    parse_abstain(abstain)  # before any work
     loaded = load_run(run_path, data_dir=data_dir, log=log)
-    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log)
+    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log, abstain)
 
 
-def calibrate_job(job) -> dict:
+def calibrate_job(job, abstain: str | None = None) -> dict:
     """`tfl finetune --calibrate`: calibrate the model a job just saved (its splits, in memory) before --export."""
-    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log)
+    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log, abstain)
     for line in describe(record).splitlines():  # finetune's log is its result
         job.log(line)
-    return {"temperature": record["temperature"]}
+    return {"temperature": record["temperature"],
+            **({"abstain_threshold": record["abstain"]["threshold"]} if "abstain" in record else {})}
 
 
 def describe(record: dict, run_path: str | None = None) -> str:
@@ -230,6 +317,14 @@ def describe(record: dict, run_path: str | None = None) -> str:
             s = record[split][when]
             lines.append(f"{split:<6} {when:<7} {s['ece']:>7.4f} {s['nll']:>8.4f} {s['brier']:>7.4f} "
                          f"{s['accuracy']:>9.4f}")
+    if record.get("abstain"):
+        a = record["abstain"]
+        lines.append(f"abstain ({a['target']}): confident when the top probability >= {a['threshold']:.4f}")
+        for split in ("val", "test"):
+            if a[split] is not None:
+                accuracy = a[split]["selective_accuracy"]
+                lines.append(f"{split:<6} coverage {a[split]['coverage']:.4f}, selective accuracy "
+                             + ("- (nothing answered)" if accuracy is None else f"{accuracy:.4f}"))
     if run_path:
         lines.append(f"ECE over {record['bins']} bins; wrote {os.path.join(run_path, CALIBRATION)}")
     return "\n".join(lines)

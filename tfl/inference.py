@@ -195,10 +195,12 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
         run = rundir.RunDir(run_path, create=False)
         model, labels = run.load()
         t = run.temperature()  # calibration.json's T, 1 without one
+        threshold = run.threshold()  # tfl calibrate --abstain's; None without one
         probabilities = lambda x: keras.ops.softmax(model(x, training=False) / t)  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
         labels = imagenet_labels()
+        threshold = None
         model = build_imagenet_classifier(backbone, weights)
         probabilities = lambda x: model(x, training=False)  # noqa: E731
         center_crop = True
@@ -221,6 +223,8 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
             top = np.argsort(-p, kind="stable")[:k]
             results[i] = {"image": str(paths[i]), "top": [{"index": int(j), "label": labels[j],
                                                            "prob": round(float(p[j]), 6)} for j in top]}
+            if threshold is not None:  # compared in float32, as the exports' graphs compare it
+                results[i]["confident"] = bool(np.float32(p.max()) >= np.float32(threshold))
     return _in_order(paths, results, failed)
 
 
@@ -273,4 +277,6 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
         results[i] = {"image": str(path), "top": [
             {"index": int(j), "label": label.decode("utf-8"), "prob": round(float(probs[j]), 6)}
             for j, label in zip(classes[:top_k], labels[:top_k])]}
+        if "confident" in out:  # an export of a run with an abstain threshold
+            results[i]["confident"] = bool(out["confident"].numpy()[0])
     return _in_order(paths, results, failed)

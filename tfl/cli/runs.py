@@ -68,7 +68,7 @@ def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, 
     else:
         for r in results:
             if "top" in r:
-                click.echo(printable(r["image"]))
+                click.echo(printable(r["image"]) + ("  unsure" if r.get("confident") is False else ""))
                 for t in r["top"]:
                     click.echo(f"  {t['prob']:7.2%}  {t['label']}  ({t['index']})")
     if failed:
@@ -115,10 +115,16 @@ def report(run_dir, dataset, data_dir, split, batch_size, output_dir, max_images
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@click.option("--abstain", metavar="coverage:C|precision:P",
+              help="Also choose, on the val split, a threshold on the calibrated top probability below which the "
+                   "answer is 'unsure': coverage:0.95 answers at least 95 % of val, precision:0.99 is right on at "
+                   "least 99 % of the val images it answers. predict marks answers below it, exports add a "
+                   "`confident` output. Without it, an earlier threshold is dropped.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print calibration.json: {"temperature", "kept", "reason", "val": {"examples", "before", '
-                   '"after"}, "test": {...}, "bins", ...}; before and after hold "ece", "nll", "brier", "accuracy".')
-def calibrate(run_dir, data_dir, batch_size, as_json):
+                   '"after"}, "test": {...}, "bins", ...}; before and after hold "ece", "nll", "brier", "accuracy"; '
+                   'with --abstain, "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy).')
+def calibrate(run_dir, data_dir, batch_size, abstain, as_json):
     """Fit a temperature T on the run's val split so its probabilities, softmax(logits / T), can be trusted.
 
     T minimises the val NLL (it stays 1, and the output says why, when that does not lower the val NLL). Prints ECE
@@ -126,7 +132,8 @@ def calibrate(run_dir, data_dir, batch_size, as_json):
     calibration.json into the run directory. From then on `tfl predict`, `evaluate`, `report` (which draws a
     reliability diagram) and every `tfl export` of the run use T. Calibrating again fits T afresh from the model.
     """
-    result = call(api.calibrate, run_dir, batch_size, data_dir, log=(lambda *_: None) if as_json else echo_err)
+    result = call(api.calibrate, run_dir, batch_size, data_dir, log=(lambda *_: None) if as_json else echo_err,
+                  abstain=abstain)
     if as_json:
         echo_json(result)
     else:

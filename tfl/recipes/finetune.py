@@ -46,6 +46,10 @@ class FinetuneOptions(JobOptions):
         "Then fit a temperature on the val split, as `tfl calibrate --run` does (before --export, so the export "
         "holds it): predict, evaluate, report and export return softmax(logits / T); calibration.json has T and "
         "ECE, NLL and Brier before and after."))
+    abstain: str | None = option(None, group="run", metavar="coverage:C|precision:P", help=(
+        "With --calibrate: also choose a threshold on the calibrated top probability on val, as `tfl calibrate "
+        "--abstain` does (coverage:0.95 or precision:0.99); predict marks answers below it 'unsure', exports add a "
+        "`confident` output."))
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
@@ -57,15 +61,22 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
     _check_budget(opts)
-    return jobs.run(opts, calibrating(recipe) if opts.calibrate else recipe, log, resolve_depth=resolve_auto)
+    if opts.abstain is not None:
+        from tfl.calibration import parse_abstain
+
+        parse_abstain(opts.abstain)
+        if not opts.calibrate:
+            raise UsageError(f"--abstain {opts.abstain}: the threshold is on calibrated probabilities; add --calibrate")
+    return jobs.run(opts, calibrating(recipe, opts.abstain) if opts.calibrate else recipe, log,
+                    resolve_depth=resolve_auto)
 
 
-def calibrating(recipe):
-    """The recipe, with the temperature fitted on val once the best model is saved (--calibrate)."""
+def calibrating(recipe, abstain: str | None = None):
+    """The recipe, with the temperature (and --abstain's threshold) fitted on val once the best model is saved."""
     def run(job: Job) -> dict:
         from tfl.calibration import calibrate_job
 
-        job.finishers.append(calibrate_job)
+        job.finishers.append(lambda job: calibrate_job(job, abstain))
         return recipe(job)
     return run
 

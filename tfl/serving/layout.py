@@ -178,5 +178,18 @@ def write_calibration(run, folder: str) -> None:
 
 
 def describe_temperature(run) -> str:
-    """", calibrated: T = 1.53" for a log line; "" for an uncalibrated run."""
-    return f", calibrated: T = {run.temperature():.4g}" if os.path.isfile(run.file(CALIBRATION)) else ""
+    """", calibrated: T = 1.53" (and the abstain threshold) for a log line; "" for an uncalibrated run."""
+    if not os.path.isfile(run.file(CALIBRATION)):
+        return ""
+    threshold = run.threshold()
+    return f", calibrated: T = {run.temperature():.4g}" + (
+        "" if threshold is None else f", confident when the top probability >= {threshold:.4g}")
+
+
+def confident(probabilities, threshold: float | None) -> dict:
+    """{"confident": top probability >= threshold} in the serving graph (bool [N]); nothing without a threshold."""
+    if threshold is None:
+        return {}
+    import tensorflow as tf
+
+    return {"confident": tf.reduce_max(probabilities, axis=-1) >= tf.constant(threshold, tf.float32)}

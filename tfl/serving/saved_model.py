@@ -2,7 +2,8 @@
 
 Signatures (the Keras model inside already holds the preprocessing: raw 0-255 RGB in, logits out):
   serving_default  image_bytes string [N] (JPEG, PNG, GIF, BMP)  -> probabilities float32 [N, C],
-                                                                     classes int32 [N, k], labels string [N, k]
+                                                                     classes int32 [N, k], labels string [N, k],
+                                                                     confident bool [N] (with an abstain threshold)
                    (an image above $TFL_MAX_PIXELS at export time, by its header, is refused undecoded)
   predict_images   images float32 [N, H, W, 3], 0-255 RGB, any H, W -> the same outputs
 A signature has one input dtype; predict_images takes float32 (JSON numbers need nothing, gRPC clients cast
@@ -43,12 +44,12 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     labels = layout.labels_text(run.read_classes())
     path = layout.version_dir(output or layout.default_base(run_path), version)
     model, class_names = run.load()
-    temperature = run.temperature()
+    temperature, threshold = run.temperature(), run.threshold()
     k = min(top_k, len(class_names))
 
     def build(tmp):
         try:
-            write_saved_model(model, labels, tmp, k, temperature)
+            write_saved_model(model, labels, tmp, k, temperature, threshold)
             layout.write_calibration(run, os.path.join(tmp, EXTRA_ASSETS))
         except tf.errors.OpError as err:  # TensorFlow's writer: a full disk is ResourceExhausted, ulimit -f OutOfRange
             disk = layout.disk_error(err.message, path)
@@ -62,9 +63,10 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     return path
 
 
-def write_saved_model(model, labels: str, path: str, top_k: int, temperature: float = 1.0) -> None:
+def write_saved_model(model, labels: str, path: str, top_k: int, temperature: float = 1.0,
+                      threshold: float | None = None) -> None:
     """The SavedModel of `model` (raw pixels in, logits out) with both signatures; probabilities are
-    softmax(logits / temperature)."""
+    softmax(logits / temperature); with a threshold, confident is top probability >= threshold."""
     import keras
 
     size = int(model.inputs[0].shape[1])
@@ -85,7 +87,7 @@ def write_saved_model(model, labels: str, path: str, top_k: int, temperature: fl
             probabilities = tf.nn.softmax(layout.scaled(model(images, training=False), temperature), axis=-1)
             _, classes = tf.math.top_k(probabilities, k=top_k)
             return {"probabilities": probabilities, "classes": classes,
-                    "labels": table.lookup(tf.cast(classes, tf.int64))}
+                    "labels": table.lookup(tf.cast(classes, tf.int64)), **layout.confident(probabilities, threshold)}
 
         def from_bytes(image_bytes):
             # Per image as the pipeline does for image folders: decode, resize, round to uint8; then batch as float.

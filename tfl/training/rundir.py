@@ -243,6 +243,21 @@ class RunDir:
                              f"`tfl calibrate --run {self.path}` again to rewrite it, or delete the file")
         return float(value)
 
+    def threshold(self) -> float | None:
+        """The abstain threshold calibration.json holds (`tfl calibrate --abstain`): an answer is confident when its
+        top probability, softmax(logits / T), is >= it. None when the run has none."""
+        if not os.path.isfile(self.file(CALIBRATION)):
+            return None
+        record = self.read_json(CALIBRATION)
+        abstain = record.get("abstain") if isinstance(record, dict) else None
+        if abstain is None:
+            return None
+        value = abstain.get("threshold") if isinstance(abstain, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise UsageError(f"{self.file(CALIBRATION)}: the abstain 'threshold' is {value!r}, not a probability; "
+                             f"run `tfl calibrate --run {self.path} --abstain ...` again, or delete the file")
+        return float(value)
+
     def forget_calibration(self) -> bool:
         """Remove calibration.json (its temperature was fitted to a model.keras that was just replaced)."""
         if os.path.isfile(self.file(CALIBRATION)):
