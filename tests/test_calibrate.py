@@ -269,6 +269,9 @@ def test_evaluate_reports_the_calibrated_nll(calibrated):
     assert scores["accuracy"] == calibrated["record"]["test"]["after"]["accuracy"]
     text = invoke("evaluate", "--run", calibrated["run"])
     assert f"(calibrated, T = {scores['temperature']:.4g})" in text.stdout
+    assert scores["abstain"] == {"threshold": calibrated["record"]["abstain"]["threshold"],
+                                 **calibrated["record"]["abstain"]["test"]}
+    assert "selective accuracy" in text.stdout
 
 
 def test_saved_model_serves_the_probabilities_predict_returns(calibrated):
@@ -319,6 +322,11 @@ def test_report_draws_the_reliability_diagram(calibrated):
     assert report["calibration"]["temperature"] == calibrated["record"]["temperature"]
     assert report["calibration"]["after"] == calibrated["record"]["test"]["after"]
     assert report["loss"] == pytest.approx(calibrated["record"]["test"]["after"]["nll"], abs=1e-5)
+    curve = calibrated["run"] / "report" / "risk_coverage.png"
+    assert report["files"]["risk_coverage_png"] == str(curve)
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_size > 10_000
+    abstain = calibrated["record"]["abstain"]
+    assert report["abstain"] == {"target": ABSTAIN, "threshold": abstain["threshold"], **abstain["test"]}
 
 
 @pytest.mark.parametrize("args,message", [

@@ -108,9 +108,18 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
         if changed is None:
             raise
         raise changed from error
-    return {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
-            "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
-            **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
+    result = {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
+              "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
+              **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
+    threshold = rundir.RunDir(run_path, create=False).threshold()
+    if threshold is not None:  # a second pass, for the logits: coverage and selective accuracy at the threshold
+        from tfl import calibration
+
+        labels, logits = logits_of(loaded.model, ds)
+        probs = calibration.softmax(logits, t)
+        result["abstain"] = {"threshold": threshold, **calibration.selective(
+            probs.max(axis=1), probs.argmax(axis=1) == labels, threshold)}
+    return result
 
 
 def logits_of(model, pipeline, each=None) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,9 @@ DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Def
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}, and "temperature" for a '
-                   'calibrated run (`tfl calibrate`): its loss is then the NLL of softmax(logits / T).')
+                   'calibrated run (`tfl calibrate`): its loss is then the NLL of softmax(logits / T); with an abstain '
+                   'threshold (`tfl calibrate --abstain`), "abstain": {"threshold", "coverage", '
+                   '"selective_accuracy"}.')
 def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
     """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
     result = call(api.evaluate, run_dir, dataset, data_dir, batch_size,
@@ -34,6 +36,11 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
         calibrated = f" (calibrated, T = {result['temperature']:.4g})" if "temperature" in result else ""
         click.echo(f"{result['split']} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}{calibrated} "
                    f"on {result['examples']} examples of {result['dataset']}")
+        if "abstain" in result:
+            a = result["abstain"]
+            answered = "-" if a["selective_accuracy"] is None else f"{a['selective_accuracy']:.4f}"
+            click.echo(f"confident (top probability >= {a['threshold']:.4f}) on {a['coverage']:.2%} of them, "
+                       f"selective accuracy {answered}")
 
 
 @cli.command(help=f"""Top-k labels for IMAGES: the file types training reads ({' '.join(IMAGE_EXTENSIONS)}),
@@ -53,8 +60,9 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
 @click.option("--top-k", default=5, show_default=True, callback=positive,
               help="How many of the most probable classes to print for each image.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print [{"image", "top": [{"index", "label", "prob"}]}]; a file that cannot be read as an image '
-                   'gets {"image", "error"} instead of "top".')
+              help='Print [{"image", "top": [{"index", "label", "prob"}]}], and "confident" (true, or false where the '
+                   'text says "unsure") for a run or export with an abstain threshold (`tfl calibrate --abstain`); a '
+                   'file that cannot be read as an image gets {"image", "error"} instead of "top".')
 def predict(images, run_dir, backbone, saved_model, trust_saved_model, weights, top_k, as_json):
     results = call(api.predict, list(images), run_dir, backbone=backbone, saved_model=saved_model, weights=weights,
                    top_k=top_k, trust_saved_model=trust_saved_model)

@@ -192,6 +192,27 @@ def write_reliability(before: list[dict], after: list[dict], temperature: float,
     return _finish(figure, [ax for row in axes for ax in row], title, path)
 
 
+def write_risk_coverage(rows: list[dict], chosen: dict, path: str, title: str | None = None) -> str:
+    """Selective risk (error rate among the answered) against coverage, one point per threshold on the top
+    probability (tfl.calibration.risk_coverage's rows, highest threshold first), the run's threshold marked."""
+    if not rows:
+        raise UsageError(f"write_risk_coverage needs at least one threshold (for {path})")
+    figure = _figure((6.4, 4.8))
+    ax = figure.subplots()
+    coverage = [0.0] + [row["coverage"] for row in rows]
+    risk = [rows[0]["risk"]] + [row["risk"] for row in rows]
+    ax.step(coverage, risk, where="pre", color="tab:blue", label="selective risk")
+    ax.axhline(rows[-1]["risk"], color="0.3", linestyle="--", linewidth=1.0, label="risk answering everything")
+    if chosen.get("coverage"):
+        ax.plot([chosen["coverage"]], [1 - chosen["selective_accuracy"]], "o", color="tab:red",
+                label=f"threshold {chosen['threshold']:.3f} ({chosen['target']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(1e-3, max(risk)) * 1.05)
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("selective risk (error rate among answered)")
+    return _finish(figure, [ax], title, path)
+
+
 def _finish(figure, axes, title: str | None, path: str) -> str:
     """Grid and legend on every panel, the title, then the atomic save."""
     for ax in axes:

@@ -3,6 +3,7 @@
     report_run("runs/x")  ->  runs/x/report/{report.json, confusion_matrix.json, confusion_matrix.png,
                                             per_class.csv, misclassified.png}
                               + reliability.png when the run is calibrated (calibration.json)
+                              + risk_coverage.png when it has an abstain threshold (tfl calibrate --abstain)
 
 The metric functions are pure numpy on a confusion matrix, so they are tested on hand-made matrices.
 """
@@ -26,6 +27,7 @@ FILES = {"report": "report.json", "confusion_matrix_json": "confusion_matrix.jso
          "confusion_matrix_png": "confusion_matrix.png", "per_class_csv": "per_class.csv",
          "misclassified_png": "misclassified.png"}
 RELIABILITY_PNG = "reliability.png"  # a calibrated run's reliability diagram, before and after its temperature
+RISK_COVERAGE_PNG = "risk_coverage.png"  # selective risk against coverage, the run's abstain threshold marked
 TOP_CONFUSIONS = 10
 
 
@@ -57,6 +59,10 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     calibrated = os.path.isfile(os.path.join(run_dir, rundir.CALIBRATION))
     if calibrated:
         paths["reliability_png"] = os.path.join(out, RELIABILITY_PNG)
+    run = rundir.RunDir(run_dir, create=False)
+    threshold = run.threshold()
+    if threshold is not None:
+        paths["risk_coverage_png"] = os.path.join(out, RISK_COVERAGE_PNG)
 
     result = {
         "run": run_dir, "dataset": loaded.dataset, "split": split, "examples": int(matrix.sum()),
@@ -75,6 +81,11 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
         result["calibration"] = {"temperature": t, "bins": calibration.ECE_BINS,
                                  "before": calibration.scores(logits, labels, 1.0),
                                  "after": calibration.scores(logits, labels, t)}
+    if threshold is not None:
+        probs = calibration.softmax(logits, t)
+        confidence, hit = probs.max(axis=1), probs.argmax(axis=1) == labels
+        result["abstain"] = {"target": run.read_json(rundir.CALIBRATION)["abstain"].get("target"),
+                             "threshold": threshold, **calibration.selective(confidence, hit, threshold)}
     write_json(paths["confusion_matrix_json"], {"class_names": list(classes), "rows": "true",
                                                  "columns": "predicted", "matrix": matrix.tolist()})
     _write_per_class_csv(paths["per_class_csv"], result["per_class"])
@@ -87,6 +98,9 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
         figures.write_reliability(calibration.reliability(calibration.softmax(logits), labels),
                                   calibration.reliability(calibration.softmax(logits, t), labels), t,
                                   paths["reliability_png"], title=f"{title.partition(':')[0]}: {split}")
+    if threshold is not None:
+        figures.write_risk_coverage(calibration.risk_coverage(confidence, hit), result["abstain"],
+                                    paths["risk_coverage_png"], title=f"{title.partition(':')[0]}: {split}")
     write_json(paths["report"], result)  # last: its presence means the whole report was written
     log(f"{split} accuracy {result['accuracy']:.4f} on {result['examples']} examples; report in {out}")
     return result
@@ -159,6 +173,12 @@ def format_report(result: dict) -> str:
                       f"{c['after']['ece']:.4f}, NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}, Brier "
                       f"{c['before']['brier']:.4f} -> {c['after']['brier']:.4f} (reliability diagram in "
                       f"{result['files']['reliability_png']})"]
+    if "abstain" in result:
+        a = result["abstain"]
+        answered = "-" if a["selective_accuracy"] is None else f"{a['selective_accuracy']:.4f}"
+        lines += ["", f"abstain ({a['target']}, confident when the top probability >= {a['threshold']:.4f}): "
+                      f"coverage {a['coverage']:.4f}, selective accuracy {answered} (risk-coverage curve in "
+                      f"{result['files']['risk_coverage_png']})"]
     shown = len(result["misclassified"]["shown"])
     lines += ["", f"misclassified: {result['misclassified']['total']} ({shown} shown in "
                   f"{result['files']['misclassified_png']})"]
