@@ -253,6 +253,7 @@ def test_predict_returns_softmax_of_logits_over_t(calibrated):
             assert top["prob"] == pytest.approx(p[top["index"]], abs=2e-6)
     confident = [row["confident"] for row in rows]
     assert confident == list(expected_confident(calibrated))
+    assert 0 < sum(confident) < len(confident)  # this run has both verdicts on test
     assert sum(confident) / len(confident) == calibrated["record"]["abstain"]["test"]["coverage"]
     text = invoke("predict", "--run", calibrated["run"], *calibrated["files"]).stdout
     assert [line.endswith("  unsure") for line in text.splitlines() if not line.startswith(" ")] == [
