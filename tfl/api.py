@@ -345,7 +345,7 @@ def calibrate(run_dir: str, batch_size: int = 64, data_dir: str | None = None, l
     "kept", "reason", "val": {"examples", "before", "after"}, "test": ... or None, "bins", ...}. abstain
     ("coverage:0.95" or "precision:0.99") also chooses a threshold on the calibrated top probability on val and adds
     "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy)."""
-    from tfl.calibration import calibrate_run
+    from tfl.inference import calibrate_run
 
     return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info, abstain=abstain)
 

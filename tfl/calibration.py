@@ -2,8 +2,8 @@
 how often the model is right. The run's model.keras keeps its logits; calibration.json beside it holds T, and
 everything that reads the run (predict, evaluate, report, export) divides the logits by it.
 
-    calibrate_run("runs/x")  ->  runs/x/calibration.json: temperature, val NLL before/after, test ECE, NLL and
-                                 Brier before/after, split sizes, and why T stayed 1 when it did
+    tfl.inference.calibrate_run("runs/x") -> runs/x/calibration.json: temperature, val NLL before/after, test
+        ECE, NLL and Brier before/after, split sizes, and why T stayed 1 when it did (this module: the arithmetic)
 
 The metrics and the fit are pure numpy functions of logits and labels, so they are tested on hand-made arrays:
   NLL    mean over examples of -log p(true class)
@@ -20,7 +20,6 @@ import os
 import numpy as np
 
 from tfl.errors import UsageError
-from tfl.training import rundir
 from tfl.training.rundir import CALIBRATION
 
 ECE_BINS = 15
@@ -240,58 +239,6 @@ def abstain_record(spec: str, val_logits, val_labels, test_logits, test_labels, 
         record[split] = (None if logits is None or not len(logits)
                          else selective(*confident_hits(logits, labels), threshold))
     return record
-
-
-# -- a run ----------------------------------------------------------------------------------------------------------
-def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print,
-              abstain: str | None = None) -> dict:
-    """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json."""
-    from tfl import data
-    from tfl.inference import logits_of
-
-    passes = {}
-    for split in ("val", "test"):
-        source = getattr(splits, split)
-        if source is not None:
-            log(f"calibration: predicting the {split} split ...")
-            pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
-            labels, logits = logits_of(model, pipeline)
-            if len(labels):
-                passes[split] = (logits, labels)
-    if "val" not in passes:
-        raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
-                         "give the dataset a val/ folder (or train the run again with a larger --val-split)")
-    record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
-    if abstain is not None:
-        record["abstain"] = abstain_record(abstain, *passes["val"], *passes.get("test", (None, None)),
-                                           record["temperature"])
-    rundir.RunDir(run_path, create=False).write_json(CALIBRATION, record)
-    log(f"calibration: temperature {record['temperature']:.4g}" + (" (kept)" if record["kept"] else "")
-        + f"; wrote {os.path.join(run_path, CALIBRATION)}")
-    return record
-
-
-def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print,
-                  abstain: str | None = None) -> dict:
-    """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
-    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
-    where the run's dataset is read from (default: the run's own)."""
-    from tfl.inference import load_run
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
-    parse_abstain(abstain)  # before any work
-    loaded = load_run(run_path, data_dir=data_dir, log=log)
-    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log, abstain)
-
-
-def calibrate_job(job, abstain: str | None = None) -> dict:
-    """`tfl finetune --calibrate`: calibrate the model a job just saved (its splits, in memory) before --export."""
-    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log, abstain)
-    for line in describe(record).splitlines():  # finetune's log is its result
-        job.log(line)
-    return {"temperature": record["temperature"],
-            **({"abstain_threshold": record["abstain"]["threshold"]} if "abstain" in record else {})}
 
 
 def describe(record: dict, run_path: str | None = None) -> str:

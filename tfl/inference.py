@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl import data
+from tfl import calibration, data
+from tfl.calibration import abstain_record, calibrate_logits, describe, parse_abstain
 from tfl.data import pixel_limit
 from tfl.data.image_check import file_problem
 from tfl.data.image_folder import changed_files_error
@@ -113,8 +114,6 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
               **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
     threshold = rundir.RunDir(run_path, create=False).threshold()
     if threshold is not None:  # a second pass, for the logits: coverage and selective accuracy at the threshold
-        from tfl import calibration
-
         labels, logits = logits_of(loaded.model, ds)
         probs = calibration.softmax(logits, t)
         result["abstain"] = {"threshold": threshold, **calibration.selective(
@@ -289,3 +288,50 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
         if "confident" in out:  # an export of a run with an abstain threshold
             results[i]["confident"] = bool(out["confident"].numpy()[0])
     return _in_order(paths, results, failed)
+
+
+# -- calibrating a run (tfl.calibration has the arithmetic) -------------------------------------------------------
+def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print,
+              abstain: str | None = None) -> dict:
+    """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json."""
+    passes = {}
+    for split in ("val", "test"):
+        source = getattr(splits, split)
+        if source is not None:
+            log(f"calibration: predicting the {split} split ...")
+            pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
+            labels, logits = logits_of(model, pipeline)
+            if len(labels):
+                passes[split] = (logits, labels)
+    if "val" not in passes:
+        raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
+                         "give the dataset a val/ folder (or train the run again with a larger --val-split)")
+    record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
+    if abstain is not None:
+        record["abstain"] = abstain_record(abstain, *passes["val"], *passes.get("test", (None, None)),
+                                           record["temperature"])
+    rundir.RunDir(run_path, create=False).write_json(rundir.CALIBRATION, record)
+    log(f"calibration: temperature {record['temperature']:.4g}" + (" (kept)" if record["kept"] else "")
+        + f"; wrote {os.path.join(run_path, rundir.CALIBRATION)}")
+    return record
+
+
+def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print,
+                  abstain: str | None = None) -> dict:
+    """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
+    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
+    where the run's dataset is read from (default: the run's own)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    parse_abstain(abstain)  # before any work
+    loaded = load_run(run_path, data_dir=data_dir, log=log)
+    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log, abstain)
+
+
+def calibrate_job(job, abstain: str | None = None) -> dict:
+    """`tfl finetune --calibrate`: calibrate the model a job just saved (its splits, in memory) before --export."""
+    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log, abstain)
+    for line in describe(record).splitlines():  # finetune's log is its result
+        job.log(line)
+    return {"temperature": record["temperature"],
+            **({"abstain_threshold": record["abstain"]["threshold"]} if "abstain" in record else {})}

@@ -74,7 +74,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
 def calibrating(recipe, abstain: str | None = None):
     """The recipe, with the temperature (and --abstain's threshold) fitted on val once the best model is saved."""
     def run(job: Job) -> dict:
-        from tfl.calibration import calibrate_job
+        from tfl.inference import calibrate_job
 
         job.finishers.append(lambda job: calibrate_job(job, abstain))
         return recipe(job)
