@@ -111,7 +111,7 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
         raise changed from error
     result = {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
               "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
-              **({"temperature": t} if os.path.isfile(os.path.join(run_path, rundir.CALIBRATION)) else {})}
+              **({"temperature": t} if rundir.RunDir(run_path, create=False).calibrated() else {})}
     threshold = rundir.RunDir(run_path, create=False).threshold()
     if threshold is not None:  # a second pass, for the logits: coverage and selective accuracy at the threshold
         labels, logits = logits_of(loaded.model, ds)

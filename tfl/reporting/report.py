@@ -56,7 +56,7 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     out = output_dir or os.path.join(run_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     paths = {key: os.path.join(out, name) for key, name in FILES.items()}
-    calibrated = os.path.isfile(os.path.join(run_dir, rundir.CALIBRATION))
+    calibrated = rundir.RunDir(run_dir, create=False).calibrated()
     if calibrated:
         paths["reliability_png"] = os.path.join(out, RELIABILITY_PNG)
     run = rundir.RunDir(run_dir, create=False)

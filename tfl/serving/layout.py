@@ -172,14 +172,14 @@ def scaled(logits, temperature: float):
 def write_calibration(run, folder: str) -> None:
     """Copy the run's calibration.json (its temperature, how it was fitted, ECE before and after) into `folder`
     of the export; nothing for an uncalibrated run."""
-    if os.path.isfile(run.file(CALIBRATION)):
+    if run.calibrated():
         os.makedirs(folder, exist_ok=True)
         shutil.copyfile(run.file(CALIBRATION), os.path.join(folder, CALIBRATION))
 
 
 def describe_temperature(run) -> str:
     """", calibrated: T = 1.53" (and the abstain threshold) for a log line; "" for an uncalibrated run."""
-    if not os.path.isfile(run.file(CALIBRATION)):
+    if not run.calibrated():
         return ""
     threshold = run.threshold()
     return f", calibrated: T = {run.temperature():.4g}" + (

@@ -231,13 +231,24 @@ class RunDir:
                              "names, in index order)")
         return model, classes
 
+    def calibrated(self) -> bool:
+        """Whether the run has a calibration.json (`tfl calibrate`)."""
+        return os.path.isfile(self.file(CALIBRATION))
+
+    def _calibration(self) -> dict | None:
+        """calibration.json as a dict (anything else: {} so the readers below name the bad value), None without one."""
+        if not self.calibrated():
+            return None
+        record = self.read_json(CALIBRATION)
+        return record if isinstance(record, dict) else {}
+
     def temperature(self) -> float:
         """The temperature calibration.json holds (T > 0, finite), 1.0 when the run has none: the run's
         probabilities are softmax(logits / T) wherever they are computed (predict, evaluate, report, export)."""
-        if not os.path.isfile(self.file(CALIBRATION)):
+        record = self._calibration()
+        if record is None:
             return 1.0
-        record = self.read_json(CALIBRATION)
-        value = record.get("temperature") if isinstance(record, dict) else None
+        value = record.get("temperature")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise UsageError(f"{self.file(CALIBRATION)}: 'temperature' is {value!r}, not a positive number; run "
                              f"`tfl calibrate --run {self.path}` again to rewrite it, or delete the file")
@@ -246,10 +257,7 @@ class RunDir:
     def threshold(self) -> float | None:
         """The abstain threshold calibration.json holds (`tfl calibrate --abstain`): an answer is confident when its
         top probability, softmax(logits / T), is >= it. None when the run has none."""
-        if not os.path.isfile(self.file(CALIBRATION)):
-            return None
-        record = self.read_json(CALIBRATION)
-        abstain = record.get("abstain") if isinstance(record, dict) else None
+        abstain = (self._calibration() or {}).get("abstain")
         if abstain is None:
             return None
         value = abstain.get("threshold") if isinstance(abstain, dict) else None
@@ -260,7 +268,7 @@ class RunDir:
 
     def forget_calibration(self) -> bool:
         """Remove calibration.json (its temperature was fitted to a model.keras that was just replaced)."""
-        if os.path.isfile(self.file(CALIBRATION)):
+        if self.calibrated():
             os.unlink(self.file(CALIBRATION))
             return True
         return False
