@@ -91,3 +91,18 @@ def test_tflite_export_of_a_bf16_run_matches_keras(bf16_run):
     np.testing.assert_allclose(probabilities, bf16, atol=BF16_ATOL)
     assert (probabilities.argmax(1) == bf16.argmax(1)).all()
 
+
+def test_onnx_export_of_a_bf16_run_matches_keras(bf16_run):
+    import onnxruntime
+
+    result = invoke("export", "--run", bf16_run["run"], "--format", "onnx", "--output", bf16_run["root"] / "onnx",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    path = pathlib.Path(json.loads(result.stdout)["path"]) / "model.onnx"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(["logits", "probabilities"], {"image": bf16_run["images"]})
+    float32 = layout.float32_model(bf16_run["model"])(bf16_run["images"], training=False).numpy()
+    np.testing.assert_allclose(logits, float32, atol=1e-4)
+    bf16 = keras_probabilities(bf16_run["model"], bf16_run["images"])
+    print(f"max |p_onnx - p_keras_bf16| = {np.abs(probabilities - bf16).max():.2e}")
+    np.testing.assert_allclose(probabilities, bf16, atol=BF16_ATOL)
