@@ -3,7 +3,7 @@ to every format.
 
 Its model computes in bfloat16 with float32 variables; TFLite's builtin ops have no bfloat16 Conv2D, so exporting
 the model's own graph failed ("ConverterError ... FLEX_OPS"). Exports build their graph from a float32 copy of it
-(tfl.serving.layout.float32_model): the same weights, computed in float32.
+(tfl.serving.layout.float32_model): the same weights, computed in float32. Checked for TFLite, ONNX and SavedModel.
 """
 
 import json
@@ -106,3 +106,14 @@ def test_onnx_export_of_a_bf16_run_matches_keras(bf16_run):
     bf16 = keras_probabilities(bf16_run["model"], bf16_run["images"])
     print(f"max |p_onnx - p_keras_bf16| = {np.abs(probabilities - bf16).max():.2e}")
     np.testing.assert_allclose(probabilities, bf16, atol=BF16_ATOL)
+
+
+def test_saved_model_export_of_a_bf16_run_computes_in_float32(bf16_run):
+    result = invoke("export", "--run", bf16_run["run"], "--output", bf16_run["root"] / "saved_model", "--json")
+    assert result.exit_code == 0, result.output
+    served = tf.saved_model.load(json.loads(result.stdout)["path"]).signatures["predict_images"]
+    probabilities = served(images=tf.constant(bf16_run["images"]))["probabilities"].numpy()
+    float32 = keras_probabilities(layout.float32_model(bf16_run["model"]), bf16_run["images"])
+    np.testing.assert_allclose(probabilities, float32, atol=FLOAT32_ATOL)
+    bf16 = keras_probabilities(bf16_run["model"], bf16_run["images"])
+    assert np.abs(probabilities - bf16).max() > FLOAT32_ATOL  # float32, not the bfloat16 graph: they differ
