@@ -154,10 +154,13 @@ def calibrate(run_dir, data_dir, batch_size, abstain, as_json):
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
               help="saved_model: for TF Serving (image bytes in; probabilities, top-k classes and labels out). "
-                   "tflite: model.tflite (an image at the model's input size in, probabilities out).")
+                   "tflite: model.tflite (an image at the model's input size in, probabilities out). "
+                   "onnx: model.onnx (images at the model's input size in; logits and probabilities out); needs "
+                   "the extra: pip install 'tfl[onnx]'.")
 @click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
               help="The model's base directory; the export goes to DIR/<version>/. Default: saved_models/<run name> "
-                   "(saved_model) or saved_models/<run name>-tflite-<mode> (tflite).")
+                   "(saved_model), saved_models/<run name>-tflite-<mode> (tflite) or saved_models/<run name>-onnx "
+                   "(onnx).")
 @click.option("--version", type=int, callback=positive,
               help="Integer version, the subdirectory TF Serving loads (the highest). Default: highest existing + 1. "
                    "An existing version is never overwritten.")
@@ -173,7 +176,9 @@ def export(run_dir, fmt, output, version, top_k, tflite_mode, as_json):
 
     The SavedModel has two signatures: serving_default (image_bytes: encoded JPEG/PNG/GIF/BMP files) and
     predict_images (images: float32 [N, H, W, 3], 0-255 RGB, any size), both decoded and resized inside as
-    evaluation does; class names are its asset labels.txt. The TFLite export writes model.tflite and labels.txt.
+    evaluation does; class names are its asset labels.txt. The TFLite export writes model.tflite and labels.txt,
+    the ONNX export model.onnx and labels.txt. Every format computes in float32, also for a run trained in
+    bfloat16 or float16, and applies a calibrated run's temperature (and abstain threshold: a `confident` output).
     """
     path = call(api.export, run_dir, fmt, output, version, top_k, tflite_mode, log=echo_err)
     if as_json:

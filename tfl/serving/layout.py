@@ -193,3 +193,70 @@ def confident(probabilities, threshold: float | None) -> dict:
     import tensorflow as tf
 
     return {"confident": tf.reduce_max(probabilities, axis=-1) >= tf.constant(threshold, tf.float32)}
+
+
+# -- the serving graph every format exports ---------------------------------------------------------------------------
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+CONFIDENT = "confident"
+
+# Keras dtype policies that compute in a half precision (tfl.dtype_policy.POLICY's values, and plain half dtypes).
+_HALF = {"mixed_bfloat16", "mixed_float16", "bfloat16", "float16"}
+
+
+def float32_model(model):
+    """`model` computing in float32: itself when every layer already does, else a copy with the same weights.
+
+    A run trained with --mixed-precision bf16/fp16 holds float32 variables but computes in the half precision; its
+    graph has bfloat16 Conv2D and Relu that TFLite's builtin ops refuse (a ConverterError asking for FLEX_OPS) and that
+    ONNX runtimes mostly lack. The copy is the same model config with every half-precision dtype policy replaced by
+    float32, rebuilt, then given the original's weights (float32 already, so copied exactly)."""
+    import keras
+
+    from tfl.trusted_layers import custom_objects
+
+    config = keras.saving.serialize_keras_object(model)
+    if not _to_float32(config):
+        return model
+    copy = keras.saving.deserialize_keras_object(config, custom_objects=custom_objects())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _to_float32(node) -> int:
+    """Rewrite, in place, every half-precision dtype policy in a serialized Keras config to float32; how many."""
+    changed = 0
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "dtype" and isinstance(value, str) and value in _HALF:
+                node[key] = "float32"
+                changed += 1
+            elif (key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy"
+                  and value.get("config", {}).get("name") in _HALF):
+                value["config"]["name"] = "float32"
+                changed += 1
+            else:
+                changed += _to_float32(value)
+    elif isinstance(node, list):
+        changed += sum(_to_float32(item) for item in node)
+    return changed
+
+
+def serving_outputs(model, temperature: float = 1.0, threshold: float | None = None):
+    """The serving graph of every export format, as a function of raw pixels: images float32 [N, S, S, 3], 0-255
+    RGB at the model's size -> {"logits": raw [N, C], "probabilities": softmax(logits / temperature) [N, C]} and,
+    with a threshold, "confident": top probability >= threshold (bool [N]).
+
+    One function so a change to what a served model computes lands in SavedModel, TFLite and ONNX at once. It
+    computes in float32 whatever precision the run trained in (float32_model); a format exposes the outputs it
+    names (SavedModel and TFLite leave out the raw logits)."""
+    import tensorflow as tf
+
+    net = float32_model(model)
+
+    def outputs(images):
+        logits = net(images, training=False)
+        probabilities = tf.nn.softmax(scaled(logits, temperature), axis=-1)
+        return {LOGITS: logits, PROBABILITIES: probabilities, **confident(probabilities, threshold)}
+
+    return outputs

@@ -81,13 +81,15 @@ def write_saved_model(model, labels: str, path: str, top_k: int, temperature: fl
                                           tf.lookup.TextFileIndex.WHOLE_LINE),
             default_value="")
 
+        serve = layout.serving_outputs(model, temperature, threshold)
+
         # One traced function behind both signatures: the model's graph is built and stored once.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], autograph=False)
         def outputs(images):
-            probabilities = tf.nn.softmax(layout.scaled(model(images, training=False), temperature), axis=-1)
-            _, classes = tf.math.top_k(probabilities, k=top_k)
-            return {"probabilities": probabilities, "classes": classes,
-                    "labels": table.lookup(tf.cast(classes, tf.int64)), **layout.confident(probabilities, threshold)}
+            served = serve(images)
+            served.pop(layout.LOGITS)  # the signatures predate raw logits; clients read probabilities
+            _, classes = tf.math.top_k(served[layout.PROBABILITIES], k=top_k)
+            return {**served, "classes": classes, "labels": table.lookup(tf.cast(classes, tf.int64))}
 
         def from_bytes(image_bytes):
             # Per image as the pipeline does for image folders: decode, resize, round to uint8; then batch as float.

@@ -22,7 +22,6 @@ from tfl.options import TFLITE_MODES as MODES
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
 INPUT = "image"
-OUTPUT = "probabilities"
 
 
 def export_tflite(run_path: str, output: str | None = None, version: int | None = None, mode: str = "float32",
@@ -70,10 +69,12 @@ def write_probabilities_model(model, path: str, temperature: float = 1.0, thresh
     import keras
 
     size = int(model.inputs[0].shape[1])
+    serve = layout.serving_outputs(model, temperature, threshold)
 
     def probabilities(image):
-        probs = tf.nn.softmax(layout.scaled(model(image, training=False), temperature), axis=-1)
-        return {OUTPUT: probs, **layout.confident(probs, threshold)}
+        served = serve(image)
+        served.pop(layout.LOGITS)  # one output fewer for TFLite clients, who read probabilities
+        return served
 
     archive = keras.export.ExportArchive()  # variables are tracked from the endpoint; the model holds no tables
     archive.add_endpoint(SIGNATURE, probabilities, [tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT)])
