@@ -164,6 +164,14 @@ def resolve_saved_model(path: str) -> str:
 
 
 # -- a calibrated run's temperature (tfl.calibration) in an export ---------------------------------------------------
+def run_logits(model, tta_mode: str | None = None) -> Callable:
+    """images -> the run's logits in the serving graph: the model's own, or with a kept TTA mode (RunDir.tta())
+    the mean over its views, through tfl.tta.tta_logits as evaluation computes them."""
+    from tfl.tta import tta_logits  # TensorFlow: this module stays light
+
+    return lambda images: tta_logits(model, images, tta_mode)
+
+
 def scaled(logits, temperature: float):
     """logits / T in the serving graph; an uncalibrated run's graph (T = 1) stays as it was."""
     return logits if temperature == 1.0 else logits / temperature
@@ -178,11 +186,12 @@ def write_calibration(run, folder: str) -> None:
 
 
 def describe_temperature(run) -> str:
-    """", calibrated: T = 1.53" (and the abstain threshold) for a log line; "" for an uncalibrated run."""
+    """", calibrated: T = 1.53" (and the TTA mode and the abstain threshold) for a log line; "" for an uncalibrated
+    run."""
     if not run.calibrated():
         return ""
-    threshold = run.threshold()
-    return f", calibrated: T = {run.temperature():.4g}" + (
+    threshold, tta = run.threshold(), run.tta()
+    return f", calibrated: T = {run.temperature():.4g}" + ("" if tta is None else f", TTA {tta}") + (
         "" if threshold is None else f", confident when the top probability >= {threshold:.4g}")
 
 
