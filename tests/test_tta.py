@@ -264,3 +264,23 @@ def test_calibrating_again_without_tta_drops_it_and_a_bad_mode_exits_2(tta_run, 
     assert "tta" not in json.loads(again.stdout) and RunDir(str(copy), create=False).tta() is None
     bad = invoke("calibrate", "--run", copy, "--tta", "mirror")
     assert bad.exit_code == 2 and "'mirror' is not one of 'none', 'flip', 'flip+crops'" in bad.output
+
+
+def test_flip_and_crops_convert_to_tflite_and_match_tensorflow(tmp_path):
+    """The crops' resize is one TFLite has (the antialiased one is not): the float32 flatbuffer computes the same
+    probabilities as tta_logits in TensorFlow."""
+    from tfl.serving.tflite import convert_saved_model, write_probabilities_model
+
+    inputs = keras.Input((16, 16, 3))
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inputs / 255.0))
+    model = keras.Model(inputs, keras.layers.Dense(3)(features))
+    x = np.random.default_rng(2).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    write_probabilities_model(model, str(tmp_path), temperature=1.5, tta="flip+crops")
+    flatbuffer = convert_saved_model(str(tmp_path), "float32")
+    path = tmp_path / "model.tflite"
+    path.write_bytes(flatbuffer)
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    served = interpreter.get_signature_runner("serving_default")(image=x)["probabilities"]
+    expected = calibration.softmax(tta_logits(model, x, "flip+crops").numpy(), 1.5)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert np.abs(expected - calibration.softmax(model(x).numpy(), 1.5)).max() > 1e-4  # the views mattered
