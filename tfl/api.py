@@ -339,15 +339,18 @@ def evaluate(run_dir: str, dataset: str | None = None, data_dir: str | None = No
 
 
 def calibrate(run_dir: str, batch_size: int = 64, data_dir: str | None = None, log=None,
-              abstain: str | None = None) -> dict:
+              abstain: str | None = None, tta: str | None = None) -> dict:
     """Fit a temperature on the run's val split and score val and test before and after (`tfl calibrate`); writes
     calibration.json, which predict, evaluate, report and export then use. Returns that record: {"temperature",
     "kept", "reason", "val": {"examples", "before", "after"}, "test": ... or None, "bins", ...}. abstain
     ("coverage:0.95" or "precision:0.99") also chooses a threshold on the calibrated top probability on val and adds
-    "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy)."""
+    "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy). tta ("flip" or "flip+crops")
+    first decides on val whether the mean logits over those views (tfl.tta) replace the model's, and adds "tta":
+    {"mode", "kept", "reason", "val": {"plain", "tta"}, "test": ...} (accuracy and NLL of each); T and the threshold
+    are then fitted on the chosen logits."""
     from tfl.inference import calibrate_run
 
-    return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info, abstain=abstain)
+    return calibrate_run(os.fspath(run_dir), batch_size, data_dir, log=log or logger.info, abstain=abstain, tta=tta)
 
 
 def export(run_dir: str, format: str = "saved_model", output: str | None = None, version: int | None = None,

@@ -161,6 +161,44 @@ def calibrate_logits(val_logits, val_labels, test_logits=None, test_labels=None,
     return record
 
 
+# -- test-time augmentation: kept only if val says so (tfl.tta has the views) --------------------------------------
+def tta_decision(mode: str, val_plain, val_tta, val_labels, test_plain=None, test_tta=None, test_labels=None) -> dict:
+    """Whether TTA's logits (the mean over the views') replace the plain ones, decided on val alone: kept when the
+    TTA logits get more val images right, or as many and a val NLL lower by more than MIN_GAIN nats (both at T = 1);
+    anything else, a tie included, keeps the plain logits. calibration.json's "tta" record: {"mode", "kept",
+    "reason", "val": {"plain": {"accuracy", "nll"}, "tta": {...}}, "test": the same or None}."""
+    labels = np.asarray(val_labels, dtype=np.int64)
+    hits = {name: int((np.asarray(logits).argmax(axis=1) == labels).sum())
+            for name, logits in (("plain", val_plain), ("tta", val_tta))}
+    losses = {"plain": nll(val_plain, labels), "tta": nll(val_tta, labels)}
+    n = len(labels)
+    if hits["tta"] != hits["plain"]:
+        kept = hits["tta"] > hits["plain"]
+        reason = (f"val accuracy {hits['plain'] / n:.4f} -> {hits['tta'] / n:.4f} with {mode} "
+                  f"({hits['tta'] - hits['plain']:+d} of {n} images): " + ("kept" if kept else "not kept"))
+    else:
+        kept = losses["tta"] < losses["plain"] - MIN_GAIN
+        reason = (f"val accuracy equal ({hits['plain'] / n:.4f}); val NLL {losses['plain']:.4f} -> "
+                  f"{losses['tta']:.4f} with {mode}: " + ("kept" if kept else "not kept (at equal "
+                                                                                 "accuracy only a lower NLL keeps it)"))
+
+    def both(plain, tta, split_labels):
+        return {"examples": int(len(split_labels)), "plain": _accuracy_nll(plain, split_labels),
+                "tta": _accuracy_nll(tta, split_labels)}
+
+    return {"mode": mode, "kept": bool(kept), "reason": reason, "val": both(val_plain, val_tta, labels),
+            "test": (None if test_plain is None or not len(test_plain)
+                     else both(test_plain, test_tta, test_labels)),
+            "rule": "kept if the val accuracy with TTA is higher, or equal with a val NLL lower by more than "
+                    f"{MIN_GAIN:g} (T = 1)"}
+
+
+def _accuracy_nll(logits, labels) -> dict:
+    labels = np.asarray(labels, dtype=np.int64)
+    return {"accuracy": round(float((np.asarray(logits).argmax(axis=1) == labels).mean()), 6),
+            "nll": round(nll(logits, labels), 6)}
+
+
 # -- abstaining: a threshold on the calibrated top probability ------------------------------------------------------
 ABSTAIN_KINDS = ("coverage", "precision")
 
@@ -242,7 +280,8 @@ def abstain_record(spec: str, val_logits, val_labels, test_logits, test_labels, 
 
 
 def describe(record: dict, run_path: str | None = None) -> str:
-    """The record as a few lines: T and why, then ECE / NLL / Brier before and after on each split."""
+    """The record as a few lines: the TTA decision (with --tta), T and why, then ECE / NLL / Brier before and after
+    on each split."""
     t = record["temperature"]
     val = record["val"]
     if record["kept"]:
@@ -251,6 +290,13 @@ def describe(record: dict, run_path: str | None = None) -> str:
         head = (f"temperature {t:.4f}: val NLL {val['before']['nll']:.4f} -> {val['after']['nll']:.4f} on "
                 f"{val['examples']} examples")
     lines = [head]
+    if record.get("tta"):
+        tta = record["tta"]
+        lines.insert(0, f"TTA {tta['mode']} {'kept' if tta['kept'] else 'not kept'}: {tta['reason']}")
+        if tta["test"] is not None:
+            plain, averaged = tta["test"]["plain"], tta["test"]["tta"]
+            lines.insert(1, f"test   plain accuracy {plain['accuracy']:.4f} NLL {plain['nll']:.4f}, {tta['mode']} "
+                            f"accuracy {averaged['accuracy']:.4f} NLL {averaged['nll']:.4f}")
     if record["at_range_bound"] and not record["kept"]:
         lines.append(f"warning: T reached the upper end of its search range ({record['range'][1]:g}): on val the "
                      "model ranks the classes no better than chance, so its probabilities are now close to "

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl import calibration, data
-from tfl.calibration import abstain_record, calibrate_logits, describe, parse_abstain
+from tfl.calibration import abstain_record, calibrate_logits, describe, parse_abstain, tta_decision
 from tfl.data import pixel_limit
 from tfl.data.image_check import file_problem
 from tfl.data.image_folder import changed_files_error
@@ -23,6 +23,7 @@ from tfl.models import build_imagenet_classifier
 from tfl.options import SPLITS  # the choices of --split
 from tfl.training import rundir
 from tfl.training.trainer import CrossEntropy, TrainConfig, Trainer, accuracy
+from tfl.tta import WithTTA, check_mode, tta_logits, view_logits
 
 IMAGENET_LABELS = os.path.join(os.path.dirname(__file__), "assets", "imagenet_labels.txt")
 CENTER_CROP_FRACTION = 0.875  # the standard ImageNet evaluation crop: resize to S/0.875, crop S
@@ -47,6 +48,7 @@ class LoadedRun:
     dataset: str
     splits: "data.DatasetSplits"
     temperature: float = 1.0  # calibration.json's T (tfl.calibration); the run's probabilities: softmax(logits / T)
+    tta: str | None = None  # calibration.json's kept TTA mode (tfl.tta); the run's logits are then tta_logits'
 
     @property
     def image_size(self) -> int:
@@ -88,7 +90,7 @@ def load_run(run_path: str, dataset: str | None = None, data_dir: str | None = N
             f"missing {missing or 'none'}, extra {extra or 'none'}"
             + ("" if missing or extra else " (same names, different order)")
         )
-    return LoadedRun(run_path, config, list(classes), model, name, splits, run.temperature())
+    return LoadedRun(run_path, config, list(classes), model, name, splits, run.temperature(), run.tta())
 
 
 def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None = None,
@@ -100,8 +102,10 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
     t = loaded.temperature
     cross_entropy = CrossEntropy(len(loaded.classes))
     loss = cross_entropy if t == 1.0 else lambda batch, logits: cross_entropy(batch, logits / t)  # the calibrated NLL
+    model = WithTTA(loaded.model, loaded.tta) if loaded.tta else None  # None: the trainer's, loaded.model
     try:
-        scores = trainer.evaluate_all(ds, split, -(-examples // batch_size), loss=loss, metrics=accuracy)
+        scores = trainer.evaluate_all(ds, split, -(-examples // batch_size), model=model, loss=loss,
+                                      metrics=accuracy)
     except tf.errors.OpError as error:  # TensorFlow names no file: say which ones changed since the check above
         changed = changed_files_error((loaded.splits.files or {}).get(split, []),
                                       f"of the {split} split changed after the check at the start", "the evaluation",
@@ -111,20 +115,22 @@ def evaluate_run(run_path: str, dataset: str | None = None, data_dir: str | None
         raise changed from error
     result = {"run": run_path, "dataset": loaded.dataset, "split": split, "examples": examples,
               "accuracy": round(scores["accuracy"], 6), "loss": round(scores["loss"], 6),
-              **({"temperature": t} if rundir.RunDir(run_path, create=False).calibrated() else {})}
+              **({"temperature": t} if rundir.RunDir(run_path, create=False).calibrated() else {}),
+              **({"tta": loaded.tta} if loaded.tta else {})}
     threshold = rundir.RunDir(run_path, create=False).threshold()
     if threshold is not None:  # a second pass, for the logits: coverage and selective accuracy at the threshold
-        labels, logits = logits_of(loaded.model, ds)
+        labels, logits = logits_of(loaded.model, ds, tta=loaded.tta)
         probs = calibration.softmax(logits, t)
         result["abstain"] = {"threshold": threshold, **calibration.selective(
             probs.max(axis=1), probs.argmax(axis=1) == labels, threshold)}
     return result
 
 
-def logits_of(model, pipeline, each=None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels [N] int64, logits [N, C] float32) of `model` over an evaluation pipeline's batches, in order.
-    each(images, labels, logits), if given, sees every batch as it goes (tfl report keeps its mistakes' images)."""
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+def logits_of(model, pipeline, each=None, tta: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N] int64, logits [N, C] float32) of `model` over an evaluation pipeline's batches, in order; with a
+    `tta` mode, the mean of the views' logits (tfl.tta). each(images, labels, logits), if given, sees every batch
+    as it goes (tfl report keeps its mistakes' images)."""
+    forward = tf.function(lambda images: tta_logits(model, images, tta), reduce_retracing=True)
     all_labels, all_logits = [], []
     for batch in pipeline:
         # tfl.data.pipeline's batches are becoming dicts; (images, labels) tuples are the older form.
@@ -204,7 +210,8 @@ def predict(paths, run_path: str | None = None, backbone: str | None = None, wei
         model, labels = run.load()
         t = run.temperature()  # calibration.json's T, 1 without one
         threshold = run.threshold()  # tfl calibrate --abstain's; None without one
-        probabilities = lambda x: keras.ops.softmax(model(x, training=False) / t)  # noqa: E731
+        tta = run.tta()  # tfl calibrate --tta's mode when val kept it; None without
+        probabilities = lambda x: keras.ops.softmax(tta_logits(model, x, tta) / t)  # noqa: E731
         center_crop = False  # the run's model was trained on whole images resized to its input size
     else:
         labels = imagenet_labels()
@@ -291,22 +298,56 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
 
 
 # -- calibrating a run (tfl.calibration has the arithmetic) -------------------------------------------------------
+def plain_and_tta_logits(model, pipeline, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels [N], plain logits [N, C], TTA logits [N, C]) in one pass of every view through the model: view 0
+    is the image itself, and the TTA logits are the views' mean exactly as tfl.tta.tta_logits takes it."""
+    forward = tf.function(lambda images: view_logits(model, images, mode), reduce_retracing=True)
+    all_labels, plain, tta = [], [], []
+    for batch in pipeline:
+        each = forward(batch["image"])
+        all_labels.append(batch["label"].numpy().astype(np.int64))
+        plain.append(each[0].numpy())
+        tta.append(tf.reduce_mean(each, axis=0).numpy())
+    if not all_labels:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(all_labels), np.concatenate(plain), np.concatenate(tta)
+
+
 def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, log=print,
-              abstain: str | None = None) -> dict:
-    """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json."""
-    passes = {}
+              abstain: str | None = None, tta: str | None = None) -> dict:
+    """Fit and score a run's model on its splits (one pass over val and test each), write calibration.json.
+
+    With a `tta` mode, TTA is decided first, on val (tfl.calibration.tta_decision); T (and the abstain threshold)
+    are then fitted on the logits of the model that was chosen, plain or TTA."""
+    mode = check_mode(tta)
+    passes, both = {}, {}
     for split in ("val", "test"):
         source = getattr(splits, split)
         if source is not None:
-            log(f"calibration: predicting the {split} split ...")
+            log(f"calibration: predicting the {split} split" + (f" (and its {mode} views)" if mode != "none" else "")
+                + " ...")
             pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
-            labels, logits = logits_of(model, pipeline)
-            if len(labels):
-                passes[split] = (logits, labels)
-    if "val" not in passes:
+            if mode == "none":
+                labels, logits = logits_of(model, pipeline)
+                if len(labels):
+                    passes[split] = (logits, labels)
+            else:
+                labels, plain, averaged = plain_and_tta_logits(model, pipeline, mode)
+                if len(labels):
+                    both[split] = (plain, averaged, labels)
+    if "val" not in passes and "val" not in both:
         raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
                          "give the dataset a val/ folder (or train the run again with a larger --val-split)")
+    decision = None
+    if mode != "none":
+        test = both.get("test", (None, None, None))
+        decision = tta_decision(mode, *both["val"], *test)
+        chosen = 1 if decision["kept"] else 0
+        passes = {split: (values[chosen], values[2]) for split, values in both.items()}
+        log(f"calibration: TTA {mode} {'kept' if decision['kept'] else 'not kept'}: {decision['reason']}")
     record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
+    if decision is not None:
+        record["tta"] = decision
     if abstain is not None:
         record["abstain"] = abstain_record(abstain, *passes["val"], *passes.get("test", (None, None)),
                                            record["temperature"])
@@ -317,21 +358,25 @@ def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, lo
 
 
 def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = None, log=print,
-                  abstain: str | None = None) -> dict:
+                  abstain: str | None = None, tta: str | None = None) -> dict:
     """`tfl calibrate --run DIR`: fit T on the run's own val split, score its test split, write calibration.json.
-    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature. data_dir:
-    where the run's dataset is read from (default: the run's own)."""
+    The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature (and an earlier
+    TTA decision). data_dir: where the run's dataset is read from (default: the run's own). tta: a mode of
+    tfl.tta to decide on val first (kept only if val accuracy or NLL improves)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
     parse_abstain(abstain)  # before any work
+    check_mode(tta)
     loaded = load_run(run_path, data_dir=data_dir, log=log)
-    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log, abstain)
+    return calibrate(loaded.model, loaded.splits, loaded.image_size, batch_size, run_path, log, abstain, tta)
 
 
-def calibrate_job(job, abstain: str | None = None) -> dict:
-    """`tfl finetune --calibrate`: calibrate the model a job just saved (its splits, in memory) before --export."""
-    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log, abstain)
+def calibrate_job(job, abstain: str | None = None, tta: str | None = None) -> dict:
+    """`tfl finetune --calibrate` (or --tta): calibrate the model a job just saved (its splits, in memory) before
+    --export."""
+    record = calibrate(job.model, job.splits, job.image_size, job.batch, job.run_dir.path, job.log, abstain, tta)
     for line in describe(record).splitlines():  # finetune's log is its result
         job.log(line)
     return {"temperature": record["temperature"],
+            **({"tta": record["tta"]["mode"], "tta_kept": record["tta"]["kept"]} if "tta" in record else {}),
             **({"abstain_threshold": record["abstain"]["threshold"]} if "abstain" in record else {})}

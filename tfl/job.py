@@ -47,8 +47,8 @@ SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px)
 # Settings a resumed run may change: where files are, how the work is spread (the global batch and learning
 # rates are still compared), what happens after training. Any other difference is refused.
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
-                     "task_index", "export", "calibrate", "versions", "command", "cache", "cache_budget", "cache_dir",
-                     "tensorboard",
+                     "task_index", "export", "calibrate", "tta", "versions", "command", "cache", "cache_budget",
+                     "cache_dir", "tensorboard",
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice")
 

@@ -35,6 +35,9 @@ CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --s
 DANN_SHIFTS = ("invert", "tint", "texture")  # tfl dann --target-shift: the shifted copy of the dataset made as target
 BALANCE = ("none", "sampler", "loss")  # tfl finetune --balance: class-balanced sampling or class-weighted loss
 PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective
+# tfl calibrate --tta / finetune --tta: test-time augmentation's views (tfl.tta), kept only if val says so
+TTA_NONE = "none"
+TTA_MODES = (TTA_NONE, "flip", "flip+crops")
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"

@@ -9,7 +9,7 @@ import click
 from tfl import api
 from tfl.cli.core import UsageFailure, call, cli, echo_err, echo_json
 from tfl.cli.params import non_negative, positive
-from tfl.options import EXPORT_FORMATS, IMAGE_EXTENSIONS, SPLITS, TFLITE_MODES
+from tfl.options import EXPORT_FORMATS, IMAGE_EXTENSIONS, SPLITS, TFLITE_MODES, TTA_MODES, TTA_NONE
 
 RUN_HELP = "A run directory from `tfl finetune` (or any recipe's run)."
 DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Default: the run's own, for its own "
@@ -25,7 +25,7 @@ DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Def
               help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}, and "temperature" for a '
                    'calibrated run (`tfl calibrate`): its loss is then the NLL of softmax(logits / T); with an abstain '
                    'threshold (`tfl calibrate --abstain`), "abstain": {"threshold", "coverage", '
-                   '"selective_accuracy"}.')
+                   '"selective_accuracy"}; with TTA kept (`tfl calibrate --tta`), "tta": its mode.')
 def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
     """Accuracy and loss of a run's best model on the test split (or val when there is no test split)."""
     result = call(api.evaluate, run_dir, dataset, data_dir, batch_size,
@@ -34,6 +34,7 @@ def evaluate(run_dir, dataset, data_dir, batch_size, as_json):
         echo_json(result)
     else:
         calibrated = f" (calibrated, T = {result['temperature']:.4g})" if "temperature" in result else ""
+        calibrated += f" (TTA {result['tta']})" if "tta" in result else ""
         click.echo(f"{result['split']} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}{calibrated} "
                    f"on {result['examples']} examples of {result['dataset']}")
         if "abstain" in result:
@@ -128,11 +129,19 @@ def report(run_dir, dataset, data_dir, split, batch_size, output_dir, max_images
                    "answer is 'unsure': coverage:0.95 answers at least 95 % of val, precision:0.99 is right on at "
                    "least 99 % of the val images it answers. predict marks answers below it, exports add a "
                    "`confident` output. Without it, an earlier threshold is dropped.")
+@click.option("--tta", type=click.Choice(TTA_MODES), default=TTA_NONE, show_default=True,
+              help="First decide on val whether test-time augmentation replaces the model's logits by their mean "
+                   "over a few views (flip: the image and its mirror; flip+crops: those and five 87.5 % crops). "
+                   "Kept only if val accuracy rises, or stays equal with a lower val NLL; T is then fitted on the "
+                   "chosen logits, and predict, evaluate, report and exports use them. Without it, an earlier TTA "
+                   "is dropped.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print calibration.json: {"temperature", "kept", "reason", "val": {"examples", "before", '
                    '"after"}, "test": {...}, "bins", ...}; before and after hold "ece", "nll", "brier", "accuracy"; '
-                   'with --abstain, "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy).')
-def calibrate(run_dir, data_dir, batch_size, abstain, as_json):
+                   'with --abstain, "abstain": {"target", "threshold", "val", "test"} (coverage, selective accuracy); '
+                   'with --tta, "tta": {"mode", "kept", "reason", "val": {"plain", "tta"}, "test": {...}} (accuracy '
+                   'and NLL of each).')
+def calibrate(run_dir, data_dir, batch_size, abstain, tta, as_json):
     """Fit a temperature T on the run's val split so its probabilities, softmax(logits / T), can be trusted.
 
     T minimises the val NLL (it stays 1, and the output says why, when that does not lower the val NLL). Prints ECE
@@ -141,7 +150,7 @@ def calibrate(run_dir, data_dir, batch_size, abstain, as_json):
     reliability diagram) and every `tfl export` of the run use T. Calibrating again fits T afresh from the model.
     """
     result = call(api.calibrate, run_dir, batch_size, data_dir, log=(lambda *_: None) if as_json else echo_err,
-                  abstain=abstain)
+                  abstain=abstain, tta=tta)
     if as_json:
         echo_json(result)
     else:

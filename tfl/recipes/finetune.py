@@ -19,7 +19,7 @@ import dataclasses
 from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import BALANCE, UNFREEZE, option
+from tfl.options import BALANCE, TTA_MODES, TTA_NONE, UNFREEZE, option
 from tfl.recipes.advise import resolve_auto
 from tfl.recipes.stages import prepare_balanced, two_stage
 
@@ -50,6 +50,11 @@ class FinetuneOptions(JobOptions):
         "With --calibrate: also choose a threshold on the calibrated top probability on val, as `tfl calibrate "
         "--abstain` does (coverage:0.95 or precision:0.99); predict marks answers below it 'unsure', exports add a "
         "`confident` output."))
+    tta: str = option(TTA_NONE, group="run", choices=TTA_MODES, help=(
+        "Then decide on val whether test-time augmentation (the mean logits over flip, or flip+crops, views) "
+        "replaces the model's, as `tfl calibrate --tta` does; implies --calibrate (T is fitted on the chosen "
+        "logits). Kept only if val accuracy rises, or stays equal with a lower val NLL; calibration.json records "
+        "the decision and both numbers."))
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
@@ -61,22 +66,26 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     recipe = gradual if opts.unfreeze_mode == "gradual" else two_stage
     _check_gradual_options(opts)
     _check_budget(opts)
+    if opts.tta not in TTA_MODES:
+        raise UsageError(f"--tta {opts.tta!r} is not one of {', '.join(TTA_MODES)}")
+    calibrate = opts.calibrate or opts.tta != TTA_NONE  # --tta implies the calibration finisher
     if opts.abstain is not None:
         from tfl.calibration import parse_abstain
 
         parse_abstain(opts.abstain)
-        if not opts.calibrate:
+        if not calibrate:
             raise UsageError(f"--abstain {opts.abstain}: the threshold is on calibrated probabilities; add --calibrate")
-    return jobs.run(opts, calibrating(recipe, opts.abstain) if opts.calibrate else recipe, log,
+    return jobs.run(opts, calibrating(recipe, opts.abstain, opts.tta) if calibrate else recipe, log,
                     resolve_depth=resolve_auto)
 
 
-def calibrating(recipe, abstain: str | None = None):
-    """The recipe, with the temperature (and --abstain's threshold) fitted on val once the best model is saved."""
+def calibrating(recipe, abstain: str | None = None, tta: str = TTA_NONE):
+    """The recipe, with TTA decided (--tta), then the temperature (and --abstain's threshold) fitted, on val once the
+    best model is saved."""
     def run(job: Job) -> dict:
         from tfl.inference import calibrate_job
 
-        job.finishers.append(lambda job: calibrate_job(job, abstain))
+        job.finishers.append(lambda job: calibrate_job(job, abstain, tta))
         return recipe(job)
     return run
 

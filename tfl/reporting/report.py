@@ -46,7 +46,7 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
     log(f"predicting the {split} split of {loaded.dataset} with {run_dir} ...")
     pipeline = data.make_pipeline(source, loaded.image_size, batch_size, training=False, seed=0)
     t = loaded.temperature  # the run's probabilities are softmax(logits / t); 1 for an uncalibrated run
-    labels, logits, mistakes = _predict(loaded.model, pipeline, max_images, t)
+    labels, logits, mistakes = _predict(loaded.model, pipeline, max_images, t, loaded.tta)
     if not len(labels):
         raise UsageError(f"split {split!r} of {loaded.dataset} has no examples; choose another split")
 
@@ -77,6 +77,8 @@ def report_run(run_dir: str, dataset: str | None = None, data_dir: str | None = 
             {"true": classes[m.true], "predicted": classes[m.predicted], "prob": round(m.prob, 6)} for m in mistakes]},
         "files": paths,
     }
+    if loaded.tta:
+        result["tta"] = loaded.tta  # the logits above are the mean over its views (tfl calibrate --tta)
     if calibrated:
         result["calibration"] = {"temperature": t, "bins": calibration.ECE_BINS,
                                  "before": calibration.scores(logits, labels, 1.0),
@@ -162,7 +164,9 @@ def format_report(result: dict) -> str:
                 f"{row['support']:>7d}")
 
     lines = [f"{result['run']}: {result['split']} split of {result['dataset']}, {result['examples']} examples",
-             f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}", "", header, "-" * len(header)]
+             f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}"
+             + (f"  (TTA {result['tta']}: mean logits over its views)" if result.get("tta") else ""),
+             "", header, "-" * len(header)]
     lines += [line(row["class"], row) for row in result["per_class"]]
     lines += ["-" * len(header), line("macro avg", result["macro_avg"]), line("weighted avg", result["weighted_avg"])]
     lines += ["", "most confused (true -> predicted):"]
@@ -192,10 +196,10 @@ class Mistake(NamedTuple):
     prob: float  # of the predicted class
 
 
-def _predict(model, pipeline, max_images: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray,
-                                                                                   list[Mistake]]:
-    """(labels [N], logits [N, C], the max_images most confident mistakes, most confident first; their
-    probability is the run's: softmax(logits / temperature))."""
+def _predict(model, pipeline, max_images: int, temperature: float = 1.0,
+             tta: str | None = None) -> tuple[np.ndarray, np.ndarray, list[Mistake]]:
+    """(labels [N], logits [N, C] (with a kept `tta` mode the mean over its views), the max_images most confident
+    mistakes, most confident first; their probability is the run's: softmax(logits / temperature))."""
     import tensorflow as tf
 
     mistakes: list[Mistake] = []
@@ -211,7 +215,7 @@ def _predict(model, pipeline, max_images: int, temperature: float = 1.0) -> tupl
                          for k, i in enumerate(wrong)]
             mistakes = sorted(mistakes, key=lambda m: -m.prob)[:max_images]  # stable: ties keep dataset order
 
-    labels, logits = logits_of(model, pipeline, keep_mistakes)
+    labels, logits = logits_of(model, pipeline, keep_mistakes, tta=tta)
     return labels, logits, mistakes
 
 

@@ -178,11 +178,12 @@ def write_calibration(run, folder: str) -> None:
 
 
 def describe_temperature(run) -> str:
-    """", calibrated: T = 1.53" (and the abstain threshold) for a log line; "" for an uncalibrated run."""
+    """", calibrated: T = 1.53" (and the TTA mode and the abstain threshold) for a log line; "" for an uncalibrated
+    run."""
     if not run.calibrated():
         return ""
-    threshold = run.threshold()
-    return f", calibrated: T = {run.temperature():.4g}" + (
+    threshold, tta = run.threshold(), run.tta()
+    return f", calibrated: T = {run.temperature():.4g}" + ("" if tta is None else f", TTA {tta}") + (
         "" if threshold is None else f", confident when the top probability >= {threshold:.4g}")
 
 
@@ -242,20 +243,23 @@ def _to_float32(node) -> int:
     return changed
 
 
-def serving_outputs(model, temperature: float = 1.0, threshold: float | None = None):
+def serving_outputs(model, temperature: float = 1.0, threshold: float | None = None, tta: str | None = None):
     """The serving graph of every export format, as a function of raw pixels: images float32 [N, S, S, 3], 0-255
     RGB at the model's size -> {"logits": raw [N, C], "probabilities": softmax(logits / temperature) [N, C]} and,
-    with a threshold, "confident": top probability >= threshold (bool [N]).
+    with a threshold, "confident": top probability >= threshold (bool [N]). With a kept TTA mode (RunDir.tta())
+    the logits are the mean over its views, through tfl.tta.tta_logits as evaluation computes them.
 
     One function so a change to what a served model computes lands in SavedModel, TFLite and ONNX at once. It
     computes in float32 whatever precision the run trained in (float32_model); a format exposes the outputs it
     names (SavedModel and TFLite leave out the raw logits)."""
     import tensorflow as tf
 
+    from tfl.tta import tta_logits  # TensorFlow: this module stays light
+
     net = float32_model(model)
 
     def outputs(images):
-        logits = net(images, training=False)
+        logits = tta_logits(net, images, tta)
         probabilities = tf.nn.softmax(scaled(logits, temperature), axis=-1)
         return {LOGITS: logits, PROBABILITIES: probabilities, **confident(probabilities, threshold)}
 

@@ -35,7 +35,7 @@ def export_onnx(run_path: str, output: str | None = None, version: int | None = 
     path = layout.version_dir(output or layout.default_base(run_path, "-onnx"), version)
     model, class_names = run.load()
     threshold = run.threshold()
-    serialized = convert(model, run.temperature(), threshold)
+    serialized = convert(model, run.temperature(), threshold, run.tta())
 
     def build(tmp):
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
@@ -60,7 +60,7 @@ def check_converter() -> None:
                           f"{EXTRA}")
 
 
-def convert(model, temperature: float = 1.0, threshold: float | None = None) -> bytes:
+def convert(model, temperature: float = 1.0, threshold: float | None = None, tta: str | None = None) -> bytes:
     """The serialized ONNX model of `model`'s serving graph (layout.serving_outputs), batch dimension dynamic."""
     check_converter()
     import onnx
@@ -70,7 +70,7 @@ def convert(model, temperature: float = 1.0, threshold: float | None = None) -> 
     size = int(model.inputs[0].shape[1])
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT)]
     # The dict's keys become the ONNX output names (tf2onnx renames a function's outputs after its structure).
-    function = tf.function(layout.serving_outputs(model, temperature, threshold), input_signature=spec,
+    function = tf.function(layout.serving_outputs(model, temperature, threshold, tta), input_signature=spec,
                            autograph=False)
     converter_log = logging.getLogger("tf2onnx")
     level = converter_log.level

@@ -10,7 +10,8 @@ A signature has one input dtype; predict_images takes float32 (JSON numbers need
 uint8 arrays), rather than doubling the signatures for uint8.
 Class names travel as the asset assets/labels.txt (line i = class i), read by a lookup table.
 A calibrated run (calibration.json, tfl.calibration) is exported with its temperature: probabilities are
-softmax(logits / T) inside the graph, and assets.extra/calibration.json (which TF Serving leaves alone) records it.
+softmax(logits / T) inside the graph, and assets.extra/calibration.json (which TF Serving leaves alone) records it;
+with TTA kept on val (`tfl calibrate --tta`) the logits are the mean over the views (tfl.tta), inside the graph too.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
     labels = layout.labels_text(run.read_classes())
     path = layout.version_dir(output or layout.default_base(run_path), version)
     model, class_names = run.load()
-    temperature, threshold = run.temperature(), run.threshold()
+    temperature, threshold, tta = run.temperature(), run.threshold(), run.tta()
     k = min(top_k, len(class_names))
 
     def build(tmp):
         try:
-            write_saved_model(model, labels, tmp, k, temperature, threshold)
+            write_saved_model(model, labels, tmp, k, temperature, threshold, tta)
             layout.write_calibration(run, os.path.join(tmp, EXTRA_ASSETS))
         except tf.errors.OpError as err:  # TensorFlow's writer: a full disk is ResourceExhausted, ulimit -f OutOfRange
             disk = layout.disk_error(err.message, path)
@@ -64,9 +65,10 @@ def export_saved_model(run_path: str, output: str | None = None, version: int | 
 
 
 def write_saved_model(model, labels: str, path: str, top_k: int, temperature: float = 1.0,
-                      threshold: float | None = None) -> None:
+                      threshold: float | None = None, tta: str | None = None) -> None:
     """The SavedModel of `model` (raw pixels in, logits out) with both signatures; probabilities are
-    softmax(logits / temperature); with a threshold, confident is top probability >= threshold."""
+    softmax(logits / temperature), the logits with a kept `tta` mode the mean over its views (tfl.tta); with a
+    threshold, confident is top probability >= threshold."""
     import keras
 
     size = int(model.inputs[0].shape[1])
@@ -81,7 +83,7 @@ def write_saved_model(model, labels: str, path: str, top_k: int, temperature: fl
                                           tf.lookup.TextFileIndex.WHOLE_LINE),
             default_value="")
 
-        serve = layout.serving_outputs(model, temperature, threshold)
+        serve = layout.serving_outputs(model, temperature, threshold, tta)
 
         # One traced function behind both signatures: the model's graph is built and stored once.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], autograph=False)

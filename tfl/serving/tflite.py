@@ -4,7 +4,8 @@ Modes: float32 (as trained), float16 (weights stored as float16, half the size) 
 quantization: int8 weights, activations quantized on the fly; a quarter of the size, no calibration data).
 The version directory holds model.tflite and labels.txt (line i = class i); for a calibrated run (calibration.json)
 the probabilities are softmax(logits / T) inside the flatbuffer, and calibration.json beside it records T; a run
-with an abstain threshold (tfl calibrate --abstain) gets a second output, confident bool [N].
+with an abstain threshold (tfl calibrate --abstain) gets a second output, confident bool [N]; with TTA kept on val
+(tfl calibrate --tta) the logits are the mean over the views (tfl.tta) inside the flatbuffer too.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
     # Its own default base: TF Serving would try to load a TFLite version dir found among SavedModel versions.
     path = layout.version_dir(output or layout.default_base(run_path, f"-tflite-{mode}"), version)
     model, _ = run.load()
-    flatbuffer = convert(model, mode, run.temperature(), run.threshold())
+    flatbuffer = convert(model, mode, run.temperature(), run.threshold(), run.tta())
 
     def build(tmp):
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
@@ -53,15 +54,18 @@ def check_mode(mode: str) -> None:
         raise UsageError(f"--tflite-mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
-def convert(model, mode: str, temperature: float = 1.0, threshold: float | None = None) -> bytes:
+def convert(model, mode: str, temperature: float = 1.0, threshold: float | None = None,
+            tta: str | None = None) -> bytes:
     with tempfile.TemporaryDirectory() as scratch:
-        write_probabilities_model(model, scratch, temperature, threshold)
+        write_probabilities_model(model, scratch, temperature, threshold, tta)
         return convert_saved_model(scratch, mode)
 
 
-def write_probabilities_model(model, path: str, temperature: float = 1.0, threshold: float | None = None) -> None:
+def write_probabilities_model(model, path: str, temperature: float = 1.0, threshold: float | None = None,
+                              tta: str | None = None) -> None:
     """The graph TFLite gets, as a SavedModel: serving_default, image [N, S, S, 3] -> probabilities
-    (softmax(logits / temperature)), and with a threshold confident (bool [N], top probability >= threshold).
+    (softmax(logits / temperature); with a kept `tta` mode the logits are the mean over its views, tfl.tta), and
+    with a threshold confident (bool [N], top probability >= threshold).
 
     Through a SavedModel because from_concrete_functions leaves Keras 3 variables unfrozen and uninitialised
     (NaN outputs, a 200 KB file, measured on TF 2.21); from_saved_model folds them into constants.
@@ -69,7 +73,7 @@ def write_probabilities_model(model, path: str, temperature: float = 1.0, thresh
     import keras
 
     size = int(model.inputs[0].shape[1])
-    serve = layout.serving_outputs(model, temperature, threshold)
+    serve = layout.serving_outputs(model, temperature, threshold, tta)
 
     def probabilities(image):
         served = serve(image)

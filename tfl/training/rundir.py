@@ -8,7 +8,8 @@ runs/<timestamp>-<backbone>-<dataset>/
   model.keras       the best model (raw 0-255 RGB pixels in, logits out)
   metrics.json      test_accuracy, test_loss (with a test split; else val_loss), val_accuracy, eval_split, ...
   calibration.json  after `tfl calibrate` (or finetune --calibrate): the temperature T every reader of the run
-                    divides model.keras's logits by (tfl.calibration); without it T = 1
+                    divides model.keras's logits by (tfl.calibration); without it T = 1. With a kept "tta" entry
+                    (--tta), those logits are the mean over the test-time views first (tfl.tta)
   checkpoints/      the last two finished epochs and a `latest` pointer, to resume from (see checkpoint.py)
 
 A crash leaves at most `.tmp-*` files behind, never a partial file under a real name; a resumed run removes them.
@@ -31,6 +32,7 @@ import sys
 import time
 
 from tfl.errors import Unavailable, UsageError
+from tfl.options import TTA_MODES, TTA_NONE
 from tfl.checkpoints.json_limits import loads_bounded
 from tfl.durable import TMP_PREFIX, atomic_write, fsync_dir, save_keras, write_csv, write_json  # noqa: F401 (re-exported)
 
@@ -265,6 +267,20 @@ class RunDir:
             raise UsageError(f"{self.file(CALIBRATION)}: the abstain 'threshold' is {value!r}, not a probability; "
                              f"run `tfl calibrate --run {self.path} --abstain ...` again, or delete the file")
         return float(value)
+
+    def tta(self) -> str | None:
+        """The test-time augmentation mode (tfl.tta) calibration.json keeps (`tfl calibrate --tta`, when val kept
+        it): the run's logits are then the mean over its views. None when the run has none, or val did not keep it."""
+        record = (self._calibration() or {}).get("tta")
+        if record is None:
+            return None
+        mode = record.get("mode") if isinstance(record, dict) else None
+        kept = record.get("kept") if isinstance(record, dict) else None
+        if mode not in TTA_MODES or not isinstance(kept, bool):
+            raise UsageError(f"{self.file(CALIBRATION)}: the 'tta' entry is {record!r}, not a mode of "
+                             f"{', '.join(TTA_MODES)} with kept true or false; run `tfl calibrate --run {self.path} "
+                             "--tta ...` again, or delete the file")
+        return mode if kept and mode != TTA_NONE else None
 
     def forget_calibration(self) -> bool:
         """Remove calibration.json (its temperature was fitted to a model.keras that was just replaced)."""
