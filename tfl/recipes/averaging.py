@@ -281,7 +281,8 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
                     run_path)
     run.write_csv(WISE_CSV, ["alpha", "val_accuracy", "val_nll", "test_accuracy", "test_nll"], rows,
                   extrasaction="ignore")
-    write_wise_figure(rows, alpha, run.file(WISE_PNG), title=f"WiSE-FT of {os.path.basename(os.path.normpath(run_path))}")
+    write_wise_figure(rows, alpha, run.file(WISE_PNG),
+                      title=f"WiSE-FT of {os.path.basename(os.path.normpath(run_path))}")
     log(f"wise-ft: alpha {alpha:g} chosen; wrote {out}")
     return {"run_dir": out, "source_run": run_path, "alpha": alpha, "rows": rows, "metrics": metrics}
 
@@ -326,7 +327,8 @@ def write_wise_figure(rows: list[dict], chosen: float, path: str, title: str | N
 
 # -- greedy soup -----------------------------------------------------------------------------------------------------
 SOUP_TABLE = (Column("ingredient", "ingredient"), Column("val acc", "val_accuracy", ".4f"),
-              Column("soup val acc", "soup_val_accuracy", ".4f"), Column("kept", lambda r: "yes" if r["kept"] else "no"))
+              Column("soup val acc", "soup_val_accuracy", ".4f"),
+              Column("kept", lambda r: "yes" if r["kept"] else "no"))
 
 
 def check_compatible(configs: dict[str, dict], classes: dict[str, list]) -> None:
