@@ -137,3 +137,13 @@ def test_the_average_is_exact_for_one_ingredient_and_copies_counters():
     assert np.array_equal(mean[0], np.array([1.5, 3.5], np.float32)) and mean[1] == 3
     half = averaging.interpolate(a, b, 0.5)
     assert np.array_equal(half[0], mean[0]) and half[1] == 7  # WiSE-FT copies the fine-tuned counters
+
+
+def test_runs_that_held_out_another_val_split_are_souped_with_a_warning(runs, tmp_path):
+    _, paths = runs
+    other = _changed_copy(paths[1], tmp_path / "other", val_split=0.3)
+    done = invoke("soup", paths[0], other, "--output", tmp_path / "soup")
+    assert done.exit_code == 0, done.output
+    assert "warning: the runs differ in val_split" in done.output
+    config = json.loads((tmp_path / "soup" / "config.json").read_text())
+    assert config["soup"]["scored_on"] == os.path.abspath(paths[0]) and "val_split" in config["soup"]["warnings"][0]
