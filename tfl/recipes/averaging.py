@@ -394,6 +394,7 @@ def soup(run_paths: Sequence[str], output: str | None = None, batch_size: int = 
     ranked = sorted(paths, key=lambda p: -val[p]["accuracy"])  # stable: equals keep the order given
     best = ranked[0]
     container = models[best]
+    models.clear()  # the arrays above are all the other runs are needed for
     variables = weight_list(container)
     kept, current = [best], val[best]
     rows = [{"ingredient": best, "val_accuracy": val[best]["accuracy"], "soup_val_accuracy": current["accuracy"],
