@@ -104,3 +104,8 @@ def test_option_facts_are_checked_in_one_place_for_every_command():
         forgetting(ForgettingOptions(strategies=("naive", "bogus")))
     with pytest.raises(tfl.UsageError, match=r"--worker-hosts \('a:1', 'b:2'\): ForgettingOptions does not use it"):
         forgetting(ForgettingOptions(worker_hosts=("a:1", "b:2")))
+
+
+def test_weight_averaging_commands_are_functions_of_tfl():
+    assert {"wise_ft", "soup"} <= set(tfl.__all__)
+    assert tfl.wise_ft.__module__ == tfl.soup.__module__ == "tfl.api"

@@ -13,7 +13,7 @@ from tfl.version import __version__  # noqa: F401
 
 from tfl.api import (Result, advise, calibrate, compare, dann, distill, evaluate, export, fewshot,  # noqa: E402
                      finetune, forgetting, load_model, multitask, predict, pretext, restore, self_train,
-                     set_progress)
+                     set_progress, soup, wise_ft)
 from tfl.errors import Unavailable, UsageError  # noqa: E402
 
 # The options classes, loaded on first use (tfl.FinetuneOptions, ...): they live beside their recipes.
@@ -26,7 +26,7 @@ _OPTIONS = {"JobOptions": "tfl.options", "FinetuneOptions": "tfl.recipes.finetun
 
 __all__ = ["Result", "Unavailable", "UsageError", "advise", "calibrate", "compare", "dann", "distill", "evaluate",
            "export", "fewshot", "finetune", "forgetting", "load_model", "multitask", "predict", "pretext", "restore",
-           "self_train", "set_progress", *_OPTIONS]
+           "self_train", "set_progress", "soup", "wise_ft", *_OPTIONS]
 
 
 def __getattr__(name):

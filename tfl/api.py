@@ -361,6 +361,27 @@ def export(run_dir: str, format: str = "saved_model", output: str | None = None,
     return export_run(run_dir, format, output, version, top_k, tflite_mode, log=log or logger.info)
 
 
+def wise_ft(run_dir: str, alphas=None, output: str | None = None, batch_size: int = 64, log=None) -> dict:
+    """WiSE-FT (`tfl wise-ft`): the run's backbone interpolated between its pretrained and fine-tuned weights, the
+    fine-tuned head kept; alphas (default 0, 0.1, ..., 1; 1 always among them) scored on val, the best kept (ties:
+    the larger). Writes a run directory (default <run>-wiseft) and returns {"run_dir", "source_run", "alpha",
+    "rows": [{"alpha", "val_accuracy", "val_nll", "test_accuracy", "test_nll"}], "metrics"}."""
+    from tfl.recipes.averaging import wise_ft as run_wise_ft
+
+    return run_wise_ft(os.fspath(run_dir), alphas, output, batch_size, log=log or logger.info)
+
+
+def soup(runs, output: str | None = None, batch_size: int = 64, log=None) -> dict:
+    """Greedy model soup (`tfl soup`) of runs with one architecture and initialisation: ranked by val accuracy, each
+    joins the uniform average only if val accuracy does not drop. Writes a run directory (default <first run>-soup)
+    and returns {"run_dir", "ingredients": [{"ingredient", "val_accuracy", "soup_val_accuracy", "kept"}], "kept",
+    "warnings", "metrics"}."""
+    from tfl.recipes.averaging import soup as run_soup
+
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    return run_soup(runs, output, batch_size, log=log or logger.info)
+
+
 def restore(model, checkpoint, *, include=(".*",), exclude=(), rename=(), strict: bool = True, mapping=None,
             unsafe: bool = False, log=None):
     """Copy weights by name from a checkpoint (any file `tfl inspect-checkpoint` reads: Keras, TF1/TF2, PyTorch,

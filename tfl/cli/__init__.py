@@ -2,7 +2,7 @@
 
 One module per family of commands: training (finetune and the recipes, generated from their options
 dataclasses), models (backbones, inspect, inspect-checkpoint, convert), runs (evaluate, predict, report,
-export) and bench; core has the group, the exit codes and the shared output helpers.
+export), averaging (wise-ft, soup) and bench; core has the group, the exit codes and the shared output helpers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tfl.tf_logging import quiet_tensorflow
 
 quiet_tensorflow()  # before anything imports TensorFlow: its CPU-machine start-up notices stay out of the output
 
-from tfl.cli import bench, models, runs, training  # noqa: E402,F401  (each registers its commands)
+from tfl.cli import averaging, bench, models, runs, training  # noqa: E402,F401  (each registers its commands)
 from tfl.cli.core import cli, describe_os_error  # noqa: E402,F401
 
 
