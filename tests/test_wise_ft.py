@@ -127,6 +127,21 @@ def test_the_table_names_the_chosen_alpha(runs, swept):
     assert "chosen" in done.output and "val acc" in done.output and "(best val accuracy" in done.output
 
 
+def test_a_fixed_alpha_is_kept_whatever_val_says_and_1_is_scored_beside_it(runs, swept, tmp_path):
+    root, tuned, _ = runs
+    done = invoke("wise-ft", "--run", tuned, "--alpha", "0", "--output", tmp_path / "fixed", "--json")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["alpha"] == 0.0 and [r["alpha"] for r in result["rows"]] == [0.0, 1.0]
+    assert result["chosen_by"] == "fixed by --alpha"
+    swept_rows = {r["alpha"]: r for r in swept[0]["rows"]}  # the same weights as the sweep's alpha 0 and 1
+    assert [r["val_accuracy"] for r in result["rows"]] == [swept_rows[a]["val_accuracy"] for a in (0.0, 1.0)]
+    both = invoke("wise-ft", "--run", tuned, "--alpha", "0.5", "--alphas", "0,1", "--output", tmp_path / "both")
+    assert both.exit_code == 2 and "--alpha" in both.output and "--alphas" in both.output
+    outside = invoke("wise-ft", "--run", tuned, "--alpha", "1.5", "--output", tmp_path / "outside")
+    assert outside.exit_code == 2 and "1.5" in outside.output
+
+
 @pytest.mark.parametrize("alphas,expected", [(None, tuple(i / 10 for i in range(11))), ("0.5,0", (0.0, 0.5, 1.0)),
                                              ([1, 0.25, 0.25], (0.25, 1.0))])
 def test_alphas_are_sorted_distinct_and_include_1(alphas, expected):

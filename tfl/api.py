@@ -361,14 +361,16 @@ def export(run_dir: str, format: str = "saved_model", output: str | None = None,
     return export_run(run_dir, format, output, version, top_k, tflite_mode, log=log or logger.info)
 
 
-def wise_ft(run_dir: str, alphas=None, output: str | None = None, batch_size: int = 64, log=None) -> dict:
+def wise_ft(run_dir: str, alphas=None, output: str | None = None, batch_size: int = 64, log=None,
+            alpha: float | None = None) -> dict:
     """WiSE-FT (`tfl wise-ft`): the run's backbone interpolated between its pretrained and fine-tuned weights, the
     fine-tuned head kept; alphas (default 0, 0.1, ..., 1; 1 always among them) scored on val, the best kept (ties:
-    the larger). Writes a run directory (default <run>-wiseft) and returns {"run_dir", "source_run", "alpha",
+    the larger); or one fixed `alpha`, kept whatever val says. Writes a run directory (default <run>-wiseft) and
+    returns {"run_dir", "source_run", "alpha",
     "rows": [{"alpha", "val_accuracy", "val_nll", "test_accuracy", "test_nll"}], "metrics"}."""
     from tfl.recipes.averaging import wise_ft as run_wise_ft
 
-    return run_wise_ft(os.fspath(run_dir), alphas, output, batch_size, log=log or logger.info)
+    return run_wise_ft(os.fspath(run_dir), alphas, output, batch_size, log=log or logger.info, alpha=alpha)
 
 
 def soup(runs, output: str | None = None, batch_size: int = 64, log=None) -> dict:

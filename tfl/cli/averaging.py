@@ -18,13 +18,17 @@ BATCH_HELP = "Images per evaluation batch."
 @click.option("--alphas", metavar="A,A,...",
               help="The alphas to try, in [0, 1], separated by commas; 1 (the fine-tuned run) is always tried.  "
                    "[default: 0,0.1,...,1]")
+@click.option("--alpha", type=click.FloatRange(0, 1), metavar="A",
+              help="Keep this alpha instead of the val split's best (1 is scored beside it). Val is drawn like the "
+                   "training data, so it favours alpha = 1; when the data you will serve may shift, the WiSE-FT "
+                   "authors use a fixed alpha = 0.5.")
 @click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
               help="The new run directory (must be empty or missing). Default: <run>-wiseft.")
 @click.option("--batch-size", default=64, show_default=True, callback=positive, help=BATCH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run_dir", "source_run", "alpha", "rows": [{"alpha", "val_accuracy", "val_nll", '
                    '"test_accuracy", "test_nll"}], "metrics"} instead of the table.')
-def wise_ft(run_dir, alphas, output, batch_size, as_json):
+def wise_ft(run_dir, alphas, alpha, output, batch_size, as_json):
     """WiSE-FT: interpolate a run's backbone between its pretrained and fine-tuned weights, keep the best on val.
 
     The backbone becomes (1 - alpha) x pretrained + alpha x fine-tuned (BatchNorm's moving statistics too); the
@@ -32,7 +36,7 @@ def wise_ft(run_dir, alphas, output, batch_size, as_json):
     larger alpha). Writes a run directory that every command accepts, with wise_ft.csv and wise_ft.png (accuracy
     against alpha). For a run trained with --weights none, "pretrained" is its seeded random initialisation.
     """
-    result = call(api.wise_ft, run_dir, alphas=alphas, output=output, batch_size=batch_size,
+    result = call(api.wise_ft, run_dir, alphas=alphas, alpha=alpha, output=output, batch_size=batch_size,
                   log=(lambda *_: None) if as_json else echo_err)
     if as_json:
         echo_json(result)

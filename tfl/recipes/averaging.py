@@ -69,7 +69,7 @@ def average(ingredients: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     return out
 
 
-def parse_alphas(alphas) -> tuple[float, ...]:
+def parse_alphas(alphas, option: str = "--alphas") -> tuple[float, ...]:
     """--alphas "0,0.25,1" (or a list of numbers) -> sorted distinct values in [0, 1], with 1 always among them."""
     if alphas is None:
         values = list(DEFAULT_ALPHAS)
@@ -80,10 +80,10 @@ def parse_alphas(alphas) -> tuple[float, ...]:
             try:
                 value = float(item)
             except (TypeError, ValueError):
-                raise UsageError(f"--alphas {alphas!r}: {item!r} is not a number; give numbers in [0, 1] separated "
+                raise UsageError(f"{option} {alphas!r}: {item!r} is not a number; give numbers in [0, 1] separated "
                                  "by commas, e.g. 0,0.5,1") from None
             if not 0.0 <= value <= 1.0:
-                raise UsageError(f"--alphas {alphas!r}: {value:g} is outside [0, 1] (0: the pretrained backbone, 1: "
+                raise UsageError(f"{option} {alphas!r}: {value:g} is outside [0, 1] (0: the pretrained backbone, 1: "
                                  "the fine-tuned one)")
             values.append(value)
     return tuple(sorted(set(values) | {1.0}))
@@ -234,11 +234,15 @@ WISE_TABLE = (Column("alpha", "alpha", "g"), Column("val acc", "val_accuracy", "
 
 
 def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: int = 64,
-            log: Callable = print) -> dict:
-    """`tfl wise-ft --run DIR`: sweep alpha on val, keep the best (ties: the larger alpha), write the run."""
+            log: Callable = print, alpha: float | None = None) -> dict:
+    """`tfl wise-ft --run DIR`: sweep alpha on val, keep the best (ties: the larger alpha), write the run. With
+    `alpha`, that alpha is kept whatever val says (1 is still scored, for the record)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
-    alphas = parse_alphas(alphas)
+    if alpha is not None and alphas is not None:
+        raise UsageError("--alpha fixes alpha and --alphas sweeps it; give one of them")
+    fixed = None if alpha is None else min(parse_alphas([alpha], "--alpha"))  # checked to be in [0, 1]
+    alphas = parse_alphas(alphas if fixed is None else [fixed])
     run_path = os.fspath(run_path)
     source = rundir.RunDir(run_path, create=False)
     out = os.fspath(output) if output else default_output(run_path, WISE_SUFFIX)
@@ -265,11 +269,15 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
                      "test_accuracy": test["accuracy"] if test else None, "test_nll": test["nll"] if test else None})
         log(f"wise-ft: alpha {alpha:g}: val accuracy {val['accuracy']:.4f}, NLL {val['nll']:.4f}"
             + (f"; test accuracy {test['accuracy']:.4f}" if test else ""))
-    best = max(rows, key=lambda r: (r["val_accuracy"], r["alpha"]))  # ties: the larger alpha, nearer the run
+    if fixed is None:
+        best = max(rows, key=lambda r: (r["val_accuracy"], r["alpha"]))  # ties: the larger alpha, nearer the run
+    else:
+        best = next(r for r in rows if r["alpha"] == fixed)
     best["chosen"] = True
     alpha = best["alpha"]
     assign(ft_vars, interpolate(pretrained, tuned, alpha))
     record = {"source_run": os.path.abspath(run_path), "alpha": alpha, "alphas": list(alphas),
+              "chosen_by": "best val accuracy" if fixed is None else "fixed by --alpha",
               "pretrained": "the seeded random initialisation (--weights none)"
               if config.get("weights_resolved") is None and not config.get("init_from")
               else "the backbone's initial weights as the run loaded them"}
@@ -284,7 +292,8 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
     write_wise_figure(rows, alpha, run.file(WISE_PNG),
                       title=f"WiSE-FT of {os.path.basename(os.path.normpath(run_path))}")
     log(f"wise-ft: alpha {alpha:g} chosen; wrote {out}")
-    return {"run_dir": out, "source_run": run_path, "alpha": alpha, "rows": rows, "metrics": metrics}
+    return {"run_dir": out, "source_run": run_path, "alpha": alpha, "rows": rows, "metrics": metrics,
+            "chosen_by": "best val accuracy" if fixed is None else "fixed by --alpha"}
 
 
 def format_wise(result: dict) -> str:
@@ -292,7 +301,8 @@ def format_wise(result: dict) -> str:
     held = (f"test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m
             else f"val accuracy {m['val_accuracy']:.4f}")
     return format_table(WISE_TABLE, result["rows"], notes=[
-        f"alpha {result['alpha']:g} (best val accuracy; 1 is the fine-tuned run): {held}; run directory "
+        f"alpha {result['alpha']:g} ({result.get('chosen_by', 'best val accuracy')}; 1 is the fine-tuned run): "
+        f"{held}; run directory "
         f"{result['run_dir']}"])
 
 
