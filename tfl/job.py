@@ -49,6 +49,8 @@ SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px)
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
                      "task_index", "export", "calibrate", "versions", "command", "cache", "cache_budget", "cache_dir",
                      "tensorboard",
+                     # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
+                     "decoded_images", "decoded_images_chosen", "cache_disk_limit",
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice")
 
@@ -310,6 +312,7 @@ class Job:
                           if self.splits.split_fingerprints else {}),
                        "replicas": self.replicas,
                        "global_batch_size": self.batch, "stages": [_stage_record(s) for s in stages],
+                       "decoded_images_chosen": self.inputs.decoded_record(),
                        "precision": self.precision.precision, "precision_choice": self.precision.to_json(),
                        "versions": versions(), "command": sys.argv}
         if self.advice:  # opts hold the resolved depth; resume compares it, and that it was chosen by auto
