@@ -161,7 +161,7 @@ class ArrayCache:
         advice = "raise --cache-budget or set --cache-dir"
         if self.directory:
             free = self.free_disk()
-            if nbytes > self.disk_limit:
+            if nbytes > self.disk_limit and free is not None and free >= nbytes + DISK_MARGIN:
                 reason = f"is over the cache directory's cap (--cache-disk-limit {format_size(self.disk_limit)})"
                 advice = "raise --cache-budget or --cache-disk-limit"
             else:
