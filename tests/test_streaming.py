@@ -3,6 +3,7 @@
 --cache-dir, and lets a folder bigger than the memory budget and the disk cap train."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,3 +151,21 @@ def test_a_bad_disk_limit_is_a_usage_error(value, data, tmp_path):
     result = CliRunner().invoke(cli, ["finetune", "--dataset", data, "--cache-disk-limit", value,
                                       "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and f"--cache-disk-limit {value!r} is not a size" in result.output, result.output
+
+
+def test_the_cache_directory_cap_refuses_bigger_entries_and_trims_to_it(tmp_path):
+    from tfl.cache import ArrayCache, parse_disk_limit
+
+    assert parse_disk_limit(None) == 20 * 2**30 and parse_disk_limit("1.5K") == 1536
+    cache = ArrayCache(str(tmp_path), budget=0, log=lambda *_: None, disk_limit=300)
+    assert cache.can_store(200) is None
+    why = cache.can_store(400)
+    assert "is over the cache directory's cap (--cache-disk-limit 300 B)" in why and "raise --cache-budget" in why
+
+    def fill(data, labels):
+        data[:], labels[:] = 1.0, 0
+        return {}
+
+    first = cache.build({"n": 1}, 6, (2, 2), np.float32, fill)  # 120 bytes of arrays, ~700 on disk with headers
+    second = cache.build({"n": 2}, 6, (2, 2), np.float32, fill)
+    assert not os.path.exists(first.path) and os.path.exists(second.path)  # trimmed to the cap, newest kept
