@@ -169,3 +169,24 @@ def test_the_cache_directory_cap_refuses_bigger_entries_and_trims_to_it(tmp_path
     first = cache.build({"n": 1}, 6, (2, 2), np.float32, fill)  # 120 bytes of arrays, ~700 on disk with headers
     second = cache.build({"n": 2}, 6, (2, 2), np.float32, fill)
     assert not os.path.exists(first.path) and os.path.exists(second.path)  # trimmed to the cap, newest kept
+
+
+def test_files_that_need_pillow_stream_the_same_pixels(tmp_path):
+    """WebP and TIFF go through Pillow (tf.numpy_function) inside the streamed batch, PNG through TensorFlow; the
+    images are of several sizes, so each is resized on its own."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b")):
+        os.makedirs(tmp_path / "train" / name)
+        for i, (ext, size) in enumerate([(".png", 30), (".webp", 41), (".tif", 27), (".png", 50)]):
+            pixels = rng.integers(0, 255, (size, size + c, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / name / f"{i}{ext}", **({"lossless": True}
+                                                                                      if ext == ".webp" else {}))
+    splits = load_image_folder(str(tmp_path), val_split=0.25, seed=0, log=lambda *_: None)
+    files = image_files(splits.train)
+    assert files.needs_pillow.any() and not files.needs_pillow.all()
+    kept, streamed = ImageStore.from_dataset(splits.train, 36), StreamedImages(files, 36)
+    a = _all_batches(kept.batches(index_order(kept.count, 4, training=True, seed=3)))
+    b = _all_batches(streamed.batches(index_order(kept.count, 4, training=True, seed=3)))
+    assert len(a) == 2 and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
