@@ -299,7 +299,7 @@ class StageInputs:
                                          lambda data, labels: fill_images(source, self.image_size, data, labels) or {},
                                          persist=False)
             self._stores[split] = ImageStore(entry.data, entry.labels, self.image_size)
-            self.log(f"images: {split}: {rows} decoded once, {format_size(entry.nbytes)} kept in {entry.where()} "
+            self.log(f"images: {split}: {rows} decoded once and kept ({format_size(entry.nbytes)}, {entry.where()}) "
                      f"({why})")
         return self._stores[split]
 
