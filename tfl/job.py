@@ -49,10 +49,10 @@ SMALL_IMAGE_UPSCALE = 4  # 28x28 / 32x32 datasets are upscaled 4x (112 / 128 px)
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy", "devices", "worker_hosts",
                      "task_index", "export", "calibrate", "versions", "command", "cache", "cache_budget", "cache_dir",
                      "tensorboard",
-                     # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
-                     "decoded_images", "decoded_images_chosen", "cache_disk_limit",
                      # how the precision was chosen may change; the precision itself ("precision") may not
-                     "mixed_precision", "precision_choice")
+                     "mixed_precision", "precision_choice",
+                     # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
+                     "decoded_images", "decoded_images_chosen", "cache_disk_limit")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
