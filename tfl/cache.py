@@ -7,7 +7,8 @@ An entry is `data [N, ...]` plus `labels [N]`, keyed by a dict of everything its
 An entry is written into a temporary sibling directory (files fsynced, manifest last) and renamed into place,
 so a crash never leaves a directory that looks complete. A lookup uses an entry only if its manifest holds
 exactly the requested key and every file has the size and checksum the manifest records; anything else is
-deleted and recomputed. The directory is trimmed to DISK_LIMIT bytes, least recently used entries first.
+deleted and recomputed. The directory is trimmed to its cap (--cache-disk-limit, default DISK_LIMIT bytes), least
+recently used entries first; an entry bigger than the cap is never written (can_store() says so).
 
 A full or read-only cache directory never aborts a run: an entry that does not fit the free space is kept in
 memory if it fits the budget (with a warning), and otherwise can_store() says why, so the caller recomputes.
@@ -56,16 +57,22 @@ def default_budget() -> int:
     return DEFAULT_BUDGET_CAP if total is None else min(DEFAULT_BUDGET_CAP, int(total * DEFAULT_BUDGET_FRACTION))
 
 
-def parse_size(text: str | int | None) -> int:
-    """"4G", "512M", "1.5g", "800K", "0" or a byte count -> bytes (binary units); None -> the default budget."""
+def parse_size(text: str | int | None, flag: str = "--cache-budget", default: int | None = None) -> int:
+    """"4G", "512M", "1.5g", "800K", "0" or a byte count -> bytes (binary units); None -> `default` (None: the
+    default memory budget). `flag` names the option in the error."""
     if text is None:
-        return default_budget()
+        return default_budget() if default is None else default
     if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
-        raise UsageError(f"--cache-budget {text!r} is not a size; write e.g. 4G, 512M or 0 (bytes without a unit)")
+        raise UsageError(f"{flag} {text!r} is not a size; write e.g. 4G, 512M or 0 (bytes without a unit)")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_disk_limit(text: str | int | None) -> int:
+    """--cache-disk-limit: the cache directory's cap in bytes (None: DISK_LIMIT)."""
+    return parse_size(text, "--cache-disk-limit", DISK_LIMIT)
 
 
 def format_size(nbytes: int) -> str:
@@ -115,12 +122,14 @@ class ArrayCache:
     """Memory for entries that fit `budget` (bytes, shared by all entries), disk for the rest.
 
     directory=None keeps everything in memory only: nothing outlives the process, and an entry that does not
-    fit the budget cannot be cached at all.
+    fit the budget cannot be cached at all. `disk_limit`: the directory's cap in bytes; an entry bigger than it
+    never goes to disk.
     """
 
-    def __init__(self, directory: str | None, budget: int, log: Callable = print):
+    def __init__(self, directory: str | None, budget: int, log: Callable = print, disk_limit: int = DISK_LIMIT):
         self.directory = os.path.expanduser(directory) if directory else None
         self.budget = budget
+        self.disk_limit = disk_limit
         self.used = 0
         self.log = log
         self._disk_problem: str | None = None
@@ -143,20 +152,25 @@ class ArrayCache:
 
     def fits_disk(self, nbytes: int) -> bool:
         free = self.free_disk()
-        return free is not None and free >= nbytes + DISK_MARGIN
+        return free is not None and free >= nbytes + DISK_MARGIN and nbytes <= self.disk_limit
 
     def can_store(self, nbytes: int) -> str | None:
         """None if an entry of `nbytes` can be cached now, else why not."""
         if self.fits_memory(nbytes) or (self.directory and self.fits_disk(nbytes)):
             return None
+        advice = "raise --cache-budget or set --cache-dir"
         if self.directory:
             free = self.free_disk()
-            reason = (f"the cache directory {self.directory} has only {format_size(free or 0)} free"
-                      if free is not None else f"the cache directory {self.directory} cannot be used")
+            if nbytes > self.disk_limit and free is not None and free >= nbytes + DISK_MARGIN:
+                reason = f"is over the cache directory's cap (--cache-disk-limit {format_size(self.disk_limit)})"
+                advice = "raise --cache-budget or --cache-disk-limit"
+            else:
+                reason = (f"the cache directory {self.directory} has only {format_size(free or 0)} free"
+                          if free is not None else f"the cache directory {self.directory} cannot be used")
         else:
             reason = self._disk_problem or "no cache directory"
         return (f"{format_size(nbytes)} does not fit the memory budget ({format_size(self.budget - self.used)} left "
-                f"of {format_size(self.budget)}) and {reason}; raise --cache-budget or set --cache-dir")
+                f"of {format_size(self.budget)}) and {reason}; {advice}")
 
     # -- lookup -----------------------------------------------------------------------------------------------------
     def lookup(self, key: dict) -> Entry | None:
@@ -201,9 +215,11 @@ class ArrayCache:
             if self.fits_disk(nbytes):
                 tmp = self._tmp_dir()
             else:
-                self.log(f"cache: warning: the cache directory {self.directory} has only "
-                         f"{format_size(self.free_disk() or 0)} free, not enough for the {format_size(nbytes)} {kind}"
-                         + ("; keeping it in memory for this run only" if in_memory else ""))
+                short = (f"is capped at {format_size(self.disk_limit)} (--cache-disk-limit)"
+                         if nbytes > self.disk_limit else f"has only {format_size(self.free_disk() or 0)} free")
+                self.log(f"cache: warning: the cache directory {self.directory} {short}, not enough for the "
+                         f"{format_size(nbytes)} {kind}" + ("; keeping it in memory for this run only" if in_memory
+                                                             else ""))
             if tmp is None and not in_memory:
                 raise NoRoom(f"cannot cache {kind}: {self.can_store(nbytes)}")
         if in_memory:
@@ -276,10 +292,12 @@ class ArrayCache:
         self.trim(keep=final)
         return final
 
-    def trim(self, keep: str | None = None, limit: int = DISK_LIMIT) -> None:
-        """Delete least recently used entries (and abandoned temporary directories) beyond `limit` bytes."""
+    def trim(self, keep: str | None = None, limit: int | None = None) -> None:
+        """Delete least recently used entries (and abandoned temporary directories) beyond `limit` bytes (default:
+        the cache's cap)."""
         if not self.directory:
             return
+        limit = self.disk_limit if limit is None else limit
         entries = []
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)

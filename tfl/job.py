@@ -50,7 +50,9 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      "task_index", "export", "calibrate", "tta", "versions", "command", "cache", "cache_budget",
                      "cache_dir", "tensorboard",
                      # how the precision was chosen may change; the precision itself ("precision") may not
-                     "mixed_precision", "precision_choice")
+                     "mixed_precision", "precision_choice",
+                     # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
+                     "decoded_images", "decoded_images_chosen", "cache_disk_limit")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
@@ -310,6 +312,7 @@ class Job:
                           if self.splits.split_fingerprints else {}),
                        "replicas": self.replicas,
                        "global_batch_size": self.batch, "stages": [_stage_record(s) for s in stages],
+                       "decoded_images_chosen": self.inputs.decoded_record(),
                        "precision": self.precision.precision, "precision_choice": self.precision.to_json(),
                        "versions": versions(), "command": sys.argv}
         if self.advice:  # opts hold the resolved depth; resume compares it, and that it was chosen by auto

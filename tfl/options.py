@@ -19,6 +19,7 @@ FREEZE_MODES = ("trainable", "stop_gradient")
 FREEZE_DEFAULT, FREEZE_NONE, FREEZE_AUTO = "default", "none", "auto"
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 CACHE_MODES = ("auto", "on", "off")
+DECODED_IMAGES = ("auto", "keep", "stream")  # --decoded-images: train/val images decoded once and kept, or streamed
 MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
 PRECISIONS = ("float32", "bfloat16", "float16")  # what a run computes in; config.json "precision"
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
@@ -55,9 +56,9 @@ def option(default=None, help: str = "", *, group: str | None = None, flag: str 
 
     flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
     check: "positive", "non_negative", or (low, high, low_open, high_open) for a range (None: unbounded);
-    parse: how the command line's text becomes the value, where the type does not say ("size", "hidden",
-    "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the command needs
-    a value (the default is a placeholder); cli=False: library only.
+    parse: how the command line's text becomes the value, where the type does not say ("size", "disk_size",
+    "hidden", "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the
+    command needs a value (the default is a placeholder); cli=False: library only.
     """
     meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
             "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default}
@@ -226,6 +227,17 @@ class JobOptions:
     cache_dir: str | None = option(None, group="train", metavar="DIRECTORY", help=(
         "Where cached activations persist, so a later run with the same backbone, weights, boundary, image size "
         "and data skips extraction." + CACHE_DIR_HELP))
+    cache_disk_limit: str | None = option(None, group="train", parse="disk_size", metavar="SIZE", help=(
+        "Cap of --cache-dir, e.g. 20G: least recently used entries are deleted beyond it, and a cache entry bigger "
+        "than it (and than --cache-budget) is refused, so that stage runs its frozen layers every epoch instead "
+        "(the log says so).  [default: 20G]"))
+    decoded_images: str = option("auto", group="train", choices=DECODED_IMAGES, help=(
+        "Train and val images of an image folder: keep decodes them once and keeps them (in memory within "
+        "--cache-budget, else a decoded copy under --cache-dir); stream decodes the files again every epoch "
+        "(parallel, in the same seeded order: the same batches, memory independent of the number of images, "
+        "nothing written to disk); auto keeps them when they fit --cache-budget, else streams. IDX datasets "
+        "(fashion_mnist, mnist) are arrays in memory and tfds datasets are decoded once as before, whatever this "
+        "says."))
     jit: bool = option(False, group="train", flag="--jit/--no-jit", help=(
         "XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran 10x "
         "slower with XLA than without)."))

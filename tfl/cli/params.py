@@ -100,6 +100,14 @@ def _size(text):
     return text
 
 
+def _disk_size(text):
+    from tfl.cache import parse_disk_limit
+
+    if text is not None:
+        parse_disk_limit(text)
+    return text
+
+
 def _task_weight(value):
     name, sep, number = value.rpartition("=")
     try:
@@ -112,7 +120,8 @@ def _task_weight(value):
 
 
 # parse name -> (function of one command-line value, applies to each value of a repeatable flag)
-PARSERS = {"hidden": _hidden, "renames": _rename, "hosts": _hosts, "size": _size, "task_weights": _task_weight}
+PARSERS = {"hidden": _hidden, "renames": _rename, "hosts": _hosts, "size": _size, "disk_size": _disk_size,
+           "task_weights": _task_weight}
 
 
 def _list_of(kind):

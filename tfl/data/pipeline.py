@@ -2,7 +2,10 @@
 
 Training data is materialised once into uint8 arrays (an ImageStore): images of one common size (MNIST, CIFAR)
 stay at their small native size and are resized a whole batch at a time; images of mixed sizes are resized to
-`image_size` while decoding, in parallel. Every epoch then only gathers rows.
+`image_size` while decoding, in parallel. Every epoch then only gathers rows. A split of image files may instead be
+streamed (StreamedImages, the same interface): each batch of row indices is read, decoded and resized from the
+files again every epoch, with the same decode and resize calls, so its batches are bit-identical to the kept ones
+and memory does not grow with the number of images.
 
 Order is a property of indices, not of images: `index_order` shuffles the numbers 0..N-1 with a seed, and
 a pipeline gathers its rows by those indices. Anything else stored row by row in the same order (the cached
@@ -21,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.data.augment import augment_batch
+from tfl.data.decode import ImageFiles, decode_path
 from tfl.data.errors import DataError
 
 READ_BATCH = 256  # elements per step while materialising: large enough to keep tf.data's parallel map busy
@@ -73,6 +77,14 @@ def gather_batches(order: tf.data.Dataset, columns: dict, transform=None) -> tf.
     tf.data graph, while numpy reads rows in place, from memory or from the page cache. `transform` maps the
     batch dict (e.g. uint8 images -> model input).
     """
+    ds = order.map(_gatherer(columns), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if transform is not None:
+        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
+
+
+def _gatherer(columns: dict):
+    """index batch -> {name: column rows}, one numpy gather per column (see gather_batches)."""
     names = list(columns)
     arrays = [columns[n] for n in names]
     dtypes = [tf.as_dtype(a.dtype) for a in arrays]
@@ -85,10 +97,7 @@ def gather_batches(order: tf.data.Dataset, columns: dict, transform=None) -> tf.
         rows = tf.numpy_function(fetch, [index], dtypes, stateful=False)
         return {n: tf.ensure_shape(r, shape) for n, r, shape in zip(names, rows, shapes)}
 
-    ds = order.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if transform is not None:
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds
+    return gather
 
 
 @dataclasses.dataclass
@@ -119,6 +128,78 @@ class ImageStore:
 
         ds = gather_batches(order, {IMAGE: self.images, LABEL: self.labels, **(extra or {})}, to_input)
         return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+
+
+class StreamedImages:
+    """A split of image files read again every epoch: what ImageStore offers (count, labels, batches, images), with
+    nothing decoded kept. Each index batch maps to its files, which are read, decoded (decode_path) and resized
+    (resize_uint8) one by one in parallel, in the batch's order: the pixels ImageStore would have stored for those
+    rows, so the batches are bit-identical to a kept split's for the same order."""
+
+    # Files decoded at once within a batch; batches themselves are also read in parallel (deterministic order).
+    PARALLEL_FILES = 16
+
+    def __init__(self, files: ImageFiles, image_size: int):
+        if not len(files):
+            raise DataError("the dataset is empty: there are no images to train on")
+        self.files, self.image_size = files, image_size
+        self.labels = files.labels.astype(np.int32)
+        self.images = _StreamedRows(self)  # rows decoded on demand, for a caller that indexes images directly
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0,
+                extra: dict | None = None) -> tf.data.Dataset:
+        """As ImageStore.batches: {IMAGE, LABEL, *extra} in `order`'s order, decoded from the files now."""
+        read, gather = self._reader(), _gatherer({LABEL: self.labels, **(extra or {})})
+        size = self.image_size
+
+        def batch(index):
+            return {**gather(index), IMAGE: to_model_input(read(index), size)}
+
+        ds = order.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+
+    def _reader(self):
+        """index batch -> uint8 [B, S, S, 3], the rows an ImageStore of these files holds."""
+        paths = tf.constant(list(self.files.paths), tf.string)
+        pillow = tf.constant(self.files.needs_pillow) if self.files.needs_pillow.any() else None
+        size = self.image_size
+        row = tf.TensorSpec([size, size, 3], tf.uint8)
+
+        def one(args):
+            path, flag = args
+            return resize_uint8(decode_path(path, flag if pillow is not None else None), size)
+
+        def read(index):
+            flags = tf.gather(pillow, index) if pillow is not None else tf.zeros_like(index, tf.bool)
+            return tf.map_fn(one, (tf.gather(paths, index), flags), fn_output_signature=row,
+                             parallel_iterations=self.PARALLEL_FILES)
+
+        return read
+
+
+class _StreamedRows:
+    """StreamedImages.images: `rows[index]` decodes those rows now (uint8 [len(index), S, S, 3])."""
+
+    def __init__(self, store: StreamedImages):
+        self.store = store
+        self.shape = (store.count, store.image_size, store.image_size, 3)
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.store.count
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(self.store.count)[index]
+        if np.ndim(rows) == 0:
+            return self[np.asarray([rows])][0]
+        order = tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64)).batch(READ_BATCH)
+        read = self.store._reader()
+        parts = [images.numpy() for images in order.map(read, tf.data.AUTOTUNE, deterministic=True)]
+        return np.concatenate(parts) if parts else np.empty((0, *self.shape[1:]), np.uint8)
 
 
 def stored_shape(ds: tf.data.Dataset, image_size: int) -> tuple[int, int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfl.data.decode import image_files, with_files
 from tfl.errors import UsageError
 
 
@@ -49,6 +50,7 @@ def take_rows(ds: tf.data.Dataset, size: int, rows: np.ndarray) -> tf.data.Datas
     """The elements of `ds` (of `size` elements) at `rows`, in their original order."""
     keep = np.zeros(size, dtype=bool)
     keep[rows] = True
+    kept_rows = np.flatnonzero(keep)
     keep = tf.constant(keep)
 
     def kept(i, element):
@@ -58,7 +60,9 @@ def take_rows(ds: tf.data.Dataset, size: int, rows: np.ndarray) -> tf.data.Datas
         return element
 
     # Named functions, not two lambdas on one line: autograph cannot tell such lambdas apart and warns.
-    return ds.enumerate().filter(kept).map(element_only)
+    subset = ds.enumerate().filter(kept).map(element_only)
+    files = image_files(ds)
+    return with_files(subset, files.take(kept_rows)) if files is not None else subset
 
 
 def random_subset(ds: tf.data.Dataset, size: int, count: int, seed: int) -> tf.data.Dataset:

@@ -345,10 +345,11 @@ def cached_teacher_logits(job: Job, teacher: Teacher, digest: dict, log) -> tupl
     with the same teacher and rows computed them, else one pass of the teacher over train and val."""
     import numpy as np
 
-    from tfl.cache import ArrayCache, default_cache_dir, format_size, parse_size
+    from tfl.cache import ArrayCache, default_cache_dir, format_size, parse_disk_limit, parse_size
 
     opts = job.opts
-    cache = ArrayCache(opts.cache_dir or default_cache_dir(), parse_size(opts.cache_budget), log=log)
+    cache = ArrayCache(opts.cache_dir or default_cache_dir(), parse_size(opts.cache_budget), log=log,
+                       disk_limit=parse_disk_limit(opts.cache_disk_limit))
     sources = {"train": (job.train_source, job.n_train), "val": (job.splits.val, job.splits.num_examples["val"])}
     columns, info, fn = {}, {"seconds": 0.0, "reused": True}, None
     for split, (source, count) in sources.items():

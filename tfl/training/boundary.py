@@ -14,6 +14,11 @@ between once: the whole job pays for one backbone forward pass per image, howeve
 Order: the training rows of epoch e are gathered by a permutation of indices fixed by (seed, e) (see
 tfl.training.trainer.epoch_seed), for images and cached activations alike, so a run with the cache sees
 exactly the batches it would without, and a resumed epoch sees the batches of an uninterrupted run.
+
+Images: a split of image files is decoded once and kept (ImageStore: memory within --cache-budget, else a decoded
+copy under --cache-dir) or streamed from the files every epoch (StreamedImages), per --decoded-images; auto keeps
+the train and val images when they fit the memory budget together, else streams. Both give the same batches for
+the same order, so the choice changes memory and disk use, never the numbers.
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_size
-from tfl.data.pipeline import FEATURES, IMAGE, LABEL, ImageStore, fill_images, gather_batches, index_order, stored_shape
+from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_disk_limit, parse_size
+from tfl.data.decode import image_files
+from tfl.data.pipeline import (FEATURES, IMAGE, LABEL, ImageStore, StreamedImages, fill_images, gather_batches,
+                               index_order, stored_shape)
 from tfl.data.subset import random_rows
 from tfl.errors import UsageError
 from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
 from tfl.training.bn_folding import folded_call
 from tfl.training.trainer import Progress, epoch_seed
 
-from tfl.options import CACHE_MODES as MODES
+from tfl.options import CACHE_MODES as MODES, DECODED_IMAGES
 POOLED = POOL  # boundary name of the pooled features: the classifier's global average pool
 PIPELINE_VERSION = 1  # bump when the input pipeline changes the pixels a model sees for the same files
 SPLITS = ("train", "val")
@@ -68,7 +75,7 @@ def for_job(job, stages, extra: dict | None = None) -> StageInputs:
         {"train": job.n_train, "val": splits.num_examples["val"]},
         {"train": data_identity(splits.fingerprint, "train", subset), "val": data_identity(splits.fingerprint, "val")},
         job.image_size, job.batch, opts.seed, opts.augment, opts.cache, opts.cache_budget, opts.cache_dir, opts.jit,
-        job.log, extra=extra)
+        job.log, extra=extra, decoded=opts.decoded_images, disk_limit=opts.cache_disk_limit)
     inputs.plan([(s.name, s.plan, s.epochs) for s in stages])
     return inputs
 
@@ -95,15 +102,21 @@ class StageInputs:
     def __init__(self, model: keras.Model, backbone: str, sources: dict, counts: dict, data_ids: dict,
                  image_size: int, batch_size: int, seed: int, augment: bool = False, mode: str = "auto",
                  budget: str | int | None = None, cache_dir: str | None = None, jit: bool = False,
-                 log: Callable = print, stores: dict | None = None, extra: dict | None = None):
+                 log: Callable = print, stores: dict | None = None, extra: dict | None = None,
+                 decoded: str = "auto", disk_limit: str | int | None = None):
         if mode not in MODES:
             raise UsageError(f"--cache {mode!r} is not one of {', '.join(MODES)}")
+        if decoded not in DECODED_IMAGES:
+            raise UsageError(f"--decoded-images {decoded!r} is not one of {', '.join(DECODED_IMAGES)}")
         self.model, self.backbone_name = model, backbone
         self.backbone = backbone_of(model)
         self.sources, self.counts, self.data_ids = sources, counts, data_ids
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.augment, self.mode, self.jit, self.log = augment, mode, jit, log
-        self.cache = ArrayCache(cache_dir or default_cache_dir(), parse_size(budget), log=log)
+        self.cache = ArrayCache(cache_dir or default_cache_dir(), parse_size(budget), log=log,
+                                disk_limit=parse_disk_limit(disk_limit))
+        self.decoded = decoded
+        self._decoded: dict[str, tuple[str, str]] = {}  # split -> ("keep" | "stream", why), decided once
         self.layer_names = [layer.name for layer in self.backbone.layers]
         self.stage_boundary: dict[str, str] = {}
         self.stage_epochs: dict[str, int] = {}
@@ -237,20 +250,57 @@ class StageInputs:
         return index_order(self.counts[split], self.batch_size, training=True, seed=epoch_seed(self.seed, epoch),
                            drop_remainder=True)
 
-    def _store(self, split: str) -> ImageStore:
+    def decoded_choice(self, split: str) -> tuple[str, str]:
+        """Whether `split`'s images are kept decoded or streamed from their files ("keep" | "stream"), and why;
+        decided once per split (--decoded-images)."""
+        if split not in self._decoded:
+            files = image_files(self.sources.get(split))
+            if files is None:
+                choice = ("keep", "not image files: IDX arrays are in memory already, tfds splits are decoded once")
+            elif self.decoded != "auto":
+                choice = (self.decoded, f"--decoded-images {self.decoded}")
+            else:
+                together = [s for s in dict.fromkeys((*SPLITS, split)) if image_files(self.sources.get(s)) is not None]
+                nbytes = sum(self._decoded_bytes(s) for s in together)
+                fits = self.cache.fits_memory(nbytes)
+                choice = ("keep" if fits else "stream",
+                          f"auto: the decoded {' and '.join(together)} images ({format_size(nbytes)}) "
+                          f"{'fit' if fits else 'do not fit'} the memory budget ({format_size(self.cache.budget)}, "
+                          "--cache-budget)")
+            self._decoded[split] = choice
+        return self._decoded[split]
+
+    def decoded_record(self) -> dict:
+        """For config.json: each split's decoded-images choice and why."""
+        return {split: dict(zip(("mode", "why"), self.decoded_choice(split))) for split in SPLITS
+                if split in self.sources}
+
+    def _decoded_bytes(self, split: str) -> int:
+        return self.counts[split] * int(np.prod(stored_shape(self.sources[split], self.image_size)))
+
+    def _store(self, split: str) -> ImageStore | StreamedImages:
         if split not in self._stores:
             source, rows = self.sources[split], self.counts[split]
+            how, why = self.decoded_choice(split)
+            if how == "stream":
+                self._stores[split] = StreamedImages(image_files(source), self.image_size)
+                self.log(f"images: {split}: {rows} files streamed, decoded and resized every epoch, nothing kept "
+                         f"({why})")
+                return self._stores[split]
             shape = stored_shape(source, self.image_size)
             key = {"kind": "images", "data": self.data_ids[split], "shape": shape, "pipeline": PIPELINE_VERSION}
             entry = self.cache.lookup(key)
             if entry is None:
                 problem = self.cache.can_store(rows * int(np.prod(shape)))
                 if problem:
-                    raise UsageError(f"the decoded {split} images cannot be held: {problem}")
+                    hint = "; or stream them with --decoded-images stream" if image_files(source) is not None else ""
+                    raise UsageError(f"the decoded {split} images cannot be held: {problem}{hint}")
                 entry = self.cache.build(key, rows, shape, np.uint8,
                                          lambda data, labels: fill_images(source, self.image_size, data, labels) or {},
                                          persist=False)
             self._stores[split] = ImageStore(entry.data, entry.labels, self.image_size)
+            self.log(f"images: {split}: {rows} decoded once and kept ({format_size(entry.nbytes)}, {entry.where()}) "
+                     f"({why})")
         return self._stores[split]
 
     # -- a recipe's own batches ---------------------------------------------------------------------------------------
