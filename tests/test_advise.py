@@ -248,7 +248,7 @@ def run(*args):
 
 def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tmp_path):
     cache = tmp_path / "cache"
-    common = ["--dataset", data, "--backbone", "mobilenet", "--weights", "none", "--image-size", "32",
+    common = ["--dataset", data, "--backbone", "compact_cnn", "--weights", "none", "--image-size", "32",
               "--val-split", "0.25", "--cache-dir", cache]
     result = run("advise", *common, "--output-dir", tmp_path / "advice", "--head-epochs", "1", "--batch-size", "8",
                  "--proxy-epochs", "1", "--json")
@@ -257,13 +257,13 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     for name in ("advise.json", "advise.csv", "advise.png"):
         assert (tmp_path / "advice" / name).is_file(), name
     stages = [row["boundary"] for row in advice["boundaries"]]
-    # mobilenet's `head` stage has no layers: the last boundary is block5, the backbone's output
-    assert stages == ["stem", "block1", "block2", "block3", "block4", "block5"]
+    # the compact CNN's stages; `head` (its top conv) is the last boundary, the backbone's output
+    assert stages == ["stem", "block1", "block2", "block3", "head"]
     assert advice["sample"]["rows"] == 24 and advice["data"]["examples_per_class"] == {"circle": 12, "square": 12}
     assert all(np.isfinite(row["logme"]) and 0 <= row["probe_accuracy"] <= 1 for row in advice["boundaries"])
     assert advice["pass"]["reused"] is False
     # The proxy: a real two-stage run above every other boundary, its val accuracy the score that chose the depth.
-    proxy_depths = ["stem", "block2", "block4", "block5"]
+    proxy_depths = ["stem", "block2", "head"]
     assert advice["proxy"]["depths"] == proxy_depths and advice["proxy"]["val_examples"] == 8
     assert advice["proxy"]["epochs"] == 1 and advice["proxy"]["train_rows"] == 24
     assert advice["proxy"]["image_size"] == 32  # --image-size; without it, the size the advice recommends
@@ -287,7 +287,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert not (tmp_path / "rules" / "proxy").exists()
 
     # the backbone advise scored above, so its pass is reused
-    flags = ["--backbone", "mobilenet", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs",
+    flags = ["--backbone", "compact_cnn", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs",
              "2", "--val-split", "0.25", "--lr", "0.01", "--backbone-lr", "0.01"]
     out = tmp_path / "run"
     args = ["finetune", *flags, "--dataset", data, "--batch-size", "8", "--freeze-up-to", "auto", "--cache-dir", cache,

@@ -105,7 +105,7 @@ def history(run_dir) -> list[dict]:
 
 
 def largest_change(a: dict, b: dict, prefix: str = "model.") -> float:
-    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a if k.startswith(prefix))
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a if k.startswith(prefix) and a[k].size)
 
 
 # -- interrupting a run in-process (exact-resume tests) --------------------------------------------------------
