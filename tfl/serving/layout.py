@@ -128,6 +128,19 @@ def write_version(path: str, build: Callable[[str], None], log=None) -> None:
         raise
 
 
+def write_file_version(path: str, run, labels: str, name: str, content: bytes, log=None) -> None:
+    """A version directory of a one-file format (TFLite, ONNX): the model file `name`, labels.txt and, for a
+    calibrated run, its calibration.json; written as write_version writes every export."""
+    def build(tmp):
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(content)
+        with open(os.path.join(tmp, LABELS_FILE), "w", encoding="utf-8") as f:
+            f.write(labels)
+        write_calibration(run, tmp)
+
+    write_version(path, build, log)
+
+
 # What a writer that is not Python's (TensorFlow's file system layer) says when the disk refuses: its messages end
 # in the C library's text for the errno, which is all that is left of it.
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 from tfl.errors import Unavailable
 from tfl.serving import layout
@@ -37,14 +36,7 @@ def export_onnx(run_path: str, output: str | None = None, version: int | None = 
     threshold = run.threshold()
     serialized = convert(model, run.temperature(), threshold, run.tta())
 
-    def build(tmp):
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-            f.write(serialized)
-        with open(os.path.join(tmp, layout.LABELS_FILE), "w", encoding="utf-8") as f:
-            f.write(labels)
-        layout.write_calibration(run, tmp)
-
-    layout.write_version(path, build, log)
+    layout.write_file_version(path, run, labels, MODEL_FILE, serialized, log)
     outputs = "logits, probabilities" + (", confident" if threshold is not None else "")
     log(f"exported ONNX ({len(serialized) / 2**20:.1f} MiB, {len(class_names)} classes, {model.inputs[0].shape[1]}px, "
         f"outputs {outputs}{layout.describe_temperature(run)}) to {path}")

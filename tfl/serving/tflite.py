@@ -10,7 +10,6 @@ with an abstain threshold (tfl calibrate --abstain) gets a second output, confid
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import tensorflow as tf
@@ -36,14 +35,7 @@ def export_tflite(run_path: str, output: str | None = None, version: int | None 
     model, _ = run.load()
     flatbuffer = convert(model, mode, run.temperature(), run.threshold(), run.tta())
 
-    def build(tmp):
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-            f.write(flatbuffer)
-        with open(os.path.join(tmp, layout.LABELS_FILE), "w", encoding="utf-8") as f:
-            f.write(labels)
-        layout.write_calibration(run, tmp)
-
-    layout.write_version(path, build, log)
+    layout.write_file_version(path, run, labels, MODEL_FILE, flatbuffer, log)
     log(f"exported TFLite {mode} ({len(flatbuffer) / 2**20:.1f} MiB, {model.inputs[0].shape[1]}px"
         f"{layout.describe_temperature(run)}) to {path}")
     return path
