@@ -183,8 +183,8 @@ def tta_decision(mode: str, val_plain, val_tta, val_labels, test_plain=None, tes
                                                                                  "accuracy only a lower NLL keeps it)"))
 
     def both(plain, tta, split_labels):
-        return {"examples": int(len(split_labels)), "plain": _accuracy_nll(plain, split_labels),
-                "tta": _accuracy_nll(tta, split_labels)}
+        return {"examples": int(len(split_labels)), "plain": accuracy_nll(plain, split_labels),
+                "tta": accuracy_nll(tta, split_labels)}
 
     return {"mode": mode, "kept": bool(kept), "reason": reason, "val": both(val_plain, val_tta, labels),
             "test": (None if test_plain is None or not len(test_plain)
@@ -193,7 +193,8 @@ def tta_decision(mode: str, val_plain, val_tta, val_labels, test_plain=None, tes
                     f"{MIN_GAIN:g} (T = 1)"}
 
 
-def _accuracy_nll(logits, labels) -> dict:
+def accuracy_nll(logits, labels) -> dict:
+    """{"accuracy", "nll"} of logits against labels (T = 1), rounded to 6 digits as every record writes them."""
     labels = np.asarray(labels, dtype=np.int64)
     return {"accuracy": round(float((np.asarray(logits).argmax(axis=1) == labels).mean()), 6),
             "nll": round(nll(logits, labels), 6)}

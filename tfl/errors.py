@@ -15,3 +15,9 @@ class UsageError(ValueError):
 
 class Unavailable(RuntimeError):
     """The machine, the network or the run cannot do what was asked; nothing is wrong with the input."""
+
+
+def check_batch_size(batch_size) -> None:
+    """The Python API's check of batch_size= (the CLI's click type does the same): a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")

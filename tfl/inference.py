@@ -15,7 +15,7 @@ from tfl.data import pixel_limit
 from tfl.data.image_check import file_problem
 from tfl.data.image_folder import changed_files_error
 from tfl.data.pipeline import resize_uint8
-from tfl.errors import UsageError
+from tfl.errors import UsageError, check_batch_size
 from tfl.serving.audit import check_saved_model
 from tfl.serving.layout import resolve_saved_model
 from tfl.serving.saved_model import BYTES_INPUT, SERVING_SIGNATURE
@@ -300,7 +300,8 @@ def predict_saved_model(paths, export_dir: str, top_k: int = 5, trust: bool = Fa
 # -- calibrating a run (tfl.calibration has the arithmetic) -------------------------------------------------------
 def plain_and_tta_logits(model, pipeline, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels [N], plain logits [N, C], TTA logits [N, C]) in one pass of every view through the model: view 0
-    is the image itself, and the TTA logits are the views' mean exactly as tfl.tta.tta_logits takes it."""
+    is the image itself, and the TTA logits are the views' mean exactly as tfl.tta.tta_logits takes it (for mode
+    `none`, the one view: both are the model's own logits)."""
     forward = tf.function(lambda images: view_logits(model, images, mode), reduce_retracing=True)
     all_labels, plain, tta = [], [], []
     for batch in pipeline:
@@ -320,31 +321,25 @@ def calibrate(model, splits, image_size: int, batch_size: int, run_path: str, lo
     With a `tta` mode, TTA is decided first, on val (tfl.calibration.tta_decision); T (and the abstain threshold)
     are then fitted on the logits of the model that was chosen, plain or TTA."""
     mode = check_mode(tta)
-    passes, both = {}, {}
+    both = {}  # split -> (plain logits, TTA logits, labels); for `none` both are the model's own
     for split in ("val", "test"):
         source = getattr(splits, split)
         if source is not None:
             log(f"calibration: predicting the {split} split" + (f" (and its {mode} views)" if mode != "none" else "")
                 + " ...")
             pipeline = data.make_pipeline(source, image_size, batch_size, training=False, seed=0)
-            if mode == "none":
-                labels, logits = logits_of(model, pipeline)
-                if len(labels):
-                    passes[split] = (logits, labels)
-            else:
-                labels, plain, averaged = plain_and_tta_logits(model, pipeline, mode)
-                if len(labels):
-                    both[split] = (plain, averaged, labels)
-    if "val" not in passes and "val" not in both:
+            labels, plain, averaged = plain_and_tta_logits(model, pipeline, mode)
+            if len(labels):
+                both[split] = (plain, averaged, labels)
+    if "val" not in both:
         raise UsageError(f"--run {run_path}: its val split is empty, so there is nothing to fit a temperature on; "
                          "give the dataset a val/ folder (or train the run again with a larger --val-split)")
     decision = None
     if mode != "none":
-        test = both.get("test", (None, None, None))
-        decision = tta_decision(mode, *both["val"], *test)
-        chosen = 1 if decision["kept"] else 0
-        passes = {split: (values[chosen], values[2]) for split, values in both.items()}
+        decision = tta_decision(mode, *both["val"], *both.get("test", (None, None, None)))
         log(f"calibration: TTA {mode} {'kept' if decision['kept'] else 'not kept'}: {decision['reason']}")
+    chosen = 1 if decision and decision["kept"] else 0
+    passes = {split: (values[chosen], values[2]) for split, values in both.items()}
     record = calibrate_logits(*passes["val"], *passes.get("test", (None, None)))
     if decision is not None:
         record["tta"] = decision
@@ -363,8 +358,7 @@ def calibrate_run(run_path: str, batch_size: int = 64, data_dir: str | None = No
     The fit starts from model.keras's logits, so calibrating again replaces an earlier temperature (and an earlier
     TTA decision). data_dir: where the run's dataset is read from (default: the run's own). tta: a mode of
     tfl.tta to decide on val first (kept only if val accuracy or NLL improves)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    check_batch_size(batch_size)
     parse_abstain(abstain)  # before any work
     check_mode(tta)
     loaded = load_run(run_path, data_dir=data_dir, log=log)

@@ -7,9 +7,7 @@ import click
 
 from tfl import api
 from tfl.cli.core import call, cli, echo_err, echo_json
-from tfl.cli.params import positive
-
-BATCH_HELP = "Images per evaluation batch."
+from tfl.cli.params import eval_batch_size
 
 
 @cli.command("wise-ft")
@@ -24,7 +22,7 @@ BATCH_HELP = "Images per evaluation batch."
                    "authors use a fixed alpha = 0.5.")
 @click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
               help="The new run directory (must be empty or missing). Default: <run>-wiseft.")
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help=BATCH_HELP)
+@eval_batch_size
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run_dir", "source_run", "alpha", "rows": [{"alpha", "val_accuracy", "val_nll", '
                    '"test_accuracy", "test_nll"}], "metrics"} instead of the table.')
@@ -50,7 +48,7 @@ def wise_ft(run_dir, alphas, alpha, output, batch_size, as_json):
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--output", type=click.Path(file_okay=False), metavar="DIR",
               help="The new run directory (must be empty or missing). Default: <first run>-soup.")
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help=BATCH_HELP)
+@eval_batch_size
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run_dir", "ingredients": [{"ingredient", "val_accuracy", "soup_val_accuracy", "kept"}], '
                    '"kept", "warnings", "metrics"} instead of the table.')

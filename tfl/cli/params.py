@@ -233,6 +233,11 @@ def positive(ctx, param, value):
     return value
 
 
+# --batch-size of the commands that only evaluate (evaluate, report, calibrate, wise-ft, soup): one decorator.
+eval_batch_size = click.option("--batch-size", default=64, show_default=True, callback=positive,
+                               help="Images per evaluation batch.")
+
+
 def non_negative(ctx, param, value):
     if value is not None and value < 0:
         raise click.BadParameter(f"{value} must be >= 0")

@@ -8,7 +8,7 @@ import click
 
 from tfl import api
 from tfl.cli.core import UsageFailure, call, cli, echo_err, echo_json
-from tfl.cli.params import non_negative, positive
+from tfl.cli.params import eval_batch_size, non_negative, positive
 from tfl.options import EXPORT_FORMATS, IMAGE_EXTENSIONS, SPLITS, TFLITE_MODES, TTA_MODES, TTA_NONE
 
 RUN_HELP = "A run directory from `tfl finetune` (or any recipe's run)."
@@ -20,7 +20,7 @@ DATA_DIR_HELP = ("Where the dataset is read from (tfds data_dir, IDX files). Def
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
 @click.option("--dataset", help="Evaluate on another dataset with the same classes (default: the run's).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@eval_batch_size
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"run", "dataset", "split", "examples", "accuracy", "loss"}, and "temperature" for a '
                    'calibrated run (`tfl calibrate`): its loss is then the NLL of softmax(logits / T); with an abstain '
@@ -99,7 +99,7 @@ def printable(name: str) -> str:
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
 @click.option("--split", type=click.Choice(SPLITS),
               help="Which split (default: test, or val when there is no test split).")
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@eval_batch_size
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Where the report goes (default: <run>/report/).")
 @click.option("--max-images", default=32, show_default=True, callback=non_negative,
               help="Misclassified images in the grid, the most confident mistakes first.")
@@ -123,7 +123,7 @@ def report(run_dir, dataset, data_dir, split, batch_size, output_dir, max_images
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help=RUN_HELP)
 @click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
-@click.option("--batch-size", default=64, show_default=True, callback=positive, help="Images per evaluation batch.")
+@eval_batch_size
 @click.option("--abstain", metavar="coverage:C|precision:P",
               help="Also choose, on the val split, a threshold on the calibrated top probability below which the "
                    "answer is 'unsure': coverage:0.95 answers at least 95 % of val, precision:0.99 is right on at "

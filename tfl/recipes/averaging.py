@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tfl.errors import UsageError
+from tfl.calibration import accuracy_nll
+from tfl.errors import UsageError, check_batch_size
+from tfl.reporting import figures
 from tfl.reporting.table import Column, format_table
 from tfl.training import rundir
 
@@ -146,16 +148,7 @@ class Scorer:
         if pipeline is None:
             return None
         labels, logits = logits_of(model, pipeline)
-        return scores(labels, logits)
-
-
-def scores(labels: np.ndarray, logits: np.ndarray) -> dict:
-    """{"accuracy", "nll"} of logits against labels (NLL: mean -log softmax of the true class, in float64)."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return {"accuracy": round(float(np.mean(logits.argmax(axis=1) == labels)), 6),
-            "nll": round(float(-log_p[np.arange(len(labels)), labels].mean()), 6)}
+        return accuracy_nll(logits, labels)
 
 
 def run_metrics(val: dict, test: dict | None, extra: dict) -> dict:
@@ -237,8 +230,7 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
             log: Callable = print, alpha: float | None = None) -> dict:
     """`tfl wise-ft --run DIR`: sweep alpha on val, keep the best (ties: the larger alpha), write the run. With
     `alpha`, that alpha is kept whatever val says (1 is still scored, for the record)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    check_batch_size(batch_size)
     if alpha is not None and alphas is not None:
         raise UsageError("--alpha fixes alpha and --alphas sweeps it; give one of them")
     fixed = None if alpha is None else min(parse_alphas([alpha], "--alpha"))  # checked to be in [0, 1]
@@ -276,8 +268,8 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
     best["chosen"] = True
     alpha = best["alpha"]
     assign(ft_vars, interpolate(pretrained, tuned, alpha))
-    record = {"source_run": os.path.abspath(run_path), "alpha": alpha, "alphas": list(alphas),
-              "chosen_by": "best val accuracy" if fixed is None else "fixed by --alpha",
+    chosen_by = "best val accuracy" if fixed is None else "fixed by --alpha"
+    record = {"source_run": os.path.abspath(run_path), "alpha": alpha, "alphas": list(alphas), "chosen_by": chosen_by,
               "pretrained": "the seeded random initialisation (--weights none)"
               if config.get("weights_resolved") is None and not config.get("init_from")
               else "the backbone's initial weights as the run loaded them"}
@@ -289,11 +281,11 @@ def wise_ft(run_path: str, alphas=None, output: str | None = None, batch_size: i
                     run_path)
     run.write_csv(WISE_CSV, ["alpha", "val_accuracy", "val_nll", "test_accuracy", "test_nll"], rows,
                   extrasaction="ignore")
-    write_wise_figure(rows, alpha, run.file(WISE_PNG),
+    figures.write_wise_ft(rows, alpha, run.file(WISE_PNG),
                       title=f"WiSE-FT of {os.path.basename(os.path.normpath(run_path))}")
     log(f"wise-ft: alpha {alpha:g} chosen; wrote {out}")
     return {"run_dir": out, "source_run": run_path, "alpha": alpha, "rows": rows, "metrics": metrics,
-            "chosen_by": "best val accuracy" if fixed is None else "fixed by --alpha"}
+            "chosen_by": chosen_by}
 
 
 def format_wise(result: dict) -> str:
@@ -304,35 +296,6 @@ def format_wise(result: dict) -> str:
         f"alpha {result['alpha']:g} ({result.get('chosen_by', 'best val accuracy')}; 1 is the fine-tuned run): "
         f"{held}; run directory "
         f"{result['run_dir']}"])
-
-
-def write_wise_figure(rows: list[dict], chosen: float, path: str, title: str | None = None) -> str:
-    """Val and test accuracy against alpha, the chosen alpha marked."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from tfl.durable import atomic_write
-
-    figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    xs = [r["alpha"] for r in rows]
-    ax.plot(xs, [r["val_accuracy"] for r in rows], "o-", label="val")
-    if all(r["test_accuracy"] is not None for r in rows):
-        ax.plot(xs, [r["test_accuracy"] for r in rows], "s-", label="test")
-    ax.axvline(chosen, color="0.4", linestyle="--", linewidth=1.0, label=f"chosen alpha {chosen:g}")
-    ax.set_xlabel("alpha (0: pretrained backbone, 1: fine-tuned)")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    if title:
-        figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    atomic_write(path, buffer.getvalue())
-    return path
 
 
 # -- greedy soup -----------------------------------------------------------------------------------------------------
@@ -362,8 +325,7 @@ def soup(run_paths: Sequence[str], output: str | None = None, batch_size: int = 
     """`tfl soup RUN RUN ...`: the greedy soup of the runs, scored on the first run's val split."""
     from tfl import data
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size!r}: must be a positive integer")
+    check_batch_size(batch_size)
     paths = [os.fspath(p) for p in run_paths]
     if not paths:
         raise UsageError("soup: give at least one run directory (two or more to average)")

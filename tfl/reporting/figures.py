@@ -394,3 +394,21 @@ def write_accuracy_curves(runs: list[dict], path: str, title: str | None = None)
     for ax in axes[len(sequential):]:
         ax.set_axis_off()
     return _finish(figure, axes[: len(sequential)], title, path)
+
+
+def write_wise_ft(rows: list[dict], chosen: float, path: str, title: str | None = None) -> str:
+    """tfl wise-ft: val (and test) accuracy against alpha, the chosen alpha marked."""
+    figure = _figure((6.4, 4.4))
+    ax = figure.subplots()
+    xs = [r["alpha"] for r in rows]
+    ax.plot(xs, [r["val_accuracy"] for r in rows], "o-", label="val")
+    if all(r["test_accuracy"] is not None for r in rows):
+        ax.plot(xs, [r["test_accuracy"] for r in rows], "s-", label="test")
+    ax.axvline(chosen, color="0.4", linestyle="--", linewidth=1.0, label=f"chosen alpha {chosen:g}")
+    ax.set_xlabel("alpha (0: pretrained backbone, 1: fine-tuned)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
