@@ -96,8 +96,10 @@ def write_fixture(fixture: Fixture, out: str) -> None:
 
 
 def full_size_check(out: str) -> None:
-    """Random-init full-size vit_small_patch16_224 (224 px) and vit_small_patch14_reg4_dinov2 (518 native, run at
-    224): state dicts and timm's logits in `out`, compared by tests-free code in tfl's venv (see main)."""
+    """Random full-size vit_small_patch16_224 (224 px) and vit_small_patch14_reg4_dinov2 (518 native, run at 224):
+    state dicts, config.json and timm's logits at 224 px in `out/<name>/`, the same layout as the fixtures; tfl's
+    side is `build_vit(name, (224, 224, 3), weights=out/<name>/model.safetensors, include_top=True)` on `x_224x224`
+    (docs/checkpoints.md gives the numbers)."""
     import timm
     import torch
     from safetensors.torch import save_file
@@ -106,6 +108,7 @@ def full_size_check(out: str) -> None:
     for name, args in (("vit_small_patch16_224", {}), ("vit_small_patch14_reg4_dinov2", {"num_classes": 1000})):
         torch.manual_seed(SEED)
         model = timm.create_model(name, pretrained=False, dynamic_img_size=True, **args).eval()
+        randomise(model, torch)  # timm's own init (LayerScale 1e-5) would leave DINOv2's blocks nearly silent
         folder = os.path.join(out, name)
         os.makedirs(folder, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))

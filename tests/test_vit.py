@@ -144,7 +144,7 @@ def test_finetune_caches_tokens_at_the_boundary_and_exports_agree_with_keras(dat
     monkeypatch.chdir(tmp_path)
     weights = str(FIXTURES / "vit_small" / "model.safetensors")
     result = tfl.finetune(dataset=data, backbone="vit_small_patch16_224", weights=weights, image_size=32,
-                          head_epochs=1, epochs=1, freeze_up_to="block3", batch_size=8, val_split=0.25,
+                          head_epochs=0, epochs=1, freeze_up_to="block3", batch_size=8, val_split=0.25,
                           output_dir=str(tmp_path / "run"), export=True)
     run = rundir.RunDir(result.metrics["run_dir"])
     assert json.loads(pathlib.Path(run.file("freeze_plan.json")).read_text())["freeze_up_to"] == "block3"
