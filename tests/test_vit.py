@@ -121,13 +121,18 @@ def test_hf_weights_load_from_the_hub_cache_offline_and_fail_at_once_when_not_ca
         shutil.copy(FIXTURES / "vit_small" / name, snapshot / name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    # A child process: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported.
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    found, error = out.stdout.strip().split("\n", 1)
-    assert pathlib.Path(found) == snapshot / "model.safetensors"
-    assert "https://huggingface.co/tfl-test/not-cached" in error and "--weights PATH" in error
+    # Child processes: huggingface_hub reads HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT when it is imported. Offline
+    # mode, and a Hub that refuses connections (a closed local port) without it: both load from the cache at once.
+    base = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(ROOT)}
+    base.pop("HF_HUB_OFFLINE", None)
+    for env, hub in (({**base, "HF_HUB_OFFLINE": "1"}, "https://huggingface.co"),
+                     ({**base, "HF_ENDPOINT": "http://127.0.0.1:9"}, "http://127.0.0.1:9")):
+        out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        found, error = out.stdout.strip().split("\n", 1)
+        assert pathlib.Path(found) == snapshot / "model.safetensors"
+        assert f"{hub}/tfl-test/not-cached is not reachable" in error and "--weights PATH" in error
+        assert "Retrying" not in out.stderr  # no backoff against an unreachable host
 
 
 def test_a_path_that_is_not_there_names_every_alternative(tmp_path):

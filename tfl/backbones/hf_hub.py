@@ -10,7 +10,9 @@ looks for it. Without network and without the file in the cache this fails at on
 from __future__ import annotations
 
 import re
+import socket
 
+from tfl.backbones.download import DOWNLOAD_TIMEOUT_S
 from tfl.backbones.errors import WeightsUnavailableError
 from tfl.errors import UsageError
 
@@ -29,6 +31,23 @@ def parse(url: str) -> tuple[str, str | None]:
     return match["repo"], match["revision"]
 
 
+def _reachable() -> bool:
+    """Whether the Hub's host (HF_ENDPOINT) answers a TCP connect within DOWNLOAD_TIMEOUT_S; False in offline mode."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=DOWNLOAD_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
 def download_checkpoint(url: str, backbone: str) -> str:
     """The local path of the repository's weights file (and its config.json beside it), downloaded or cached."""
     repo, revision = parse(url)
@@ -39,11 +58,16 @@ def download_checkpoint(url: str, backbone: str) -> str:
         raise UsageError(f"--weights {url}: downloading from the Hugging Face Hub needs huggingface_hub; run `pip "
                          "install huggingface_hub` (or `pip install -e .[hf]`), or download the repository's "
                          "model.safetensors (and config.json) and pass --weights PATH") from None
-    page = f"https://huggingface.co/{repo}" + (f"/tree/{revision}" if revision else "")
+    from huggingface_hub import constants
+
+    page = f"{constants.ENDPOINT.rstrip('/')}/{repo}" + (f"/tree/{revision}" if revision else "")
+    # huggingface_hub retries an unreachable host with backoff (about 25 s a file); when the Hub cannot be reached
+    # at all, look in the cache only, so that offline either loads at once or fails at once.
+    local_only = not _reachable()
     failures = []
     for file_name in WEIGHT_FILES:
         try:
-            path = hf_hub_download(repo, file_name, revision=revision)
+            path = hf_hub_download(repo, file_name, revision=revision, local_files_only=local_only)
         except LocalEntryNotFoundError as err:  # offline (or unreachable) and not in the cache
             failures.append((file_name, err))
             continue
@@ -55,7 +79,8 @@ def download_checkpoint(url: str, backbone: str) -> str:
                 f"{str(err).splitlines()[0] if str(err) else ''}). Fix: download it (and config.json) from {page} "
                 "and pass --weights PATH", backbone=backbone, file_name=file_name, url=page) from err
         try:
-            hf_hub_download(repo, CONFIG_FILE, revision=revision)  # optional: width and pooling of the checkpoint
+            # optional: the checkpoint's width and pooling, beside the weights in the snapshot folder
+            hf_hub_download(repo, CONFIG_FILE, revision=revision, local_files_only=local_only)
         except (EntryNotFoundError, OSError):
             pass
         return path
