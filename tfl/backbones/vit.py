@@ -119,7 +119,8 @@ def build_vit(name: str, input_shape=None, weights=None, include_top: bool = Fal
     shape = (cfg.img_size, cfg.img_size, 3) if input_shape is None else tuple(input_shape)
     if len(shape) != 3 or None in shape[:2]:
         raise UsageError(f"input_shape={input_shape!r} for backbone {name!r}: a ViT needs a fixed (height, width, "
-                         "channels); its position embeddings are resampled for that size when the model is built")
+                         "channels), since its position embeddings are resampled for that size when the model is "
+                         f"built; pass --image-size (its native size is {cfg.img_size})")
     grid = (shape[0] // cfg.patch_size, shape[1] // cfg.patch_size)
     if min(grid) < 1:
         raise UsageError(f"input_shape={shape!r} for backbone {name!r} is smaller than one {cfg.patch_size}px patch")
