@@ -1,11 +1,11 @@
 """Write reduced timm checkpoints and timm's logits for them: the references tfl's native backbones must equal.
 
     /work/timmvenv/bin/python scripts/make_timm_fixtures.py            # tests/fixtures/timm/<fixture>/
-    /work/timmvenv/bin/python scripts/make_timm_fixtures.py --full     # full-size check, prints the max difference
+    /work/timmvenv/bin/python scripts/make_timm_fixtures.py --full DIR          # full-size checkpoints + timm logits
+    PYTHONPATH=. .venv/bin/python scripts/make_timm_fixtures.py --compare DIR    # tfl's logits on them (no torch)
 
 Runs in a throwaway venv with torch + timm (`python3 -m venv V && V/bin/pip install torch timm safetensors`), never
-with tfl's dependencies; --full also needs tfl importable (PYTHONPATH=. and TensorFlow in that venv, or run the
-printed comparison from tfl's venv on the .npz it writes).
+with tfl's dependencies; --compare runs in tfl's venv and imports no torch.
 
 One function per family (`vit_fixtures`, ...), each returning Fixture rows; a family added later (ConvNeXt V2,
 EfficientNetV2) adds its function to FAMILIES. Every fixture folder holds what a user would download from the Hub:
@@ -98,8 +98,7 @@ def write_fixture(fixture: Fixture, out: str) -> None:
 def full_size_check(out: str) -> None:
     """Random full-size vit_small_patch16_224 (224 px) and vit_small_patch14_reg4_dinov2 (518 native, run at 224):
     state dicts, config.json and timm's logits at 224 px in `out/<name>/`, the same layout as the fixtures; tfl's
-    side is `build_vit(name, (224, 224, 3), weights=out/<name>/model.safetensors, include_top=True)` on `x_224x224`
-    (docs/checkpoints.md gives the numbers)."""
+    side is --compare (docs/concepts/backbones.md gives the numbers)."""
     import timm
     import torch
     from safetensors.torch import save_file
@@ -121,12 +120,34 @@ def full_size_check(out: str) -> None:
         print(f"{folder}: written")
 
 
+def compare(out: str) -> None:
+    """In tfl's venv: tfl's logits on every `out/<name>/` that full_size_check wrote, against timm's."""
+    import keras
+
+    from tfl.backbones import vit
+
+    for name in sorted(os.listdir(out)):
+        folder = os.path.join(out, name)
+        reference = np.load(os.path.join(folder, "reference.npz"))
+        for key in sorted(k for k in reference.files if k.startswith("x_")):
+            x, expected = reference[key], reference["logits_" + key[2:]]
+            model = vit.build_vit(name, x.shape[1:], os.path.join(folder, "model.safetensors"), include_top=True)
+            logits = keras.ops.convert_to_numpy(model(x, training=False))
+            print(f"{name} {key[2:]}: {model.count_params():,} parameters, max relative logit difference "
+                  f"{np.abs(logits - expected).max() / np.abs(expected).max():.2g}")
+            keras.backend.clear_session()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), action="append")
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--full", metavar="DIR", help="write full-size random checkpoints and logits to DIR instead")
+    parser.add_argument("--compare", metavar="DIR", help="in tfl's venv: compare tfl's logits with --full's")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(args.compare)
+        return 0
     if args.full:
         full_size_check(args.full)
         return 0
