@@ -430,6 +430,14 @@ def write_lr_find(curve: list[dict], suggestion_step: int, path: str, flag: str 
     ax.plot([chosen["lr"]], [chosen["smoothed_loss"]], "o", color="tab:red",
             label=f"suggestion {flag} {chosen['lr']:.3g} (valley)")
     ax.set_xscale("log")
+    # The last steps' exploding loss would flatten the rest: the axis ends at 1.5x the highest smoothed loss up to
+    # its lowest point.
+    smoothed = np.array([row["smoothed_loss"] for row in curve], float)
+    lowest = int(np.argmin(smoothed))
+    raw_low = min(row["loss"] for row in curve)
+    top = 1.5 * float(smoothed[: lowest + 1].max())
+    if np.isfinite(top) and top > raw_low:
+        ax.set_ylim(min(raw_low, float(smoothed.min())) * 0.95, top)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     return _finish(figure, [ax], title, path)
