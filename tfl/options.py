@@ -85,8 +85,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
     if listed and not value and field.default:
         return f"{name}(none): give at least one, e.g. {','.join(map(str, field.default))}"
     for v in value if listed else (value,):
-        if isinstance(v, str) and v in meta.get("words", ()):
-            continue
+        if meta.get("words") and isinstance(v, str):
+            if v in meta["words"]:
+                continue
+            return f"{name}{v!r} is not a number or {' or '.join(meta['words'])}"
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
         if meta.get("choices") and v not in meta["choices"]:

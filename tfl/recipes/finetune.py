@@ -27,11 +27,12 @@ from tfl.recipes.stages import prepare_balanced, two_stage
 @dataclasses.dataclass
 class FinetuneOptions(JobOptions):
     # --lr and --backbone-lr as JobOptions declares them, and also "find" (tfl.recipes.lr_find.finding)
-    lr: float | str = option(1e-3, group="train", check="positive", words=(LR_FIND,), help=(
+    lr: float | str = option(1e-3, group="train", check="positive", words=(LR_FIND,), metavar="FLOAT|find", help=(
         "Learning rate of the head. find: a learning-rate range test over the head stage chooses it (as `tfl "
         "lr-find` does, on the cached features; the run then starts from the original weights); config.json records "
         "the rate found."))
-    backbone_lr: float | str | None = option(None, group="train", check="positive", words=(LR_FIND,), help=(
+    backbone_lr: float | str | None = option(None, group="train", check="positive", words=(LR_FIND,),
+                                             metavar="FLOAT|find", help=(
         f"Learning rate of the backbone once it trains (default: {BACKBONE_LR_FACTOR} x --lr). find: a range test "
         "over the finetune stage chooses it (as `tfl lr-find --stage finetune`)."))
     unfreeze_mode: str = option("two_stage", choices=UNFREEZE, help=(
