@@ -54,6 +54,8 @@ def test_smoothing_is_the_bias_corrected_moving_average():
 def test_the_range_test_grows_the_rate_stops_on_divergence_and_puts_the_weights_back(data):
     import tensorflow as tf
 
+    from tfl.errors import UsageError
+    from tfl.freezing import head_only_plan
     from tfl.job import Job
     from tfl.recipes.finetune import FinetuneOptions
     from tfl.recipes.lr_find import range_test
@@ -79,6 +81,9 @@ def test_the_range_test_grows_the_rate_stops_on_divergence_and_puts_the_weights_
     assert tuned["group"] == "backbone" and tuned["flag"] == "--backbone-lr"
     # the head moves with the backbone at --lr / --backbone-lr (0.3 x --lr by default)
     assert tuned["suggested_lrs"]["head"] == pytest.approx(tuned["suggestion"] / 0.3)
+    job.plan = head_only_plan(job.plan)  # as --freeze-up-to at the backbone's last layer: nothing for --backbone-lr
+    with pytest.raises(UsageError, match="freezes the whole backbone"):
+        range_test(job, "finetune", 1e-4, 1.0, 20)
 
 
 def test_lr_find_writes_its_json_csv_and_png_and_prints_the_suggestion(data, tmp_path):

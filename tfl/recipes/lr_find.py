@@ -142,6 +142,7 @@ def suggest(losses, planned_steps: int) -> int:
 def range_test(job: jobs.Job, stage: str, start_lr: float, end_lr: float, steps: int) -> dict:
     """Train `stage` of job's two-stage recipe for up to `steps` steps, the swept group's rate from start_lr to
     end_lr, and put every variable of job.model back afterwards. Returns the curve and the suggestion."""
+    from tfl.freezing import CLASSIFIER_STAGE
     from tfl.recipes.stages import head_then_finetune
     from tfl.training import boundary
     from tfl.training.trainer import Callback, StagePolicy, TrainConfig, Trainer, TrainingDiverged
@@ -152,6 +153,11 @@ def range_test(job: jobs.Job, stage: str, start_lr: float, end_lr: float, steps:
     check_steps(steps)
     group, flag = STAGES[stage]
     base = next(s for s in head_then_finetune(job) if s.name == stage)
+    trains_backbone = any(not layer.frozen and layer.params and layer.stage != CLASSIFIER_STAGE
+                          for layer in base.plan.layers)
+    if group == "backbone" and not trains_backbone:
+        raise UsageError(f"--stage finetune: --freeze-up-to {job.opts.freeze_up_to} freezes the whole backbone, so "
+                         "the finetune stage trains no backbone layer to find --backbone-lr for; freeze less")
     growth = (end_lr / start_lr) ** (1.0 / (steps - 1))
     lrs = {name: start_lr * lr / base.lrs[group] for name, lr in base.lrs.items()}
     policy = StagePolicy(select="train_loss", warmup=False, lr_growth=growth)
