@@ -117,6 +117,12 @@ def test_finetune_lr_find_trains_at_the_rate_found_and_records_it(data, tmp_path
                                                     {"backbone": pytest.approx(0.3 * found["found"]),
                                                      "head": found["found"]}]
     assert os.path.isfile(out / "lr_find_head.png") and os.path.isfile(out / "model.keras")
+    # the same command again continues the run (here: finished) at the rate it recorded, without a second test
+    again = CliRunner().invoke(cli, ["finetune", "--dataset", data, *TINY, "--head-epochs", "1", "--epochs", "1",
+                                     "--lr", "find", "--no-tensorboard", "--output-dir", str(out)])
+    assert again.exit_code == 0, again.output
+    assert f"--lr find: {found['found']:.3g}, as the run being resumed found it" in again.output
+    assert "range test" not in again.output
 
 
 @pytest.mark.parametrize("args, message", [
