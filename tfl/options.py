@@ -39,6 +39,8 @@ PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective
 # tfl calibrate --tta / finetune --tta: test-time augmentation's views (tfl.tta), kept only if val says so
 TTA_NONE = "none"
 TTA_MODES = (TTA_NONE, "flip", "flip+crops")
+# tfl finetune --lr find / --backbone-lr find: a learning-rate range test chooses the rate (tfl.recipes.lr_find)
+LR_FIND = "find"
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -51,17 +53,20 @@ GROUPS = ("data", "model", "train", "distribution", "run")
 
 def option(default=None, help: str = "", *, group: str | None = None, flag: str | None = None,
            metavar: str | None = None, choices: tuple | None = None, check=None, parse: str | None = None,
-           repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True):
+           repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True,
+           words: tuple = ()):
     """A dataclass field of a command's options, with what the command line and the checks need to know.
 
     flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
     check: "positive", "non_negative", or (low, high, low_open, high_open) for a range (None: unbounded);
     parse: how the command line's text becomes the value, where the type does not say ("size", "disk_size",
     "hidden", "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the
-    command needs a value (the default is a placeholder); cli=False: library only.
+    command needs a value (the default is a placeholder); cli=False: library only; words: words a number field
+    also takes (--lr find), which its check lets through.
     """
     meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
-            "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default}
+            "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default,
+            "words": tuple(words)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -80,6 +85,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
     if listed and not value and field.default:
         return f"{name}(none): give at least one, e.g. {','.join(map(str, field.default))}"
     for v in value if listed else (value,):
+        if meta.get("words") and isinstance(v, str):
+            if v in meta["words"]:
+                continue
+            return f"{name}{v!r} is not a number or {' or '.join(meta['words'])}"
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
         if meta.get("choices") and v not in meta["choices"]:

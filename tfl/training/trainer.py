@@ -108,6 +108,9 @@ class StagePolicy:
     keep_optimizers: bool = False  # reuse the optimizer (moments, schedule position) of groups that carry on
     schedule_epochs: int | None = None  # epochs the new groups' schedules span (default: this stage's)
     warmup: bool = True
+    # A learning-rate range test (tfl.recipes.lr_find): every group's rate is multiplied by this factor after each
+    # step, from its ParamGroup.lr, instead of --schedule and warmup.
+    lr_growth: float | None = None
 
 
 @dataclasses.dataclass
@@ -643,9 +646,13 @@ class Trainer:
                 # As in an uninterrupted run, a finished stage's optimizer carries on only for the same variables.
                 carried = g.name in saved and (resume is not None or (
                     policy.keep_optimizers and saved[g.name][2] in (None, self._variable_indices(g.variables))))
-                schedule = (WarmupSchedule(**saved[g.name][0]) if carried else
-                            WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch,
-                                           cfg.gamma))
+                if carried:
+                    schedule = WarmupSchedule(**saved[g.name][0])
+                elif policy.lr_growth:  # "step" with a step of one optimizer step: lr x growth^step
+                    schedule = WarmupSchedule(g.lr, span, 0, "step", 1, policy.lr_growth)
+                else:
+                    schedule = WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch,
+                                              cfg.gamma)
                 opt = make_optimizer(cfg, schedule)
                 if cfg.loss_scale:
                     opt = keras.optimizers.LossScaleOptimizer(opt)
