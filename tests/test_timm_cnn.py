@@ -111,22 +111,22 @@ def test_config_json_of_another_architecture_is_refused_naming_it(tmp_path):
         build("tf_efficientnetv2_s", "imagenet")
 
 
-def test_finetune_from_a_timm_checkpoint_caches_the_boundary_keeps_frozen_stages_and_reloads(tmp_path, data):
+def test_finetune_from_a_timm_checkpoint_caches_the_boundary_keeps_frozen_stages_and_reloads(tmp_path, data_8_a_class):
     from tfl.recipes.finetune import FinetuneOptions, finetune
     from tfl.training.rundir import RunDir
 
     weights = f"{FIXTURES}/convnextv2_atto/model.safetensors"
     lines = []
-    options = FinetuneOptions(backbone="convnextv2_atto", weights=weights, dataset=data, image_size=32, batch_size=8,
-                              head_epochs=1, epochs=1, lr=0.01, backbone_lr=0.01, freeze_up_to="block2", cache="on",
+    options = FinetuneOptions(backbone="convnextv2_atto", weights=weights, dataset=data_8_a_class, image_size=32, batch_size=8,
+                              head_epochs=0, epochs=1, lr=0.01, backbone_lr=0.01, freeze_up_to="block2", cache="on",
                               output_dir=str(tmp_path / "run"))
     finetune(options, log=lines.append)
     assert any("stages_1_blocks_0_add activations of train" in line for line in lines), lines
 
     model = RunDir(str(tmp_path / "run"), create=False).load_model()  # GlobalResponseNorm is a trusted layer
     file = to_keras(read_checkpoint(weights).tensors, "timm_convnext")
-    # The fine-tune epoch's checkpoint holds model.variables in order (model.keras may be the head epoch's, the best).
-    after = checkpoint_arrays(tmp_path / "run", 2)
+    # The fine-tune epoch's checkpoint holds model.variables in order.
+    after = checkpoint_arrays(tmp_path / "run", 1)
     backbone = {v.path: after[f"model.{i:05d}"] for i, v in enumerate(model.variables)}
     frozen = [n for n in file if n.startswith(("stem_", "stages_0_", "stages_1_"))]
     trained = [n for n in file if n.startswith("stages_3_")]
