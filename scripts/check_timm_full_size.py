@@ -1,6 +1,6 @@
 """The by-hand full-size check: tfl's native backbone against timm's logits for a full-size random-init model.
 
-    /work/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py --full convnextv2_tiny --out /tmp/full
+    /tmp/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py --full convnextv2_tiny --out /tmp/full
     PYTHONPATH=. .venv/bin/python scripts/check_timm_full_size.py convnextv2_tiny /tmp/full
 
 prints the parameter count and the max relative logit difference at 224x224 and 229x203.

@@ -2,8 +2,8 @@
 
 Needs torch + timm + safetensors, which are never tfl dependencies: run it in a throwaway venv,
 
-    python3 -m venv /work/timmvenv && /work/timmvenv/bin/pip install torch timm safetensors
-    /work/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py
+    python3 -m venv /tmp/timmvenv && /tmp/timmvenv/bin/pip install torch timm safetensors
+    /tmp/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py
 
 Each fixture is a reduced-width/depth model of the family's real topology, saved with timm's own `save_for_hf`
 (model.safetensors or pytorch_model.bin, and config.json with the `model_args` that rebuild it), every weight and
@@ -11,7 +11,7 @@ BatchNorm statistic random (GRN's zero-initialised gamma/beta too, so the test s
 timm's, in eval mode, on fixed NHWC inputs of a square and an odd non-square size (TF "same" padding and the
 ConvNeXt stem's floor both show at odd sizes), in cnn_reference.npz.
 
-    /work/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py --full convnextv2_tiny --out /tmp/full
+    /tmp/timmvenv/bin/python scripts/make_timm_fixtures_cnn.py --full convnextv2_tiny --out /tmp/full
 
 writes a full-size random-init model the same way (not committed), with timm's logits at 224x224 and 229x203, for
 the by-hand full-size check (docs/checkpoints.md shows the commands and the max difference).

@@ -146,7 +146,7 @@ def _register() -> None:
                 preprocessing=Preprocessing.torch(),  # timm's convnextv2 pretrained configs: ImageNet mean/std
                 stages=_stages(variant),
                 default_freeze_up_to=variant.default_freeze_up_to,
-                weight_sources={},
+                weight_sources={"PATH": timm_files.SOURCE},
                 default_weights=None,
                 top_activation="linear",
                 description=(

@@ -198,7 +198,7 @@ def _register() -> None:
                 preprocessing=variant.preprocessing,
                 stages=_stages(variant),
                 default_freeze_up_to=variant.default_freeze_up_to,
-                weight_sources={},
+                weight_sources={"PATH": timm_files.SOURCE},
                 default_weights=None,
                 top_activation="linear",
                 description=(

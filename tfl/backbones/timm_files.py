@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 _MAX_CONFIG_BYTES = 1 << 20  # a timm config.json is a few KB
 _FILES = "a timm/Hugging Face model.safetensors or pytorch_model.bin"
+SOURCE = "timm/HF model.safetensors or pytorch_model.bin (config.json beside it is read)"
 
 
 def weights_file(name: str, weights) -> str:
