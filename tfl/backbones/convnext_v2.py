@@ -44,9 +44,9 @@ VARIANTS = {
     "convnextv2_tiny": Variant((3, 3, 9, 3), (96, 192, 384, 768), "block3"),  # 56%
     "convnextv2_base": Variant((3, 3, 27, 3), (128, 256, 512, 1024), "block3"),  # 31%
 }
-# model_args of a timm config.json that shape the network (the others must keep ConvNeXt V2's values).
-_SHAPE_ARGS = ("depths", "dims")
-_CONFIG_ARGS = _SHAPE_ARGS + ("use_grn", "ls_init_value", "conv_mlp")
+# model_args of a timm config.json tfl reads: depths/dims shape the network; the others must keep ConvNeXt V2's values
+# (conv_mlp only changes the MLP's weight layout, which the mapping reads either way).
+_CONFIG_ARGS = ("depths", "dims", "use_grn", "ls_init_value", "conv_mlp")
 
 
 def build_convnext_v2(
