@@ -1,7 +1,9 @@
-"""Time tfl's train step with and without XLA (--jit), alternating in one process, and print a table.
+"""Time tfl's train step with and without XLA (--jit), alternating in one process, and print a table; or, with
+--readback, the default's head epochs reading the step's numbers back every step against at each epoch's end.
 
     python scripts/jit_step_timing.py                   # the embedded default and ResNet50 at 224 px
     python scripts/jit_step_timing.py --steps 5 --cases lite0_stage2
+    python scripts/jit_step_timing.py --readback 3      # 3 alternating rounds of 10 head epochs each way
 
 Cases (random images, random init unless the case says; what is timed is the trainer's own step function, so the
 optimizers, loss and all-reduced sums are the ones a run uses):
@@ -79,13 +81,54 @@ def time_case(case: str, steps: int) -> dict:
             "jit_first_s": runs[True]["first"], "steps": steps}
 
 
+def time_readback(rounds: int) -> None:
+    """Ten head epochs on cached-like pooled features (3,000 train / 750 val x 1280, batch 64, Adam 1e-3 constant),
+    as tfl bench's head-only case trains them: --readback-every 1 against 1000 (the epoch's end), alternating."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfl.data.pipeline import FEATURES, LABEL
+    from tfl.training.trainer import ParamGroup, TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+
+    def batches(n):
+        features, labels = rng.normal(size=(n, 1280)).astype("float32"), rng.integers(0, 10, n).astype("int32")
+        return tf.data.Dataset.from_tensor_slices({FEATURES: features, LABEL: labels}).batch(64).cache()
+
+    train, val = batches(3000), batches(750)
+    seconds = {1: [], 1000: []}
+    for _ in range(rounds):
+        for every, runs in seconds.items():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((1280,)), keras.layers.Dropout(0.2), keras.layers.Dense(10)])
+            trainer = Trainer(tf.distribute.get_strategy(), model, 10, TrainConfig(schedule="constant",
+                                                                                   readback_every=every),
+                              log=lambda *_: None)
+            trainer.run_stage("head", model, [ParamGroup("head", model.trainable_weights, 1e-3)], 10, train, val,
+                              3000 // 64, 64, 12)
+            runs.append(sum(r.seconds for r in trainer.history[1:]))  # epoch 1 traces
+            print(f"readback every {every:>4}: epochs 2-10 {runs[-1]:.2f} s, last train loss "
+                  f"{trainer.history[-1].train_loss:.6f}", flush=True)
+    for every, runs in seconds.items():
+        print(f"median, readback every {every:>4}: {statistics.median(runs):.2f} s "
+              f"(range {min(runs):.2f}-{max(runs):.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="lite0_head,lite0_stage2,resnet50_224")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind after the first")
+    parser.add_argument("--readback", type=int, metavar="ROUNDS", help="time the read-back interval instead")
     args = parser.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cores")
-    print(f"{'case':<14} {'plain s/step':>12} {'jit s/step':>11} {'plain/jit':>9} {'first plain':>12} {'first jit':>10}")
+    if args.readback:
+        time_readback(args.readback)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
+    print(f"{'case':<14} {'plain s/step':>12} {'jit s/step':>11} {'plain/jit':>9} "
+          f"{'first plain':>12} {'first jit':>10}")
     for case in args.cases.split(","):
         r = time_case(case, args.steps)
         print(f"{r['case']:<14} {r['plain_s']:>12.4f} {r['jit_s']:>11.4f} {r['ratio']:>9.2f} "
