@@ -117,13 +117,13 @@ def check_options(opts) -> None:
 
 # What --deterministic, --jit and --readback-every mean when not given ("auto"), per device kind of the strategy's
 # replicas (tfl.training.device). Determinism: on for CPUs, where it costs little and every pinned number relies on
-# it; off for accelerators, whose deterministic kernels are the slower ones. XLA: off on a CPU, where it made the
-# step slower (measured: docs/concepts/training.md); on for GPUs and TPUs as Keras' own default
+# it; off for accelerators, where TensorFlow documents determinism as costing performance. XLA: off on a CPU, where
+# it made the step slower (measured: docs/concepts/training.md); on for GPUs as Keras' own default
 # (compile(jit_compile="auto")) is, except under op determinism, where Keras turns it off too since not every op
-# has a deterministic XLA kernel. Read-back: a CPU every step (a read costs nothing next to a CPU step, and the
+# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway. Read-back: a CPU every step (a read costs nothing next to a CPU step, and the
 # progress line and a SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
 DETERMINISTIC_BY_DEVICE = {"cpu": True, "gpu": False, "tpu": False}
-JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": True}
+JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": False}
 READBACK_BY_DEVICE = {"cpu": 1, "gpu": 50, "tpu": 50}
 
 
@@ -252,7 +252,7 @@ class JobOptions:
         "says."))
     jit: bool | None = option(None, group="train", flag="--jit/--no-jit", choices=(True, False), help=(
         "XLA-compile the train and eval steps and the cache extraction. Default: off on a CPU (XLA made the "
-        "step slower there), on for GPUs and TPUs unless --deterministic.  "
+        "step slower there), on for GPUs unless --deterministic (TPUs compile with XLA anyway).  "
         "[default: by device]"))
     deterministic: bool | None = option(None, group="train", flag="--deterministic/--no-deterministic",
                                         choices=(True, False), help=(
