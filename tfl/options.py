@@ -120,8 +120,9 @@ def check_options(opts) -> None:
 # it; off for accelerators, where TensorFlow documents determinism as costing performance. XLA: off on a CPU, where
 # it made the step slower (measured: docs/concepts/training.md); on for GPUs as Keras' own default
 # (compile(jit_compile="auto")) is, except under op determinism, where Keras turns it off too since not every op
-# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway. Read-back: a CPU every step (a read costs nothing next to a CPU step, and the
-# progress line and a SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
+# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway.
+# Read-back: a CPU every step (a read costs nothing measurable next to a CPU step, and the progress line and a
+# SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
 DETERMINISTIC_BY_DEVICE = {"cpu": True, "gpu": False, "tpu": False}
 JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": False}
 READBACK_BY_DEVICE = {"cpu": 1, "gpu": 50, "tpu": 50}
