@@ -57,6 +57,22 @@ def test_bad_values_are_usage_errors_naming_the_flag():
 
 
 # -- the totals on the device ---------------------------------------------------------------------------------------
+def test_totals_add_up_exactly_as_the_host_added_every_step_before():
+    """float32 step sums added in float64 on the device: the same bits as Python's float additions, in order; the
+    first non-finite loss and its step are kept."""
+    values = np.random.RandomState(1).lognormal(size=(40, 2)).astype("float32") * 1e3
+    values[25, 0], values[31, 0] = np.inf, np.nan
+    totals = device.Totals()
+    running = totals.zeros()
+    host = {"loss": 0.0, "examples": 0.0}
+    for loss, examples in values:
+        running, _ = totals.add(running, {"loss": tf.constant(loss), "examples": tf.constant(examples)})
+        host = {"loss": host["loss"] + float(loss), "examples": host["examples"] + float(examples)}
+    sums, steps, bad_step, bad_loss = totals.read(running)
+    assert sums["examples"] == host["examples"] and steps == 40  # exact, not approximate
+    assert np.isnan(sums["loss"]) and (bad_step, bad_loss) == (26, np.inf)
+
+
 X = np.random.RandomState(0).normal(size=(80, 4)).astype("float32")
 Y = (X[:, 0] + X[:, 1] > 0).astype("int32")
 
