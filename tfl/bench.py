@@ -80,7 +80,10 @@ def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> di
         raise UsageError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()  # as tfl finetune runs: cached and uncached runs then agree
+    from tfl.training import device
+
+    # As tfl finetune runs by default on this device: on a CPU, op determinism makes cached and uncached runs agree.
+    device.set_op_determinism(device.resolve_deterministic(None, device.device_kind(tf.distribute.get_strategy())))
     peaks = {p: matmul_flops(cfg.matmul_size, p) for p in ("float32", "bfloat16")}
     log(f"bench: matmul {peaks['float32'] / 1e9:.1f} GFLOP/s float32, {peaks['bfloat16'] / 1e9:.1f} bfloat16, on "
         f"{os.cpu_count()} core(s)")

@@ -124,6 +124,19 @@ def check_options(opts) -> None:
             raise UsageError(problem)
 
 
+# What --deterministic, --jit and --readback-every mean when not given ("auto"), per device kind of the strategy's
+# replicas (tfl.training.device). Determinism: on for CPUs, where it costs little and every pinned number relies on
+# it; off for accelerators, where TensorFlow documents determinism as costing performance. XLA: off on a CPU, where
+# it made the step slower (measured: docs/concepts/training.md); on for GPUs as Keras' own default
+# (compile(jit_compile="auto")) is, except under op determinism, where Keras turns it off too since not every op
+# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway.
+# Read-back: a CPU every step (a read costs nothing measurable next to a CPU step, and the progress line and a
+# SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
+DETERMINISTIC_BY_DEVICE = {"cpu": True, "gpu": False, "tpu": False}
+JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": False}
+READBACK_BY_DEVICE = {"cpu": 1, "gpu": 50, "tpu": 50}
+
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_DATASET = "fashion_mnist"
 # Stage 2 backbone lr = 0.3 x the head lr unless --backbone-lr says. Measured on the embedded default: block4 with
@@ -247,9 +260,20 @@ class JobOptions:
         "nothing written to disk); auto keeps them when they fit --cache-budget, else streams. IDX datasets "
         "(fashion_mnist, mnist) are arrays in memory and tfds datasets are decoded once as before, whatever this "
         "says."))
-    jit: bool = option(False, group="train", flag="--jit/--no-jit", help=(
-        "XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran 10x "
-        "slower with XLA than without)."))
+    jit: bool | None = option(None, group="train", flag="--jit/--no-jit", choices=(True, False), help=(
+        "XLA-compile the train and eval steps and the cache extraction. Default: off on a CPU (XLA made the "
+        "step slower there), on for GPUs unless --deterministic (TPUs compile with XLA anyway).  "
+        "[default: by device]"))
+    deterministic: bool | None = option(None, group="train", flag="--deterministic/--no-deterministic",
+                                        choices=(True, False), help=(
+        "Op determinism (tf.config.experimental.enable_op_determinism): the same --seed gives the same numbers on "
+        "the same machine. Default: on for CPUs (cheap there), off for GPUs and TPUs (their deterministic kernels "
+        "are slower); config.json records the choice.  [default: by device]"))
+    readback_every: int | None = option(None, group="train", check="positive", metavar="STEPS", help=(
+        f"Steps between reads of the training numbers (loss, metrics, a SIGTERM on another worker, a non-finite "
+        "loss) from the device; they add up on the device meanwhile and are always read at the end of an epoch, "
+        "so the results do not depend on it. Default: {READBACK_BY_DEVICE['cpu']} on a CPU, "
+        f"{READBACK_BY_DEVICE['gpu']} on GPUs and TPUs, whose queue of work each read drains.  [default: by device]"))
     mixed_precision: str = option("auto", group="train", choices=MIXED_PRECISION, help=(
         "Compute in half precision (float32 weights, logits and loss): auto times a few train steps in float32 and "
         "in the device's fast half precision (bfloat16 on CPUs with avx512_bf16/amx_bf16; bfloat16 or float16 on "
