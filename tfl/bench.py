@@ -567,6 +567,7 @@ def bare_decoder(paths: list, size: int, batch_size: int, antialias: bool = Fals
     pipeline gives."""
     import tensorflow as tf
 
+    @tf.autograph.experimental.do_not_convert  # plain TF ops (autograph cannot read this closure's source)
     def load(path):
         image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
         return tf.image.resize(image, [size, size], antialias=antialias)
