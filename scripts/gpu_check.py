@@ -81,10 +81,20 @@ def compute_capability(gpu) -> tuple:
 
 
 class Outcomes:
-    """A pytest plugin keeping each test's outcome, seconds and (skipped, failed) the reason's last line."""
+    """A pytest plugin keeping each test's outcome, seconds, CPU seconds and (skipped, failed) the reason's last
+    line."""
 
     def __init__(self):
         self.tests: dict = {}
+        self._cpu_start = 0.0
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self._cpu_start = _process_cpu()
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        name = nodeid.split("::")[-1]
+        if name in self.tests:
+            self.tests[name]["cpu_seconds"] = round(_process_cpu() - self._cpu_start, 2)
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
@@ -101,7 +111,9 @@ def run_tests() -> dict:
     import pytest
 
     outcomes = Outcomes()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", ROOT, GPU_TESTS], plugins=[outcomes])
+    # --noconftest: the suite's tests/conftest.py (shared folders, matplotlib) is not needed by these tests
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "--noconftest", "--rootdir", ROOT, GPU_TESTS],
+                       plugins=[outcomes])
     return {"exit_code": int(code), "tests": outcomes.tests}
 
 
@@ -152,7 +164,8 @@ def _stage_scores(run_dir: str) -> dict:
 def table(report: dict) -> str:
     rows = [("device", d["name"], d["detail"]) for d in report["devices"]]
     for name, t in report["tests"]["tests"].items():
-        rows.append(("test", name, f"{t['outcome']} ({t['seconds']} s){': ' + t['reason'] if t['reason'] else ''}"))
+        spent = f"{t['seconds']} s, {t.get('cpu_seconds', '?')} s CPU"
+        rows.append(("test", name, f"{t['outcome']} ({spent}){': ' + t['reason'] if t['reason'] else ''}"))
     for case in report["bench"]["cases"]:
         rows.append(("bench", case["name"], _bench_summary(case)))
     for warning in report["bench"]["warnings"]:
@@ -190,18 +203,20 @@ def _bench_summary(case: dict) -> str:
     return json.dumps(case.get("images_per_second", {}))
 
 
-@contextlib.contextmanager
-def _cpu_clock(into: dict, name: str):
-    """This process's CPU seconds (every thread) spent in the block, into[name]."""
+def _process_cpu() -> float:
+    """This process's CPU seconds so far, every thread."""
     import resource
 
-    def now():
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    start = now()
+
+@contextlib.contextmanager
+def _cpu_clock(into: dict, name: str):
+    """The CPU seconds spent in the block, into[name]."""
+    start = _process_cpu()
     yield
-    into[name] = round(now() - start, 2)
+    into[name] = round(_process_cpu() - start, 2)
 
 
 def main(argv=None) -> int:
