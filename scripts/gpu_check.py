@@ -170,6 +170,8 @@ def table(report: dict) -> str:
         rows.append(("bench", case["name"], _bench_summary(case)))
     for warning in report["bench"]["warnings"]:
         rows.append(("bench", "warning", warning))
+    if "error" in report["bench"]:
+        rows.append(("bench", "failed", report["bench"]["error"]))
     e = report["experiment"]
     if "error" in e:
         rows.append(("experiment", "failed", e["error"]))
@@ -260,8 +262,11 @@ def main(argv=None) -> int:
             except Exception as error:  # reported in the table: the rest of the check still counts
                 found = {"error": f"{type(error).__name__}: {error}"}
         with _cpu_clock(cpu_seconds, "bench"):
-            bench = run_bench(args.cpu, gpus)
-    ok = tests["exit_code"] == 0 and bool(tests["tests"]) and "error" not in found
+            try:
+                bench = run_bench(args.cpu, gpus)
+            except Exception as error:
+                bench = {"cases": [], "warnings": [], "error": f"{type(error).__name__}: {error}"}
+    ok = tests["exit_code"] == 0 and bool(tests["tests"]) and "error" not in found and "error" not in bench
     report = {"mode": "cpu (tiny)" if args.cpu else "gpu", "devices": devices, "tests": tests, "bench": bench,
               "experiment": found, "cpu_seconds": cpu_seconds, "ok": ok}
     print(table(report))
