@@ -24,7 +24,8 @@ MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
 PRECISIONS = ("float32", "bfloat16", "float16")  # what a run computes in; config.json "precision"
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_MODES = ("float32", "float16", "int8")
-BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving")
+BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving",
+               "input_pipeline")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
 # Image files tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF; an export's
