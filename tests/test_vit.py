@@ -136,6 +136,10 @@ def test_hf_weights_load_from_the_hub_cache_offline_and_fail_at_once_when_not_ca
 
 
 def test_a_path_that_is_not_there_names_every_alternative(tmp_path):
+    folder = FIXTURES / "vit_small"  # a repository's folder stands for its weights file
+    assert vit.weights_file("vit_small_patch16_224", str(folder)) == str(folder / "model.safetensors")
+    with pytest.raises(UsageError, match="is a directory without model.safetensors or pytorch_model.bin"):
+        vit.weights_file("vit_small_patch16_224", str(tmp_path))
     with pytest.raises(UsageError, match=r"no such file. Pass 'lvd142m' \(timm's hf://timm/vit_small_patch14_dinov2"):
         vit.weights_file("vit_small_patch14_dinov2", str(tmp_path / "missing.safetensors"))
     with pytest.raises(UsageError, match="expected hf://ORG/NAME"):

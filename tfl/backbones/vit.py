@@ -197,9 +197,12 @@ def weights_file(name: str, weights) -> str:
         from tfl.backbones.hf_hub import download_checkpoint
 
         return download_checkpoint(weights, backbone=name)
-    if os.path.isdir(weights):
-        raise UsageError(f"weights={weights!r} for backbone {name!r} is a directory; expected a timm state dict file "
-                         "(model.safetensors or pytorch_model.bin)")
+    if os.path.isdir(weights):  # a downloaded repository's folder, as for the timm CNNs (tfl.backbones.timm_files)
+        for file_name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(weights, file_name)):
+                return os.path.join(weights, file_name)
+        raise UsageError(f"weights={weights!r} for backbone {name!r} is a directory without model.safetensors or "
+                         "pytorch_model.bin; pass the path of a timm state dict file")
     if not os.path.isfile(weights):
         raise UsageError(f"weights={weights!r} for backbone {name!r}: no such file. Pass {variant.source!r} (timm's "
                          f"hf://{variant.hub_id}), hf://ORG/NAME, a timm model.safetensors / pytorch_model.bin, or "
