@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -154,8 +153,6 @@ def main(argv=None) -> int:
     for family in args.family or sorted(FAMILIES):
         for fixture in FAMILIES[family]():
             write_fixture(fixture, os.path.normpath(args.out))
-    with open(os.path.join(args.out, "README.json"), "w") as f:
-        json.dump({"written_by": "scripts/make_timm_fixtures.py", "seed": SEED}, f)
     return 0
 
 
