@@ -65,6 +65,10 @@ KINDS: dict[str, dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {
     },
     "layer_norm": {"weight": ("gamma", _same), "bias": ("beta", _same)},
     "pointwise": {"weight": ("kernel", _pointwise_kernel), "bias": ("bias", _same)},
+    "layer_scale": {"gamma": ("gamma", _same)},
+    # timm ViT's top-level parameters, kept in one Keras layer (tfl/backbones/vit.py `tokens`)
+    "vit_tokens": {"cls_token": ("cls_token", _same), "reg_token": ("reg_token", _same),
+                   "pos_embed": ("pos_embed", _same)},
 }
 
 # (torch module regex (fullmatch), kind, Keras layer: a re template like r"layer\1_\2_conv\3", or a function of
@@ -203,6 +207,26 @@ def _convert_timm_efficientnet(state: dict, sources: dict | None = None) -> dict
     return convert_by_rules(state, _TIMM_EFFICIENTNET_RULES, sources)
 
 
+# --- timm VisionTransformer (ViT, DeiT, DINOv2) ---------------------------------------------------------------------
+# Keras layers are named after timm's modules with "." -> "_" (tfl/backbones/vit.py); the top-level cls_token,
+# reg_token and pos_embed (module "") fill the layer `tokens`.
+
+_TIMM_VIT_RULES: tuple[Rule, ...] = (
+    (r"", "vit_tokens", "tokens"),
+    (r"patch_embed\.proj", "conv2d", "patch_embed_proj"),
+    (r"blocks\.(\d+)\.norm([12])", "layer_norm", r"blocks_\1_norm\2"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)", "dense", r"blocks_\1_attn_\2"),
+    (r"blocks\.(\d+)\.ls([12])", "layer_scale", r"blocks_\1_ls\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc[12])", "dense", r"blocks_\1_mlp_\2"),
+    (r"(norm|fc_norm)", "layer_norm", r"\1"),
+    (r"head", "dense", "head"),
+)
+
+
+def _convert_timm_vit(state: dict, sources: dict | None = None) -> dict[str, np.ndarray]:
+    return convert_by_rules(state, _TIMM_VIT_RULES, sources)
+
+
 _BATCH_COUNTER = r"(?:.*\.)?num_batches_tracked"
 
 MAPPINGS: dict[str, Mapping] = {
@@ -214,6 +238,8 @@ MAPPINGS: dict[str, Mapping] = {
         Mapping("lukemelas_efficientnet", _convert_lukemelas_efficientnet, _BATCH_COUNTER),
         Mapping("timm_convnext", _convert_timm_convnext, _BATCH_COUNTER),
         Mapping("timm_efficientnet", _convert_timm_efficientnet, _BATCH_COUNTER),
+        # DINOv2's own files carry the masked-image-modelling token, which inference never uses.
+        Mapping("timm_vit", _convert_timm_vit, r"mask_token"),
     )
 }
 
