@@ -91,7 +91,7 @@ def _run(folder, snapshot=None, seen=None):
         trainer.resume(snapshot)
     logits = model.get_layer("logits").trainable_weights
     backbone = model.get_layer("hidden").trainable_weights + model.get_layer("bn").trainable_weights
-    trainer.run_stage("head", model, [ParamGroup("head", logits, 0.05)], 2, train, VAL, 4, 16)
+    trainer.run_stage("head", model, [ParamGroup("head", logits, 0.05)], 1, train, VAL, 4, 16)
     trainer.run_stage("finetune", model, [ParamGroup("backbone", backbone, 0.01), ParamGroup("head", logits, 0.05)],
                       3, train, VAL, 4, 16)
     return trainer
@@ -103,7 +103,7 @@ def test_swa_averages_the_last_epochs_and_recomputes_batchnorm_and_a_resumed_run
     model = whole.model
     ema, swa = whole.averagers
     names = [w.path.split("/", 1)[-1] for w in model.weights]  # without the model's name
-    mean = [(a + b) / 2 for a, b in zip(seen.epochs[4], seen.epochs[5])]  # the finetune stage's epochs 2 and 3
+    mean = [(a + b) / 2 for a, b in zip(seen.epochs[3], seen.epochs[4])]  # the finetune stage's epochs 2 and 3
     final = swa.weights()
     for name, got, want in zip(names, final, mean):
         if "moving" not in name:
@@ -111,7 +111,7 @@ def test_swa_averages_the_last_epochs_and_recomputes_batchnorm_and_a_resumed_run
     # BN statistics: the mean over the last epoch's batches of their mean and (biased) variance of the BN input,
     # the averaged `hidden` layer's output.
     kernel, bias = (final[names.index(n)] for n in ("hidden/kernel", "hidden/bias"))
-    batches = [x @ kernel + bias for x, _ in train(5).as_numpy_iterator()]
+    batches = [x @ kernel + bias for x, _ in train(4).as_numpy_iterator()]
     np.testing.assert_allclose(final[names.index("bn/moving_mean")], np.mean([b.mean(0) for b in batches], 0),
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(final[names.index("bn/moving_variance")], np.mean([b.var(0) for b in batches], 0),
@@ -120,8 +120,8 @@ def test_swa_averages_the_last_epochs_and_recomputes_batchnorm_and_a_resumed_run
     assert set(whole.history[-1].val) >= {"swa_loss", "swa_accuracy", "ema_accuracy"}
     assert "swa_accuracy" not in whole.history[-2].val
 
-    snapshot = checkpoint.read(str(tmp_path / "whole" / "ckpt-0004.npz"))  # finetune epoch 2 of 3 done
-    assert snapshot.state["averaging"]["swa"]["count"] == 1 and snapshot.state["averaging"]["ema"]["updates"] == 16
+    snapshot = checkpoint.read(str(tmp_path / "whole" / "ckpt-0003.npz"))  # finetune epoch 2 of 3 done
+    assert snapshot.state["averaging"]["swa"]["count"] == 1 and snapshot.state["averaging"]["ema"]["updates"] == 12
     resumed = _run(tmp_path / "resumed", snapshot)
     assert [(r.train, r.val) for r in resumed.history] == [(r.train, r.val) for r in whole.history]
     for ours, theirs in zip(resumed.model.variables, whole.model.variables, strict=True):
@@ -188,7 +188,7 @@ def test_bad_values_are_one_line_usage_errors(flag, value, message):
 
 def test_finetune_records_ema_swa_and_regularize(data, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["finetune", "--dataset", data, *TINY, "--batch-size", "8", "--output-dir",
+    result = CliRunner().invoke(cli, ["finetune", "--dataset", data, *TINY, "--epochs", "1", "--batch-size", "8", "--output-dir",
                                       str(out), "--ema", "0.9", "--swa-epochs", "1", "--regularize", "l2sp:0.01,0.01"])
     assert result.exit_code == 0, result.output
     config, metrics = (json.loads((out / name).read_text()) for name in ("config.json", "metrics.json"))
