@@ -2,12 +2,12 @@
 averaging (--swa-epochs), both validated and kept as the run's model when they beat the trained weights on val.
 
 EMA (timm's ModelEmaV3 with its warm-up, Polyak averaging): after every optimizer step n (1-based, counted across
-stages) every weight that can change takes  ema <- d_n ema + (1 - d_n) w  with d_n = 0 for n = 1 (the average
-starts as the weights) and min(DECAY, 1 - n'^-2/3), n' = n, for n > 1 (timm: 1 - (1 + (n-1)/gamma)^-power with
-gamma 1, power 2/3), so early averages follow the weights and later ones slow down to DECAY. The averages are
-variables of the strategy, updated inside the train step on every replica (tf.distribute keeps the first
-replica's value, as all replicas hold the same weights); BatchNorm's moving statistics are averaged too, as timm
-does. Every epoch the averaged weights are validated (history: val_ema_loss, val_ema_accuracy, ...).
+stages) every weight that can change takes  ema <- d_n ema + (1 - d_n) w  with d_n = min(DECAY, 1 - n^(-2/3))
+(timm: 1 - (1 + (n - 1)/gamma)^-power, gamma 1, power 2/3): d_1 = 0, so the average starts as the weights,
+early averages follow the weights and later ones slow down to DECAY. The averages are variables of the strategy,
+updated inside the train step on every replica (tf.distribute keeps the first replica's value, as all replicas
+hold the same weights); BatchNorm's moving statistics are averaged too, as timm does. Every epoch the averaged
+weights are validated (history: val_ema_loss, val_ema_accuracy, ...).
 
 SWA (Izmailov et al. 2018, as torch.optim.swa_utils): the weights at the end of each of the last N epochs of the
 final stage are averaged uniformly; then the BatchNorm layers that train in that stage get statistics recomputed
