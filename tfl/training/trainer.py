@@ -12,6 +12,8 @@ What a recipe changes without copying the loop:
   and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
   the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
 - callbacks see every step, stage and epoch (TensorBoard, the TFL_FAULT test hook).
+- averagers (tfl.training.averaging: --ema, --swa-epochs) update inside the train step, are validated after
+  every epoch and travel in every checkpoint.
 
 Every decision (best epoch, early stopping) is taken on all-reduced numbers, so all workers take it alike.
 With a CheckpointManager the trainer saves after every epoch and `resume` continues from a snapshot exactly:
