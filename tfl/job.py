@@ -52,7 +52,9 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice",
                      # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
-                     "decoded_images", "decoded_images_chosen", "cache_disk_limit")
+                     "decoded_images", "decoded_images_chosen", "cache_disk_limit",
+                     # how the step runs on its device, not what it computes (auto differs by device kind)
+                     "deterministic", "jit", "readback_every")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
@@ -113,6 +115,19 @@ def versions() -> dict:
 
     return {"tfl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def resolve_step_options(opts: JobOptions, strategy) -> JobOptions:
+    """--deterministic, --jit and --readback-every as this run takes them (auto: the strategy's device kind's
+    default, tfl.training.device), op determinism set accordingly; config.json then records the choices."""
+    from tfl.training import device  # TensorFlow (see the top)
+
+    kind = device.device_kind(strategy)
+    deterministic = device.resolve_deterministic(opts.deterministic, kind)
+    device.set_op_determinism(deterministic)
+    return dataclasses.replace(opts, deterministic=deterministic,
+                               jit=device.resolve_jit(opts.jit, kind, deterministic),
+                               readback_every=device.resolve_readback(opts.readback_every, kind))
 
 
 def check_finite(opts) -> None:
@@ -203,7 +218,6 @@ class Job:
         `resolve_depth`: what `--freeze-up-to auto` means, passed in by a command that offers it (`tfl finetune`
         passes tfl.recipes.advise.resolve_auto); without it `auto` is refused."""
         import keras
-        import tensorflow as tf
 
         from tfl import freezing, models, reuse  # Keras (see the top)
 
@@ -220,7 +234,7 @@ class Job:
                              "pass the depth it recommends")
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
         keras.utils.set_random_seed(opts.seed)
-        tf.config.experimental.enable_op_determinism()
+        opts = resolve_step_options(opts, strategy)
         started = time.time()
 
         splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,

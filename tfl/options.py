@@ -24,7 +24,8 @@ MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
 PRECISIONS = ("float32", "bfloat16", "float16")  # what a run computes in; config.json "precision"
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_MODES = ("float32", "float16", "int8")
-BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving")
+BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving",
+               "input_pipeline")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
 # Image files tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF; an export's
@@ -39,6 +40,8 @@ PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective
 # tfl calibrate --tta / finetune --tta: test-time augmentation's views (tfl.tta), kept only if val says so
 TTA_NONE = "none"
 TTA_MODES = (TTA_NONE, "flip", "flip+crops")
+# tfl finetune --lr find / --backbone-lr find: a learning-rate range test chooses the rate (tfl.recipes.lr_find)
+LR_FIND = "find"
 # --regularize KIND:V[,V]: the penalty and its numbers (tfl.training.regularize): name -> (argument names, defaults
 # of the optional ones)
 REGULARIZERS = {"l2sp": (("ALPHA", "BETA"), (0.0,)), "bss": (("ETA", "K"), (1,))}
@@ -89,17 +92,20 @@ GROUPS = ("data", "model", "train", "distribution", "run")
 
 def option(default=None, help: str = "", *, group: str | None = None, flag: str | None = None,
            metavar: str | None = None, choices: tuple | None = None, check=None, parse: str | None = None,
-           repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True):
+           repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True,
+           words: tuple = ()):
     """A dataclass field of a command's options, with what the command line and the checks need to know.
 
     flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
     check: "positive", "non_negative", or (low, high, low_open, high_open) for a range (None: unbounded);
     parse: how the command line's text becomes the value, where the type does not say ("size", "disk_size",
     "hidden", "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the
-    command needs a value (the default is a placeholder); cli=False: library only.
+    command needs a value (the default is a placeholder); cli=False: library only; words: words a number field
+    also takes (--lr find), which its check lets through.
     """
     meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
-            "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default}
+            "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default,
+            "words": tuple(words)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -118,6 +124,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
     if listed and not value and field.default:
         return f"{name}(none): give at least one, e.g. {','.join(map(str, field.default))}"
     for v in value if listed else (value,):
+        if meta.get("words") and isinstance(v, str):
+            if v in meta["words"]:
+                continue
+            return f"{name}{v!r} is not a number or {' or '.join(meta['words'])}"
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
         if meta.get("choices") and v not in meta["choices"]:
@@ -155,6 +165,19 @@ def check_options(opts) -> None:
         problem = check_value(field, value)
         if problem:
             raise UsageError(problem)
+
+
+# What --deterministic, --jit and --readback-every mean when not given ("auto"), per device kind of the strategy's
+# replicas (tfl.training.device). Determinism: on for CPUs, where it costs little and every pinned number relies on
+# it; off for accelerators, where TensorFlow documents determinism as costing performance. XLA: off on a CPU, where
+# it made the step slower (measured: docs/concepts/training.md); on for GPUs as Keras' own default
+# (compile(jit_compile="auto")) is, except under op determinism, where Keras turns it off too since not every op
+# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway.
+# Read-back: a CPU every step (a read costs nothing measurable next to a CPU step, and the progress line and a
+# SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
+DETERMINISTIC_BY_DEVICE = {"cpu": True, "gpu": False, "tpu": False}
+JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": False}
+READBACK_BY_DEVICE = {"cpu": 1, "gpu": 50, "tpu": 50}
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -196,7 +219,8 @@ class JobOptions:
     backbone: str = option(DEFAULT_BACKBONE, group="model", help="A name from `tfl backbones`.")
     weights: str | None = option("default", group="model", help=(
         "'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download for Keras "
-        "Applications), 'none' (random init), or a path to a weights file."))
+        "Applications, timm's Hugging Face checkpoint for the ViTs), 'none' (random init), a path to a weights "
+        "file, or hf://ORG/NAME (a timm checkpoint on the Hugging Face Hub; ViT, DeiT, DINOv2)."))
     init_from: str | None = option(None, group="model", metavar="FILE", help=(
         "After building the model, before training, copy weights by name from FILE (any format `tfl "
         "inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: restore_report.json "
@@ -293,9 +317,20 @@ class JobOptions:
         "nothing written to disk); auto keeps them when they fit --cache-budget, else streams. IDX datasets "
         "(fashion_mnist, mnist) are arrays in memory and tfds datasets are decoded once as before, whatever this "
         "says."))
-    jit: bool = option(False, group="train", flag="--jit/--no-jit", help=(
-        "XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran 10x "
-        "slower with XLA than without)."))
+    jit: bool | None = option(None, group="train", flag="--jit/--no-jit", choices=(True, False), help=(
+        "XLA-compile the train and eval steps and the cache extraction. Default: off on a CPU (XLA made the "
+        "step slower there), on for GPUs unless --deterministic (TPUs compile with XLA anyway).  "
+        "[default: by device]"))
+    deterministic: bool | None = option(None, group="train", flag="--deterministic/--no-deterministic",
+                                        choices=(True, False), help=(
+        "Op determinism (tf.config.experimental.enable_op_determinism): the same --seed gives the same numbers on "
+        "the same machine. Default: on for CPUs (cheap there), off for GPUs and TPUs (their deterministic kernels "
+        "are slower); config.json records the choice.  [default: by device]"))
+    readback_every: int | None = option(None, group="train", check="positive", metavar="STEPS", help=(
+        f"Steps between reads of the training numbers (loss, metrics, a SIGTERM on another worker, a non-finite "
+        "loss) from the device; they add up on the device meanwhile and are always read at the end of an epoch, "
+        "so the results do not depend on it. Default: {READBACK_BY_DEVICE['cpu']} on a CPU, "
+        f"{READBACK_BY_DEVICE['gpu']} on GPUs and TPUs, whose queue of work each read drains.  [default: by device]"))
     mixed_precision: str = option("auto", group="train", choices=MIXED_PRECISION, help=(
         "Compute in half precision (float32 weights, logits and loss): auto times a few train steps in float32 and "
         "in the device's fast half precision (bfloat16 on CPUs with avx512_bf16/amx_bf16; bfloat16 or float16 on "
