@@ -308,7 +308,8 @@ class Job:
         cached features)."""
         from tfl import models  # Keras (see the top)
         from tfl.training import boundary
-        from tfl.training.trainer import TrainConfig, Trainer
+        from tfl.training import averaging, regularize
+        from tfl.training.trainer import CrossEntropy, TrainConfig, Trainer
 
         opts = self.opts
         self.inputs = boundary.for_job(self, stages, extra)
@@ -350,12 +351,19 @@ class Job:
         self.log(f"run directory: {run.path}" + (f" (this worker's scratch copy; the chief writes {opts.output_dir})"
                                                  if self.scratch else ""))
         cfg = TrainConfig.from_options(opts, loss_scale=self.precision.precision == "float16")
+        # --regularize, --ema, --swa-epochs: w0 of L2-SP and the averages start from the weights as loaded, before
+        # a resume replaces them (the checkpoint then restores the averages).
+        if getattr(opts, "regularize", None):
+            loss = regularize.for_job(opts.regularize, self.model,
+                                      loss or CrossEntropy(len(self.class_names), opts.label_smoothing),
+                                      self.strategy, self.log)
+        averagers = averaging.for_job(opts, self.model, stages, self.strategy, self.log)
         callbacks = [*callbacks, _HistoryWriter(self)]
         if opts.tensorboard and not self.scratch:
             callbacks.append(_tensorboard(run.file(TENSORBOARD), self.config, plan))
         self.trainer = Trainer(self.strategy, self.model, len(self.class_names), cfg, self.log,
                                checkpoint.CheckpointManager(run.file(rundir.CHECKPOINTS)), loss=loss, metrics=metrics,
-                               callbacks=callbacks, select=select,
+                               callbacks=callbacks, select=select, averagers=averagers,
                                **({"inputs": inputs} if inputs is not None else {}))
         if self.snapshot:
             self.trainer.resume(self.snapshot)
@@ -438,9 +446,14 @@ class Job:
         A recipe that scores its own way passes `score(job) -> metrics` (metrics.json holds what it returns; the
         log line is the recipe's); `best=False` keeps the weights after the last epoch; `save=False` writes no
         model.keras (the classifier is not what the recipe trained)."""
+        from tfl.training import averaging  # TensorFlow (see the top)
+
         trainer, run = self.trainer, self.run_dir
+        averaged = None
         if best:
             trainer.restore_best()
+            if trainer.averagers:  # --ema / --swa-epochs: the best of the trained and the averaged weights
+                averaged = averaging.choose(trainer, self.log)
         if save:  # before the last pass over the data: a file that fails it must not cost what training produced
             self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
             run.save_model(self.model)
@@ -451,6 +464,8 @@ class Job:
         with self.naming_changed_files(splits, "the final evaluation", saved=save):
             metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
         metrics.update(extra_metrics or {})
+        if averaged:
+            metrics["weight_averaging"] = averaged
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
         if message:

@@ -42,6 +42,44 @@ TTA_NONE = "none"
 TTA_MODES = (TTA_NONE, "flip", "flip+crops")
 # tfl finetune --lr find / --backbone-lr find: a learning-rate range test chooses the rate (tfl.recipes.lr_find)
 LR_FIND = "find"
+# --regularize KIND:V[,V]: the penalty and its numbers (tfl.training.regularize): name -> (argument names, defaults
+# of the optional ones)
+REGULARIZERS = {"l2sp": (("ALPHA", "BETA"), (0.0,)), "bss": (("ETA", "K"), (1,))}
+
+
+def parse_regularize(text: str) -> tuple[str, tuple]:
+    """--regularize "l2sp:0.01,0.1" -> ("l2sp", (0.01, 0.1)); optional numbers filled in; ValueError says what is
+    wrong and how to write it."""
+    kind, _, args = text.partition(":")
+    if kind not in REGULARIZERS:
+        raise ValueError(f"{text!r}: the kind must be one of {', '.join(REGULARIZERS)} (e.g. l2sp:0.01 or bss:0.001)")
+    names, defaults = REGULARIZERS[kind]
+    form = f"{kind}:{names[0]}" + "".join(f"[,{n}]" for n in names[1:])
+    try:
+        values = [float(v) for v in args.split(",")] if args.strip() else []
+    except ValueError:
+        raise ValueError(f"{text!r}: expected {form} with numbers") from None
+    if not 1 <= len(values) <= len(names):
+        raise ValueError(f"{text!r}: expected {form}")
+    values += list(defaults[len(values) - 1:])
+    if kind == "bss":
+        if not values[0] > 0 or not float(values[1]).is_integer() or values[1] < 1:
+            raise ValueError(f"{text!r}: ETA must be > 0 and K a whole number >= 1, e.g. bss:0.001")
+        values[1] = int(values[1])
+    elif not all(v >= 0 for v in values) or not any(v > 0 for v in values):
+        raise ValueError(f"{text!r}: ALPHA and BETA must be >= 0 and one of them > 0, e.g. l2sp:0.01,0.01")
+    if not all(v == v and abs(v) != float("inf") for v in values):
+        raise ValueError(f"{text!r}: the numbers must be finite")
+    return kind, tuple(values)
+
+
+def regularize_problem(text: str) -> str | None:
+    """--regularize's check: what is wrong with the text, or None."""
+    try:
+        parse_regularize(text)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -100,6 +138,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
             return f"{name}{v}: must be > 0"
         if check == "non_negative" and not v >= 0:
             return f"{name}{v}: must be >= 0"
+        if callable(check):
+            problem = check(v)
+            if problem:
+                return f"{name}{problem}"
         if isinstance(check, tuple):
             low, high, low_open, high_open = check
             if (low is not None and (v < low or (low_open and v == low))) or (
@@ -242,6 +284,19 @@ class JobOptions:
     early_stopping: int | None = option(None, group="train", check="positive", metavar="N", help=(
         "End a stage after N epochs without val improvement (the next stage still runs)."))
     seed: int = option(0, group="train", help="Seeds data order, init and dropout: runs repeat on CPU.")
+    ema: float | None = option(None, group="train", check=(0, 1, True, True), metavar="DECAY", help=(
+        "Keep an exponential moving average of the weights (timm's EMA with its warm-up: the decay used at update "
+        "n is min(DECAY, 1 - n^-2/3), so the average starts as the weights and slows towards DECAY, e.g. 0.999), "
+        "validated after every epoch; the run's model is the average when it beats the trained weights on val."))
+    swa_epochs: int = option(0, group="train", check="non_negative", metavar="N", help=(
+        "Stochastic weight averaging: average the weights of the last N epochs of the final stage, recompute the "
+        "BatchNorm statistics of the BN layers that train on the train data, validate; the run's model is the "
+        "average when it beats the trained weights on val. 0: off."))
+    regularize: str | None = option(None, group="train", check=regularize_problem, metavar="SPEC", help=(
+        "Regularised fine-tuning. l2sp:ALPHA[,BETA]: ALPHA/2 ||w - w0||^2 over the backbone's weights (w0: "
+        "their values when the run starts) plus BETA/2 ||w||^2 over the new head's (BETA default 0), e.g. "
+        "l2sp:0.01,0.01 (Li et al. 2018). bss:ETA[,K]: ETA x the sum of the K (default 1) smallest squared "
+        "singular values of each batch's pooled features, e.g. bss:0.001 (Chen et al. 2019)."))
     cache: str = option("auto", group="train", choices=CACHE_MODES, help=(
         "Boundary caching: compute the frozen layers' output once and train the layers above it on the cached "
         "tensors (head stage: pooled features; later stages: their freeze boundary). auto: whenever valid (no "

@@ -12,6 +12,8 @@ What a recipe changes without copying the loop:
   and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
   the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
 - callbacks see every step, stage and epoch (TensorBoard, the TFL_FAULT test hook).
+- averagers (tfl.training.averaging: --ema, --swa-epochs) update inside the train step, are validated after
+  every epoch and travel in every checkpoint.
 
 Every decision (best epoch, early stopping) is taken on all-reduced numbers, so all workers take it alike.
 With a CheckpointManager the trainer saves after every epoch and `resume` continues from a snapshot exactly:
@@ -38,6 +40,7 @@ import tensorflow as tf
 
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL
 from tfl.training import checkpoint, device, stopping
+from tfl.training.averaging import EpochContext
 from tfl.training.schedules import WarmupSchedule
 
 from tfl.options import OPTIMIZERS, JobOptions
@@ -325,7 +328,7 @@ class Trainer:
                  cfg: TrainConfig, log: Callable[[str], None] = print,
                  checkpoints: checkpoint.CheckpointManager | None = None, loss: Callable | None = None,
                  metrics: Callable | None = None, inputs: Callable = model_inputs,
-                 callbacks: list[Callback] | None = None, select: str = "val_accuracy"):
+                 callbacks: list[Callback] | None = None, select: str = "val_accuracy", averagers: list | None = None):
         self.strategy = strategy
         self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.model = model  # the canonical model: evaluated, saved, and where best weights live
@@ -338,6 +341,9 @@ class Trainer:
         self.inputs_fn = inputs
         self.callbacks = list(callbacks or []) + default_callbacks()
         self.select = select  # the run-wide best epoch, restored by restore_best()
+        # Weight averages (tfl.training.averaging: --ema, --swa-epochs), updated in the train step, validated after
+        # every epoch and kept in every checkpoint.
+        self.averagers = list(averagers or [])
         self.history: list[EpochResult] = []
         self.best_value: float | None = None
         self.best_weights = None
@@ -397,6 +403,8 @@ class Trainer:
                 group = variables[bounds[i]:bounds[i + 1]]
                 gradients = tape.gradient(scaled[i], group) if scaled else grads[bounds[i]:bounds[i + 1]]
                 opt.apply_gradients(list(zip(gradients, group)))
+            for averager in self.averagers:
+                averager.in_step()
             return self._sums(batch, outputs, per_example)
 
         return self._distributed(step)
@@ -569,6 +577,8 @@ class Trainer:
             self.stage_best.pop(stage, None)
             self._stage_best_weights = None
         self._resume_stage = self._resume_optimizers = None
+        for averager in self.averagers:
+            averager.begin_stage(stage, train_model, groups)
         train_step = self._train_step_fn(train_model, groups, optimizers, global_batch)
         n_params = sum(int(np.prod(v.shape)) for g in groups for v in g.variables)
         self.log(f"stage {stage}: {epochs} epoch(s), {steps_per_epoch} steps each, {n_params:,} trainable parameters, "
@@ -615,6 +625,10 @@ class Trainer:
                 totals = self._read_train(train_step, running, pending, done, where, step_lrs, progress)
             progress.close()
             val = self.evaluate_all(val_ds, "val", val_steps, eval_model)
+            averaging = self._averaging_context(stage, epoch, epochs, number, val_ds, val_steps, eval_model, train_ds,
+                                                train_model, steps_per_epoch, groups)
+            for averager in self.averagers:
+                val.update(averager.after_epoch(self, averaging))
             result = EpochResult(stage, number, _means(totals), val, lrs, time.time() - start, list(trainable or []))
             self.history.append(result)
             improved = better(self.select, result.metric(self.select), self.best_value)
@@ -642,12 +656,23 @@ class Trainer:
                 self._best_is_current = self.stage_best[stage]["epoch"] == self.best_epoch
                 self.log(f"stage {stage}: restored its best weights (epoch {self.stage_best[stage]['epoch']}, "
                          f"{policy.select} {self.stage_best[stage]['value']:.4f})")
+            if done:
+                for averager in self.averagers:
+                    result.val.update(averager.end_stage(self, averaging))
             if self.checkpoints:
                 self.checkpoints.save(self._snapshot(stage, epoch, since_best, done, groups, live))
             self._emit("on_epoch_end", result)
             if done:
                 break
         self._stage_best_weights = None
+
+    def _averaging_context(self, stage, epoch, epochs, number, val_ds, val_steps, eval_model, train_ds, train_model,
+                           steps_per_epoch, groups):
+        return EpochContext(
+            stage, epoch, epochs, number,
+            evaluate=lambda label: self.evaluate_all(val_ds, label, val_steps, eval_model),
+            train_batches=lambda: self._distribute(train_ds(number) if callable(train_ds) else train_ds),
+            train_model=train_model, steps=steps_per_epoch, groups=groups, inputs=self.inputs_fn)
 
     def _read_train(self, train_step, running, pending: list, i: int, where: tuple, step_lrs: dict, progress) -> dict:
         """Read the epoch's running totals back after its step `i`: stop for a SIGTERM on any worker or a loss that
@@ -761,6 +786,11 @@ class Trainer:
             "history": [dataclasses.asdict(r) for r in self.history],
             "variables": [[v.path, list(v.shape)] for v in self.model.variables],
         }
+        if self.averagers:
+            state["averaging"] = {}
+            for averager in self.averagers:
+                state["averaging"][averager.name], averaged = averager.state()
+                arrays.update({f"avg.{averager.name}.{name}": value for name, value in averaged.items()})
         if self.recipe_state is not None:
             recipe, recipe_arrays = self.recipe_state()
             state["recipe"] = recipe
@@ -789,6 +819,10 @@ class Trainer:
         if f"stagebest.{0:05d}" in arrays:
             self._stage_best_weights = [arrays[f"stagebest.{i:05d}"] for i in range(len(self.model.weights))]
         self.stage_best = state["stage_best"]
+        for averager in self.averagers:
+            prefix = f"avg.{averager.name}."
+            averager.load(state["averaging"][averager.name],
+                          {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.stopped_early = state["stopped_early"]
         self.global_step = state["global_step"]
         unfinished = set() if state["stage_done"] else {state["stage"]}
@@ -831,7 +865,9 @@ def history_rows(history: list[EpochResult]) -> list[dict]:
         if any(h.trainable for h in history):
             row["trainable"] = ";".join(r.trainable)
         rows.append(row)
-    return rows
+    # A metric of some epochs only (val_swa_*: the final stage's last) is blank in the others.
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k, "") for k in columns} for row in rows]
 
 
 def _as_dicts(dataset: tf.data.Dataset) -> tf.data.Dataset:
