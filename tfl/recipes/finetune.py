@@ -19,13 +19,13 @@ import dataclasses
 from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import BALANCE, TTA_MODES, TTA_NONE, UNFREEZE, option
+from tfl.options import BALANCE, TTA_MODES, TTA_NONE, UNFREEZE, AdapterOptions, option
 from tfl.recipes.advise import resolve_auto
 from tfl.recipes.stages import prepare_balanced, two_stage
 
 
 @dataclasses.dataclass
-class FinetuneOptions(JobOptions):
+class FinetuneOptions(JobOptions, AdapterOptions):
     unfreeze_mode: str = option("two_stage", choices=UNFREEZE, help=(
         "two_stage: the head, then everything above --freeze-up-to at once. gradual (ULMFiT): the head, then one "
         "more canonical stage from the top every --unfreeze-every epochs (or as --unfreeze-schedule says), never "
