@@ -109,13 +109,10 @@ def freeze_base(layer) -> None:
 def merged(model):
     """`model` with every adapter merged into its kernel, as a plain model (no adapter in its config or graph):
     what model.keras and the exports hold. A model without adapters is returned as it is."""
-    from tfl.trusted_layers import custom_objects
-
     if not any(has_adapter(layer) for layer in _leaves(model)):
         return model
-    config = _without_lora(model.get_config())
-    with keras.saving.custom_object_scope(custom_objects()):
-        plain = model.__class__.from_config(config)
+    # tfl's own layers in the config are registered by the modules that built the model (tfl.models).
+    plain = model.__class__.from_config(_without_lora(model.get_config()))
     # Keras writes a LoRA layer's merged kernel in the place of its kernel (save_own_variables), and nothing of
     # the adapter: the weights file of the adapted model is the plain model's.
     with tempfile.TemporaryDirectory(prefix="tfl-merge-") as folder:
