@@ -28,7 +28,7 @@ from tfl.errors import UsageError
 from tfl.options import ADAPTER_NONE, DEFAULT_LORA_RANK
 
 LORA = "lora"
-ADAPTERS_FILE = "adapters.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # tfl.job.ADAPTERS_FILE too
 MANIFEST = "adapters.json"
 METADATA_KEY = "tfl_adapters"  # in the safetensors header: the manifest, as JSON
 LORA_VARIABLES = ("lora_kernel_a", "lora_kernel_b")

@@ -39,6 +39,7 @@ from tfl.training import checkpoint, rundir, strategy as strategies
 # None of them imports tfl.job, so these are not hidden cycles (tests/test_layering.py checks).
 
 RESTORE_REPORT = "restore_report.json"
+ADAPTERS_FILE = "adapters.safetensors"  # --save-adapters-only (tfl.adapters.ADAPTERS_FILE, which imports Keras)
 AUTO = "auto"  # --freeze-up-to auto: the command's DepthResolver chooses the depth
 ADVICE = "advice.json"  # --freeze-up-to auto: what the resolver measured and chose
 CURVES = "curves.png"
@@ -457,7 +458,8 @@ class Job:
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
         if message:
-            self.log(f"{message}; saved {run.file(rundir.MODEL)}")
+            adapters_only = getattr(self.opts, "save_adapters_only", False)
+            self.log(f"{message}; saved {run.file(ADAPTERS_FILE if adapters_only else rundir.MODEL)}")
         metrics["run_dir"] = run.path
         for finisher in self.finishers if not self.scratch else ():  # the chief's, like the export below
             metrics.update(finisher(self) or {})
