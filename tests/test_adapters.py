@@ -103,12 +103,12 @@ def lora_run(data, tmp_path_factory):
 def test_adapter_file_round_trips_with_init_from_and_the_base_stays(lora_run, data):
     out, metrics = lora_run
     assert not (out / rundir.MODEL).exists()
-    manifest = json.loads((out / adapters.MANIFEST).read_text())
+    manifest = json.loads((out / rundir.ADAPTERS_MANIFEST).read_text())
     assert manifest["rank"] == RANK and manifest["alpha"] == ALPHA and sorted(manifest["layers"]) == sorted(ADAPTED)
     assert manifest["params"] == sum(RANK * (kh * kw * cin + cout) for kh, kw, cin, cout in ADAPTED.values()) + 256 * 2 + 2
     # A new run's model from the file, through --init-from as `tfl finetune` reads it.
     opts = FinetuneOptions(**TINY, dataset=data, adapter="lora", lora_rank=RANK, lora_alpha=ALPHA,
-                           init_from=str(out / adapters.ADAPTERS_FILE))
+                           init_from=str(out / rundir.ADAPTERS))
     job = Job.setup(opts, lambda *_: None, make_strategy("default"))
     assert job.restored.values_loaded == manifest["params"]
     # Same outputs: its test loss is the first run's (the test split's 8 images, float32).

@@ -9,7 +9,7 @@ plan (tfl.freezing) reads which layers carry an adapter from the model, so every
 Keras' `trainable` setter resets every variable of a layer to the layer's flag, so `freeze_base` runs after every
 change of flags (tfl.freezing.training_graph). Keras saves a LoRA layer's merged kernel (its `save_own_variables`
 merges), but its config keeps `lora_rank`; `merged` builds the plain model (no adapters in config or graph) that
-model.keras and the exports are made from. `save_adapters` writes only what training changed.
+model.keras and the exports are made from. `adapter_file` holds only what training changed.
 
 Depthwise kernels get no adapter: Keras has none for them, and a 3x3 depthwise kernel has 9 weights per channel,
 fewer than any rank-R update of it.
@@ -28,8 +28,6 @@ from tfl.errors import UsageError
 from tfl.options import ADAPTER_NONE, DEFAULT_LORA_RANK
 
 LORA = "lora"
-ADAPTERS_FILE = "adapters.safetensors"  # tfl.job.ADAPTERS_FILE too
-MANIFEST = "adapters.json"
 METADATA_KEY = "tfl_adapters"  # in the safetensors header: the manifest, as JSON
 LORA_VARIABLES = ("lora_kernel_a", "lora_kernel_b")
 
@@ -154,19 +152,15 @@ def trained_weights(model, plan) -> dict:
     return chosen
 
 
-def save_adapters(run_dir, model, plan, manifest: dict) -> tuple[str, dict]:
-    """Write ADAPTERS_FILE (the trained weights, float32) and MANIFEST into the run directory; returns the file's
-    path and the manifest written."""
+def adapter_file(model, plan, manifest: dict) -> tuple[bytes, dict]:
+    """The bytes of an adapter-only safetensors file (the trained weights, float32, the manifest in its header)
+    and the manifest with the tensors' shapes and count; the run directory names it (tfl.training.rundir)."""
     from tfl.checkpoints.safetensors_file import encode_safetensors
-    from tfl.durable import atomic_write
 
     tensors = {name: np.asarray(v.numpy(), dtype=np.float32) for name, v in trained_weights(model, plan).items()}
     manifest = {**manifest, "tensors": {name: list(t.shape) for name, t in tensors.items()},
                 "params": int(sum(t.size for t in tensors.values()))}
-    path = run_dir.file(ADAPTERS_FILE)
-    atomic_write(path, encode_safetensors(tensors, {METADATA_KEY: json.dumps(manifest, sort_keys=True)}))
-    run_dir.write_json(MANIFEST, manifest)
-    return path, manifest
+    return encode_safetensors(tensors, {METADATA_KEY: json.dumps(manifest, sort_keys=True)}), manifest
 
 
 def read_manifest(path: str) -> dict | None:

@@ -39,7 +39,6 @@ from tfl.training import checkpoint, rundir, strategy as strategies
 # None of them imports tfl.job, so these are not hidden cycles (tests/test_layering.py checks).
 
 RESTORE_REPORT = "restore_report.json"
-ADAPTERS_FILE = "adapters.safetensors"  # --save-adapters-only (tfl.adapters.ADAPTERS_FILE, which imports Keras)
 AUTO = "auto"  # --freeze-up-to auto: the command's DepthResolver chooses the depth
 ADVICE = "advice.json"  # --freeze-up-to auto: what the resolver measured and chose
 CURVES = "curves.png"
@@ -459,7 +458,7 @@ class Job:
         trainer.finish()
         if message:
             adapters_only = getattr(self.opts, "save_adapters_only", False)
-            self.log(f"{message}; saved {run.file(ADAPTERS_FILE if adapters_only else rundir.MODEL)}")
+            self.log(f"{message}; saved {run.file(rundir.ADAPTERS if adapters_only else rundir.MODEL)}")
         metrics["run_dir"] = run.path
         for finisher in self.finishers if not self.scratch else ():  # the chief's, like the export below
             metrics.update(finisher(self) or {})
@@ -479,7 +478,10 @@ class Job:
                     "freeze_up_to": opts.freeze_up_to, "train_bn": opts.train_bn, "image_size": self.image_size,
                     "classes": self.class_names,
                     "layers": [layer.name for layer in self.plan.layers if layer.adapter and not layer.frozen]}
-        path, manifest = adapters.save_adapters(self.run_dir, self.model, self.plan, manifest)
+        data, manifest = adapters.adapter_file(self.model, self.plan, manifest)
+        path = self.run_dir.file(rundir.ADAPTERS)
+        rundir.atomic_write(path, data)
+        self.run_dir.write_json(rundir.ADAPTERS_MANIFEST, manifest)
         self.log(f"saved {path}: {manifest['params']:,} trained weights in {len(manifest['tensors'])} tensors "
                  f"(no {rundir.MODEL}: --save-adapters-only)")
 
