@@ -221,9 +221,8 @@ class Job:
         if hasattr(opts, "adapter"):  # a command whose options mix in AdapterOptions
             adapters.check_options(opts)
         if getattr(opts, "save_adapters_only", False) and opts.export:
-            raise UsageError("--save-adapters-only writes no model.keras, which --export exports; drop one (a later "
-                             "run with --init-from <run>/adapters.safetensors --head-epochs 0 --epochs 0 --export "
-                             "exports the merged model)")
+            raise UsageError("--save-adapters-only writes no model.keras, which --export exports: drop one (without "
+                             "--save-adapters-only the run saves and exports the model with its adapters merged)")
         adapters.check_init_from(opts.init_from, opts)
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
         keras.utils.set_random_seed(opts.seed)
