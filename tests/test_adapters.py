@@ -140,6 +140,7 @@ def test_adapter_file_round_trips_with_init_from_and_the_base_stays(lora_run, da
     (["--adapter", "lora", "--lora-rank", "0"], "--lora-rank"),
     (["--lora-rank", "4"], "without --adapter lora"),
     (["--adapter", "lora", "--freeze-up-to", "head"], "no Dense, EinsumDense or Conv layer"),
+    (["--adapter", "lora", "--save-adapters-only", "--export"], "--save-adapters-only writes no model.keras"),
 ])
 def test_usage_errors_exit_2(args, message, data, tmp_path):
     from tfl.cli import cli
@@ -150,3 +151,13 @@ def test_usage_errors_exit_2(args, message, data, tmp_path):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not os.path.exists(tmp_path / "run" / rundir.MODEL)
+
+
+def test_an_adapter_file_needs_its_adapter_options(lora_run, data, tmp_path):
+    from tfl.cli import cli
+
+    out, _ = lora_run
+    result = CliRunner().invoke(cli, ["finetune", "--dataset", data, "--backbone", "compact_cnn", "--weights", "none",
+                                      "--init-from", str(out / rundir.ADAPTERS), "--output-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert f"--adapter lora --lora-rank {RANK} --lora-alpha {ALPHA:g}" in result.output
