@@ -135,9 +135,10 @@ def _without_lora(config):
 
 
 # -- adapter-only files ---------------------------------------------------------------------------------------------
-def trained_weights(model, plan) -> dict:
+def trained_weights(model, plan, train_bn: bool = False) -> dict:
     """{canonical weight name: variable} of what `plan` trains: the adapters of its LoRA layers and every weight of
-    the layers it trains fully (the head, batch norm with --train-bn), named as --init-from restores them."""
+    the layers it trains fully (the head; batch norm above the boundary with `train_bn`, statistics too), named as
+    --init-from restores them."""
     from tfl.checkpoints.restore import model_targets
 
     by_name = {l.name: l for l in plan.layers}
@@ -145,31 +146,34 @@ def trained_weights(model, plan) -> dict:
     chosen = {}
     for layer in _leaves(model):
         entry = by_name.get(layer.name)
-        if entry is None or entry.frozen or entry.base_frozen and not has_adapter(layer):
+        if entry is None or entry.frozen:
+            continue
+        if entry.base_frozen and not has_adapter(layer) and not (entry.is_batch_norm and train_bn):
             continue
         for variable in adapter_weights(layer) if has_adapter(layer) else layer.weights:
             chosen[names[id(variable)]] = variable
     return chosen
 
 
-def adapter_file(model, plan, manifest: dict) -> tuple[bytes, dict]:
+def adapter_file(model, plan, manifest: dict, train_bn: bool = False) -> tuple[bytes, dict]:
     """The bytes of an adapter-only safetensors file (the trained weights, float32, the manifest in its header)
     and the manifest with the tensors' shapes and count; the run directory names it (tfl.training.rundir)."""
     from tfl.checkpoints.safetensors_file import encode_safetensors
 
-    tensors = {name: np.asarray(v.numpy(), dtype=np.float32) for name, v in trained_weights(model, plan).items()}
+    tensors = {name: np.asarray(v.numpy(), dtype=np.float32)
+               for name, v in trained_weights(model, plan, train_bn).items()}
     manifest = {**manifest, "tensors": {name: list(t.shape) for name, t in tensors.items()},
                 "params": int(sum(t.size for t in tensors.values()))}
     return encode_safetensors(tensors, {METADATA_KEY: json.dumps(manifest, sort_keys=True)}), manifest
 
 
 def read_manifest(path: str) -> dict | None:
-    """The manifest of an adapter file written by save_adapters; None for any other file."""
+    """The manifest of an adapter file (adapter_file); None for any other file, readable or not."""
     from tfl.checkpoints.safetensors_file import read_metadata
 
     try:
         text = read_metadata(path).get(METADATA_KEY)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # CheckpointError is a ValueError: not a safetensors file
         return None
     return json.loads(text) if text else None
 

@@ -477,7 +477,7 @@ class Job:
                     "freeze_up_to": opts.freeze_up_to, "train_bn": opts.train_bn, "image_size": self.image_size,
                     "classes": self.class_names,
                     "layers": [layer.name for layer in self.plan.layers if layer.adapter and not layer.frozen]}
-        data, manifest = adapters.adapter_file(self.model, self.plan, manifest)
+        data, manifest = adapters.adapter_file(self.model, self.plan, manifest, opts.train_bn)
         path = self.run_dir.file(rundir.ADAPTERS)
         rundir.atomic_write(path, data)
         self.run_dir.write_json(rundir.ADAPTERS_MANIFEST, manifest)
