@@ -161,3 +161,14 @@ def test_an_adapter_file_needs_its_adapter_options(lora_run, data, tmp_path):
                                       "--init-from", str(out / rundir.ADAPTERS), "--output-dir", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert f"--adapter lora --lora-rank {RANK} --lora-alpha {ALPHA:g}" in result.output
+
+
+def test_adapter_file_holds_what_trains_and_batch_norm_only_with_train_bn():
+    spec, model, _ = adapted_classifier()
+    plan = freezing.make_plan(spec, model, "block2")
+    kept = set(adapters.trained_weights(model, plan))
+    adapter_names = {f"{name}/lora_kernel_{ab}" for name in ADAPTED for ab in "ab"}
+    assert kept == adapter_names | {"logits/kernel", "logits/bias"}
+    with_bn = set(adapters.trained_weights(model, plan, train_bn=True))
+    assert with_bn - kept == {f"{bn}/{w}" for bn in ("block3a_bn", "top_bn")
+                              for w in ("gamma", "beta", "moving_mean", "moving_variance")}
