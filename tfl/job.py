@@ -28,8 +28,8 @@ from tfl import data
 from tfl.version import __version__
 from tfl.backbones import registry
 from tfl.errors import UsageError
-from tfl.options import (BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS,  # noqa: F401
-                         JobOptions)
+from tfl.options import (ADAPTER_NONE, BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET,  # noqa: F401
+                         PRECISIONS, JobOptions)
 from tfl.reporting.figures import write_curves
 from tfl.training import checkpoint, rundir, strategy as strategies
 
@@ -219,7 +219,7 @@ class Job:
         passes tfl.recipes.advise.resolve_auto); without it `auto` is refused."""
         import keras
 
-        from tfl import freezing, models, reuse  # Keras (see the top)
+        from tfl import adapters, freezing, models, reuse  # Keras (see the top)
 
         spec = registry.get(opts.backbone)
         # The one place --freeze-up-to is resolved ("default" -> the backbone's stage, "none" -> None; auto below):
@@ -232,6 +232,12 @@ class Job:
             raise UsageError("--freeze-up-to auto: this command cannot choose the depth (`tfl finetune` can, by "
                              "running `tfl advise`); give a stage of `tfl inspect`, or run `tfl advise` first and "
                              "pass the depth it recommends")
+        if hasattr(opts, "adapter"):  # a command whose options mix in AdapterOptions
+            adapters.check_options(opts)
+        if getattr(opts, "save_adapters_only", False) and opts.export:
+            raise UsageError("--save-adapters-only writes no model.keras, which --export exports: drop one (without "
+                             "--save-adapters-only the run saves and exports the model with its adapters merged)")
+        adapters.check_init_from(opts.init_from, opts)
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
         keras.utils.set_random_seed(opts.seed)
         opts = resolve_step_options(opts, strategy)
@@ -260,9 +266,15 @@ class Job:
             outputs = len(targets) if targets is not None else len(splits.class_names)
             model = models.build_classifier(opts.backbone, outputs, image_size, opts.weights,
                                             opts.head_hidden, opts.dropout, choice.precision)
+        plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
+        if getattr(opts, "adapter", ADAPTER_NONE) != ADAPTER_NONE:  # before --init-from, which may hold adapters
+            with strategy.scope():
+                adapted = adapters.add_lora(model, plan, opts.lora_rank, opts.lora_alpha)
+            plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
+            log(f"adapter: LoRA rank {opts.lora_rank} (alpha {opts.lora_alpha or opts.lora_rank:g}) on {len(adapted)} "
+                f"layers above {opts.freeze_up_to}: {plan.trainable_params:,} trained parameters with the head")
         restored = reuse.restore_classifier(model, spec, init, opts.reuse, opts.reuse_exclude, opts.rename,
                                               log) if init else None
-        plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
         with strategy.scope():
             # Fail on a plan the freeze mode cannot apply now, not after an earlier stage has trained.
             freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
@@ -454,9 +466,13 @@ class Job:
             trainer.restore_best()
             if trainer.averagers:  # --ema / --swa-epochs: the best of the trained and the averaged weights
                 averaged = averaging.choose(trainer, self.log)
-        if save:  # before the last pass over the data: a file that fails it must not cost what training produced
+        if save and getattr(self.opts, "save_adapters_only", False):
+            self._save_adapters()
+        elif save:  # before the last pass over the data: a file that fails it must not cost what training produced
+            from tfl import adapters  # Keras (see the top)
+
             self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
-            run.save_model(self.model)
+            run.save_model(adapters.merged(self.model))  # LoRA adapters merged into their kernels
             if run.forget_calibration():  # its temperature was fitted to the model just replaced
                 self.log(f"removed {run.file(rundir.CALIBRATION)}: it belonged to the model this run replaced; run "
                          f"`tfl calibrate --run {run.path}` to fit the new one")
@@ -469,7 +485,8 @@ class Job:
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
         if message:
-            self.log(f"{message}; saved {run.file(rundir.MODEL)}")
+            adapters_only = getattr(self.opts, "save_adapters_only", False)
+            self.log(f"{message}; saved {run.file(rundir.ADAPTERS if adapters_only else rundir.MODEL)}")
         metrics["run_dir"] = run.path
         for finisher in self.finishers if not self.scratch else ():  # the chief's, like the export below
             metrics.update(finisher(self) or {})
@@ -478,6 +495,23 @@ class Job:
 
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics
+
+    def _save_adapters(self) -> None:
+        """--save-adapters-only: adapters.safetensors and adapters.json instead of model.keras."""
+        from tfl import adapters, models  # Keras (see the top)
+
+        opts = self.opts
+        manifest = {"adapter": opts.adapter, "rank": opts.lora_rank, "alpha": opts.lora_alpha or opts.lora_rank,
+                    "backbone": opts.backbone, "weights": models.resolve_weights(self.spec, opts.weights),
+                    "freeze_up_to": opts.freeze_up_to, "train_bn": opts.train_bn, "image_size": self.image_size,
+                    "classes": self.class_names,
+                    "layers": [layer.name for layer in self.plan.layers if layer.adapter and not layer.frozen]}
+        data, manifest = adapters.adapter_file(self.model, self.plan, manifest, opts.train_bn)
+        path = self.run_dir.file(rundir.ADAPTERS)
+        rundir.atomic_write(path, data)
+        self.run_dir.write_json(rundir.ADAPTERS_MANIFEST, manifest)
+        self.log(f"saved {path}: {manifest['params']:,} trained weights in {len(manifest['tensors'])} tensors "
+                 f"(no {rundir.MODEL}: --save-adapters-only)")
 
     @contextlib.contextmanager
     def naming_changed_files(self, splits, what: str, saved: bool = False):

@@ -80,6 +80,10 @@ def regularize_problem(text: str) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+# --adapter lora (tfl.adapters)
+ADAPTER_NONE = "none"
+ADAPTERS = (ADAPTER_NONE, "lora")
+DEFAULT_LORA_RANK = 8
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -371,6 +375,28 @@ class JobOptions:
         "Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next version>/, as "
         "`tfl export --run` does with its defaults."))
 
+
+@dataclasses.dataclass
+class AdapterOptions:
+    """Low-rank adapters instead of full fine-tuning, for a command that fine-tunes (tfl.adapters): mixed into its
+    options class, e.g. `class FinetuneOptions(JobOptions, AdapterOptions)`."""
+
+    adapter: str = option(ADAPTER_NONE, group="model", choices=ADAPTERS, help=(
+        "lora: instead of training the backbone layers above --freeze-up-to, add a trainable low-rank update "
+        "B.A to every Dense, EinsumDense and Conv kernel there (their own weights, and every other backbone "
+        "layer, stay frozen; the new head trains fully; batch norm as --train-bn says). model.keras and every "
+        "export get the merged kernels, so serving needs nothing new."))
+    lora_rank: int = option(DEFAULT_LORA_RANK, group="model", check="positive", metavar="R",
+                            help="With --adapter lora: the rank of each update (its A is fan-in x R, B is R x out).")
+    lora_alpha: float | None = option(None, group="model", check="positive", metavar="A", help=(
+        "With --adapter lora: the update is scaled by A / R.  [default: R, a scale of 1]"))
+    save_adapters_only: bool = option(False, group="run", help=(
+        "With --adapter lora: write adapters.safetensors (the adapters and the head: what training changed) and "
+        "adapters.json instead of model.keras. `--init-from <run>/adapters.safetensors` with the same backbone, "
+        "weights and --adapter options loads them into a new run."))
+
+
+ADAPTER_OPTIONS = tuple(f.name for f in dataclasses.fields(AdapterOptions))
 
 SWEEP_RUN = ("strategy", "worker_hosts", "task_index", "scale_lr", "resume", "overwrite", "export")
 """What a command that trains many runs in one process does not take: multi-worker (--devices only) and the
