@@ -36,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.pipeline import FEATURES, IMAGE, LABEL
+from tfl.data.pipeline import FEATURES, IMAGE, LABEL, TARGET
 from tfl.training import checkpoint, stopping
 from tfl.training.schedules import WarmupSchedule
 
@@ -181,16 +181,20 @@ def model_inputs(batch: dict):
     return batch[FEATURES] if FEATURES in batch else batch[IMAGE]
 
 
+def targets(batch: dict, num_classes: int):
+    """The label rows a loss trains on: a mixed batch's soft TARGET (tfl.data.mixing), else onehot(LABEL)."""
+    return batch[TARGET] if TARGET in batch else tf.one_hot(batch[LABEL], num_classes)
+
+
 class CrossEntropy:
-    """The default loss hook: softmax cross-entropy of logits against batch[LABEL], with label smoothing and
-    an optional batch["sample_weight"]."""
+    """The default loss hook: softmax cross-entropy of logits against batch[LABEL] (or a mixed batch's soft
+    batch[TARGET]), with label smoothing and an optional batch["sample_weight"]."""
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def __call__(self, batch: dict, logits):
-        onehot = tf.one_hot(batch[LABEL], self.num_classes)
-        loss = keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
+        loss = keras.losses.categorical_crossentropy(targets(batch, self.num_classes), logits, from_logits=True,
                                                      label_smoothing=self.label_smoothing)
         return loss * tf.cast(batch["sample_weight"], loss.dtype) if "sample_weight" in batch else loss
 
