@@ -173,8 +173,10 @@ class StageInputs:
                 raise UsageError(f"--cache on cannot be used with {flags}: pixel augmentation changes the images "
                                  "before the freeze boundary every epoch, so there is nothing fixed to cache; use "
                                  "--cache auto (recomputes) or drop " + flags)
+            pinned = " (--mixup-on auto would mix the cached activations instead)" if len(pixels) == 1 and \
+                self.policy.mixup and self.policy.mixup_on == "pixels" else ""
             self.log(f"cache: not used, {flags} change{'s' if len(pixels) == 1 else ''} the images before the "
-                     "freeze boundary every epoch (--mixup alone would mix the cached activations instead)")
+                     f"freeze boundary every epoch{pinned}")
             return
         reasons, pending = {}, 0
         for i, (name, plan, _) in enumerate(active):
