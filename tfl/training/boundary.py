@@ -80,7 +80,8 @@ def for_job(job, stages, extra: dict | None = None) -> StageInputs:
         {"train": job.n_train, "val": splits.num_examples["val"]},
         {"train": data_identity(splits.fingerprint, "train", subset), "val": data_identity(splits.fingerprint, "val")},
         job.image_size, job.batch, opts.seed, Policy.from_options(opts, len(job.class_names)), opts.cache,
-        opts.cache_budget, opts.cache_dir, opts.jit, job.log, extra=extra, decoded=opts.decoded_images, disk_limit=opts.cache_disk_limit)
+        opts.cache_budget, opts.cache_dir, opts.jit, job.log, extra=extra, decoded=opts.decoded_images,
+        disk_limit=opts.cache_disk_limit)
     inputs.plan([(s.name, s.plan, s.epochs) for s in stages])
     return inputs
 
