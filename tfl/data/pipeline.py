@@ -13,7 +13,8 @@ boundary activations of tfl.training.boundary, a recipe's teacher logits or task
 the batches the images would.
 
 Batches are dicts: IMAGE (float32 [B, S, S, 3], 0..255) or FEATURES (cached activations), LABEL (int32 [B]),
-plus any column a recipe adds (`gather_batches(..., columns)`), so the trainer's loss hook sees them all.
+TARGET (soft labels [B, classes]) when the batch was mixed (tfl.data.augment.Policy), plus any column a recipe adds
+(`gather_batches(..., columns)`), so the trainer's loss hook sees them all.
 """
 
 from __future__ import annotations

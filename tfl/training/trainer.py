@@ -7,7 +7,8 @@ with its own learning-rate schedule), metrics summed across all replicas of all 
 What a recipe changes without copying the loop:
 - batches are dicts (tfl.data.pipeline: IMAGE or FEATURES, LABEL, plus any column the recipe adds);
 - `loss(batch, outputs) -> per-example loss [B]` and `metrics(batch, outputs) -> {name: per-example value}`
-  are hooks (default: cross-entropy with label smoothing on LABEL, and accuracy); the model may output a dict;
+  are hooks (default: cross-entropy with label smoothing on LABEL, or on a mixed batch's soft TARGET, and
+  accuracy); the model may output a dict;
 - each stage (`Stage`) says which metric selects its best weights, whether they are restored when it ends,
   and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
   the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
