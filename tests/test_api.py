@@ -109,3 +109,15 @@ def test_option_facts_are_checked_in_one_place_for_every_command():
 def test_weight_averaging_commands_are_functions_of_tfl():
     assert {"wise_ft", "soup"} <= set(tfl.__all__)
     assert tfl.wise_ft.__module__ == tfl.soup.__module__ == "tfl.api"
+
+
+def test_lr_find_is_a_function_of_tfl_with_its_options_class():
+    assert "lr_find" in tfl.__all__ and "LrFindOptions" in tfl.__all__
+    assert tfl.lr_find.__module__ == "tfl.api"
+    assert tfl.LrFindOptions().stage == "head"
+    with pytest.raises(tfl.UsageError, match="--steps 5: give at least 10"):
+        tfl.lr_find(steps=5)
+    with pytest.raises(tfl.UsageError, match="takes no option 'epochs'"):
+        tfl.lr_find(epochs=3)
+    with pytest.raises(tfl.UsageError, match="--lr 'fast' is not a number or find"):
+        tfl.finetune(lr="fast")

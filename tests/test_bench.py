@@ -109,3 +109,16 @@ def test_flop_count_matches_resnet50s_published_figure():
 def test_unknown_case_is_a_value_error():
     with pytest.raises(ValueError, match="unknown bench case.*head_only"):
         bench.run_bench(TINY, cases=("everything",))
+
+
+# The input_pipeline case's report is checked on the tiny run scripts/gpu_check.sh --cpu makes
+# (tests/test_gpu_check.py), so that the suite pays for one such run, not two.
+
+def test_jpeg_folder_sides_come_from_the_range(tmp_path):
+    from PIL import Image
+
+    paths, source = bench.write_jpeg_folder(str(tmp_path), 6, (40, 48), seed=1)
+    assert len(paths) == 6 and source
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and all(40 <= side <= 48 for side in image.size)

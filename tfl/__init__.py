@@ -12,7 +12,7 @@ is light: TensorFlow loads when a function first needs it.
 from tfl.version import __version__  # noqa: F401
 
 from tfl.api import (Result, advise, calibrate, compare, dann, distill, evaluate, export, fewshot,  # noqa: E402
-                     finetune, forgetting, load_model, multitask, predict, pretext, restore, self_train,
+                     finetune, forgetting, load_model, lr_find, multitask, predict, pretext, restore, self_train,
                      set_progress, soup, wise_ft)
 from tfl.errors import Unavailable, UsageError  # noqa: E402
 
@@ -22,11 +22,11 @@ _OPTIONS = {"JobOptions": "tfl.options", "FinetuneOptions": "tfl.recipes.finetun
             "DistillOptions": "tfl.recipes.distill", "ForgettingOptions": "tfl.recipes.forgetting",
             "PretextOptions": "tfl.recipes.pretext", "SelfTrainOptions": "tfl.recipes.self_training",
             "FewShotOptions": "tfl.recipes.fewshot", "DannOptions": "tfl.recipes.dann",
-            "MultitaskOptions": "tfl.recipes.multitask"}
+            "MultitaskOptions": "tfl.recipes.multitask", "LrFindOptions": "tfl.recipes.lr_find"}
 
 __all__ = ["Result", "Unavailable", "UsageError", "advise", "calibrate", "compare", "dann", "distill", "evaluate",
-           "export", "fewshot", "finetune", "forgetting", "load_model", "multitask", "predict", "pretext", "restore",
-           "self_train", "set_progress", "soup", "wise_ft", *_OPTIONS]
+           "export", "fewshot", "finetune", "forgetting", "load_model", "lr_find", "multitask", "predict", "pretext",
+           "restore", "self_train", "set_progress", "soup", "wise_ft", *_OPTIONS]
 
 
 def __getattr__(name):

@@ -155,6 +155,20 @@ COMMANDS = {c.name: c for c in (
         target test accuracy, the domain classifier's val accuracy) and dann.png; prints the table.
         """),
     Command(
+        "lr-find", "tfl.recipes.lr_find:LrFindOptions", "tfl.recipes.lr_find:lr_find",
+        prefix="lr-find", table="tfl.recipes.lr_find:format_table", resumes=False,
+        short_help="A learning-rate range test: the rate to give finetune's --lr or --backbone-lr.",
+        help="""A learning-rate range test over the stage of `tfl finetune` about to train; suggests its rate.
+
+        For --steps steps (default 100) the stage's rate grows exponentially from --start-lr to --end-lr, on the
+        cached boundary features when the stage allows (seconds for the head stage); the smoothed training loss is
+        recorded and the test stops once it diverges. The suggestion is fastai's valley rule: about halfway down the
+        longest descent of the smoothed loss. --stage head suggests --lr, --stage finetune --backbone-lr. The model's
+        weights are put back afterwards (`tfl finetune --lr find` runs the same test first). Writes lr_find.json
+        (the curve and the suggestion), lr_find.csv and lr_find.png (loss against the rate, the suggestion
+        marked); prints the table.
+        """),
+    Command(
         "multitask", "tfl.recipes.multitask:MultitaskOptions", "tfl.recipes.multitask:multitask",
         prefix="multitask", table="tfl.recipes.multitask:format_table", resumes=True,
         short_help="Multi-task learning: hard vs soft parameter sharing vs single-task.",
@@ -296,6 +310,12 @@ def fewshot(options=None, **kwargs) -> Result:
 def dann(options=None, **kwargs) -> Result:
     """Domain adaptation: DANN (gradient reversal) vs source-only (`tfl dann`)."""
     return run("dann", options, **kwargs)
+
+
+def lr_find(options=None, **kwargs) -> Result:
+    """A learning-rate range test over finetune's head (stage="head") or finetune stage (`tfl lr-find`); metrics is
+    lr_find.json: {"suggestion", "flag", "curve": [{"step", "lr", "loss", "smoothed_loss"}], ...}."""
+    return run("lr-find", options, **kwargs)
 
 
 def multitask(options=None, **kwargs) -> Result:

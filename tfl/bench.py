@@ -19,6 +19,10 @@ measured matmul rate of the case's own precision (float32, or bfloat16 for the *
 `fraction_of_peak` is that limit over tfl's time (for fine-tuning it leaves out the backward pass, so it
 understates how close tfl is).
 
+The input_pipeline case stands apart: no model, a generated folder of JPEGs read at 224 px by tf.data's bare
+decoder and by tfl's training pipeline (streamed and kept, with and without augmentation), in images per second
+per core (per CPU second of this process), so that its ratios hold on a machine others share.
+
 A shared machine makes every number a measure of the load: each case records the load average before and after
 and the share of the CPU other processes took while it ran (from /proc/stat, less this process's own CPU time);
 above BUSY_SHARE the case is marked busy and a warning says so. Compare ratios from one run on an idle machine.
@@ -62,6 +66,12 @@ class BenchConfig:
     resnet_images: int = 256
     matmul_size: int = 2048
     serving_images: int = 256  # JPEGs through the exported SavedModel (and Keras predict), at batch 1 and 64
+    # input_pipeline: a generated folder of JPEGs (sides drawn from source_sides) read at pipeline_size
+    pipeline_images: int = 1024
+    pipeline_size: int = 224
+    source_sides: tuple[int, int] = (256, 500)
+    pipeline_rounds: int = 2  # every variant timed this many times, interleaved; the best round is reported
+    gpu_images_per_second: int = 2500  # a GPU step rate to feed (an A100 on ResNet50 in mixed precision)
     seed: int = 0
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
@@ -69,7 +79,7 @@ class BenchConfig:
 
 FULL = BenchConfig()
 QUICK = BenchConfig(image_size=64, train=1024, val=256, test=512, head_epochs=3, finetune_epochs=2,
-                    resnet_size=128, resnet_images=64, matmul_size=1024, serving_images=128)
+                    resnet_size=128, resnet_images=64, matmul_size=1024, serving_images=128, pipeline_images=256)
 
 
 def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> dict:
@@ -80,7 +90,10 @@ def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> di
         raise UsageError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()  # as tfl finetune runs: cached and uncached runs then agree
+    from tfl.training import device
+
+    # As tfl finetune runs by default on this device: on a CPU, op determinism makes cached and uncached runs agree.
+    device.set_op_determinism(device.resolve_deterministic(None, device.device_kind(tf.distribute.get_strategy())))
     peaks = {p: matmul_flops(cfg.matmul_size, p) for p in ("float32", "bfloat16")}
     log(f"bench: matmul {peaks['float32'] / 1e9:.1f} GFLOP/s float32, {peaks['bfloat16'] / 1e9:.1f} bfloat16, on "
         f"{os.cpu_count()} core(s)")
@@ -98,6 +111,8 @@ def run_bench(cfg: BenchConfig = FULL, cases=CASES, log: Callable = print) -> di
                                             cfg.freeze_up_to, case_cache, log)
                 elif case == "serving":
                     result = _serving_case(cfg, data, log)
+                elif case == "input_pipeline":
+                    result = _input_pipeline_case(cfg, case_cache, log)
                 else:
                     result = _resnet_case(cfg, peaks, "bfloat16" if case.endswith("_bf16") else "float32", log)
             result["load"] = watch.report()
@@ -480,6 +495,161 @@ def _serving_case(cfg: BenchConfig, data, log) -> dict:
     return result
 
 
+# -- the input pipeline on a JPEG folder -------------------------------------------------------------------------------
+PIPELINE_VARIANTS = ("bare_decoder", "bare_decoder_antialias", "tfl_streamed", "tfl_streamed_augment", "tfl_kept",
+                     "tfl_kept_augment")
+STREAMED_GOAL = 0.8  # tfl's streamed pipeline, images per core-second, as a fraction of the bare decoder's
+
+
+def _input_pipeline_case(cfg: BenchConfig, work_dir: str, log) -> dict:
+    """Images per second per core reading a generated JPEG folder at cfg.pipeline_size: tf.data's bare
+    decode_jpeg + resize (parallel map, AUTOTUNE), the same with the antialiased resize tfl uses (the bare decoder
+    at tfl's image quality), then tfl's training pipeline in the seeded training order, streamed from the files
+    (StreamedImages) and kept (an ImageStore decoded once), each with and without --augment.
+
+    Per core is images over the CPU seconds this process spent while draining the pipeline (every thread), so it
+    does not depend on how many cores the machine has or how many of them others took; the wall rate is reported
+    beside it. Every variant runs cfg.pipeline_rounds times, interleaved, and its best round counts."""
+    import numpy as np
+
+    from tfl.data.decode import decode_files, image_files
+    from tfl.data.pipeline import ImageStore, StreamedImages, index_order
+
+    start = time.perf_counter()
+    paths, source = write_jpeg_folder(os.path.join(work_dir, "jpegs"), cfg.pipeline_images, cfg.source_sides,
+                                      cfg.seed)
+    n, size = len(paths), cfg.pipeline_size
+    jpeg_bytes = sum(os.path.getsize(p) for p in paths)
+    log(f"input_pipeline: {n} JPEGs ({jpeg_bytes / 2**20:.1f} MB, {source}) written in "
+        f"{time.perf_counter() - start:.1f}s")
+    decoded = lambda: decode_files(paths, np.zeros(n, np.int64), np.zeros(n, bool))  # noqa: E731
+    streamed = StreamedImages(image_files(decoded()), size)
+    with _Clock() as keep_clock:
+        kept = ImageStore.from_dataset(decoded(), size)  # what --decoded-images keep pays once
+    order = lambda: index_order(n, cfg.batch_size, training=True, seed=cfg.seed)  # noqa: E731
+    pipelines = {
+        "bare_decoder": lambda: bare_decoder(paths, size, cfg.batch_size),
+        "bare_decoder_antialias": lambda: bare_decoder(paths, size, cfg.batch_size, antialias=True),
+        "tfl_streamed": lambda: streamed.batches(order()),
+        "tfl_streamed_augment": lambda: streamed.batches(order(), augment=True, seed=cfg.seed),
+        "tfl_kept": lambda: kept.batches(order()),
+        "tfl_kept_augment": lambda: kept.batches(order(), augment=True, seed=cfg.seed),
+    }
+    best = {}
+    for _ in range(cfg.pipeline_rounds):
+        for name, make in pipelines.items():
+            measured = _drain(make())
+            if measured["images"] != n:
+                raise RuntimeError(f"bench: {name} gave {measured['images']} images of {n}; the comparison is void")
+            if name not in best or measured["per_core"] > best[name]["per_core"]:
+                best[name] = measured
+    per_core = {name: significant(m["per_core"]) for name, m in best.items()}
+    bare = per_core["bare_decoder"]
+    result = {
+        "name": "input_pipeline", "images": n, "image_size": size, "source_sides": list(cfg.source_sides),
+        "source": source, "jpeg_mb": significant(jpeg_bytes / 2**20), "batch_size": cfg.batch_size,
+        "rounds": cfg.pipeline_rounds,
+        "images_per_core_second": per_core,
+        "images_per_second": {name: significant(m["images"] / m["seconds"]) for name, m in best.items()},
+        "cores_busy": {name: significant(m["cpu_seconds"] / m["seconds"], 3) for name, m in best.items()},
+        "ratio_to_bare": {name: _ratio(v, bare) for name, v in per_core.items() if name != "bare_decoder"},
+        "keep_decode": {"seconds": significant(keep_clock.seconds),
+                        "images_per_core_second": significant(n / keep_clock.cpu_seconds)},
+        "gpu_images_per_second": cfg.gpu_images_per_second,
+        "cores_for_gpu": {name: significant(cfg.gpu_images_per_second / v, 3) for name, v in per_core.items()},
+    }
+    result["streamed_ratio"] = result["ratio_to_bare"]["tfl_streamed"]
+    # What the resize's antialiasing costs, and how close tfl is to a bare decoder that resizes as it does.
+    result["streamed_ratio_same_resize"] = _ratio(per_core["tfl_streamed"], per_core["bare_decoder_antialias"])
+    result["streamed_goal_met"] = result["streamed_ratio"] >= STREAMED_GOAL
+    for name in PIPELINE_VARIANTS:
+        log(f"input_pipeline: {name} {per_core[name]:.0f} img/s per core "
+            f"({result['images_per_second'][name]:.0f} img/s on {result['cores_busy'][name]:.2f} busy cores)")
+    return result
+
+
+def bare_decoder(paths: list, size: int, batch_size: int, antialias: bool = False):
+    """The reference: tf.data's documented way to read JPEGs, decode_jpeg + resize (bilinear, by default without
+    antialiasing) in a parallel map (AUTOTUNE), batched and prefetched; float32 [B, size, size, 3] batches, as tfl's
+    pipeline gives."""
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert  # plain TF ops (autograph cannot read this closure's source)
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        return tf.image.resize(image, [size, size], antialias=antialias)
+
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class _Clock:
+    """Wall and process CPU seconds (all threads) of a block."""
+
+    def __enter__(self):
+        self._start = (time.perf_counter(), _cpu_seconds())
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start[0]
+        self.cpu_seconds = max(_cpu_seconds() - self._start[1], 1e-6)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _drain(ds) -> dict:
+    """Iterate `ds` once (iterator start-up included, as every epoch pays it): images, wall and CPU seconds."""
+    from tfl.data.pipeline import IMAGE
+
+    images = 0
+    with _Clock() as clock:
+        for batch in ds:
+            images += int((batch[IMAGE] if isinstance(batch, dict) else batch).shape[0])
+    return {"images": images, "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds,
+            "per_core": images / clock.cpu_seconds}
+
+
+def write_jpeg_folder(root: str, count: int, sides: tuple, seed: int = 0) -> tuple[list[str], str]:
+    """`count` JPEGs (quality 90) under root/<class>/, width and height each drawn from `sides` (inclusive):
+    crops of scikit-image's sample photos when it is installed, else smooth random colour fields with noise (which
+    compress about as well as photos). Returns the paths (sorted) and which of the two it used."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    try:
+        from skimage import data as samples
+
+        photos = [getattr(samples, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")]
+        source = "crops of scikit-image sample photos"
+    except ImportError:
+        photos, source = None, "smooth random colour fields with noise"
+    paths = []
+    for i in range(count):
+        width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+        if photos is not None:
+            photo = photos[i % len(photos)]
+            h, w = photo.shape[:2]
+            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            image = Image.fromarray(photo[top: top + side, left: left + side]).resize((width, height), Image.BILINEAR)
+        else:
+            field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height),
+                                                                                             Image.BICUBIC)
+            noisy = np.asarray(field, np.float32) + rng.normal(0, 6, (height, width, 3))
+            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        folder = os.path.join(root, f"class{i % 4}")
+        os.makedirs(folder, exist_ok=True)
+        paths.append(os.path.join(folder, f"{i:06d}.jpg"))
+        image.save(paths[-1], quality=90)
+    return sorted(paths), source
+
+
 def _case(name: str, tfl: dict, baseline: dict, limit_seconds: float) -> dict:
     rounded = lambda v: None if v is None else round(v, 4)  # noqa: E731
     return {
@@ -504,18 +674,39 @@ def significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
+def _pipeline_lines(c: dict, where: str) -> list[str]:
+    lines = [f"{'input_pipeline':<22} {c['images']} JPEGs ({c['jpeg_mb']} MB, sides {c['source_sides'][0]}-"
+             f"{c['source_sides'][1]} px, {c['source']}) at {c['image_size']} px, batch {c['batch_size']}{where}",
+             f"{'':<22} {'pipeline':<24} {'img/s/core':>10} {'img/s':>8} {'cores':>6} {'vs bare':>8} "
+             f"{'cores for ' + str(c['gpu_images_per_second']) + ' img/s':>22}"]
+    for name in PIPELINE_VARIANTS:
+        ratio = c["ratio_to_bare"].get(name)
+        lines.append(f"{'':<22} {name:<24} {c['images_per_core_second'][name]:>10.0f} "
+                     f"{c['images_per_second'][name]:>8.0f} {c['cores_busy'][name]:>6.2f} "
+                     f"{'-' if ratio is None else f'{ratio:.0%}':>8} {c['cores_for_gpu'][name]:>22.1f}")
+    lines.append(f"{'':<22} tfl streamed / bare decoder: {c['streamed_ratio']:.0%} (goal {STREAMED_GOAL:.0%}"
+                 f"{', met' if c['streamed_goal_met'] else ', not met'}); / bare decoder with tfl's antialiased "
+                 f"resize: {c['streamed_ratio_same_resize']:.0%}; keeping: one decode pass "
+                 f"{c['keep_decode']['images_per_core_second']:.0f} img/s/core")
+    return lines
+
+
 def format_table(report: dict) -> str:
     m = report["machine"]
     peaks = ", ".join(f"{v} {p}" for p, v in m["matmul_gflops_by_precision"].items())
     lines = [f"{m['cpu']}, {m['cores']} cores ({' '.join(m['cpu_flags']) or 'no AVX flags'}), matmul peak GFLOP/s: "
-             f"{peaks}, TF {m['tensorflow']}",
-             f"{'case':<22} {'tfl s':>8} {'base s':>8} {'speedup':>8} {'tfl acc':>8} {'base acc':>8} {'% peak':>7}"
-             f" {'no-cache s':>10} {'warm s':>7}  load before -> after, others' CPU"]
+             f"{peaks}, TF {m['tensorflow']}"]
+    if any(c["name"] != "input_pipeline" for c in report["cases"]):  # that case has columns of its own
+        lines.append(f"{'case':<22} {'tfl s':>8} {'base s':>8} {'speedup':>8} {'tfl acc':>8} {'base acc':>8} "
+                     f"{'% peak':>7} {'no-cache s':>10} {'warm s':>7}  load before -> after, others' CPU")
     for c in report["cases"]:
         load = c.get("load") or {}
         share = load.get("others_cpu_share")
         where = (f"  {load.get('before', ['?'])[0]} -> {load.get('after', ['?'])[0]}, "
                  f"{'?' if share is None else f'{share:.0%}'}{' BUSY' if load.get('busy') else ''}")
+        if c["name"] == "input_pipeline":
+            lines.extend(_pipeline_lines(c, where))
+            continue
         if c["name"] == "serving":
             ips = c["images_per_second"]
             lines.append(f"{'serving':<22} img/s  SavedModel on JPEG bytes: batch 1 {ips['saved_model_jpeg_batch1']}, "

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import keras
 
+from tfl import adapters
 from tfl.backbones.spec import CANONICAL_STAGE, BackboneSpec
 from tfl.errors import UsageError
 from tfl.models import INPUT, NoSingleCut, backbone_of, head_layers, preprocess_layer, submodel
@@ -36,9 +37,29 @@ CLASSIFIER_STAGE = "classifier"  # the new head tfl adds (not the backbone's own
 class LayerPlan:
     name: str
     stage: str
-    frozen: bool
-    params: int
+    frozen: bool  # below the freeze boundary or frozen by a rule: the layer is out of training
+    params: int  # the layer's own weights (an adapter's are adapter_params)
     is_batch_norm: bool = False
+    # With --adapter lora (tfl.adapters) a layer above the boundary keeps its own weights frozen: "lora" trains
+    # its adapter's adapter_params weights; base_frozen: a layer with no adapter trains nothing (batch norm: only
+    # with --train-bn, which the plan's counts leave out).
+    adapter: str | None = None
+    adapter_params: int = 0
+    base_frozen: bool = False
+
+    @property
+    def trained(self) -> int:
+        """The weights this layer trains when the plan is applied."""
+        if self.frozen:
+            return 0
+        if self.adapter:
+            return self.adapter_params
+        return 0 if self.base_frozen else self.params
+
+    @property
+    def weights_frozen(self) -> bool:
+        """Whether the layer's own weights stay as loaded."""
+        return self.frozen or self.base_frozen or bool(self.adapter)
 
 
 @dataclasses.dataclass
@@ -50,11 +71,19 @@ class FreezePlan:
 
     @property
     def trainable_params(self) -> int:
-        return sum(layer.params for layer in self.layers if not layer.frozen)
+        return sum(layer.trained for layer in self.layers)
 
     @property
     def frozen_params(self) -> int:
-        return sum(layer.params for layer in self.layers if layer.frozen)
+        return sum(layer.params for layer in self.layers if layer.weights_frozen)
+
+    @property
+    def adapter(self) -> str | None:
+        return next((layer.adapter for layer in self.layers if layer.adapter), None)
+
+    def open_backbone_layers(self) -> list[str]:
+        """The backbone layers above the freeze boundary (not frozen), in model order."""
+        return [l.name for l in self.layers if not l.frozen and l.stage != CLASSIFIER_STAGE]
 
     def frozen_names(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.frozen]
@@ -87,16 +116,28 @@ class FreezePlan:
             "backbone": self.backbone,
             "freeze_up_to": self.freeze_up_to,
             "rules": [list(rule) for rule in self.rules],
-            "layers": [
-                {"name": l.name, "stage": l.stage, "frozen": l.frozen, "params": l.params} for l in self.layers
-            ],
+            "layers": [_layer_json(l) for l in self.layers],
             "trainable_params": self.trainable_params,
             "frozen_params": self.frozen_params,
+            **({"adapter": self.adapter} if self.adapter else {}),
         }
 
 
+def _layer_json(layer: LayerPlan) -> dict:
+    """"frozen": the layer's own weights stay as loaded; with an adapter, "adapter" and "adapter_params" say what
+    trains instead."""
+    entry = {"name": layer.name, "stage": layer.stage, "frozen": layer.weights_frozen, "params": layer.params}
+    if layer.adapter:
+        entry.update(adapter=layer.adapter, adapter_params=layer.adapter_params)
+    return entry
+
+
 def _param_count(layer) -> int:
-    return sum(math.prod(w.shape) for w in layer.weights)  # from shapes: reads no variable
+    return sum(math.prod(w.shape) for w in adapters.base_weights(layer))  # from shapes: reads no variable
+
+
+def _adapter_count(layer) -> int:
+    return sum(math.prod(w.shape) for w in adapters.adapter_weights(layer))
 
 
 def resolve_freeze_up_to(spec: BackboneSpec, value: str | None) -> str | None:
@@ -167,17 +208,21 @@ def make_plan(
     """The plan for a classifier built by tfl.models.build_classifier (backbone nested inside).
 
     freeze_up_to: see resolve_freeze_up_to ("default": the backbone's default stage; None or "none": nothing);
-    the plan records the resolved value."""
+    the plan records the resolved value. A model with LoRA adapters (tfl.adapters.add_lora) gets the adapter plan:
+    above the boundary only the adapters train, the backbone's own weights (batch norm aside: --train-bn) stay."""
     backbone = backbone_of(model)
+    lora = any(adapters.has_adapter(layer) for layer in backbone.layers)
     names = [layer.name for layer in backbone.layers]
     freeze_up_to = resolve_freeze_up_to(spec, freeze_up_to)
     up_to = resolve_up_to(spec, names, freeze_up_to) if freeze_up_to else -1
     plans = []
     for i, layer in enumerate(backbone.layers):
         stage = spec.stage_of(layer.name) or "unstaged"
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        adapter = adapters.LORA if adapters.has_adapter(layer) else None
         plans.append(
-            LayerPlan(layer.name, stage, i <= up_to, _param_count(layer),
-                      isinstance(layer, keras.layers.BatchNormalization))
+            LayerPlan(layer.name, stage, i <= up_to, _param_count(layer), is_bn, adapter, _adapter_count(layer),
+                      base_frozen=lora and not adapter)
         )
     for layer in head_layers(model):
         plans.append(LayerPlan(layer.name, CLASSIFIER_STAGE, False, _param_count(layer)))
@@ -225,7 +270,10 @@ def head_only_plan(plan: FreezePlan) -> FreezePlan:
 
 
 def _bn_frozen(layer_plan: LayerPlan, train_bn: bool) -> bool:
-    return layer_plan.frozen or (layer_plan.is_batch_norm and not train_bn)
+    """Batch norm above the boundary trains only with --train-bn, also in a LoRA plan (base_frozen)."""
+    if layer_plan.is_batch_norm:
+        return layer_plan.frozen or not train_bn
+    return layer_plan.frozen or layer_plan.base_frozen
 
 
 @keras.saving.register_keras_serializable(package="tfl")
@@ -286,6 +334,8 @@ def training_graph(model: keras.Model, plan: FreezePlan, mode: str = "trainable"
         if mode == "stop_gradient" and layer.name in prefix_names:
             continue
         layer.trainable = not _bn_frozen(by_name[layer.name], train_bn)
+        if adapters.has_adapter(layer):  # after the flag: Keras' setter made the layer's own weights trainable again
+            adapters.freeze_base(layer)
 
     train_model = model
     if boundary is not None:

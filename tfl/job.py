@@ -28,8 +28,8 @@ from tfl import data
 from tfl.version import __version__
 from tfl.backbones import registry
 from tfl.errors import UsageError
-from tfl.options import (BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET, PRECISIONS,  # noqa: F401
-                         JobOptions)
+from tfl.options import (ADAPTER_NONE, BACKBONE_LR_FACTOR, DEFAULT_BACKBONE, DEFAULT_DATASET,  # noqa: F401
+                         PRECISIONS, JobOptions)
 from tfl.reporting.figures import write_curves
 from tfl.training import checkpoint, rundir, strategy as strategies
 
@@ -52,7 +52,9 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      # how the precision was chosen may change; the precision itself ("precision") may not
                      "mixed_precision", "precision_choice",
                      # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
-                     "decoded_images", "decoded_images_chosen", "cache_disk_limit")
+                     "decoded_images", "decoded_images_chosen", "cache_disk_limit",
+                     # how the step runs on its device, not what it computes (auto differs by device kind)
+                     "deterministic", "jit", "readback_every")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
@@ -113,6 +115,19 @@ def versions() -> dict:
 
     return {"tfl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def resolve_step_options(opts: JobOptions, strategy) -> JobOptions:
+    """--deterministic, --jit and --readback-every as this run takes them (auto: the strategy's device kind's
+    default, tfl.training.device), op determinism set accordingly; config.json then records the choices."""
+    from tfl.training import device  # TensorFlow (see the top)
+
+    kind = device.device_kind(strategy)
+    deterministic = device.resolve_deterministic(opts.deterministic, kind)
+    device.set_op_determinism(deterministic)
+    return dataclasses.replace(opts, deterministic=deterministic,
+                               jit=device.resolve_jit(opts.jit, kind, deterministic),
+                               readback_every=device.resolve_readback(opts.readback_every, kind))
 
 
 def check_finite(opts) -> None:
@@ -203,9 +218,8 @@ class Job:
         `resolve_depth`: what `--freeze-up-to auto` means, passed in by a command that offers it (`tfl finetune`
         passes tfl.recipes.advise.resolve_auto); without it `auto` is refused."""
         import keras
-        import tensorflow as tf
 
-        from tfl import freezing, models, reuse  # Keras (see the top)
+        from tfl import adapters, freezing, models, reuse  # Keras (see the top)
 
         spec = registry.get(opts.backbone)
         # The one place --freeze-up-to is resolved ("default" -> the backbone's stage, "none" -> None; auto below):
@@ -218,9 +232,15 @@ class Job:
             raise UsageError("--freeze-up-to auto: this command cannot choose the depth (`tfl finetune` can, by "
                              "running `tfl advise`); give a stage of `tfl inspect`, or run `tfl advise` first and "
                              "pass the depth it recommends")
+        if hasattr(opts, "adapter"):  # a command whose options mix in AdapterOptions
+            adapters.check_options(opts)
+        if getattr(opts, "save_adapters_only", False) and opts.export:
+            raise UsageError("--save-adapters-only writes no model.keras, which --export exports: drop one (without "
+                             "--save-adapters-only the run saves and exports the model with its adapters merged)")
+        adapters.check_init_from(opts.init_from, opts)
         init = reuse.open_init_from(opts.init_from, opts.reuse, opts.reuse_exclude, opts.rename, opts.init_unsafe)
         keras.utils.set_random_seed(opts.seed)
-        tf.config.experimental.enable_op_determinism()
+        opts = resolve_step_options(opts, strategy)
         started = time.time()
 
         splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,
@@ -246,9 +266,15 @@ class Job:
             outputs = len(targets) if targets is not None else len(splits.class_names)
             model = models.build_classifier(opts.backbone, outputs, image_size, opts.weights,
                                             opts.head_hidden, opts.dropout, choice.precision)
+        plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
+        if getattr(opts, "adapter", ADAPTER_NONE) != ADAPTER_NONE:  # before --init-from, which may hold adapters
+            with strategy.scope():
+                adapted = adapters.add_lora(model, plan, opts.lora_rank, opts.lora_alpha)
+            plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
+            log(f"adapter: LoRA rank {opts.lora_rank} (alpha {opts.lora_alpha or opts.lora_rank:g}) on {len(adapted)} "
+                f"layers above {opts.freeze_up_to}: {plan.trainable_params:,} trained parameters with the head")
         restored = reuse.restore_classifier(model, spec, init, opts.reuse, opts.reuse_exclude, opts.rename,
                                               log) if init else None
-        plan = freezing.make_plan(spec, model, opts.freeze_up_to, opts.rules)
         with strategy.scope():
             # Fail on a plan the freeze mode cannot apply now, not after an earlier stage has trained.
             freezing.training_graph(model, plan, opts.freeze_mode, opts.train_bn)
@@ -294,7 +320,8 @@ class Job:
         cached features)."""
         from tfl import models  # Keras (see the top)
         from tfl.training import boundary
-        from tfl.training.trainer import TrainConfig, Trainer
+        from tfl.training import averaging, regularize
+        from tfl.training.trainer import CrossEntropy, TrainConfig, Trainer
 
         opts = self.opts
         self.inputs = boundary.for_job(self, stages, extra)
@@ -336,12 +363,19 @@ class Job:
         self.log(f"run directory: {run.path}" + (f" (this worker's scratch copy; the chief writes {opts.output_dir})"
                                                  if self.scratch else ""))
         cfg = TrainConfig.from_options(opts, loss_scale=self.precision.precision == "float16")
+        # --regularize, --ema, --swa-epochs: w0 of L2-SP and the averages start from the weights as loaded, before
+        # a resume replaces them (the checkpoint then restores the averages).
+        if getattr(opts, "regularize", None):
+            loss = regularize.for_job(opts.regularize, self.model,
+                                      loss or CrossEntropy(len(self.class_names), opts.label_smoothing),
+                                      self.strategy, self.log)
+        averagers = averaging.for_job(opts, self.model, stages, self.strategy, self.log)
         callbacks = [*callbacks, _HistoryWriter(self)]
         if opts.tensorboard and not self.scratch:
             callbacks.append(_tensorboard(run.file(TENSORBOARD), self.config, plan))
         self.trainer = Trainer(self.strategy, self.model, len(self.class_names), cfg, self.log,
                                checkpoint.CheckpointManager(run.file(rundir.CHECKPOINTS)), loss=loss, metrics=metrics,
-                               callbacks=callbacks, select=select,
+                               callbacks=callbacks, select=select, averagers=averagers,
                                **({"inputs": inputs} if inputs is not None else {}))
         if self.snapshot:
             self.trainer.resume(self.snapshot)
@@ -424,12 +458,21 @@ class Job:
         A recipe that scores its own way passes `score(job) -> metrics` (metrics.json holds what it returns; the
         log line is the recipe's); `best=False` keeps the weights after the last epoch; `save=False` writes no
         model.keras (the classifier is not what the recipe trained)."""
+        from tfl.training import averaging  # TensorFlow (see the top)
+
         trainer, run = self.trainer, self.run_dir
+        averaged = None
         if best:
             trainer.restore_best()
-        if save:  # before the last pass over the data: a file that fails it must not cost what training produced
+            if trainer.averagers:  # --ema / --swa-epochs: the best of the trained and the averaged weights
+                averaged = averaging.choose(trainer, self.log)
+        if save and getattr(self.opts, "save_adapters_only", False):
+            self._save_adapters()
+        elif save:  # before the last pass over the data: a file that fails it must not cost what training produced
+            from tfl import adapters  # Keras (see the top)
+
             self.model.trainable = True  # saved flags don't matter for inference; keep the file independent of the plan
-            run.save_model(self.model)
+            run.save_model(adapters.merged(self.model))  # LoRA adapters merged into their kernels
             if run.forget_calibration():  # its temperature was fitted to the model just replaced
                 self.log(f"removed {run.file(rundir.CALIBRATION)}: it belonged to the model this run replaced; run "
                          f"`tfl calibrate --run {run.path}` to fit the new one")
@@ -437,10 +480,13 @@ class Job:
         with self.naming_changed_files(splits, "the final evaluation", saved=save):
             metrics, message = (score(self), None) if score is not None else self._scores(loss, metrics)
         metrics.update(extra_metrics or {})
+        if averaged:
+            metrics["weight_averaging"] = averaged
         run.write_json(rundir.METRICS, metrics)
         trainer.finish()
         if message:
-            self.log(f"{message}; saved {run.file(rundir.MODEL)}")
+            adapters_only = getattr(self.opts, "save_adapters_only", False)
+            self.log(f"{message}; saved {run.file(rundir.ADAPTERS if adapters_only else rundir.MODEL)}")
         metrics["run_dir"] = run.path
         for finisher in self.finishers if not self.scratch else ():  # the chief's, like the export below
             metrics.update(finisher(self) or {})
@@ -449,6 +495,23 @@ class Job:
 
             metrics["export_dir"] = export_saved_model(run.path, log=self.log)
         return metrics
+
+    def _save_adapters(self) -> None:
+        """--save-adapters-only: adapters.safetensors and adapters.json instead of model.keras."""
+        from tfl import adapters, models  # Keras (see the top)
+
+        opts = self.opts
+        manifest = {"adapter": opts.adapter, "rank": opts.lora_rank, "alpha": opts.lora_alpha or opts.lora_rank,
+                    "backbone": opts.backbone, "weights": models.resolve_weights(self.spec, opts.weights),
+                    "freeze_up_to": opts.freeze_up_to, "train_bn": opts.train_bn, "image_size": self.image_size,
+                    "classes": self.class_names,
+                    "layers": [layer.name for layer in self.plan.layers if layer.adapter and not layer.frozen]}
+        data, manifest = adapters.adapter_file(self.model, self.plan, manifest, opts.train_bn)
+        path = self.run_dir.file(rundir.ADAPTERS)
+        rundir.atomic_write(path, data)
+        self.run_dir.write_json(rundir.ADAPTERS_MANIFEST, manifest)
+        self.log(f"saved {path}: {manifest['params']:,} trained weights in {len(manifest['tensors'])} tensors "
+                 f"(no {rundir.MODEL}: --save-adapters-only)")
 
     @contextlib.contextmanager
     def naming_changed_files(self, splits, what: str, saved: bool = False):

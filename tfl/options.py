@@ -24,7 +24,8 @@ MIXED_PRECISION = ("auto", "on", "off")  # --mixed-precision (tfl.precision)
 PRECISIONS = ("float32", "bfloat16", "float16")  # what a run computes in; config.json "precision"
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_MODES = ("float32", "float16", "int8")
-BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving")
+BENCH_CASES = ("head_only", "partial_finetune", "resnet50_forward", "resnet50_forward_bf16", "serving",
+               "input_pipeline")
 UNFREEZE = ("two_stage", "gradual")
 SPLITS = ("train", "val", "test")
 # Image files tfl reads, for training, evaluation and predict alike (Pillow decodes WebP and TIFF; an export's
@@ -43,6 +44,50 @@ MIXUP_ON = ("auto", "features", "pixels")  # --mixup-on: where MixUp mixes (cach
 # tfl calibrate --tta / finetune --tta: test-time augmentation's views (tfl.tta), kept only if val says so
 TTA_NONE = "none"
 TTA_MODES = (TTA_NONE, "flip", "flip+crops")
+# tfl finetune --lr find / --backbone-lr find: a learning-rate range test chooses the rate (tfl.recipes.lr_find)
+LR_FIND = "find"
+# --regularize KIND:V[,V]: the penalty and its numbers (tfl.training.regularize): name -> (argument names, defaults
+# of the optional ones)
+REGULARIZERS = {"l2sp": (("ALPHA", "BETA"), (0.0,)), "bss": (("ETA", "K"), (1,))}
+
+
+def parse_regularize(text: str) -> tuple[str, tuple]:
+    """--regularize "l2sp:0.01,0.1" -> ("l2sp", (0.01, 0.1)); optional numbers filled in; ValueError says what is
+    wrong and how to write it."""
+    kind, _, args = text.partition(":")
+    if kind not in REGULARIZERS:
+        raise ValueError(f"{text!r}: the kind must be one of {', '.join(REGULARIZERS)} (e.g. l2sp:0.01 or bss:0.001)")
+    names, defaults = REGULARIZERS[kind]
+    form = f"{kind}:{names[0]}" + "".join(f"[,{n}]" for n in names[1:])
+    try:
+        values = [float(v) for v in args.split(",")] if args.strip() else []
+    except ValueError:
+        raise ValueError(f"{text!r}: expected {form} with numbers") from None
+    if not 1 <= len(values) <= len(names):
+        raise ValueError(f"{text!r}: expected {form}")
+    values += list(defaults[len(values) - 1:])
+    if kind == "bss":
+        if not values[0] > 0 or not float(values[1]).is_integer() or values[1] < 1:
+            raise ValueError(f"{text!r}: ETA must be > 0 and K a whole number >= 1, e.g. bss:0.001")
+        values[1] = int(values[1])
+    elif not all(v >= 0 for v in values) or not any(v > 0 for v in values):
+        raise ValueError(f"{text!r}: ALPHA and BETA must be >= 0 and one of them > 0, e.g. l2sp:0.01,0.01")
+    if not all(v == v and abs(v) != float("inf") for v in values):
+        raise ValueError(f"{text!r}: the numbers must be finite")
+    return kind, tuple(values)
+
+
+def regularize_problem(text: str) -> str | None:
+    """--regularize's check: what is wrong with the text, or None."""
+    try:
+        parse_regularize(text)
+    except ValueError as err:
+        return str(err)
+    return None
+# --adapter lora (tfl.adapters)
+ADAPTER_NONE = "none"
+ADAPTERS = (ADAPTER_NONE, "lora")
+DEFAULT_LORA_RANK = 8
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -56,7 +101,7 @@ GROUPS = ("data", "model", "train", "distribution", "run")
 def option(default=None, help: str = "", *, group: str | None = None, flag: str | None = None,
            metavar: str | None = None, choices: tuple | None = None, check=None, parse: str | None = None,
            repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True,
-           bare=None):
+           bare=None, words: tuple = ()):
     """A dataclass field of a command's options, with what the command line and the checks need to know.
 
     flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
@@ -64,11 +109,12 @@ def option(default=None, help: str = "", *, group: str | None = None, flag: str 
     parse: how the command line's text becomes the value, where the type does not say ("size", "disk_size",
     "hidden", "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the
     command needs a value (the default is a placeholder); cli=False: library only; bare: the value of the flag given
-    without one (e.g. a bare --augment).
+    without one (e.g. a bare --augment); words: words a number field also takes (--lr find), which its check lets
+    through.
     """
     meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
             "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default,
-            "bare": bare}
+            "bare": bare, "words": tuple(words)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -87,6 +133,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
     if listed and not value and field.default:
         return f"{name}(none): give at least one, e.g. {','.join(map(str, field.default))}"
     for v in value if listed else (value,):
+        if meta.get("words") and isinstance(v, str):
+            if v in meta["words"]:
+                continue
+            return f"{name}{v!r} is not a number or {' or '.join(meta['words'])}"
         if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
             return f"{name}{v}: must be a finite number"
         if meta.get("choices") and v not in meta["choices"]:
@@ -97,6 +147,10 @@ def check_value(field: dataclasses.Field, value, named: bool = True) -> str | No
             return f"{name}{v}: must be > 0"
         if check == "non_negative" and not v >= 0:
             return f"{name}{v}: must be >= 0"
+        if callable(check):
+            problem = check(v)
+            if problem:
+                return f"{name}{problem}"
         if isinstance(check, tuple):
             low, high, low_open, high_open = check
             if (low is not None and (v < low or (low_open and v == low))) or (
@@ -120,6 +174,19 @@ def check_options(opts) -> None:
         problem = check_value(field, value)
         if problem:
             raise UsageError(problem)
+
+
+# What --deterministic, --jit and --readback-every mean when not given ("auto"), per device kind of the strategy's
+# replicas (tfl.training.device). Determinism: on for CPUs, where it costs little and every pinned number relies on
+# it; off for accelerators, where TensorFlow documents determinism as costing performance. XLA: off on a CPU, where
+# it made the step slower (measured: docs/concepts/training.md); on for GPUs as Keras' own default
+# (compile(jit_compile="auto")) is, except under op determinism, where Keras turns it off too since not every op
+# has a deterministic XLA kernel; not asked for on TPUs, whose steps TPUStrategy compiles with XLA anyway.
+# Read-back: a CPU every step (a read costs nothing measurable next to a CPU step, and the progress line and a
+# SIGTERM act at once); an accelerator every 50 steps, as each read drains its queue of work.
+DETERMINISTIC_BY_DEVICE = {"cpu": True, "gpu": False, "tpu": False}
+JIT_BY_DEVICE = {"cpu": False, "gpu": True, "tpu": False}
+READBACK_BY_DEVICE = {"cpu": 1, "gpu": 50, "tpu": 50}
 
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -161,7 +228,8 @@ class JobOptions:
     backbone: str = option(DEFAULT_BACKBONE, group="model", help="A name from `tfl backbones`.")
     weights: str | None = option("default", group="model", help=(
         "'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download for Keras "
-        "Applications), 'none' (random init), or a path to a weights file."))
+        "Applications, timm's Hugging Face checkpoint for the ViTs), 'none' (random init), a path to a weights "
+        "file, or hf://ORG/NAME (a timm checkpoint on the Hugging Face Hub; ViT, DeiT, DINOv2)."))
     init_from: str | None = option(None, group="model", metavar="FILE", help=(
         "After building the model, before training, copy weights by name from FILE (any format `tfl "
         "inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: restore_report.json "
@@ -242,6 +310,19 @@ class JobOptions:
     early_stopping: int | None = option(None, group="train", check="positive", metavar="N", help=(
         "End a stage after N epochs without val improvement (the next stage still runs)."))
     seed: int = option(0, group="train", help="Seeds data order, init and dropout: runs repeat on CPU.")
+    ema: float | None = option(None, group="train", check=(0, 1, True, True), metavar="DECAY", help=(
+        "Keep an exponential moving average of the weights (timm's EMA with its warm-up: the decay used at update "
+        "n is min(DECAY, 1 - n^-2/3), so the average starts as the weights and slows towards DECAY, e.g. 0.999), "
+        "validated after every epoch; the run's model is the average when it beats the trained weights on val."))
+    swa_epochs: int = option(0, group="train", check="non_negative", metavar="N", help=(
+        "Stochastic weight averaging: average the weights of the last N epochs of the final stage, recompute the "
+        "BatchNorm statistics of the BN layers that train on the train data, validate; the run's model is the "
+        "average when it beats the trained weights on val. 0: off."))
+    regularize: str | None = option(None, group="train", check=regularize_problem, metavar="SPEC", help=(
+        "Regularised fine-tuning. l2sp:ALPHA[,BETA]: ALPHA/2 ||w - w0||^2 over the backbone's weights (w0: "
+        "their values when the run starts) plus BETA/2 ||w||^2 over the new head's (BETA default 0), e.g. "
+        "l2sp:0.01,0.01 (Li et al. 2018). bss:ETA[,K]: ETA x the sum of the K (default 1) smallest squared "
+        "singular values of each batch's pooled features, e.g. bss:0.001 (Chen et al. 2019)."))
     cache: str = option("auto", group="train", choices=CACHE_MODES, help=(
         "Boundary caching: compute the frozen layers' output once and train the layers above it on the cached "
         "tensors (head stage: pooled features; later stages: their freeze boundary). auto: whenever valid (no "
@@ -263,9 +344,20 @@ class JobOptions:
         "nothing written to disk); auto keeps them when they fit --cache-budget, else streams. IDX datasets "
         "(fashion_mnist, mnist) are arrays in memory and tfds datasets are decoded once as before, whatever this "
         "says."))
-    jit: bool = option(False, group="train", flag="--jit/--no-jit", help=(
-        "XLA-compile the train and eval steps and the cache extraction (on a CPU, EfficientNet-Lite0 ran 10x "
-        "slower with XLA than without)."))
+    jit: bool | None = option(None, group="train", flag="--jit/--no-jit", choices=(True, False), help=(
+        "XLA-compile the train and eval steps and the cache extraction. Default: off on a CPU (XLA made the "
+        "step slower there), on for GPUs unless --deterministic (TPUs compile with XLA anyway).  "
+        "[default: by device]"))
+    deterministic: bool | None = option(None, group="train", flag="--deterministic/--no-deterministic",
+                                        choices=(True, False), help=(
+        "Op determinism (tf.config.experimental.enable_op_determinism): the same --seed gives the same numbers on "
+        "the same machine. Default: on for CPUs (cheap there), off for GPUs and TPUs (their deterministic kernels "
+        "are slower); config.json records the choice.  [default: by device]"))
+    readback_every: int | None = option(None, group="train", check="positive", metavar="STEPS", help=(
+        f"Steps between reads of the training numbers (loss, metrics, a SIGTERM on another worker, a non-finite "
+        "loss) from the device; they add up on the device meanwhile and are always read at the end of an epoch, "
+        "so the results do not depend on it. Default: {READBACK_BY_DEVICE['cpu']} on a CPU, "
+        f"{READBACK_BY_DEVICE['gpu']} on GPUs and TPUs, whose queue of work each read drains.  [default: by device]"))
     mixed_precision: str = option("auto", group="train", choices=MIXED_PRECISION, help=(
         "Compute in half precision (float32 weights, logits and loss): auto times a few train steps in float32 and "
         "in the device's fast half precision (bfloat16 on CPUs with avx512_bf16/amx_bf16; bfloat16 or float16 on "
@@ -316,6 +408,30 @@ AUGMENTATION = ("augment", "random_erasing", "mixup", "cutmix", "mixup_on")
 """The augmentation options, for a command that trains on fixed inputs."""
 MIXING = ("mixup", "cutmix", "mixup_on")
 """The options that mix labels, for a command whose loss or batches need each row's own label."""
+
+
+@dataclasses.dataclass
+class AdapterOptions:
+    """Low-rank adapters instead of full fine-tuning, for a command that fine-tunes (tfl.adapters): mixed into its
+    options class, e.g. `class FinetuneOptions(JobOptions, AdapterOptions)`."""
+
+    adapter: str = option(ADAPTER_NONE, group="model", choices=ADAPTERS, help=(
+        "lora: instead of training the backbone layers above --freeze-up-to, add a trainable low-rank update "
+        "B.A to every Dense, EinsumDense and Conv kernel there (their own weights, and every other backbone "
+        "layer, stay frozen; the new head trains fully; batch norm as --train-bn says). model.keras and every "
+        "export get the merged kernels, so serving needs nothing new."))
+    lora_rank: int = option(DEFAULT_LORA_RANK, group="model", check="positive", metavar="R",
+                            help="With --adapter lora: the rank of each update (its A is fan-in x R, B is R x out).")
+    lora_alpha: float | None = option(None, group="model", check="positive", metavar="A", help=(
+        "With --adapter lora: the update is scaled by A / R.  [default: R, a scale of 1]"))
+    save_adapters_only: bool = option(False, group="run", help=(
+        "With --adapter lora: write adapters.safetensors (the adapters and the head: what training changed) and "
+        "adapters.json instead of model.keras. `--init-from <run>/adapters.safetensors` with the same backbone, "
+        "weights and --adapter options loads them into a new run."))
+
+
+ADAPTER_OPTIONS = tuple(f.name for f in dataclasses.fields(AdapterOptions))
+
 SWEEP_RUN = ("strategy", "worker_hosts", "task_index", "scale_lr", "resume", "overwrite", "export")
 """What a command that trains many runs in one process does not take: multi-worker (--devices only) and the
 single run's --resume/--overwrite/--export (rerunning into the same --output-dir continues it)."""

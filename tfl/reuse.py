@@ -28,8 +28,13 @@ def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> Checkpoint
 
 
 def mapping_for(spec, checkpoint: Checkpoint) -> str | None:
-    """The backbone family's mapping when the file holds raw PyTorch-style keys; Keras/TF names need none."""
-    return spec.checkpoint_mapping if checkpoint.format in TORCH_STYLE_FORMATS else None
+    """The backbone family's mapping when the file holds raw PyTorch-style keys; Keras/TF names need none (nor does
+    a run's adapters.safetensors, which names Keras weights)."""
+    from tfl.adapters import read_manifest
+
+    if checkpoint.format not in TORCH_STYLE_FORMATS or read_manifest(checkpoint.path) is not None:
+        return None
+    return spec.checkpoint_mapping
 
 
 def classifier_layers(spec) -> tuple[str, ...]:

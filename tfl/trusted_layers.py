@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import keras
 
+from tfl.backbones.keras_layers import GlobalResponseNorm
+from tfl.backbones.vit_layers import LayerScale, PositionalTokens, TokenPool, ViTAttention
 from tfl.freezing import StopGradient
 from tfl.models import ImagePreprocessing
 from tfl.training.schedules import WarmupSchedule
 
 # Listed, not collected from Keras' registry: what a file may rebuild is decided here, not by import order.
-TRUSTED = (ImagePreprocessing, StopGradient, WarmupSchedule)
+TRUSTED = (ImagePreprocessing, StopGradient, WarmupSchedule, GlobalResponseNorm, PositionalTokens, ViTAttention,
+           LayerScale, TokenPool)
 
 
 def custom_objects() -> dict[str, type]:

@@ -40,4 +40,6 @@ def _load_all() -> None:
         return
     _loaded = True
     from tfl.backbones import compact_cnn, efficientnet_lite, keras_apps, resnet  # noqa: F401
+    from tfl.backbones import convnext_v2, efficientnet_v2  # noqa: F401
+    from tfl.backbones import vit  # noqa: F401
 

@@ -8,6 +8,8 @@ layer it is; the kind decides how every parameter is renamed and transposed:
     depthwise   weight (C, 1, kH, kW) -> kernel (kH, kW, C, 1), bias -> bias
     dense       weight (out, in) -> kernel (in, out), bias -> bias
     batch_norm  weight/bias/running_mean/running_var -> gamma/beta/moving_mean/moving_variance
+    layer_norm  weight/bias -> gamma/beta (LayerNorm, and ConvNeXt V2's GlobalResponseNorm)
+    pointwise   weight (out, in) or a 1x1 conv's (out, in, 1, 1) -> Dense kernel (in, out), bias -> bias
 
 Keys no rule explains keep their raw name, so whoever loads the result reports them as unexpected instead of
 losing them; keys the mapping `ignore`s (BatchNorm's num_batches_tracked counter) are dropped on purpose.
@@ -41,6 +43,15 @@ def _dense_kernel(value: np.ndarray) -> np.ndarray:
     return value.T
 
 
+def _pointwise_kernel(value: np.ndarray) -> np.ndarray:
+    # timm writes a ConvNeXt MLP as Linear layers or, with conv_mlp, as 1x1 convs: one Dense kernel either way.
+    if value.ndim == 4:
+        if value.shape[2:] != (1, 1):
+            raise UsageError(f"a pointwise weight of shape {value.shape} is not a 1x1 convolution")
+        value = value[:, :, 0, 0]
+    return value.T
+
+
 # kind -> {torch parameter: (Keras weight, layout change)}
 KINDS: dict[str, dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {
     "conv2d": {"weight": ("kernel", _conv_kernel), "bias": ("bias", _same)},
@@ -52,6 +63,12 @@ KINDS: dict[str, dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {
         "running_mean": ("moving_mean", _same),
         "running_var": ("moving_variance", _same),
     },
+    "layer_norm": {"weight": ("gamma", _same), "bias": ("beta", _same)},
+    "pointwise": {"weight": ("kernel", _pointwise_kernel), "bias": ("bias", _same)},
+    "layer_scale": {"gamma": ("gamma", _same)},
+    # timm ViT's top-level parameters, kept in one Keras layer (tfl/backbones/vit.py `tokens`)
+    "vit_tokens": {"cls_token": ("cls_token", _same), "reg_token": ("reg_token", _same),
+                   "pos_embed": ("pos_embed", _same)},
 }
 
 # (torch module regex (fullmatch), kind, Keras layer: a re template like r"layer\1_\2_conv\3", or a function of
@@ -152,6 +169,64 @@ def _convert_lukemelas_efficientnet(state: dict, sources: dict | None = None) ->
     return convert_by_rules(state, rules, sources)
 
 
+# --- timm ConvNeXt V2 -------------------------------------------------------------------------------------------
+# Keras layers are named after timm's modules with "." -> "_" (tfl/backbones/convnext_v2.py).
+
+
+def _underscored(match: re.Match) -> str:
+    return match[0].replace(".", "_")
+
+
+_TIMM_CONVNEXT_RULES: tuple[Rule, ...] = (
+    (r"stem\.0|stages\.\d+\.downsample\.1", "conv2d", _underscored),
+    (r"stem\.1|stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm", "layer_norm", _underscored),
+    (r"stages\.\d+\.blocks\.\d+\.conv_dw", "depthwise", _underscored),
+    (r"stages\.\d+\.blocks\.\d+\.mlp\.fc[12]", "pointwise", _underscored),
+    (r"stages\.\d+\.blocks\.\d+\.mlp\.grn", "layer_norm", _underscored),
+    (r"head\.fc", "dense", _underscored),
+)
+
+
+def _convert_timm_convnext(state: dict, sources: dict | None = None) -> dict[str, np.ndarray]:
+    return convert_by_rules(state, _TIMM_CONVNEXT_RULES, sources)
+
+
+# --- timm EfficientNet(V2) -----------------------------------------------------------------------------------------
+# Keras layers are named after timm's modules with "." -> "_" (tfl/backbones/efficientnet_v2.py).
+
+_TIMM_EFFICIENTNET_RULES: tuple[Rule, ...] = (
+    (r"blocks\.\d+\.\d+\.conv_dw", "depthwise", _underscored),
+    (r"conv_stem|conv_head|blocks\.\d+\.\d+\.(?:conv|conv_exp|conv_pw|conv_pwl|se\.conv_reduce|se\.conv_expand)",
+     "conv2d", _underscored),
+    (r"bn\d|blocks\.\d+\.\d+\.bn\d", "batch_norm", _underscored),
+    (r"classifier", "dense", _underscored),
+)
+
+
+def _convert_timm_efficientnet(state: dict, sources: dict | None = None) -> dict[str, np.ndarray]:
+    return convert_by_rules(state, _TIMM_EFFICIENTNET_RULES, sources)
+
+
+# --- timm VisionTransformer (ViT, DeiT, DINOv2) ---------------------------------------------------------------------
+# Keras layers are named after timm's modules with "." -> "_" (tfl/backbones/vit.py); the top-level cls_token,
+# reg_token and pos_embed (module "") fill the layer `tokens`.
+
+_TIMM_VIT_RULES: tuple[Rule, ...] = (
+    (r"", "vit_tokens", "tokens"),
+    (r"patch_embed\.proj", "conv2d", "patch_embed_proj"),
+    (r"blocks\.(\d+)\.norm([12])", "layer_norm", r"blocks_\1_norm\2"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)", "dense", r"blocks_\1_attn_\2"),
+    (r"blocks\.(\d+)\.ls([12])", "layer_scale", r"blocks_\1_ls\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc[12])", "dense", r"blocks_\1_mlp_\2"),
+    (r"(norm|fc_norm)", "layer_norm", r"\1"),
+    (r"head", "dense", "head"),
+)
+
+
+def _convert_timm_vit(state: dict, sources: dict | None = None) -> dict[str, np.ndarray]:
+    return convert_by_rules(state, _TIMM_VIT_RULES, sources)
+
+
 _BATCH_COUNTER = r"(?:.*\.)?num_batches_tracked"
 
 MAPPINGS: dict[str, Mapping] = {
@@ -161,6 +236,10 @@ MAPPINGS: dict[str, Mapping] = {
         # timm's ResNet state dicts use torchvision's module names (conv1, bn1, layer1.0.conv1, fc).
         Mapping("timm_resnet", _convert_torchvision_resnet, _BATCH_COUNTER),
         Mapping("lukemelas_efficientnet", _convert_lukemelas_efficientnet, _BATCH_COUNTER),
+        Mapping("timm_convnext", _convert_timm_convnext, _BATCH_COUNTER),
+        Mapping("timm_efficientnet", _convert_timm_efficientnet, _BATCH_COUNTER),
+        # DINOv2's own files carry the masked-image-modelling token, which inference never uses.
+        Mapping("timm_vit", _convert_timm_vit, r"mask_token"),
     )
 }
 

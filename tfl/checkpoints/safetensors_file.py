@@ -113,8 +113,8 @@ def _check_tiling(entries: dict[str, tuple], buffer_size: int) -> None:
         raise _Malformed(f"the data section has {buffer_size - position} bytes after the last tensor, used by none")
 
 
-def _read_header(f, file_size: int) -> tuple[int, dict[str, tuple]]:
-    """(offset of the data section, {name: (begin, end, dtype, shape)}) after checking everything."""
+def _read_header(f, file_size: int) -> tuple[int, dict[str, tuple], dict[str, str]]:
+    """(offset of the data section, {name: (begin, end, dtype, shape)}, __metadata__) after checking everything."""
     if file_size < 8:
         raise _Malformed(f"the file has {file_size} bytes, fewer than the 8-byte header length")
     (length,) = struct.unpack("<Q", f.read(8))
@@ -139,14 +139,14 @@ def _read_header(f, file_size: int) -> tuple[int, dict[str, tuple]]:
     buffer_size = file_size - 8 - length
     entries = {name: _entry(name, info, buffer_size) for name, info in header.items()}
     _check_tiling(entries, buffer_size)
-    return 8 + length, entries
+    return 8 + length, entries, metadata
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """{key: array} of a safetensors file, in header order; BF16 becomes float32 (exactly)."""
     try:
         with open(path, "rb") as f:
-            data_start, entries = _read_header(f, os.fstat(f.fileno()).st_size)
+            data_start, entries, _ = _read_header(f, os.fstat(f.fileno()).st_size)
             tensors = {}
             for name, (begin, end, dtype, shape) in entries.items():
                 f.seek(data_start + begin)
@@ -160,3 +160,35 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return tensors
     except _Malformed as exc:
         raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's __metadata__ ({} without one), after the same checks as read_safetensors."""
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f, os.fstat(f.fileno()).st_size)[2]
+    except _Malformed as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+
+
+_WRITE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64",
+                 np.dtype(np.int32): "I32"}
+
+
+def encode_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """{name: array} as the bytes of a safetensors file (little-endian, in the given order)."""
+    header, offset, chunks = {}, 0, []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _WRITE_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; write float32, float16, int32 or int64")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _WRITE_DTYPES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes, so the buffer is aligned
+    return struct.pack("<Q", len(raw)) + raw + b"".join(chunks)

@@ -7,8 +7,8 @@ import math
 import click
 
 from tfl.cli.core import call, cli, echo_json
-from tfl.cli.params import OrderedRulesCommand, positive, rule_options
-from tfl.options import FREEZE_DEFAULT, FREEZE_UP_TO_HELP, UNSAFE_HELP
+from tfl.cli.params import OrderedRulesCommand, field_option, positive, rule_options
+from tfl.options import ADAPTER_NONE, FREEZE_DEFAULT, FREEZE_UP_TO_HELP, UNSAFE_HELP, AdapterOptions
 
 
 @cli.command()
@@ -31,6 +31,18 @@ def backbones(as_json):
                    f"({len(r['stages'])})  frozen up to {r['default_freeze_up_to']:<7} weights {weights}")
 
 
+def _adapter_options(f):
+    """--adapter, --lora-rank, --lora-alpha as `tfl finetune` has them (tfl.options.AdapterOptions)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(AdapterOptions)
+    fields = [f for f in dataclasses.fields(AdapterOptions) if f.name in ("adapter", "lora_rank", "lora_alpha")]
+    f.__click_params__ = getattr(f, "__click_params__", []) + [field_option(fd, hints[fd.name])
+                                                               for fd in reversed(fields)]
+    return f
+
+
 def _with_rules(f):
     f.__click_params__ = getattr(f, "__click_params__", []) + list(reversed(rule_options()))
     return f
@@ -44,26 +56,34 @@ def _with_rules(f):
 @_with_rules
 @click.option("--num-classes", default=10, show_default=True, callback=positive, help="Classes of the new head.")
 @click.option("--image-size", type=int, callback=positive, help="Input size (default: the backbone's).")
+@_adapter_options
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"backbone", "layers", "trainable_params", "frozen_params"}.')
-def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, image_size, as_json):
-    """Show the freeze plan for BACKBONE: each layer's stage, frozen or not, parameter count.
+def inspect(backbone, freeze_up_to, freeze_rules, unfreeze_rules, num_classes, image_size, adapter, lora_rank,
+            lora_alpha, as_json):
+    """Show the freeze plan for BACKBONE: each layer's stage, frozen or not, parameter count (with --adapter lora:
+    which layers get an adapter, and its size).
 
     Builds the model with random weights (nothing is downloaded), so it works offline for every backbone.
     """
-    from tfl import freezing, models
+    from tfl import adapters, freezing, models
     from tfl.backbones import registry
 
     rules = click.get_current_context().meta["tfl_rules"]
     spec = call(registry.get, backbone)
     model = call(models.build_classifier, backbone, num_classes, image_size, "none")
     plan = call(freezing.make_plan, spec, model, freeze_up_to, rules)
+    if adapter != ADAPTER_NONE:
+        call(adapters.add_lora, model, plan, lora_rank, lora_alpha)
+        plan = call(freezing.make_plan, spec, model, freeze_up_to, rules)
     if as_json:
         echo_json(plan.to_json())
         return
-    click.echo(f"{'layer':<40} {'stage':<11} {'frozen':<7} {'params':>12}")
+    click.echo(f"{'layer':<40} {'stage':<11} {'frozen':<7} {'params':>12}" + ("   adapter" if plan.adapter else ""))
     for layer in plan.layers:
-        click.echo(f"{layer.name:<40} {layer.stage:<11} {'yes' if layer.frozen else 'no':<7} {layer.params:>12,}")
+        extra = f"   {layer.adapter} {layer.adapter_params:,}" if layer.adapter else ""
+        click.echo(f"{layer.name:<40} {layer.stage:<11} {'yes' if layer.weights_frozen else 'no':<7} "
+                   f"{layer.params:>12,}{extra}")
     click.echo(f"trainable params: {plan.trainable_params:,}   frozen params: {plan.frozen_params:,}   "
                f"boundary: {plan.boundary() or 'none (not prefix-shaped)'}")
 

@@ -119,6 +119,18 @@ def _task_weight(value):
     return name, weight
 
 
+def _number_or_word(kind, words: tuple):
+    """A number field that also takes a word (--lr find)."""
+    def parse(text):
+        if text in words:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise UsageError(f"{text!r} is not a number or {' or '.join(words)}") from None
+    return parse
+
+
 # parse name -> (function of one command-line value, applies to each value of a repeatable flag)
 PARSERS = {"hidden": _hidden, "renames": _rename, "hosts": _hosts, "size": _size, "disk_size": _disk_size,
            "task_weights": _task_weight}
@@ -153,6 +165,8 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
              "show_default": meta.get("show_default", True), "required": meta.get("required", False)}
     default = field.default if field.default is not dataclasses.MISSING else None
     parse = PARSERS.get(meta.get("parse"))
+    if meta.get("words"):
+        parse = _number_or_word(kind, meta["words"])
     if kind is bool:
         decls = [flag, field.name]
         attrs.update(default=default, **({} if "/" in flag else {"is_flag": True}))
@@ -166,6 +180,8 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
         attrs["default"] = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
     elif parse:
         attrs["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if meta.get("words"):
+            attrs["type"] = str  # the parser reads the text (click would take the number default's type)
     else:
         attrs["default"] = None if meta.get("required") else default
         attrs["type"] = click.Choice(meta["choices"]) if meta.get("choices") else kind

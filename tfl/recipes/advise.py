@@ -432,7 +432,8 @@ def _run_pass(model, backbone, boundaries, bn_layers, source, n_train, sample, i
     def step(batch):
         x = preprocess(to_model_input(batch, image_size))
         outs = probe(x, training=False)
-        pooled = tf.concat([tf.reduce_mean(o, axis=[1, 2]) for o in outs[:count]], axis=1)
+        # Mean over every axis between batch and channels: a CNN's [b, h, w, c] map, a ViT's [b, tokens, c] sequence.
+        pooled = tf.concat([tf.reduce_mean(o, axis=list(range(1, o.shape.rank - 1))) for o in outs[:count]], axis=1)
         sums = [tf.reduce_sum(tf.cast(o, tf.float64), axis=[0, 1, 2]) for o in outs[count:]]
         squares = [tf.reduce_sum(tf.square(tf.cast(o, tf.float64)), axis=[0, 1, 2]) for o in outs[count:]]
         return pooled, sums, squares  # a backbone without BatchNorm has no statistics: two empty lists

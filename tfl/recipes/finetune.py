@@ -19,13 +19,23 @@ import dataclasses
 from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import BALANCE, TTA_MODES, TTA_NONE, UNFREEZE, option
+from tfl.options import (BACKBONE_LR_FACTOR, BALANCE, FREEZE_AUTO, LR_FIND, TTA_MODES, TTA_NONE, UNFREEZE,
+                         AdapterOptions, option)
 from tfl.recipes.advise import resolve_auto
 from tfl.recipes.stages import prepare_balanced, two_stage
 
 
 @dataclasses.dataclass
-class FinetuneOptions(JobOptions):
+class FinetuneOptions(JobOptions, AdapterOptions):
+    # --lr and --backbone-lr as JobOptions declares them, and also "find" (tfl.recipes.lr_find.finding)
+    lr: float | str = option(1e-3, group="train", check="positive", words=(LR_FIND,), metavar="FLOAT|find", help=(
+        "Learning rate of the head. find: a learning-rate range test over the head stage chooses it (as `tfl "
+        "lr-find` does, on the cached features; the run then starts from the original weights); config.json records "
+        "the rate found."))
+    backbone_lr: float | str | None = option(None, group="train", check="positive", words=(LR_FIND,),
+                                             metavar="FLOAT|find", help=(
+        f"Learning rate of the backbone once it trains (default: {BACKBONE_LR_FACTOR} x --lr). find: a range test "
+        "over the finetune stage chooses it (as `tfl lr-find --stage finetune`)."))
     unfreeze_mode: str = option("two_stage", choices=UNFREEZE, help=(
         "two_stage: the head, then everything above --freeze-up-to at once. gradual (ULMFiT): the head, then one "
         "more canonical stage from the top every --unfreeze-every epochs (or as --unfreeze-schedule says), never "
@@ -75,8 +85,16 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
         parse_abstain(opts.abstain)
         if not calibrate:
             raise UsageError(f"--abstain {opts.abstain}: the threshold is on calibrated probabilities; add --calibrate")
-    return jobs.run(opts, calibrating(recipe, opts.abstain, opts.tta) if calibrate else recipe, log,
-                    resolve_depth=resolve_auto)
+    if calibrate:
+        recipe = calibrating(recipe, opts.abstain, opts.tta)
+    if LR_FIND in (opts.lr, opts.backbone_lr):
+        from tfl.recipes.lr_find import finding
+
+        if opts.freeze_up_to == FREEZE_AUTO:
+            raise UsageError("--freeze-up-to auto with --lr find or --backbone-lr find: the depth is chosen by short "
+                             "runs at --lr; give --lr a number, or a stage to --freeze-up-to")
+        recipe = finding(recipe)
+    return jobs.run(opts, recipe, log, resolve_depth=resolve_auto)
 
 
 def calibrating(recipe, abstain: str | None = None, tta: str = TTA_NONE):

@@ -412,3 +412,32 @@ def write_wise_ft(rows: list[dict], chosen: float, path: str, title: str | None 
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+def write_lr_find(curve: list[dict], suggestion_step: int, path: str, flag: str = "lr",
+                  title: str | None = None) -> str:
+    """A learning-rate range test: the loss of each step (faint) and its smoothed loss against the learning rate on
+    a log axis, the suggested rate marked. curve: [{"step", "lr", "loss", "smoothed_loss"}] (tfl.recipes.lr_find)."""
+    if not curve:
+        raise UsageError(f"write_lr_find needs at least one step, got none (for {path})")
+    lrs = np.array([row["lr"] for row in curve], float)
+    figure = _figure((7, 4.5))
+    ax = figure.subplots()
+    ax.plot(lrs, [row["loss"] for row in curve], color="tab:blue", alpha=0.3, linewidth=1.0, label="loss")
+    ax.plot(lrs, [row["smoothed_loss"] for row in curve], color="tab:blue", label="smoothed loss")
+    chosen = curve[suggestion_step - 1]
+    ax.axvline(chosen["lr"], color="tab:red", linestyle="--", linewidth=1.0)
+    ax.plot([chosen["lr"]], [chosen["smoothed_loss"]], "o", color="tab:red",
+            label=f"suggestion {flag} {chosen['lr']:.3g} (valley)")
+    ax.set_xscale("log")
+    # The last steps' exploding loss would flatten the rest: the axis ends at 1.5x the highest smoothed loss up to
+    # its lowest point.
+    smoothed = np.array([row["smoothed_loss"] for row in curve], float)
+    lowest = int(np.argmin(smoothed))
+    raw_low = min(row["loss"] for row in curve)
+    top = 1.5 * float(smoothed[: lowest + 1].max())
+    if np.isfinite(top) and top > raw_low:
+        ax.set_ylim(min(raw_low, float(smoothed.min())) * 0.95, top)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    return _finish(figure, [ax], title, path)

@@ -62,7 +62,8 @@ def folded_layer(conv, bn, input_shape):
     """A new convolution with a bias computing bn(conv(x)) in inference mode."""
     s, offset = _scale_offset(bn)
     config = {**conv.get_config(), "use_bias": True, "name": f"{conv.name}_bn_folded", "trainable": False}
-    config.pop("bias_initializer", None)
+    for key in ("bias_initializer", "lora_rank", "lora_alpha"):  # a LoRA conv's kernel below is the merged one
+        config.pop(key, None)
     config["dtype"] = conv.dtype_policy
     layer = type(conv).from_config(config)
     if isinstance(conv, keras.layers.DepthwiseConv2D):

@@ -5,7 +5,8 @@ file where a reader would take it for a checkpoint.
   ckpt-0003.npz   after every finished epoch (3 = epochs done): the model's variables (weights, BN statistics,
                   dropout RNG state), the optimizer variables of the stage in progress (one optimizer per
                   parameter group; `iterations` is the LR schedule's position), the best weights when they are
-                  not the current ones, and the trainer state as JSON (stage, epoch, history, best, patience)
+                  not the current ones, the weight averages (--ema, --swa-epochs: "avg.<name>.*", with their
+                  counts in the state), and the trainer state as JSON (stage, epoch, history, best, patience)
   latest          the name of the newest complete checkpoint, written after it: a checkpoint counts only once
                   `latest` names it, and a reader falls back to older ones when it is damaged
 Only the newest two are kept (the second is the fallback). Every file goes through tfl.durable.atomic_write (temp

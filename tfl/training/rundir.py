@@ -39,10 +39,15 @@ from tfl.durable import TMP_PREFIX, atomic_write, fsync_dir, save_keras, write_c
 CONFIG, CLASSES, PLAN, HISTORY, MODEL, METRICS, CHECKPOINTS = (
     "config.json", "classes.json", "freeze_plan.json", "history.csv", "model.keras", "metrics.json", "checkpoints")
 CALIBRATION = "calibration.json"
+ADAPTERS, ADAPTERS_MANIFEST = "adapters.safetensors", "adapters.json"  # --save-adapters-only (tfl.adapters)
 LOCK = ".tfl.lock"
 MAX_JSON_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # a run's JSON files are small and shallow; anything else is refused
 # What a tfl run writes into its directory besides the names above; --overwrite deletes exactly these.
-RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json", CALIBRATION)
+RUN_EXTRAS = ("restore_report.json", "curves.png", "tensorboard", "report", "advice.json", CALIBRATION, ADAPTERS,
+              ADAPTERS_MANIFEST,
+              # tfl lr-find's files, and finetune --lr find's (one set per stage tested: tfl.recipes.lr_find)
+              *(f"{stem}.{ext}" for stem in ("lr_find", "lr_find_head", "lr_find_finetune")
+                for ext in ("json", "csv", "png")))
 
 
 class RunDirInUse(Unavailable):

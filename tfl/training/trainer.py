@@ -13,6 +13,8 @@ What a recipe changes without copying the loop:
   and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
   the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
 - callbacks see every step, stage and epoch (TensorBoard, the TFL_FAULT test hook).
+- averagers (tfl.training.averaging: --ema, --swa-epochs) update inside the train step, are validated after
+  every epoch and travel in every checkpoint.
 
 Every decision (best epoch, early stopping) is taken on all-reduced numbers, so all workers take it alike.
 With a CheckpointManager the trainer saves after every epoch and `resume` continues from a snapshot exactly:
@@ -38,7 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.data.pipeline import FEATURES, IMAGE, LABEL, TARGET
-from tfl.training import checkpoint, stopping
+from tfl.training import checkpoint, device, stopping
+from tfl.training.averaging import EpochContext
 from tfl.training.schedules import WarmupSchedule
 
 from tfl.options import OPTIMIZERS, JobOptions
@@ -69,9 +72,10 @@ class TrainingDiverged(Unavailable):
 
 # The options the trainer reads (--optimizer, --weight-decay (0.01 for adamw when not given, else 0), --schedule,
 # --warmup-epochs, --step-size, --gamma, --label-smoothing, --early-stopping (every stage's default patience),
-# --jit): JobOptions' fields, with their defaults, declared there once.
+# --jit, --readback-every (None: the device kind's default, tfl.training.device)): JobOptions' fields, with their
+# defaults, declared there once.
 TRAIN_OPTIONS = ("optimizer", "weight_decay", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing",
-                 "early_stopping", "jit")
+                 "early_stopping", "jit", "readback_every")
 
 
 def _from_options(cls, opts, **changes) -> "TrainConfig":
@@ -109,6 +113,9 @@ class StagePolicy:
     keep_optimizers: bool = False  # reuse the optimizer (moments, schedule position) of groups that carry on
     schedule_epochs: int | None = None  # epochs the new groups' schedules span (default: this stage's)
     warmup: bool = True
+    # A learning-rate range test (tfl.recipes.lr_find): every group's rate is multiplied by this factor after each
+    # step, from its ParamGroup.lr, instead of --schedule and warmup.
+    lr_growth: float | None = None
 
 
 @dataclasses.dataclass
@@ -326,7 +333,7 @@ class Trainer:
                  cfg: TrainConfig, log: Callable[[str], None] = print,
                  checkpoints: checkpoint.CheckpointManager | None = None, loss: Callable | None = None,
                  metrics: Callable | None = None, inputs: Callable = model_inputs,
-                 callbacks: list[Callback] | None = None, select: str = "val_accuracy"):
+                 callbacks: list[Callback] | None = None, select: str = "val_accuracy", averagers: list | None = None):
         self.strategy = strategy
         self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.model = model  # the canonical model: evaluated, saved, and where best weights live
@@ -339,6 +346,9 @@ class Trainer:
         self.inputs_fn = inputs
         self.callbacks = list(callbacks or []) + default_callbacks()
         self.select = select  # the run-wide best epoch, restored by restore_best()
+        # Weight averages (tfl.training.averaging: --ema, --swa-epochs), updated in the train step, validated after
+        # every epoch and kept in every checkpoint.
+        self.averagers = list(averagers or [])
         self.history: list[EpochResult] = []
         self.best_value: float | None = None
         self.best_weights = None
@@ -356,6 +366,11 @@ class Trainer:
         # () -> (JSON-able state, {name: array}) a recipe keeps in every checkpoint (a continual-learning strategy's
         # buffer, old outputs, Fisher); a resumed recipe reads them back as state["recipe"] and arrays "recipe.<name>".
         self.recipe_state: Callable[[], tuple[dict, dict]] | None = None
+        # How the step uses its device (tfl.training.device): XLA, and every how many steps its numbers come back.
+        kind = device.device_kind(strategy)
+        self._jit = device.resolve_jit(cfg.jit, kind, device.op_determinism())
+        self._readback_every = device.resolve_readback(cfg.readback_every, kind)
+        self._totals_kind = kind
 
     @property
     def best_accuracy(self) -> float:
@@ -393,6 +408,8 @@ class Trainer:
                 group = variables[bounds[i]:bounds[i + 1]]
                 gradients = tape.gradient(scaled[i], group) if scaled else grads[bounds[i]:bounds[i + 1]]
                 opt.apply_gradients(list(zip(gradients, group)))
+            for averager in self.averagers:
+                averager.in_step()
             return self._sums(batch, outputs, per_example)
 
         return self._distributed(step)
@@ -407,8 +424,10 @@ class Trainer:
         return self._distributed(step)
 
     def _distributed(self, step):
-        """The step on every replica, its sums all-reduced; `stop` (1.0: this process got SIGTERM) is summed with
-        them, so every worker learns at the same step that one of them was asked to stop.
+        """The step on every replica, its sums all-reduced and added to the running `totals` on the device
+        (device.Totals); `stop` (1.0: this process got SIGTERM) is summed with them, so every worker learns at the
+        same read-back that one of them was asked to stop. Returns (new totals, this step's sums); the function's
+        `totals` attribute reads them.
 
         Traced without AutoGraph, as Keras traces its own train step: the step, the model and every recipe's hooks
         branch on Python values only (tensor-dependent branches use tf.cond / ops.where), and converting all of
@@ -416,17 +435,30 @@ class Trainer:
         def with_stop(batch, stop):
             return {**step(batch), STOP: tf.identity(stop)}
 
-        @tf.function(jit_compile=self.cfg.jit, autograph=False)
-        def distributed(batch, stop):
-            results = self.strategy.run(with_stop, args=(batch, stop))
-            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
+        totals = device.Totals(self._totals_kind)
 
+        @tf.function(jit_compile=self._jit, autograph=False)
+        def distributed(batch, stop, running):
+            results = self.strategy.run(with_stop, args=(batch, stop))
+            sums = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in results.items()}
+            return totals.add(running, sums)
+
+        distributed.totals = totals
         return distributed
 
-    def _step(self, step, batch) -> tuple[dict, bool]:
-        """(the step's all-reduced sums, whether any worker got SIGTERM)."""
-        sums = {k: float(v) for k, v in step(batch, tf.constant(float(stopping.requested()))).items()}
-        return sums, sums.pop(STOP) > 0
+    def _step(self, step, batch, running):
+        """Run one step, adding its sums to `running` (on the device; None: the first step of a pass): returns the
+        new running totals and this step's sums, neither read back."""
+        if running is None:
+            running = step.totals.zeros()
+        return step(batch, tf.constant(float(stopping.requested())), running)
+
+    @staticmethod
+    def _read(step, running) -> tuple[dict, bool, int, float]:
+        """Read the running totals back: ({"loss", metrics..., "examples"}, whether any worker got SIGTERM, the
+        pass's first step whose loss was not finite (0: none), that loss)."""
+        sums, _, bad_step, bad_loss = step.totals.read(running)
+        return sums, sums.pop(STOP) > 0, bad_step, bad_loss
 
     def _terminated(self, where: str, progress=None) -> stopping.Terminated:
         """The exception that stops the run after SIGTERM (see tfl.training.stopping), after a line saying where."""
@@ -447,7 +479,9 @@ class Trainer:
         dataset = _as_dicts(dataset)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
+        # Batches prefetched into the replicas' device memory (a no-op on a CPU).
+        return self.strategy.experimental_distribute_dataset(
+            device.prefetch_to_gpu(dataset.with_options(options), self.strategy), device.input_options())
 
     def _distribute_padded(self, dataset: tf.data.Dataset):
         """Evaluation batches for every replica, however small the last batch: each global batch is padded (by
@@ -479,7 +513,7 @@ class Trainer:
 
             return dataset.map(split).unbatch()  # one element per local replica and step
 
-        return self.strategy.distribute_datasets_from_function(per_worker)
+        return self.strategy.distribute_datasets_from_function(per_worker, device.input_options())
 
     @_sigterm_deferred
     def evaluate_all(self, dataset: tf.data.Dataset, label: str = "eval", steps: int | None = None,
@@ -493,15 +527,23 @@ class Trainer:
         if key not in self._eval_steps:  # the objects are kept with the step, so their ids stay theirs
             self._eval_steps[key] = (model, loss, metrics, self._eval_step_fn(model, loss, metrics))
         eval_step = self._eval_steps[key][-1]
-        totals: dict = {}
+        running, totals, read = None, {}, 0
         progress = Progress(steps or 0, f"    {label}") if steps else None
         for i, batch in enumerate(self._distribute_padded(dataset), 1):
             if self._stop_now():
                 raise self._terminated(f"during the {label} evaluation", progress)
-            sums, stop = self._step(eval_step, batch)
+            running, _ = self._step(eval_step, batch, running)
+            if i % self._readback_every == 0:
+                totals, stop, _, _ = self._read(eval_step, running)
+                read = i
+                if stop:
+                    raise self._terminated(f"during the {label} evaluation", progress)
+                if progress:
+                    progress.update(i, *_loss_and_accuracy(totals))
+        if running is not None and read != i:
+            totals, stop, _, _ = self._read(eval_step, running)
             if stop:
                 raise self._terminated(f"during the {label} evaluation", progress)
-            _accumulate(totals, sums)
             if progress:
                 progress.update(i, *_loss_and_accuracy(totals))
         if progress:
@@ -540,6 +582,8 @@ class Trainer:
             self.stage_best.pop(stage, None)
             self._stage_best_weights = None
         self._resume_stage = self._resume_optimizers = None
+        for averager in self.averagers:
+            averager.begin_stage(stage, train_model, groups)
         train_step = self._train_step_fn(train_model, groups, optimizers, global_batch)
         n_params = sum(int(np.prod(v.shape)) for g in groups for v in g.variables)
         self.log(f"stage {stage}: {epochs} epoch(s), {steps_per_epoch} steps each, {n_params:,} trainable parameters, "
@@ -562,32 +606,34 @@ class Trainer:
             # than a cached head step.
             step_lrs = {g.name: live[g.name].schedule.values(first_step[g.name], steps_per_epoch)
                         for g in groups} if step_logs else {}
-            totals: dict = {}
             progress = Progress(steps_per_epoch, f"  {stage} epoch {epoch}/{epochs}")
             data = train_ds(number) if callable(train_ds) else train_ds
             self._best_is_current = False
+            # The step's numbers add up on the device and come back every --readback-every steps and at the end of
+            # the epoch (tfl.training.device); the callbacks' per-step logs wait for the next read too.
+            running, totals, pending, done, read_at = None, {}, [], 0, 0
+            where = (stage, number, epoch)
             for i, batch in enumerate(self._distribute(data), 1):
                 if self._stop_now():
                     raise self._terminated(f"after step {i - 1} of epoch {number}" if i > 1 else
                                            f"before epoch {number}", progress)
-                sums, stop = self._step(train_step, batch)
-                if stop:
-                    raise self._terminated(f"after step {i} of epoch {number}", progress)
-                if not math.isfinite(sums.get("loss", 0.0)):
-                    progress.close()
-                    raise TrainingDiverged(self._diverged(stage, number, epoch, i, sums["loss"]))
-                _accumulate(totals, sums)
-                self.global_step += 1
-                progress.update(i, *_loss_and_accuracy(totals))
+                running, sums = self._step(train_step, batch, running)
+                self.global_step, done = self.global_step + 1, i
                 if step_logs:
-                    logs = _means(sums)
-                    logs.update({f"lr/{name}": float(values[i - 1]) for name, values in step_lrs.items()})
-                    self._emit("on_train_step", stage, self.global_step, logs)
+                    pending.append((i, self.global_step, sums))
+                if i % self._readback_every == 0 or i >= steps_per_epoch:
+                    totals, read_at = self._read_train(train_step, running, pending, i, where, step_lrs, progress), i
                 self._emit("on_batch_end", number, i)
                 if i >= steps_per_epoch:
                     break
+            if done != read_at:  # the data ended before steps_per_epoch
+                totals = self._read_train(train_step, running, pending, done, where, step_lrs, progress)
             progress.close()
             val = self.evaluate_all(val_ds, "val", val_steps, eval_model)
+            averaging = self._averaging_context(stage, epoch, epochs, number, val_ds, val_steps, eval_model, train_ds,
+                                                train_model, steps_per_epoch, groups)
+            for averager in self.averagers:
+                val.update(averager.after_epoch(self, averaging))
             result = EpochResult(stage, number, _means(totals), val, lrs, time.time() - start, list(trainable or []))
             self.history.append(result)
             improved = better(self.select, result.metric(self.select), self.best_value)
@@ -615,12 +661,45 @@ class Trainer:
                 self._best_is_current = self.stage_best[stage]["epoch"] == self.best_epoch
                 self.log(f"stage {stage}: restored its best weights (epoch {self.stage_best[stage]['epoch']}, "
                          f"{policy.select} {self.stage_best[stage]['value']:.4f})")
+            if done:
+                for averager in self.averagers:
+                    result.val.update(averager.end_stage(self, averaging))
             if self.checkpoints:
                 self.checkpoints.save(self._snapshot(stage, epoch, since_best, done, groups, live))
             self._emit("on_epoch_end", result)
             if done:
                 break
         self._stage_best_weights = None
+
+    def _averaging_context(self, stage, epoch, epochs, number, val_ds, val_steps, eval_model, train_ds, train_model,
+                           steps_per_epoch, groups):
+        return EpochContext(
+            stage, epoch, epochs, number,
+            evaluate=lambda label: self.evaluate_all(val_ds, label, val_steps, eval_model),
+            train_batches=lambda: self._distribute(train_ds(number) if callable(train_ds) else train_ds),
+            train_model=train_model, steps=steps_per_epoch, groups=groups, inputs=self.inputs_fn)
+
+    def _read_train(self, train_step, running, pending: list, i: int, where: tuple, step_lrs: dict, progress) -> dict:
+        """Read the epoch's running totals back after its step `i`: stop for a SIGTERM on any worker or a loss that
+        was not finite (at the step where it first was), hand the callbacks the logs of the steps since the last read
+        (`pending`: (step in the epoch, global step, its sums)), move the progress line; returns the totals."""
+        stage, number, epoch = where
+        totals, stop, bad_step, bad_loss = self._read(train_step, running)
+        if stop:
+            raise self._terminated(f"after step {i} of epoch {number}", progress)
+        for at, global_step, sums in pending:
+            if bad_step and at >= bad_step:
+                break
+            logs = _means(train_step.totals.sums(sums))
+            logs.pop(STOP)
+            logs.update({f"lr/{name}": float(values[at - 1]) for name, values in step_lrs.items()})
+            self._emit("on_train_step", stage, global_step, logs)
+        pending.clear()
+        if bad_step:
+            progress.close()
+            raise TrainingDiverged(self._diverged(stage, number, epoch, bad_step, bad_loss))
+        progress.update(i, *_loss_and_accuracy(totals))
+        return totals
 
     def _diverged(self, stage: str, number: int, stage_epoch: int, step: int, loss: float) -> str:
         kept = (f"the checkpoint of epoch {len(self.history)} in {self.checkpoints.folder} is kept (the last good "
@@ -648,9 +727,13 @@ class Trainer:
                 # As in an uninterrupted run, a finished stage's optimizer carries on only for the same variables.
                 carried = g.name in saved and (resume is not None or (
                     policy.keep_optimizers and saved[g.name][2] in (None, self._variable_indices(g.variables))))
-                schedule = (WarmupSchedule(**saved[g.name][0]) if carried else
-                            WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch,
-                                           cfg.gamma))
+                if carried:
+                    schedule = WarmupSchedule(**saved[g.name][0])
+                elif policy.lr_growth:  # "step" with a step of one optimizer step: lr x growth^step
+                    schedule = WarmupSchedule(g.lr, span, 0, "step", 1, policy.lr_growth)
+                else:
+                    schedule = WarmupSchedule(g.lr, span, warmup, cfg.schedule, cfg.step_size * steps_per_epoch,
+                                              cfg.gamma)
                 opt = make_optimizer(cfg, schedule)
                 if cfg.loss_scale:
                     opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -708,6 +791,11 @@ class Trainer:
             "history": [dataclasses.asdict(r) for r in self.history],
             "variables": [[v.path, list(v.shape)] for v in self.model.variables],
         }
+        if self.averagers:
+            state["averaging"] = {}
+            for averager in self.averagers:
+                state["averaging"][averager.name], averaged = averager.state()
+                arrays.update({f"avg.{averager.name}.{name}": value for name, value in averaged.items()})
         if self.recipe_state is not None:
             recipe, recipe_arrays = self.recipe_state()
             state["recipe"] = recipe
@@ -736,6 +824,10 @@ class Trainer:
         if f"stagebest.{0:05d}" in arrays:
             self._stage_best_weights = [arrays[f"stagebest.{i:05d}"] for i in range(len(self.model.weights))]
         self.stage_best = state["stage_best"]
+        for averager in self.averagers:
+            prefix = f"avg.{averager.name}."
+            averager.load(state["averaging"][averager.name],
+                          {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.stopped_early = state["stopped_early"]
         self.global_step = state["global_step"]
         unfinished = set() if state["stage_done"] else {state["stage"]}
@@ -778,7 +870,9 @@ def history_rows(history: list[EpochResult]) -> list[dict]:
         if any(h.trainable for h in history):
             row["trainable"] = ";".join(r.trainable)
         rows.append(row)
-    return rows
+    # A metric of some epochs only (val_swa_*: the final stage's last) is blank in the others.
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k, "") for k in columns} for row in rows]
 
 
 def _as_dicts(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -799,11 +893,6 @@ def _weighted(values, weight):
 
 def _same_variables(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def _accumulate(totals: dict, sums) -> None:
-    for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
 
 
 def _means(totals: dict) -> dict:
