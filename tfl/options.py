@@ -37,6 +37,10 @@ CL_STRATEGIES = ("naive", "replay", "lwf", "ewc", "joint")  # tfl forgetting --s
 DANN_SHIFTS = ("invert", "tint", "texture")  # tfl dann --target-shift: the shifted copy of the dataset made as target
 BALANCE = ("none", "sampler", "loss")  # tfl finetune --balance: class-balanced sampling or class-weighted loss
 PRETEXT_OBJECTIVES = ("rotation", "simclr")  # tfl pretext --objective
+# --augment: per-image augmentation of training batches (tfl.data.augment); a bare --augment means basic
+AUGMENTS = ("none", "basic", "randaugment")
+AUGMENT_BARE = "basic"
+MIXUP_ON = ("auto", "features", "pixels")  # --mixup-on: where MixUp mixes (cached boundary activations or images)
 # tfl calibrate --tta / finetune --tta: test-time augmentation's views (tfl.tta), kept only if val says so
 TTA_NONE = "none"
 TTA_MODES = (TTA_NONE, "flip", "flip+crops")
@@ -97,19 +101,20 @@ GROUPS = ("data", "model", "train", "distribution", "run")
 def option(default=None, help: str = "", *, group: str | None = None, flag: str | None = None,
            metavar: str | None = None, choices: tuple | None = None, check=None, parse: str | None = None,
            repeat: bool = False, required: bool = False, cli: bool = True, show_default: bool = True,
-           words: tuple = ()):
+           bare=None, words: tuple = ()):
     """A dataclass field of a command's options, with what the command line and the checks need to know.
 
     flag: the command-line spelling (default --<name with dashes>; booleans may give "--on/--off");
     check: "positive", "non_negative", or (low, high, low_open, high_open) for a range (None: unbounded);
     parse: how the command line's text becomes the value, where the type does not say ("size", "disk_size",
     "hidden", "renames", "hosts", "task_weights"); repeat: the flag may be given several times; required: the
-    command needs a value (the default is a placeholder); cli=False: library only; words: words a number field
-    also takes (--lr find), which its check lets through.
+    command needs a value (the default is a placeholder); cli=False: library only; bare: the value of the flag given
+    without one (e.g. a bare --augment); words: words a number field also takes (--lr find), which its check lets
+    through.
     """
     meta = {"help": help, "group": group, "flag": flag, "metavar": metavar, "choices": choices, "check": check,
             "parse": parse, "repeat": repeat, "required": required, "cli": cli, "show_default": show_default,
-            "words": tuple(words)}
+            "bare": bare, "words": tuple(words)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -283,8 +288,25 @@ class JobOptions:
     gamma: float = option(0.1, group="train", check="positive", help="Step factor (--schedule step).")
     label_smoothing: float = option(0.0, group="train", check=(0, 0.5, False, False), help=(
         "Mix this much of a uniform distribution into the one-hot targets of the loss."))
-    augment: bool = option(False, group="train",
-                           help="Random flip, pad-and-crop and small rotation in the input pipeline.")
+    augment: str = option("none", group="train", choices=AUGMENTS, bare=AUGMENT_BARE, help=(
+        "Per-image augmentation of the training batches, seeded. basic: random flip, pad-and-crop and small "
+        "rotation; randaugment: basic, then 2 RandAugment ops per image at magnitude 9 (timm's rand-m9-n2, without "
+        "equalize and sharpness). A bare --augment means basic. Changes the pixels, so no boundary cache."))
+    random_erasing: float = option(0.0, group="train", check=(0, 1, False, False), metavar="P", help=(
+        "Erase one random rectangle (2-33% of the image, filled with noise) of each training image with probability "
+        "P. Changes the pixels, so no boundary cache."))
+    mixup: float = option(0.0, group="train", check="non_negative", metavar="ALPHA", help=(
+        "MixUp: mix each training batch with itself reversed, weight ~ Beta(ALPHA, ALPHA), and train on the mixed "
+        "soft labels (0: off; 0.2 is common). Mixes the cached boundary activations where a stage trains on them, "
+        "which keeps the cache (see --mixup-on)."))
+    cutmix: float = option(0.0, group="train", check="non_negative", metavar="ALPHA", help=(
+        "CutMix: paste a box of the reversed batch into each training batch, area ~ Beta(ALPHA, ALPHA), with soft "
+        "labels by area (0: off; 1.0 is common). With --mixup too, each batch takes one of the two. Changes the "
+        "pixels, so no boundary cache."))
+    mixup_on: str = option("auto", group="train", choices=MIXUP_ON, help=(
+        "Where --mixup mixes. auto: the cached boundary activations of a stage that trains on them, else the "
+        "images; features: only cached activations (a stage that would train on images is refused); pixels: the "
+        "images (turns the boundary cache off)."))
     early_stopping: int | None = option(None, group="train", check="positive", metavar="N", help=(
         "End a stage after N epochs without val improvement (the next stage still runs)."))
     seed: int = option(0, group="train", help="Seeds data order, init and dropout: runs repeat on CPU.")
@@ -304,7 +326,8 @@ class JobOptions:
     cache: str = option("auto", group="train", choices=CACHE_MODES, help=(
         "Boundary caching: compute the frozen layers' output once and train the layers above it on the cached "
         "tensors (head stage: pooled features; later stages: their freeze boundary). auto: whenever valid (no "
-        "--augment, a prefix-shaped freeze); on: fail if impossible; off: recompute every epoch."))
+        "pixel augmentation (--augment, --random-erasing, --cutmix, --mixup-on pixels), a prefix-shaped freeze); on: "
+        "fail if impossible; off: recompute every epoch."))
     cache_budget: str | None = option(None, group="train", parse="size", metavar="SIZE", help=SIZE_HELP + (
         " What does not fit is read from disk under --cache-dir.  [default: 25% of RAM, at most 4G]"))
     cache_dir: str | None = option(None, group="train", metavar="DIRECTORY", help=(
@@ -375,6 +398,17 @@ class JobOptions:
         "Then export the best model as a SavedModel for TF Serving to saved_models/<run name>/<next version>/, as "
         "`tfl export --run` does with its defaults."))
 
+    def __post_init__(self):
+        # --augment was on/off before it took a policy: True and False keep their meaning (basic, none)
+        if isinstance(self.augment, bool):
+            self.augment = "basic" if self.augment else "none"
+
+
+AUGMENTATION = ("augment", "random_erasing", "mixup", "cutmix", "mixup_on")
+"""The augmentation options, for a command that trains on fixed inputs."""
+MIXING = ("mixup", "cutmix", "mixup_on")
+"""The options that mix labels, for a command whose loss or batches need each row's own label."""
+
 
 @dataclasses.dataclass
 class AdapterOptions:
@@ -403,6 +437,13 @@ SWEEP_RUN = ("strategy", "worker_hosts", "task_index", "scale_lr", "resume", "ov
 single run's --resume/--overwrite/--export (rerunning into the same --output-dir continues it)."""
 FROZEN_BACKBONE = ("freeze_up_to", "rules", "freeze_mode", "train_bn")
 """The freeze options, for a command whose backbone always stays frozen."""
+
+
+def augmentation_flags(opts) -> list[str]:
+    """The augmentation options `opts` turns on (its training batches then change every epoch), as flags."""
+    flags = [f"--augment {opts.augment}"] if opts.augment not in ("none", False, None) else []
+    return flags + [f"{flag_of(f)} {getattr(opts, f.name):g}" for f in dataclasses.fields(JobOptions)
+                    if f.name in ("random_erasing", "mixup", "cutmix") and getattr(opts, f.name)]
 
 
 def all_but(*used: str) -> tuple[str, ...]:

@@ -185,6 +185,8 @@ def field_option(field: dataclasses.Field, hint, help_text: str | None = None) -
     else:
         attrs["default"] = None if meta.get("required") else default
         attrs["type"] = click.Choice(meta["choices"]) if meta.get("choices") else kind
+        if meta.get("bare") is not None:  # the flag alone means this value (click: an optional value)
+            attrs.update(is_flag=False, flag_value=meta["bare"])
     if meta.get("choices") and kind is tuple:
         attrs["help"] += "  [choices: " + ", ".join(meta["choices"]) + "]"
 

@@ -13,7 +13,8 @@ boundary activations of tfl.training.boundary, a recipe's teacher logits or task
 the batches the images would.
 
 Batches are dicts: IMAGE (float32 [B, S, S, 3], 0..255) or FEATURES (cached activations), LABEL (int32 [B]),
-plus any column a recipe adds (`gather_batches(..., columns)`), so the trainer's loss hook sees them all.
+TARGET (soft labels [B, classes]) when the batch was mixed (tfl.data.augment.Policy), plus any column a recipe adds
+(`gather_batches(..., columns)`), so the trainer's loss hook sees them all.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.augment import augment_batch
+from tfl.data.augment import Policy, as_policy
 from tfl.data.decode import ImageFiles, decode_path
 from tfl.data.errors import DataError
+from tfl.data.keys import FEATURES, IMAGE, LABEL, TARGET  # noqa: F401 (re-exported: the batch keys)
 
 READ_BATCH = 256  # elements per step while materialising: large enough to keep tf.data's parallel map busy
-IMAGE, FEATURES, LABEL = "image", "features", "label"  # the batch keys every producer and the trainer share
 
 
 def make_pipeline(
@@ -37,7 +38,7 @@ def make_pipeline(
     batch_size: int,
     training: bool,
     seed: int,
-    augment: bool = False,
+    augment: bool | str | Policy = False,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """{IMAGE: float32 [B, S, S, 3] in 0..255, LABEL: int32 [B]} batches from (image uint8 [H, W, 3], label)
@@ -45,8 +46,8 @@ def make_pipeline(
 
     training=True decodes the whole dataset into memory once and shuffles with `seed`: the same seed gives the
     same order every run, and each epoch (each iteration over the dataset) gets a new order that is itself
-    fixed by the seed. training=False streams in the source order. `augment` draws its randomness from the
-    seed the same way.
+    fixed by the seed. training=False streams in the source order. `augment` (a tfl.data.augment.Policy, an
+    --augment name, or True for basic) draws its randomness from the seed the same way.
     """
     _check_args(ds, image_size, batch_size)
     if training:
@@ -59,7 +60,7 @@ def make_pipeline(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda images, labels: {IMAGE: to_model_input(images, image_size), LABEL: _labels(labels)},
                 tf.data.AUTOTUNE)
-    return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+    return _augmented(ds, seed, augment)
 
 
 def index_order(n: int, batch_size: int, training: bool, seed: int, drop_remainder: bool = False) -> tf.data.Dataset:
@@ -119,7 +120,7 @@ class ImageStore:
             raise DataError("the dataset is empty: there are no images to train on")
         return cls(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), image_size)
 
-    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0,
+    def batches(self, order: tf.data.Dataset, augment: bool | str | Policy = False, seed: int = 0,
                 extra: dict | None = None) -> tf.data.Dataset:
         """{IMAGE, LABEL, *extra} batches in `order`'s order, images resized to image_size (and augmented) a whole
         batch at a time. `extra`: more columns, row-aligned with the images (teacher logits, task ids, ...)."""
@@ -127,7 +128,7 @@ class ImageStore:
             return {**batch, IMAGE: to_model_input(batch[IMAGE], self.image_size)}
 
         ds = gather_batches(order, {IMAGE: self.images, LABEL: self.labels, **(extra or {})}, to_input)
-        return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+        return _augmented(ds, seed, augment)
 
 
 class StreamedImages:
@@ -150,7 +151,7 @@ class StreamedImages:
     def count(self) -> int:
         return len(self.files)
 
-    def batches(self, order: tf.data.Dataset, augment: bool = False, seed: int = 0,
+    def batches(self, order: tf.data.Dataset, augment: bool | str | Policy = False, seed: int = 0,
                 extra: dict | None = None) -> tf.data.Dataset:
         """As ImageStore.batches: {IMAGE, LABEL, *extra} in `order`'s order, decoded from the files now."""
         read, gather = self._reader(), _gatherer({LABEL: self.labels, **(extra or {})})
@@ -160,7 +161,7 @@ class StreamedImages:
             return {**gather(index), IMAGE: to_model_input(read(index), size)}
 
         ds = order.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return _augmented(ds, seed) if augment else ds.prefetch(tf.data.AUTOTUNE)
+        return _augmented(ds, seed, augment)
 
     def _reader(self):
         """index batch -> uint8 [B, S, S, 3], the rows an ImageStore of these files holds."""
@@ -237,12 +238,16 @@ def to_model_input(images: tf.Tensor, size: int) -> tf.Tensor:
     return tf.image.resize(images, [size, size], method="bilinear", antialias=True)
 
 
-def _augmented(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+def _augmented(ds: tf.data.Dataset, seed: int, augment) -> tf.data.Dataset:
+    policy = as_policy(augment)
+    return seeded_map(ds, seed, policy.images) if policy.active else ds.prefetch(tf.data.AUTOTUNE)
+
+
+def seeded_map(ds: tf.data.Dataset, seed: int, fn) -> tf.data.Dataset:
+    """fn(batch, batch_seed) on every batch, batch_seed int64 [2] drawn from `seed` in order: the same seed gives the
+    same draws batch by batch, and a new iteration of the dataset new ones (still fixed by the seed)."""
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds)).map(
-        lambda batch, batch_seed: {**batch, IMAGE: augment_batch(batch[IMAGE], batch_seed)}, tf.data.AUTOTUNE
-    )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.zip((ds, seeds)).map(fn, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _check_args(ds, image_size, batch_size) -> None:

@@ -45,7 +45,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
-from tfl.options import DANN_SHIFTS, FROZEN_BACKBONE, SWEEP_RUN, option
+from tfl.options import AUGMENTATION, DANN_SHIFTS, FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled, sweep
 
 DANN_JSON, DANN_CSV, DANN_PNG = "dann.json", "dann.csv", "dann.png"
@@ -61,7 +61,7 @@ TEXTURE_PERIOD, TEXTURE_MEAN, TEXTURE_AMPLITUDE = 6.0, 90.0, 70.0  # diagonal st
 
 @dataclasses.dataclass
 class DannOptions(JobOptions):
-    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", "augment", *SWEEP_RUN)
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", *AUGMENTATION, *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where dann.json/.csv/.png and every run directory (<arm>/seed<S>/) go (default: runs/<time>-dann-<dataset>)."),
         "label_fraction": "Label a seeded, stratified share F of each class's training examples as the source.",

@@ -42,7 +42,7 @@ from typing import ClassVar
 from tfl.bench import significant  # throughputs to significant figures: a slow machine's never rounds to 0
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import SWEEP_RUN, check_options as check_fields, option
+from tfl.options import SWEEP_RUN, augmentation_flags, check_options as check_fields, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 from tfl.recipes import sweep
 from tfl.reporting import table
@@ -82,8 +82,8 @@ class DistillOptions(JobOptions):
         "learning from generation k; reports each and their ensemble."))
     teacher_logits: str = option("auto", choices=TEACHER_MODES, help=(
         "cached: one teacher pass over train and val, kept in --cache-dir for later runs; online: the teacher runs "
-        "on every batch (the student then trains on images, no boundary cache); auto: online with --augment, else "
-        "cached."))
+        "on every batch (the student then trains on images, no boundary cache); auto: online with --augment, "
+        "--random-erasing, --mixup or --cutmix (the teacher sees the augmented, mixed images), else cached."))
     baseline: bool = option(True, flag="--baseline/--no-baseline", help=(
         "Also train the same student on the labels only, with the same seed and epochs."))
     throughput_seconds: float = option(2.0, check="positive", help=(
@@ -114,12 +114,11 @@ class DistillationLoss:
         import keras
         import tensorflow as tf
 
-        from tfl.data.pipeline import LABEL
+        from tfl.training.trainer import targets
 
         student = tf.cast(logits, tf.float32)
         teacher = batch_teacher_logits(batch, self.teacher)
-        onehot = tf.one_hot(batch[LABEL], self.num_classes)
-        hard = keras.losses.categorical_crossentropy(onehot, student, from_logits=True,
+        hard = keras.losses.categorical_crossentropy(targets(batch, self.num_classes), student, from_logits=True,
                                                      label_smoothing=self.label_smoothing)
         t = self.temperature
         log_p_teacher = tf.nn.log_softmax(teacher / t, axis=-1)
@@ -450,7 +449,7 @@ def member_run(opts: DistillOptions, role: str, backbone: str, weights: str | No
 
 def resolved_mode(opts: DistillOptions) -> str:
     if opts.teacher_logits == "auto":
-        return "online" if opts.augment else "cached"
+        return "online" if augmentation_flags(opts) else "cached"
     return opts.teacher_logits
 
 
@@ -460,9 +459,11 @@ def check_options(opts: DistillOptions) -> None:
 
     check_fields(opts)
     check_teacher_path(opts.teacher)
-    if opts.teacher_logits == "cached" and opts.augment:
-        raise UsageError("--teacher-logits cached cannot be used with --augment: augmentation changes the images the "
-                         "teacher sees every epoch; use --teacher-logits online (or auto), or drop --augment")
+    augmented = augmentation_flags(opts)
+    if opts.teacher_logits == "cached" and augmented:
+        raise UsageError(f"--teacher-logits cached cannot be used with {', '.join(augmented)}: augmentation changes "
+                         "the images (or features) the teacher would see every epoch; use --teacher-logits online "
+                         "(or auto), or drop " + ", ".join(augmented))
     if opts.born_again and opts.student != DEFAULT_STUDENT:
         raise UsageError(f"--student {opts.student} and --born-again {opts.born_again}: born-again generations have "
                          "the teacher's architecture; drop one of them")

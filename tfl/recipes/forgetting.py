@@ -57,7 +57,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import CL_SCENARIOS, CL_STRATEGIES, SWEEP_RUN, check_options as check_fields, option
+from tfl.options import CL_SCENARIOS, CL_STRATEGIES, MIXING, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import forgetting_metrics as cl_metrics, sweep
 from tfl.reporting import table
 from tfl.reporting.table import Column
@@ -74,7 +74,7 @@ MASKED = -1e9  # the logit of a class outside the mask: exp() of it is exactly 0
 # -- options ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ForgettingOptions(JobOptions):
-    unused: ClassVar = ("head_epochs", "label_smoothing", *SWEEP_RUN)
+    unused: ClassVar = ("head_epochs", "label_smoothing", *MIXING, *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory (<strategy>/) go "
         "(default: runs/<time>-forgetting-<dataset>). Run again with the same directory to continue an interrupted "
@@ -120,9 +120,10 @@ def check_options(opts: ForgettingOptions) -> None:
         parse_task_tokens(opts.tasks)
     if opts.epochs < 1:
         raise UsageError(f"--epochs {opts.epochs}: every task trains --epochs epochs; give at least 1")
-    if opts.augment and "lwf" in opts.strategies:
-        raise UsageError("--augment with lwf: the old model's outputs are recorded once per task on unaugmented "
-                         "inputs, so they would not match the augmented images; drop --augment or lwf")
+    if (opts.augment != "none" or opts.random_erasing) and "lwf" in opts.strategies:
+        raise UsageError("--augment or --random-erasing with lwf: the old model's outputs are recorded once per "
+                         "task on unaugmented inputs, so they would not match the augmented images; drop the "
+                         "augmentation or lwf")
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions
-from tfl.options import FROZEN_BACKBONE, SWEEP_RUN, option
+from tfl.options import AUGMENTATION, FROZEN_BACKBONE, SWEEP_RUN, option
 from tfl.recipes import pooled, sweep
 
 MULTITASK_JSON, MULTITASK_CSV, MULTITASK_PNG = "multitask.json", "multitask.csv", "multitask.png"
@@ -47,7 +47,7 @@ COLUMNS = ("arm", "seed", "task", "test_accuracy", "task_weight", "trainable_par
 
 @dataclasses.dataclass
 class MultitaskOptions(JobOptions):
-    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", "augment", *SWEEP_RUN)
+    unused: ClassVar = ("epochs", *FROZEN_BACKBONE, "backbone_lr", *AUGMENTATION, *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where multitask.json/.csv/.png and every run directory (<arm>[_<task>]/seed<S>/) go (default: "
         "runs/<time>-multitask-<dataset>)."),

@@ -233,7 +233,8 @@ def pretext_recipe(out: str, state: dict):
 
 def pretext_run(opts: PretextOptions, out: str, state: dict) -> sweep.Run:
     changes = {"output_dir": os.path.join(out, "pretext"), "epochs": opts.pretext_epochs, "head_epochs": 0,
-               "label_fraction": None, "cache": "off", "export": False}
+               "label_fraction": None, "cache": "off", "export": False,
+               "mixup": 0.0, "cutmix": 0.0}  # the pretext task's own labels are not mixed
     if opts.objective == "simclr" and not opts.head_hidden:
         changes["head_hidden"] = SIMCLR_HIDDEN
     if opts.objective != "simclr":

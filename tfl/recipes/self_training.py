@@ -40,7 +40,7 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import check_options as check_fields, option
+from tfl.options import AUGMENTATION, check_options as check_fields, option
 from tfl.recipes import runs
 from tfl.reporting import figures_transfer, table
 from tfl.reporting.table import Column
@@ -51,8 +51,8 @@ POOLS = ("train", "unlabeled")  # where unlabeled rows live: the train split's r
 
 @dataclasses.dataclass
 class SelfTrainOptions(JobOptions):
-    unused: ClassVar = ("epochs", "freeze_up_to", "backbone_lr", "augment", "strategy", "worker_hosts", "task_index",
-                        "scale_lr")
+    unused: ClassVar = ("epochs", "freeze_up_to", "backbone_lr", *AUGMENTATION, "strategy", "worker_hosts",
+                        "task_index", "scale_lr")
     option_help: ClassVar = {
         "head_epochs": "Epochs of every round (the head on cached features).",
         "label_fraction": ("Keep a seeded, stratified share F of each class's training rows labeled; the rest of "

@@ -1,7 +1,7 @@
 """Boundary caching: train the layers above the freeze boundary on activations computed once.
 
 When everything below a stage's freeze boundary is frozen and the images reaching it are the same every epoch
-(no augmentation), the boundary activations never change. StageInputs computes them once per split (train,
+(no pixel augmentation), the boundary activations never change. StageInputs computes them once per split (train,
 val), keeps them in an ArrayCache (memory within --cache-budget, else disk; persisted, and reused by later runs
 with the same key) and hands each stage a model that starts at the boundary, sharing the classifier's layers.
 
@@ -14,6 +14,10 @@ between once: the whole job pays for one backbone forward pass per image, howeve
 Order: the training rows of epoch e are gathered by a permutation of indices fixed by (seed, e) (see
 tfl.training.trainer.epoch_seed), for images and cached activations alike, so a run with the cache sees
 exactly the batches it would without, and a resumed epoch sees the batches of an uninterrupted run.
+
+Augmentation (tfl.data.augment.Policy): anything that changes the pixels (--augment, --random-erasing, --cutmix,
+--mixup-on pixels) turns the cache off, saying so in the log. MixUp alone mixes the cached activations of a stage
+that trains on them (a mix of fixed features, seeded by the epoch like the order), so the cache stays valid.
 
 Images: a split of image files is decoded once and kept (ImageStore: memory within --cache-budget, else a decoded
 copy under --cache-dir) or streamed from the files every epoch (StreamedImages), per --decoded-images; auto keeps
@@ -34,9 +38,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfl.cache import ArrayCache, Entry, NoRoom, default_cache_dir, format_size, parse_disk_limit, parse_size
+from tfl.data.augment import Policy, as_policy
 from tfl.data.decode import image_files
 from tfl.data.pipeline import (FEATURES, IMAGE, LABEL, ImageStore, StreamedImages, fill_images, gather_batches,
-                               index_order, stored_shape)
+                               index_order, seeded_map, stored_shape)
 from tfl.data.subset import random_rows
 from tfl.errors import UsageError
 from tfl.models import POOL, backbone_of, head_layers, pooled, preprocess_layer, submodel
@@ -74,8 +79,9 @@ def for_job(job, stages, extra: dict | None = None) -> StageInputs:
         job.model, opts.backbone, {"train": job.train_source, "val": splits.val},
         {"train": job.n_train, "val": splits.num_examples["val"]},
         {"train": data_identity(splits.fingerprint, "train", subset), "val": data_identity(splits.fingerprint, "val")},
-        job.image_size, job.batch, opts.seed, opts.augment, opts.cache, opts.cache_budget, opts.cache_dir, opts.jit,
-        job.log, extra=extra, decoded=opts.decoded_images, disk_limit=opts.cache_disk_limit)
+        job.image_size, job.batch, opts.seed, Policy.from_options(opts, len(job.class_names)), opts.cache,
+        opts.cache_budget, opts.cache_dir, opts.jit, job.log, extra=extra, decoded=opts.decoded_images,
+        disk_limit=opts.cache_disk_limit)
     inputs.plan([(s.name, s.plan, s.epochs) for s in stages])
     return inputs
 
@@ -100,7 +106,7 @@ class StageInputs:
     """
 
     def __init__(self, model: keras.Model, backbone: str, sources: dict, counts: dict, data_ids: dict,
-                 image_size: int, batch_size: int, seed: int, augment: bool = False, mode: str = "auto",
+                 image_size: int, batch_size: int, seed: int, augment: bool | str | Policy = False, mode: str = "auto",
                  budget: str | int | None = None, cache_dir: str | None = None, jit: bool = False,
                  log: Callable = print, stores: dict | None = None, extra: dict | None = None,
                  decoded: str = "auto", disk_limit: str | int | None = None):
@@ -112,7 +118,8 @@ class StageInputs:
         self.backbone = backbone_of(model)
         self.sources, self.counts, self.data_ids = sources, counts, data_ids
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
-        self.augment, self.mode, self.jit, self.log = augment, mode, jit, log
+        self.mode, self.jit, self.log = mode, jit, log
+        self.policy = as_policy(augment)  # of the training batches (a bool or an --augment name: no mixing)
         self.cache = ArrayCache(cache_dir or default_cache_dir(), parse_size(budget), log=log,
                                 disk_limit=parse_disk_limit(disk_limit))
         self.decoded = decoded
@@ -140,19 +147,37 @@ class StageInputs:
     def plan(self, stages) -> None:
         """Decide which stages train on cached activations. stages: [(name, FreezePlan, epochs)] in run order.
 
-        --cache on raises ValueError when caching is impossible (augmentation, or no stage qualifies);
-        auto falls back to recomputing, saying why in the log.
+        --cache on raises ValueError when caching is impossible (pixel augmentation, or no stage qualifies);
+        auto falls back to recomputing, saying why in the log. --mixup-on features raises when a stage would train
+        on images.
         """
         active = [(name, plan, epochs) for name, plan, epochs in stages if epochs > 0]
         self.stage_epochs = {name: epochs for name, _, epochs in active}
+        self._plan_cache(active)
+        if self.policy.mixup and self.policy.mixup_on == "features":
+            on_images = [name for name, _, _ in active if name not in self.stage_boundary]
+            if on_images:
+                raise UsageError(f"--mixup-on features: stage {', '.join(on_images)} trains on images, not cached "
+                                 "activations (the log of --cache says why); use --mixup-on auto (mixes those "
+                                 "images) or pixels")
+        if self.policy.mixes_features and self.stage_boundary:
+            self.log(f"augment: --mixup {self.policy.mixup:g} mixes the cached activations of stage "
+                     f"{', '.join(self.stage_boundary)} (the cache stays valid)")
+
+    def _plan_cache(self, active) -> None:
         if self.mode == "off" or not active:
             return
-        if self.augment:
+        pixels = self.policy.pixel_flags()
+        if pixels:
+            flags = ", ".join(pixels)
             if self.mode == "on":
-                raise UsageError("--cache on cannot be used with --augment: augmentation changes the images before "
-                                 "the freeze boundary every epoch, so there is nothing fixed to cache; use --cache "
-                                 "auto (recomputes) or drop --augment")
-            self.log("cache: not used, --augment changes the images before the freeze boundary every epoch")
+                raise UsageError(f"--cache on cannot be used with {flags}: pixel augmentation changes the images "
+                                 "before the freeze boundary every epoch, so there is nothing fixed to cache; use "
+                                 "--cache auto (recomputes) or drop " + flags)
+            pinned = " (--mixup-on auto would mix the cached activations instead)" if len(pixels) == 1 and \
+                self.policy.mixup and self.policy.mixup_on == "pixels" else ""
+            self.log(f"cache: not used, {flags} change{'s' if len(pixels) == 1 else ''} the images before the "
+                     f"freeze boundary every epoch{pinned}")
             return
         reasons, pending = {}, 0
         for i, (name, plan, _) in enumerate(active):
@@ -224,7 +249,10 @@ class StageInputs:
         train, val = self.entries[(boundary, "train")], self.entries[(boundary, "val")]
 
         def train_batches(epoch):
-            return gather_batches(self._order(epoch), self._columns("train", train)).prefetch(tf.data.AUTOTUNE)
+            batches = gather_batches(self._order(epoch), self._columns("train", train))
+            if self.policy.mixes_features:
+                return seeded_map(batches, epoch_seed(self.seed, epoch), self.policy.features)
+            return batches.prefetch(tf.data.AUTOTUNE)
 
         val_batches = gather_batches(self._order(None, "val"), self._columns("val", val)).prefetch(tf.data.AUTOTUNE)
         return StageFeed(model, train_batches, val_batches, model, boundary)
@@ -238,7 +266,7 @@ class StageInputs:
         extra = self.extra.get(split)
         if split != "train":
             return self._store(split).batches(self._order(None, split), extra=extra)
-        return lambda epoch: self._store("train").batches(self._order(epoch), self.augment,
+        return lambda epoch: self._store("train").batches(self._order(epoch), self.policy,
                                                           epoch_seed(self.seed, epoch), extra=extra)
 
     def _order(self, epoch: int | None, split: str = "train") -> tf.data.Dataset:
@@ -328,10 +356,10 @@ class StageInputs:
     def batches(self, split: str, boundary: str | None, order: tf.data.Dataset, extra: dict | None = None,
                 epoch: int | None = None) -> tf.data.Dataset:
         """Batches of `split` in `order` (a dataset of int64 index batches, any composition): cached activations at
-        `boundary`, or images when it is None (augmented with --augment for train, seeded by `epoch`). `extra`:
-        columns row-aligned with the split."""
+        `boundary`, or images when it is None (through the augmentation policy for train, seeded by `epoch`).
+        `extra`: columns row-aligned with the split."""
         if boundary is None:
-            augment = self.augment and split == "train" and epoch is not None
+            augment = self.policy if split == "train" and epoch is not None else False
             return self._store(split).batches(order, augment, epoch_seed(self.seed, epoch or 0), extra=extra)
         entry = self.activations(boundary, split)
         columns = {FEATURES: entry.data, LABEL: entry.labels, **(extra or {})}

@@ -7,7 +7,8 @@ with its own learning-rate schedule), metrics summed across all replicas of all 
 What a recipe changes without copying the loop:
 - batches are dicts (tfl.data.pipeline: IMAGE or FEATURES, LABEL, plus any column the recipe adds);
 - `loss(batch, outputs) -> per-example loss [B]` and `metrics(batch, outputs) -> {name: per-example value}`
-  are hooks (default: cross-entropy with label smoothing on LABEL, and accuracy); the model may output a dict;
+  are hooks (default: cross-entropy with label smoothing on LABEL, or on a mixed batch's soft TARGET, and
+  accuracy); the model may output a dict;
 - each stage (`Stage`) says which metric selects its best weights, whether they are restored when it ends,
   and whether its early stopping also ends the run; a stage may keep the optimizers of groups that still train
   the same variables (gradual unfreezing: a new group joins, the others keep their moments and schedules);
@@ -38,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfl.data.pipeline import FEATURES, IMAGE, LABEL
+from tfl.data.pipeline import FEATURES, IMAGE, LABEL, TARGET
 from tfl.training import checkpoint, device, stopping
 from tfl.training.averaging import EpochContext
 from tfl.training.schedules import WarmupSchedule
@@ -188,16 +189,20 @@ def model_inputs(batch: dict):
     return batch[FEATURES] if FEATURES in batch else batch[IMAGE]
 
 
+def targets(batch: dict, num_classes: int):
+    """The label rows a loss trains on: a mixed batch's soft TARGET (tfl.data.mixing), else onehot(LABEL)."""
+    return batch[TARGET] if TARGET in batch else tf.one_hot(batch[LABEL], num_classes)
+
+
 class CrossEntropy:
-    """The default loss hook: softmax cross-entropy of logits against batch[LABEL], with label smoothing and
-    an optional batch["sample_weight"]."""
+    """The default loss hook: softmax cross-entropy of logits against batch[LABEL] (or a mixed batch's soft
+    batch[TARGET]), with label smoothing and an optional batch["sample_weight"]."""
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def __call__(self, batch: dict, logits):
-        onehot = tf.one_hot(batch[LABEL], self.num_classes)
-        loss = keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
+        loss = keras.losses.categorical_crossentropy(targets(batch, self.num_classes), logits, from_logits=True,
                                                      label_smoothing=self.label_smoothing)
         return loss * tf.cast(batch["sample_weight"], loss.dtype) if "sample_weight" in batch else loss
 
