@@ -44,29 +44,40 @@ def weights_file(name: str, weights) -> str:
     return path
 
 
-def model_config(name: str, path: str, accepted_args: tuple[str, ...]) -> dict:
-    """The config.json beside `path` ({} when there is none), checked against the backbone being built.
-
-    Returns {"num_classes": int | None, "model_args": {...}} with only the `accepted_args` that change the
-    network's shape; an `architecture` other than `name`, or a model argument tfl cannot build, is refused.
-    """
+def read_config(name: str, path: str) -> tuple[str, dict | None]:
+    """(the path of the config.json beside the weights file `path`, its contents or None when there is none): a
+    bounded JSON object whose `architecture`, when it names one, is `name` (else a UsageError naming the fix)."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
     if not os.path.isfile(config_path):
-        return {"num_classes": None, "model_args": {}}
+        return config_path, None
     with open(config_path, "rb") as f:
         raw = f.read(_MAX_CONFIG_BYTES + 1)
     if len(raw) > _MAX_CONFIG_BYTES:
         raise UsageError(f"{config_path} is larger than {_MAX_CONFIG_BYTES} bytes: not a timm config.json")
     try:
         config = loads_bounded(raw, max_depth=16)
-    except ValueError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{config_path} is not valid JSON ({err}); fix or remove it") from None
     if not isinstance(config, dict):
         raise UsageError(f"{config_path} is not a JSON object; fix or remove it")
     architecture = config.get("architecture")
-    if architecture is not None and architecture.split(".")[0] != name:
+    if architecture is not None and str(architecture).split(".")[0] != name:
+        architecture = str(architecture).split(".")[0]
         raise UsageError(f"--weights {path!r}: its {CONFIG_NAME} says architecture {architecture!r}, not {name!r}; "
-                         f"pass --backbone {architecture.split('.')[0]} if tfl has it, or the checkpoint of a {name}")
+                         f"pass --backbone {architecture} if tfl has it (see `tfl backbones`), or the checkpoint of a "
+                         f"{name}")
+    return config_path, config
+
+
+def model_config(name: str, path: str, accepted_args: tuple[str, ...]) -> dict:
+    """The config.json beside `path` ({} when there is none), checked against the backbone being built.
+
+    Returns {"num_classes": int | None, "model_args": {...}} with only the `accepted_args` that change the
+    network's shape; an `architecture` other than `name`, or a model argument tfl cannot build, is refused.
+    """
+    config_path, config = read_config(name, path)
+    if config is None:
+        return {"num_classes": None, "model_args": {}}
     args = dict(config.get("model_args") or {})
     for key, value in (("in_chans", 3), ("global_pool", "avg")):
         if args.pop(key, value) != value:

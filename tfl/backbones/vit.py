@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from tfl.backbones import timm_files
 from tfl.backbones.catalog import register
 from tfl.backbones.spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, Stage
 from tfl.errors import UsageError
@@ -216,24 +217,10 @@ _IGNORED_ARGS = ("dynamic_img_size", "pretrained", "pretrained_cfg_overlay")
 
 def config_for(name: str, path: str) -> ViTConfig:
     """The variant's config, with what a timm `config.json` beside `path` says (architecture, model_args, ...)."""
-    from tfl.checkpoints.json_limits import loads_bounded
-
     variant = VARIANTS[name]
-    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.isfile(config_path):
+    config_path, data = timm_files.read_config(name, path)
+    if data is None:
         return variant.config
-    with open(config_path, "rb") as f:
-        raw = f.read(1 << 20)
-    try:
-        data = loads_bounded(raw, max_depth=16)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"{config_path} (beside --weights {path}) is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{config_path}: expected a JSON object (timm's config.json), got {type(data).__name__}")
-    architecture = str(data.get("architecture", name)).split(".")[0]
-    if architecture != name:
-        raise UsageError(f"{config_path} says architecture {architecture!r}, but the backbone is {name!r}; pass "
-                         f"--backbone {architecture} (see `tfl backbones`), or move the config.json away")
     args = dict(data.get("model_args") or {})
     for key in ("num_classes", "global_pool"):
         if key in data:
