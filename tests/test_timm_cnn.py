@@ -107,7 +107,7 @@ def test_config_json_of_another_architecture_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="sets model_args stem_type"):
         build("convnextv2_atto", str(tmp_path / "model.safetensors"))
-    with pytest.raises(UsageError, match="no built-in download; pass --weights PATH"):
+    with pytest.raises(UsageError, match="no built-in download; pass --weights hf://ORG/NAME .*--weights PATH"):
         build("tf_efficientnetv2_s", "imagenet")
 
 

@@ -104,6 +104,8 @@ import sys
 from tfl.backbones.vit import weights_file
 from tfl.backbones.errors import WeightsUnavailableError
 print(weights_file("vit_small_patch16_224", "hf://tfl-test/vit-fixture"))
+from tfl.backbones.convnext_v2 import build_convnext_v2  # the timm CNNs take hf:// the same way
+print(build_convnext_v2("convnextv2_atto", (48, 48, 3), "hf://tfl-test/convnext-fixture").count_params())
 try:
     weights_file("vit_small_patch16_224", "hf://tfl-test/not-cached")
 except WeightsUnavailableError as err:
@@ -114,13 +116,14 @@ except WeightsUnavailableError as err:
 def test_hf_weights_load_from_the_hub_cache_offline_and_fail_at_once_when_not_cached(tmp_path):
     pytest.importorskip("huggingface_hub")
     revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--tfl-test--vit-fixture"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(FIXTURES / "vit_small" / name, snapshot / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    for fixture, name in (("vit_small", "vit-fixture"), ("convnextv2_atto", "convnext-fixture")):
+        cached = tmp_path / "hub" / f"models--tfl-test--{name}"
+        (cached / "snapshots" / revision).mkdir(parents=True)
+        for file_name in ("model.safetensors", "config.json"):
+            shutil.copy(FIXTURES / fixture / file_name, cached / "snapshots" / revision / file_name)
+        (cached / "refs").mkdir()
+        (cached / "refs" / "main").write_text(revision)
+    snapshot = tmp_path / "hub" / "models--tfl-test--vit-fixture" / "snapshots" / revision
     # Child processes: huggingface_hub reads HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT when it is imported. Offline
     # mode, and a Hub that refuses connections (a closed local port) without it: both load from the cache at once.
     base = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(ROOT)}
@@ -129,8 +132,9 @@ def test_hf_weights_load_from_the_hub_cache_offline_and_fail_at_once_when_not_ca
                      ({**base, "HF_ENDPOINT": "http://127.0.0.1:9"}, "http://127.0.0.1:9")):
         out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        found, error = out.stdout.strip().split("\n", 1)
+        found, params, error = out.stdout.strip().split("\n", 2)
         assert pathlib.Path(found) == snapshot / "model.safetensors"
+        assert int(params) > 0  # built and strictly restored from the cached convnextv2_atto checkpoint
         assert f"{hub}/tfl-test/not-cached is not reachable" in error and "--weights PATH" in error
         assert "Retrying" not in out.stderr  # no backoff against an unreachable host
 

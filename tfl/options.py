@@ -229,7 +229,7 @@ class JobOptions:
     weights: str | None = option("default", group="model", help=(
         "'default' (the backbone's ImageNet weights: offline for efficientnet_lite0-2, Keras' download for Keras "
         "Applications, timm's Hugging Face checkpoint for the ViTs), 'none' (random init), a path to a weights "
-        "file, or hf://ORG/NAME (a timm checkpoint on the Hugging Face Hub; ViT, DeiT, DINOv2)."))
+        "file, or hf://ORG/NAME (a timm checkpoint on the Hugging Face Hub; the ViTs and the timm CNNs)."))
     init_from: str | None = option(None, group="model", metavar="FILE", help=(
         "After building the model, before training, copy weights by name from FILE (any format `tfl "
         "inspect-checkpoint` reads; PyTorch files go through the backbone's mapping). Strict: restore_report.json "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from tfl.backbones import hf_hub
 from tfl.checkpoints.json_limits import loads_bounded
 from tfl.checkpoints.read import read_checkpoint
 from tfl.checkpoints.restore import TORCH_STYLE_FORMATS
@@ -22,25 +23,35 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 _MAX_CONFIG_BYTES = 1 << 20  # a timm config.json is a few KB
 _FILES = "a timm/Hugging Face model.safetensors or pytorch_model.bin"
-SOURCE = "timm/HF model.safetensors or pytorch_model.bin (config.json beside it is read)"
+SOURCE = "timm/HF model.safetensors or pytorch_model.bin, a PATH or hf://ORG/NAME (config.json beside it is read)"
 
 
-def weights_file(name: str, weights) -> str:
-    """The checkpoint file behind `weights` (a path), or a UsageError that names the value and the fix."""
+def weights_file(name: str, weights, source: str | None = None, hub_id: str | None = None) -> str:
+    """The checkpoint file behind `weights`: a path (a file, or a downloaded repository's folder), `hf://ORG/NAME`
+    (downloaded or from the Hugging Face cache: tfl.backbones.hf_hub), or the backbone's own source name `source`
+    (timm's checkpoint hf://`hub_id`); anything else is a UsageError that names the value and the fix."""
+    named = f"{source!r} (timm's hf://{hub_id}), " if source else ""
     if not isinstance(weights, (str, os.PathLike)):
-        raise UsageError(f"weights={weights!r} for backbone {name!r}: expected None or the path of {_FILES}")
+        raise UsageError(f"weights={weights!r} for backbone {name!r}: expected None, {named}hf://ORG/NAME or the "
+                         f"path of {_FILES}")
     path = os.fspath(weights)
+    if source and path == source:
+        path = hf_hub.PREFIX + hub_id
+    if path.startswith(hf_hub.PREFIX):
+        return hf_hub.download_checkpoint(path, backbone=name)
     if path == "imagenet":
-        raise UsageError(f"backbone {name!r} has no built-in download; pass --weights PATH ({_FILES}, with its "
-                         "config.json beside it) or --weights none for random initialisation")
+        raise UsageError(f"backbone {name!r} has no built-in download; pass --weights hf://ORG/NAME (a timm "
+                         f"checkpoint on the Hugging Face Hub), --weights PATH ({_FILES}, with its config.json beside "
+                         "it) or --weights none for random initialisation")
     if os.path.isdir(path):
-        for file_name in ("model.safetensors", "pytorch_model.bin"):
+        for file_name in hf_hub.WEIGHT_FILES:
             if os.path.isfile(os.path.join(path, file_name)):
                 return os.path.join(path, file_name)
         raise UsageError(f"weights={path!r} for backbone {name!r} is a directory without model.safetensors or "
                          f"pytorch_model.bin; pass the path of {_FILES}")
     if not os.path.isfile(path):
-        raise UsageError(f"weights={path!r} for backbone {name!r}: no such file; pass the path of {_FILES}")
+        raise UsageError(f"weights={path!r} for backbone {name!r}: no such file. Pass {named}hf://ORG/NAME, the path "
+                         f"of {_FILES}, or none (random init)")
     return path
 
 

@@ -26,7 +26,6 @@ native image size, so a reduced checkpoint loads into the same backbone name.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
@@ -39,7 +38,6 @@ CHECKPOINT_MAPPING = "timm_vit"
 CLASSIFIER = ("head",)
 LN_EPSILON = 1e-6  # timm's ViT norm_layer: LayerNorm(eps=1e-6)
 STAGE_BLOCKS = 4  # block1..block4: the transformer blocks in four equal groups
-HF_PREFIX = "hf://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,29 +184,10 @@ def load_timm_weights(model, path: str) -> None:
 # --- where weights come from --------------------------------------------------------------------------------------
 
 def weights_file(name: str, weights) -> str:
-    """The state dict file behind `weights` (a source name, hf://ORG/NAME or a path), or an error saying the fix."""
+    """The state dict file behind `weights` (the variant's source name, hf://ORG/NAME or a path), or an error saying
+    the fix."""
     variant = VARIANTS[name]
-    if not isinstance(weights, (str, os.PathLike)):
-        raise UsageError(f"weights={weights!r} for backbone {name!r}: expected None, {variant.source!r}, "
-                         f"'hf://ORG/NAME' or a file path, got a {type(weights).__name__}")
-    weights = os.fspath(weights)
-    if weights == variant.source:
-        weights = HF_PREFIX + variant.hub_id
-    if weights.startswith(HF_PREFIX):
-        from tfl.backbones.hf_hub import download_checkpoint
-
-        return download_checkpoint(weights, backbone=name)
-    if os.path.isdir(weights):  # a downloaded repository's folder, as for the timm CNNs (tfl.backbones.timm_files)
-        for file_name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(weights, file_name)):
-                return os.path.join(weights, file_name)
-        raise UsageError(f"weights={weights!r} for backbone {name!r} is a directory without model.safetensors or "
-                         "pytorch_model.bin; pass the path of a timm state dict file")
-    if not os.path.isfile(weights):
-        raise UsageError(f"weights={weights!r} for backbone {name!r}: no such file. Pass {variant.source!r} (timm's "
-                         f"hf://{variant.hub_id}), hf://ORG/NAME, a timm model.safetensors / pytorch_model.bin, or "
-                         "none (random init)")
-    return weights
+    return timm_files.weights_file(name, weights, source=variant.source, hub_id=variant.hub_id)
 
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
