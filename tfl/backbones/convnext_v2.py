@@ -70,8 +70,7 @@ def build_convnext_v2(
     from tfl.backbones.keras_layers import GlobalResponseNorm
 
     variant = VARIANTS[name]
-    path = timm_files.weights_file(name, weights) if weights is not None else None
-    config = timm_files.model_config(name, path, _CONFIG_ARGS) if path else {"num_classes": None, "model_args": {}}
+    path, config = timm_files.checkpoint(name, weights, _CONFIG_ARGS)
     args = config["model_args"]
     if args.get("use_grn", True) is not True or args.get("ls_init_value") is not None:
         raise UsageError(f"--weights {path!r}: its config.json describes a ConvNeXt without GRN or with layer scale "
@@ -152,7 +151,7 @@ def _register() -> None:
                 description=(
                     f"native timm ConvNeXt V2 (depths {'-'.join(map(str, variant.depths))}, widths "
                     f"{'-'.join(map(str, variant.dims))}, GRN), 224x224; weights: --weights PATH to a timm/HF "
-                    "model.safetensors or pytorch_model.bin"
+                    "model.safetensors or pytorch_model.bin, or hf://ORG/NAME"
                 ),
                 checkpoint_mapping=CHECKPOINT_MAPPING,
                 classifier=CLASSIFIER,

@@ -120,8 +120,7 @@ def build_efficientnet_v2(
     from keras import layers
 
     variant = VARIANTS[name]
-    path = timm_files.weights_file(name, weights) if weights is not None else None
-    config = timm_files.model_config(name, path, _CONFIG_ARGS) if path else {"num_classes": None, "model_args": {}}
+    path, config = timm_files.checkpoint(name, weights, _CONFIG_ARGS)
     width = width or config["model_args"].get("channel_multiplier") or variant.width
     depth = depth or config["model_args"].get("depth_multiplier") or variant.depth
     num_classes = num_classes or config["num_classes"] or 1000
@@ -204,7 +203,7 @@ def _register() -> None:
                 description=(
                     f"native timm EfficientNetV2 ({'S' if variant.groups is S_GROUPS else 'base'} arch, width "
                     f"{variant.width}, depth {variant.depth}, TF 'same' padding), {variant.resolution}px; weights: "
-                    "--weights PATH to a timm/HF model.safetensors or pytorch_model.bin"
+                    "--weights PATH to a timm/HF model.safetensors or pytorch_model.bin, or hf://ORG/NAME"
                 ),
                 checkpoint_mapping=CHECKPOINT_MAPPING,
                 classifier=CLASSIFIER,

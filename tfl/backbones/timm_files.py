@@ -80,6 +80,15 @@ def read_config(name: str, path: str) -> tuple[str, dict | None]:
     return config_path, config
 
 
+def checkpoint(name: str, weights, accepted_args: tuple[str, ...]) -> tuple[str | None, dict]:
+    """(the weights file behind `weights`, or None for random init; model_config of it): what a timm CNN builder
+    needs before it builds."""
+    if weights is None:
+        return None, {"num_classes": None, "model_args": {}}
+    path = weights_file(name, weights)
+    return path, model_config(name, path, accepted_args)
+
+
 def model_config(name: str, path: str, accepted_args: tuple[str, ...]) -> dict:
     """The config.json beside `path` ({} when there is none), checked against the backbone being built.
 
