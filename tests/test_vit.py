@@ -114,7 +114,6 @@ except WeightsUnavailableError as err:
 
 
 def test_hf_weights_load_from_the_hub_cache_offline_and_fail_at_once_when_not_cached(tmp_path):
-    pytest.importorskip("huggingface_hub")
     revision = "0123456789abcdef0123456789abcdef01234567"
     for fixture, name in (("vit_small", "vit-fixture"), ("convnextv2_atto", "convnext-fixture")):
         cached = tmp_path / "hub" / f"models--tfl-test--{name}"

@@ -29,8 +29,8 @@ def device_kind(strategy) -> str:
         return "tpu"
     try:
         devices = strategy.extended.worker_devices
-    except (RuntimeError, NotImplementedError):  # the default strategy has no devices of its own
-        devices = ["GPU"] if tf.config.list_logical_devices("GPU") else ["CPU"]
+    except RuntimeError:  # the default strategy has no devices of its own ("worker_devices() method unsupported")
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
     kinds = {tf.DeviceSpec.from_string(d).device_type or "CPU" for d in devices}
     return "tpu" if "TPU" in kinds else "gpu" if "GPU" in kinds else "cpu"
 
