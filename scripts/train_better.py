@@ -1,30 +1,38 @@
 """Which of finetune's "train better" options help? Each one alone against the plain two-stage run, with seeds.
 
-On data nobody tuned tfl's defaults to: Fashion-MNIST with 1 % and 10 % of the labels (`fmnist1`, `fmnist10`;
-val: 10 % of the train split held out, test: the 10,000 real t10k images) and scikit-learn's 8x8 digits (`digits`:
-the folder scripts/calibrate_advise.py builds, 1,200 train / 250 val / 347 test). EfficientNet-Lite0 (ImageNet
-weights), the same budget for every arm (--image-size, --head-epochs, --epochs, --freeze-up-to, batch 64), seeds
-0,1,2. The arms (ARMS: each arm's exact `tfl.finetune` options) are plain (nothing), randaugment, mixup (0.2 on
-cached features where it can), mixup_pixels, cutmix (1.0), erasing (0.25), ema (0.99), swa (the last 2 epochs),
-l2sp (0.01), bss (0.001) and lr_find (--lr find); `--arms ema+randaugment` runs a combination.
+On data nobody tuned tfl's defaults to: Fashion-MNIST with 1 % and 10 % of the labels (`fmnist1`, `fmnist10`:
+590 / 5,880 train images, val: 2 % of the 60,000 train images held out (1,200), test: the 10,000 real t10k
+images) and scikit-learn's 8x8 digits (`digits`: the folder scripts/calibrate_advise.py builds, 1,200 train / 250 val
+/ 347 test). EfficientNet-Lite0 (ImageNet weights), the same budget for every arm (BUDGET: 64 px, 2 head epochs, 3
+fine-tuning epochs above block4, batch 64), seeds 0,1,2. The arms (ARMS: each arm's exact `tfl.finetune` options)
+are plain (nothing), randaugment, mixup (0.2 on cached features where it can), mixup_pixels, cutmix (1.0), erasing
+(0.25), ema (0.99), swa (the last 2 epochs), l2sp (0.01), bss (0.001) and lr_find (--lr find); `--arms
+ema+randaugment` runs a combination.
 
 Every finished run is appended at once to WORK/runs.jsonl (test and val accuracy, wall seconds, its run directory,
-its exact options); a restarted sweep skips the runs already there, so a crash or a kill loses at most the run in
-progress. At the end (or with --report-only) WORK/table.md (rows: arms; columns: datasets; cells "mean ± sd (Δ vs
-plain)"; mean wall seconds per run; on which sets the arm loses), table.csv, table.json and table.png (Δ test
-accuracy vs plain with the sd of the per-seed differences).
+its exact options); a restarted sweep skips the runs whose exact options are already there, so a crash or a kill
+loses at most the run in progress. Each run starts from a fresh Keras session and an empty activation cache (every
+arm pays its own feature extraction, so wall times compare); only tfl's float32-or-bfloat16 timing is remembered
+(WORK/precision.json; the first run of a WORK pays it, ~13 s). At the end (or with --report-only) WORK/table.md (the
+command lines, then rows: arms; columns: datasets; cells "mean ± sd (Δ vs plain)" of test accuracy; mean wall
+seconds per run; on which sets the arm loses), table.csv, table.json and table.png (Δ test accuracy vs plain, error
+bars: the sd over seeds of the per-seed difference).
 
     pip install 'tfl[calibrate]'        # scikit-learn, for the digits
-    nice -n 19 python scripts/train_better.py --work /tmp/train-better
-    python scripts/train_better.py --work /tmp/train-better --arms plain,ema+randaugment   # then the best combination
+    TFL_PROGRESS=0 nice -n 19 python scripts/train_better.py --work /tmp/train-better    # the 99 runs
+    python scripts/train_better.py --work /tmp/train-better --arms plain,ema+randaugment  # then a combination
     python scripts/train_better.py --work /tmp/train-better --report-only
 
-How long: the default sweep is 11 arms x 3 datasets x 3 seeds = 99 runs at 64 px, 3 head epochs and 2 fine-tuning
-epochs above block4. One plain and one randaugment run per dataset measured under `nice -n 19` with another
-engineer's jobs on the second core (load average 1.5-2.4): fmnist1 ~20 s / ~28 s, fmnist10 ~37 s / ~60 s,
-digits ~19 s / ~24 s; pixel-augmenting arms (randaugment, mixup_pixels, cutmix, erasing) cost what randaugment
-does. That adds up to about 55 minutes for the 99 runs on an idle 2-core machine (one TensorFlow start-up for all
-of them; the figures in the docstring are from a loaded one, so idle should be a little faster).
+How long: 11 arms x 3 datasets x 3 seeds = 99 runs, about 45-55 minutes on the idle 2-core machine (an estimate;
+one TensorFlow start-up for all runs). Measured with `--arms plain,randaugment --seeds 0 --head-epochs 2 --epochs 2`
+under `nice -n 19` while other jobs held the machine (load average 4.0 before, 4.3 after), wall seconds per run,
+plain / randaugment: fmnist1 52 (with the one-off precision timing) / 50, fmnist10 69 / 137, digits 19 / 36. Arms on
+cached features (plain, mixup, ema, swa, l2sp, bss, lr_find) cost about plain's; pixel arms (randaugment,
+mixup_pixels, cutmix, erasing) about randaugment's: 94 minutes for 99 runs at that load. The third fine-tuning epoch
+(the logs' last epoch, plain / randaugment: fmnist1 3 / 6 s, fmnist10 17 / 34 s, digits ~2 / 7 s) adds 17: 111
+minutes at that load. Its compute-bound epochs ran 3.2x slower than the idle figure in --freeze-up-to's help (146 s
+an epoch at block4 for 54,000 images at 112 px, scaled by images and pixels: 5.2 s against 16.8 s for fmnist10's),
+and the fixed cost per run (data, model, test pass, files) scales less, so 2-2.5x overall.
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ DATASETS = {
 }
 # The arms: name -> the options it adds to the plain run (specs as data; `a+b` merges two).
 # ema 0.99 rather than 0.999: timm's warm-up uses min(DECAY, 1 - n^-2/3) at update n, which stays below 0.99 until
-# n = 1,000 and below 0.999 until n = 31,623. This budget takes ~45 (fmnist1), ~420 (fmnist10) and ~95 (digits)
-# updates in all (batch 64, head and fine-tuning epochs), so the two decays give the same average here; 0.99 is
-# the one whose horizon (~100 updates, one fmnist10 epoch) is of the run's length, so the number says what it does.
+# n = 1,000 and below 0.999 until n = 31,623. This budget takes ~50 (fmnist1), ~460 (fmnist10) and ~95 (digits)
+# updates in all (batch 64, 2 head + 3 fine-tuning epochs), so the two decays give the same average here; 0.99 is
+# the one whose horizon (~100 updates, about one fmnist10 epoch) is of the run's length, so the number says what
+# the run does. swa: the last 2 of the 3 fine-tuning epochs.
 ARMS = {
     "plain": {},
     "randaugment": {"augment": "randaugment"},
@@ -72,7 +81,7 @@ ARMS = {
 }
 BASELINE = "plain"
 # The budget every arm shares (measured choice: see the docstring); the command line may change it.
-BUDGET = {"backbone": "efficientnet_lite0", "image_size": 64, "head_epochs": 3, "epochs": 2,
+BUDGET = {"backbone": "efficientnet_lite0", "image_size": 64, "head_epochs": 2, "epochs": 3,
           "freeze_up_to": "default", "batch_size": 64}
 SEEDS = (0, 1, 2)
 RUNS, TABLE = "runs.jsonl", "table"
@@ -99,6 +108,11 @@ def run_options(arm: str, dataset: str, seed: int, budget: dict, folders: dict, 
         data = {"dataset": folders[data.pop("folder")], **data}
     return {**budget, **data, **arm_options(arm), "seed": seed, "output_dir": run_dir, "cache_dir": cache_dir,
             "overwrite": True, "tensorboard": False}
+
+
+def recorded(options: dict) -> dict:
+    """A run's options as runs.jsonl keeps them: what it trains, not where its files go."""
+    return {k: v for k, v in options.items() if k not in ("output_dir", "cache_dir", "overwrite")}
 
 
 def read_runs(work: str) -> list[dict]:
@@ -152,14 +166,16 @@ def sweep(work: str, datasets: list[str], arms: list[str], seeds: list[int], bud
     from calibrate_advise import make_datasets
 
     folders = make_datasets(work, [n for n in ("digits",) if any(DATASETS[d].get("folder") == n for d in datasets)])
-    done = {(r["dataset"], r["arm"], r["seed"]) for r in read_runs(work) if r["budget"] == budget}
-    todo = [(d, s, a) for d in datasets for s in seeds for a in arms if (d, a, s) not in done]
-    log(f"{len(todo)} runs to go ({len(datasets) * len(seeds) * len(arms) - len(todo)} already in "
-        f"{os.path.join(work, RUNS)})")
+    cache = os.path.join(work, "cache", "run")
+    planned = [(d, s, a, run_options(a, d, s, budget, folders, os.path.join(work, "runs", d, a, f"seed{s}"), cache))
+               for d in datasets for s in seeds for a in arms]
+    # a run is done when runs.jsonl has one with exactly its options (a changed budget or arm spec runs again)
+    done = {json.dumps(r["options"], sort_keys=True) for r in read_runs(work)}
+    todo = [p for p in planned if json.dumps(recorded(p[3]), sort_keys=True) not in done]
+    log(f"{len(todo)} runs to go ({len(planned) - len(todo)} already in {os.path.join(work, RUNS)})")
     failed, spent = 0, []
-    for number, (dataset, seed, arm) in enumerate(todo, 1):
-        run_dir = os.path.join(work, "runs", dataset, arm, f"seed{seed}")
-        options = run_options(arm, dataset, seed, budget, folders, run_dir, os.path.join(work, "cache", "run"))
+    for number, (dataset, seed, arm, options) in enumerate(todo, 1):
+        run_dir = options["output_dir"]
         try:
             metrics, seconds = train_one(options, work)
         except Exception as err:  # noqa: BLE001 - one failed run must not end an hour's sweep; it is logged
@@ -172,7 +188,7 @@ def sweep(work: str, datasets: list[str], arms: list[str], seeds: list[int], bud
         append_run(work, {
             "arm": arm, "dataset": dataset, "seed": seed, "test_accuracy": metrics["test_accuracy"],
             "val_accuracy": metrics["val_accuracy"], "wall_seconds": round(seconds, 1), "run_dir": run_dir,
-            "options": {k: v for k, v in options.items() if k not in ("output_dir", "cache_dir", "overwrite")},
+            "options": recorded(options),
             "budget": budget, "command": command})
         left = statistics.mean(spent) * (len(todo) - number) / 60
         log(f"[{number}/{len(todo)}] {arm} {dataset} seed {seed}: test {metrics['test_accuracy']:.4f} "
@@ -257,8 +273,8 @@ def figure(table: list[dict], path: str) -> None:
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=d)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
-    ax.set_ylabel("Δ test accuracy vs plain (points)")
-    ax.set_title("Each option against the plain two-stage run (error bars: sd over seeds of the difference)")
+    ax.set_ylabel("Δ test accuracy vs plain (points)\nerror bars: sd over seeds of the difference")
+    ax.set_title("Each option against the plain two-stage run")
     ax.legend()
     fig.savefig(path)
 
