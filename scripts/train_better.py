@@ -22,6 +22,7 @@ bars: the sd over seeds of the per-seed difference).
     TFL_PROGRESS=0 nice -n 19 python scripts/train_better.py --work /tmp/train-better    # the 99 runs
     python scripts/train_better.py --work /tmp/train-better --arms plain,ema+randaugment  # then a combination
     python scripts/train_better.py --work /tmp/train-better --report-only
+    python scripts/train_better.py --work /tmp/train-better --dry-run     # the runs to go and their exact options
 
 How long: 11 arms x 3 datasets x 3 seeds = 99 runs, about 45-55 minutes on the idle 2-core machine (an estimate;
 one TensorFlow start-up for all runs). Measured with `--arms plain,randaugment --seeds 0 --head-epochs 2 --epochs 2`
@@ -161,8 +162,8 @@ def train_one(options: dict, work: str) -> tuple[dict, float]:
 
 
 def sweep(work: str, datasets: list[str], arms: list[str], seeds: list[int], budget: dict, command: str,
-          log=print) -> int:
-    """Every (dataset, seed, arm) not yet in runs.jsonl; returns the number that failed."""
+          log=print, dry_run: bool = False) -> int:
+    """Every (dataset, seed, arm) not yet in runs.jsonl (dry_run: list them); returns the number that failed."""
     from calibrate_advise import make_datasets
 
     folders = make_datasets(work, [n for n in ("digits",) if any(DATASETS[d].get("folder") == n for d in datasets)])
@@ -173,6 +174,10 @@ def sweep(work: str, datasets: list[str], arms: list[str], seeds: list[int], bud
     done = {json.dumps(r["options"], sort_keys=True) for r in read_runs(work)}
     todo = [p for p in planned if json.dumps(recorded(p[3]), sort_keys=True) not in done]
     log(f"{len(todo)} runs to go ({len(planned) - len(todo)} already in {os.path.join(work, RUNS)})")
+    if dry_run:
+        for dataset, seed, arm, options in todo:
+            log(f"{arm} {dataset} seed {seed}: tfl.finetune(**{recorded(options)})")
+        return 0
     failed, spent = 0, []
     for number, (dataset, seed, arm, options) in enumerate(todo, 1):
         run_dir = options["output_dir"]
@@ -325,6 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument("--freeze-up-to", default=BUDGET["freeze_up_to"])
     parser.add_argument("--report-only", action="store_true", help="Write the tables from runs.jsonl; train nothing.")
     parser.add_argument("--verbose", action="store_true", help="tfl's own log lines too.")
+    parser.add_argument("--dry-run", action="store_true", help="List the runs to go and their options; train nothing.")
     args = parser.parse_args(argv)
     if not args.report_only:
         datasets = names(args.datasets, DATASETS, "--datasets")
@@ -340,7 +346,10 @@ def main(argv=None) -> int:
         logging.getLogger("tfl").setLevel(logging.INFO if args.verbose else logging.WARNING)
         os.makedirs(args.work, exist_ok=True)
         command = shlex.join(["python", "scripts/train_better.py", *(sys.argv[1:] if argv is None else argv)])
-        failed = sweep(args.work, datasets, arms, seeds, budget, command, log=lambda m: print(m, flush=True))
+        failed = sweep(args.work, datasets, arms, seeds, budget, command, log=lambda m: print(m, flush=True),
+                       dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
     else:
         failed = 0
     print(report(args.work))
