@@ -25,6 +25,15 @@ gc.collect()
 gc.freeze()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _set_aside_what_outlives_a_module():
+    """The same at the start of every test file, for what the files before it left alive (function caches, the
+    session's fixtures and reports): without it a worker's full collections grow with every file it has run
+    (measured over the whole suite: clear_session alone took 0.32 s a call, 55 s of the workers' CPU)."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
