@@ -191,14 +191,14 @@ def test_recommend_upscales_small_images(native, expected):
     assert small and rec["epochs"] == 5
 
 
-def proxied(accuracies: dict, val_examples: int, per_class=100, margin_se=adv.PROXY_MARGIN_SE, settings=None):
+def proxied(accuracies: dict, val_examples: int, per_class=100, tie_rule=None, settings=None):
     summary, scores, gap = synthetic(per_class, RISING)
     for row in scores:
         row[adv.PROXY] = accuracies.get(row["boundary"])
     settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples,
                 **(settings or {})}
     return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings,
-                         margin_se=margin_se)
+                         tie_rule=tie_rule)
 
 
 def test_proxy_depths_are_every_other_boundary_and_the_pooled_features():
@@ -225,14 +225,120 @@ def test_proxy_picks_the_best_depth_and_ties_go_deeper():
     assert "the proxy's" in measured["reasons"]["epochs"]
 
 
-def test_proxy_with_a_margin_is_the_one_standard_error_rule():
+def test_proxy_deepest_tie_rule_is_the_one_standard_error_rule():
     # 300 val images: se = sqrt(0.84 * 0.16 / 300) = 0.0212; block2 (0.01 below) is within it, block4 (0.03) not
-    rec = proxied(ACCURACIES, 300, margin_se=1.0)
-    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem"
+    rec = proxied(ACCURACIES, 300, tie_rule="deepest")
+    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem" and rec["tied"] == ["stem", "block2"]
     assert rec["proxy_standard_error"] == pytest.approx(np.sqrt(0.84 * 0.16 / 300), abs=1e-6)
-    assert "within 1 standard error(s) (0.021)" in rec["reasons"]["freeze_up_to"]
+    assert "within 1 standard error (0.021)" in rec["reasons"]["freeze_up_to"]
+    assert "tie rule deepest: block2" in rec["reasons"]["freeze_up_to"]
     # 10,000 val images: se 0.0037, so nothing else is within it
-    assert proxied(ACCURACIES, 10_000, margin_se=1.0)["freeze_up_to"] == "stem"
+    assert proxied(ACCURACIES, 10_000, tie_rule="deepest")["freeze_up_to"] == "stem"
+    # the rule advise.json records is the default one
+    assert proxied(ACCURACIES, 300, settings={"tie_rule": "deepest"})["freeze_up_to"] == "block2"
+
+
+# -- k-fold proxy: folds, spread, tie rules ---------------------------------------------------------------------
+def test_stratified_folds_are_disjoint_cover_the_rows_and_keep_each_class_share():
+    from tfl.data.folds import stratified_folds
+
+    labels = np.repeat(np.arange(3), [30, 12, 7])
+    folds = stratified_folds(labels, 3, seed=0)
+    together = np.concatenate(folds)
+    assert len(together) == len(labels) and set(together) == set(range(len(labels)))  # disjoint and covering
+    for fold in folds:
+        assert list(fold) == sorted(fold)
+        counts = np.bincount(labels[fold], minlength=3)
+        assert all(abs(c - n / 3) < 1 for c, n in zip(counts, [30, 12, 7])), counts  # floor or ceil of 1/3 each
+    assert all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=1)))
+    with pytest.raises(ValueError, match="--proxy-folds 8: class 2 has only 7"):
+        stratified_folds(labels, 8, seed=0)
+
+
+def test_fold_splits_train_on_the_pool_but_the_fold_and_validate_on_it():
+    import tensorflow as tf
+
+    from tfl.data import DatasetSplits
+    from tfl.data.folds import fold_splits, pool_labels, stratified_folds
+
+    # train rows carry ids 0..9, val rows 100..103; the "image" is the id, so the rows a view yields are visible
+    def split(ids, labels):
+        images = np.broadcast_to(np.asarray(ids, np.uint8)[:, None, None, None], (len(ids), 1, 1, 3))
+        return tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int64)))
+
+    train_labels = np.arange(10) % 2
+    splits = DatasetSplits("toy", split(range(10), train_labels), split(range(100, 104), [0, 1, 0, 1]), None,
+                           ["a", "b"], {"train": 10, "val": 4, "test": 0}, (1, 1), "abc", train_labels=train_labels)
+    rows = np.array([0, 1, 2, 3, 4, 5, 7, 8])  # the proxy's train rows (row 6 and 9 are not used)
+    pool = pool_labels(splits, rows)
+    assert list(pool) == [0, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0, 1]
+    ids = [0, 1, 2, 3, 4, 5, 7, 8, 100, 101, 102, 103]
+    seen, prints = [], set()
+    for held in stratified_folds(pool, 3, seed=0):
+        view = fold_splits(splits, rows, held)
+        train = [int(x[0, 0, 0]) for x, _ in view.train.as_numpy_iterator()]
+        val = [int(x[0, 0, 0]) for x, _ in view.val.as_numpy_iterator()]
+        assert val == [ids[i] for i in held] and not set(train) & set(val) and sorted(train + val) == ids
+        assert view.num_examples == {"train": len(train), "val": len(val), "test": 0} and view.test is None
+        assert list(view.train_labels) == [int(y) for _, y in view.train.as_numpy_iterator()]
+        seen += val
+        prints.add(view.fingerprint)
+    assert sorted(seen) == ids and len(prints) == 3 and "abc" not in prints  # caches never mix the folds
+
+
+def test_proxy_spread_is_the_folds_mean_sd_and_standard_error():
+    spread = adv.proxy_spread([0.70, 0.80, 0.75], {"pool_rows": 10_000})
+    assert spread[adv.PROXY] == pytest.approx(0.75) and spread["proxy_sd"] == pytest.approx(0.05)
+    assert spread["proxy_se"] == pytest.approx(0.05 / np.sqrt(3), abs=1e-6)  # larger than the binomial 0.0043
+    assert spread["proxy_fold_accuracies"] == [0.7, 0.8, 0.75]
+    # three agreeing folds are no surer than the rows they scored: the binomial floor on 120 rows
+    agreeing = adv.proxy_spread([0.75, 0.75, 0.75], {"pool_rows": 120})
+    assert agreeing["proxy_se"] == pytest.approx(np.sqrt(0.75 * 0.25 / 120), abs=1e-6)
+    one = adv.proxy_spread([0.8], {"val_examples": 100})
+    assert one["proxy_sd"] is None and one["proxy_se"] == pytest.approx(0.04)
+    assert adv.proxy_spread(None, {})[adv.PROXY] is None
+
+
+# stem .. head, shallow to deep; head is 0.01 best, block2 and block4 within its se of 0.02, block6 not
+MEANS, SES = [0.70, 0.74, 0.73, 0.70, 0.75, None], [0.02, 0.02, 0.02, 0.02, 0.02, None]
+
+
+@pytest.mark.parametrize("rule, expected", [("best_mean", 4), ("deepest", 4), ("shallowest", 1), ("middle", 2)])
+def test_each_tie_rule_picks_its_depth_among_those_within_one_standard_error(rule, expected):
+    chosen, best, candidates = adv.choose_depth(MEANS, SES, rule)
+    assert (best, candidates) == (4, [1, 2, 4]) and chosen == expected
+    assert adv.choose_depth(MEANS, SES, rule, band_se=0.0)[0] == 4  # no band: every rule takes the best
+
+
+def test_tie_rules_on_a_deep_best_and_their_registry():
+    means, ses = [0.80, 0.79, 0.70, 0.60], [0.02] * 4  # stem best; block2 within; the rest not
+    assert [adv.choose_depth(means, ses, r)[0] for r in adv.TIE_RULES] == [0, 1, 0, 1]
+    assert adv.choose_depth([0.7, 0.7, 0.7], [0.0] * 3, "best_mean")[0] == 2  # exact ties: the deeper
+    from tfl.options import TIE_RULES
+
+    assert tuple(adv.TIE_RULES) == TIE_RULES
+    with pytest.raises(ValueError, match="--proxy-tie-rule 'nope'"):
+        adv.choose_depth(means, ses, "nope")
+
+
+def test_proxy_depth_recomputes_the_spread_from_the_recorded_folds():
+    summary, scores, gap = synthetic(40, RISING)
+    folds = {"stem": [0.70, 0.74, 0.72], "block2": [0.72, 0.70, 0.74], "block4": [0.75, 0.71, 0.73],
+             "block6": [0.77, 0.73, 0.75], "head": [0.66, 0.70, 0.68]}
+    for row in scores:  # only the folds: what calibrate_advise.py --rules reads from advise.json
+        row["proxy_fold_accuracies"] = folds.get(row["boundary"])
+        row[adv.PROXY] = None
+    settings = {"head_epochs": 1, "epochs": 1, "train_rows": 400, "val_examples": 100, "folds": 3,
+                "pool_rows": 200}
+    picks = {rule: adv.recommend(summary, scores, gap, 32, 224, 1e-3, score=adv.PROXY, proxy=settings,
+                                 tie_rule=rule) for rule in adv.TIE_RULES}
+    # block6's mean 0.75, se max(0.02 / sqrt 3, sqrt(.75 * .25 / 200)) = 0.0306: everything but head is within
+    assert picks["best_mean"]["freeze_up_to"] == "block6" and picks["deepest"]["freeze_up_to"] == "block6"
+    assert picks["shallowest"]["freeze_up_to"] == "stem" and picks["middle"]["freeze_up_to"] == "block4"
+    assert picks["shallowest"]["tied"] == ["stem", "block2", "block4", "block6"]
+    reason = picks["shallowest"]["reasons"]["freeze_up_to"]
+    assert "mean ± standard error of 3 folds of 200 train+val images" in reason and "block6 0.750 ± 0.031" in reason
 
 
 def test_proxy_needs_proxy_rows():
