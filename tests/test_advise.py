@@ -356,8 +356,9 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     cache = tmp_path / "cache"
     common = ["--dataset", data, "--backbone", "compact_cnn", "--weights", "none", "--image-size", "32",
               "--val-split", "0.25", "--cache-dir", cache]
+    # 8 val images: k-fold (2 folds here, to keep the test short) over the 24 train + 8 val, with the run's --ema
     result = run("advise", *common, "--output-dir", tmp_path / "advice", "--head-epochs", "1", "--batch-size", "8",
-                 "--proxy-epochs", "1", "--json")
+                 "--proxy-epochs", "1", "--proxy-folds", "2", "--ema", "0.9", "--json")
     assert result.exit_code == 0, result.output
     advice = json.loads(result.stdout)
     for name in ("advise.json", "advise.csv", "advise.png"):
@@ -373,14 +374,28 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert advice["proxy"]["depths"] == proxy_depths and advice["proxy"]["val_examples"] == 8
     assert advice["proxy"]["epochs"] == 1 and advice["proxy"]["train_rows"] == 24
     assert advice["proxy"]["image_size"] == 32  # --image-size; without it, the size the advice recommends
+    assert (advice["proxy"]["folds"], advice["proxy"]["folds_requested"], advice["proxy"]["pool_rows"]) == (2, 2, 32)
+    assert advice["proxy"]["applied"] == {"ema": 0.9, "lr": 1e-3}  # the run's options, in every proxy run
     for row in advice["boundaries"]:
         if row["boundary"] in proxy_depths:
-            metrics = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "metrics.json").read_text())
-            assert row["proxy_accuracy"] == metrics["val_accuracy"] and 0 <= row["proxy_accuracy"] <= 1
-            plan = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "freeze_plan.json").read_text())
-            assert plan["freeze_up_to"] == row["boundary"]
+            folds = []
+            for fold in (0, 1):  # a real two-stage run per fold: train on the rest of train+val, validate on the fold
+                folder = tmp_path / "advice" / "proxy" / row["boundary"] / f"fold{fold}"
+                folds.append(json.loads((folder / "metrics.json").read_text())["val_accuracy"])
+                config = json.loads((folder / "config.json").read_text())
+                assert config["ema"] == 0.9 and config["fold"] == fold and config["folds"] == 2
+                assert config["num_examples"]["train"] + config["num_examples"]["val"] == 32
+                assert config["num_examples"]["val"] == 16  # stratified: 8 circles and 8 squares a fold
+                plan = json.loads((folder / "freeze_plan.json").read_text())
+                assert plan["freeze_up_to"] == row["boundary"]
+            assert row["proxy_fold_accuracies"] == pytest.approx(folds, abs=1e-6)
+            assert row["proxy_accuracy"] == pytest.approx(np.mean(folds), abs=1e-6)
+            assert row["proxy_sd"] == pytest.approx(np.std(folds, ddof=1), abs=1e-6)
+            assert row["proxy_se"] >= np.sqrt(row["proxy_accuracy"] * (1 - row["proxy_accuracy"]) / 32) - 1e-6
         else:
-            assert row["proxy_accuracy"] is None
+            assert row["proxy_accuracy"] is None and row["proxy_fold_accuracies"] is None
+    assert "proxy_se" in (tmp_path / "advice" / "advise.csv").read_text().splitlines()[0]
+    assert " ± " in adv.format_table(advice)
     assert advice["recommendation"]["score"] == "proxy_accuracy"
     assert (advice["recommendation"]["head_epochs"], advice["recommendation"]["epochs"]) == (1, 1)
     assert advice["recommendation"]["freeze_up_to"] in proxy_depths
@@ -397,7 +412,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
              "2", "--val-split", "0.25", "--lr", "0.01", "--backbone-lr", "0.01"]
     out = tmp_path / "run"
     args = ["finetune", *flags, "--dataset", data, "--batch-size", "8", "--freeze-up-to", "auto", "--cache-dir", cache,
-            "--output-dir", out, "--no-tensorboard"]
+            "--output-dir", out, "--no-tensorboard", "--proxy-folds", "1"]
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
@@ -407,6 +422,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     # temporary directory it removed
     proxy = recorded["proxy"]
     assert (proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]) == (1, 2, 8)
+    assert proxy["folds"] == 1 and proxy["pool_rows"] is None  # --proxy-folds 1: today's single val score
     assert not os.path.exists(proxy["runs"])
     chosen = recorded["recommendation"]["freeze_up_to"]
     assert recorded["resolved"]["freeze_up_to"] == chosen and chosen in proxy_depths
@@ -428,9 +444,62 @@ def test_advise_rejects_a_tiny_sample():
     assert result.exit_code == 2 and "--sample 5" in result.output
 
 
+@pytest.mark.parametrize("command, value, words", [("advise", "0", "must be auto, 1"), ("advise", "x", "'x' is not"),
+                                                   ("finetune", "11", "2-10 folds"), ("compare", "-1", "must be")])
+def test_bad_proxy_folds_exit_2_with_one_line(command, value, words):
+    result = CliRunner().invoke(cli, [command, "--proxy-folds", value])
+    assert result.exit_code == 2 and words in result.output
+    assert result.output.strip().count("\n") == 0 and "--proxy-folds" in result.output
+
+
+def test_proxy_folds_auto_cross_validates_only_a_small_val_split():
+    from tfl.options import DEFAULT_PROXY_FOLDS, PROXY_SMALL_VAL
+
+    assert adv.proxy_fold_count("auto", 100) == DEFAULT_PROXY_FOLDS == 3
+    assert adv.proxy_fold_count("auto", PROXY_SMALL_VAL - 1) == 3 and adv.proxy_fold_count("auto", 500) == 1
+    assert adv.proxy_fold_count(1, 100) == 1 and adv.proxy_fold_count(5, 10_000) == 5
+
+
 def test_auto_needs_the_commands_resolver():
     """tfl.job calls no recipe: `auto` means what the command passes as resolve_depth, and without one is refused."""
     from tfl.job import Job, JobOptions
 
     with pytest.raises(ValueError, match="--freeze-up-to auto: this command cannot choose the depth"):
         Job.setup(JobOptions(freeze_up_to="auto"), log=print, strategy=None)
+
+
+def test_calibrate_rules_report_scores_every_tie_rule_from_advise_json_without_training(tmp_path):
+    """scripts/calibrate_advise.py --rules: the depth of every tie rule from the recorded folds, against the
+    hand-swept best depth, for two made-up datasets."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "calibrate_advise.py")
+    spec = importlib.util.spec_from_file_location("calibrate_advise", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    depths = ["stem", "block2", "block4", "block6", "head"]
+    folds = {"a": [[0.70, 0.74, 0.72], [0.72, 0.70, 0.74], [0.75, 0.71, 0.73], [0.77, 0.73, 0.75], [0.66, 0.70, 0.68]],
+             "b": [[0.90, 0.92, 0.91], [0.80, 0.80, 0.80], [0.70, 0.70, 0.70], [0.60, 0.60, 0.60], [0.5, 0.5, 0.5]]}
+    test = {"a": [0.80, 0.70, 0.70, 0.70, 0.60], "b": [0.90, 0.80, 0.70, 0.60, 0.50]}  # stem best on both
+    calibration = {"datasets": {}}
+    for name in folds:
+        summary, scores, gap = synthetic(40, RISING)
+        for row in scores:
+            row["proxy_fold_accuracies"] = folds[name][depths.index(row["boundary"])] if row["boundary"] in depths \
+                else None
+        advice = {"data": {**summary, "backbone_input_size": 224}, "boundaries": scores, "bn_gap_per_stage": gap,
+                  "stride": 32, "lr": 1e-3, "proxy": {"head_epochs": 1, "epochs": 1, "train_rows": 400,
+                                                      "val_examples": 100, "folds": 3, "pool_rows": 200}}
+        (tmp_path / "advise" / name).mkdir(parents=True)
+        (tmp_path / "advise" / name / "advise.json").write_text(json.dumps(advice))
+        calibration["datasets"][name] = {"runs": {d: {"test_accuracy": a} for d, a in zip(depths, test[name])}}
+    (tmp_path / "calibration.json").write_text(json.dumps(calibration))
+    report = script.rules_report(str(tmp_path), log=lambda m: None)
+    # a: stem, block2, block4 and block6 tie (block6 best): shallowest picks stem, middle block4, the others block6
+    picks = {rule: report["datasets"]["a"]["rules"][rule]["recommended"] for rule in adv.TIE_RULES}
+    assert picks == {"best_mean": "block6", "deepest": "block6", "shallowest": "stem", "middle": "block4"}
+    assert report["datasets"]["b"]["best_depth"] == "stem"  # b: stem alone is best, every rule takes it
+    assert report["rules"]["shallowest"]["within_one_stage"] == "2/2"
+    assert report["rules"]["best_mean"]["within_one_stage"] == "1/2"
+    assert report["rules"]["best_mean"]["mean_regret"] == pytest.approx((0.10 + 0.0) / 2)
+    assert "| shallowest | 2/2 |" in (tmp_path / "rules.md").read_text()
