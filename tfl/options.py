@@ -249,7 +249,8 @@ class JobOptions:
         "third of the backbone trainable; block4 for efficientnet_lite0, the embedded default's measured best "
         "within 20 minutes on a 2-core CPU). 'none' unfreezes the whole backbone after the head stage. 'auto' lets "
         "`tfl advise` choose, by short runs of this recipe above every other boundary on at most 1,000 images with "
-        "this run's epochs (and the input size, unless --image-size is given; advice.json says why). A shallower "
+        "this run's epochs and options (and the input size, unless --image-size is given; k-fold on a small val "
+        "split, see --proxy-folds; advice.json says why). A shallower "
         "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px on a 2-core AVX-512 CPU: 146s "
         "an epoch at block4, 3s with everything frozen)."))
     # --freeze REGEX / --unfreeze REGEX, in command-line order (the last matching rule wins): tfl.cli.params
