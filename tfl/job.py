@@ -54,7 +54,9 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
                      "decoded_images", "decoded_images_chosen", "cache_disk_limit",
                      # how the step runs on its device, not what it computes (auto differs by device kind)
-                     "deterministic", "jit", "readback_every")
+                     "deterministic", "jit", "readback_every",
+                     # how --freeze-up-to auto scores depths: a resume keeps the depth its advice.json chose
+                     "proxy_folds", "proxy_tie_rule")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
