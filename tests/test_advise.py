@@ -285,6 +285,22 @@ def test_fold_splits_train_on_the_pool_but_the_fold_and_validate_on_it():
         seen += val
         prints.add(view.fingerprint)
     assert sorted(seen) == ids and len(prints) == 3 and "abc" not in prints  # caches never mix the folds
+    sample = np.setdiff1d(np.arange(12), held)[[0, 1, -1]]  # a fold that trains on a sample of the rest
+    capped = fold_splits(splits, rows, held, train=sample)
+    assert [int(x[0, 0, 0]) for x, _ in capped.train.as_numpy_iterator()] == [ids[i] for i in sample]
+    assert capped.num_examples["train"] == 3 and capped.fingerprint not in prints
+    with pytest.raises(ValueError, match="outside the fold"):
+        fold_splits(splits, rows, held, train=[int(held[0])])
+
+
+def test_a_fold_trains_on_no_more_images_than_the_run():
+    from tfl.data.folds import stratified_folds
+
+    labels = np.repeat(np.arange(10), 40)  # 100 train + 300 val pooled: a fold's other rows (267) outnumber 100
+    held = stratified_folds(labels, 3, seed=0)[0]
+    train = adv.fold_train(labels, held, 100, seed=0)
+    assert len(train) == 100 and not set(train) & set(held) and list(np.bincount(labels[train])) == [10] * 10
+    assert np.array_equal(adv.fold_train(labels, held, 1000, seed=0), np.setdiff1d(np.arange(400), held))
 
 
 def test_proxy_spread_is_the_folds_mean_sd_and_standard_error():
@@ -376,6 +392,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert advice["proxy"]["image_size"] == 32  # --image-size; without it, the size the advice recommends
     assert (advice["proxy"]["folds"], advice["proxy"]["folds_requested"], advice["proxy"]["pool_rows"]) == (2, 2, 32)
     assert advice["proxy"]["applied"] == {"ema": 0.9, "lr": 1e-3}  # the run's options, in every proxy run
+    assert advice["proxy"]["fold_train_rows"] == [16, 16]  # the other fold: fewer than the run's 24 images
     for row in advice["boundaries"]:
         if row["boundary"] in proxy_depths:
             folds = []

@@ -57,18 +57,18 @@ def pool_labels(splits: DatasetSplits, train_rows) -> np.ndarray:
     return np.concatenate([train, split_labels(splits.val)]).astype(np.int64)
 
 
-def fold_splits(splits: DatasetSplits, train_rows, held) -> DatasetSplits:
+def fold_splits(splits: DatasetSplits, train_rows, held, train=None) -> DatasetSplits:
     """The splits a fold's run sees: train = the pool (train_rows of train, then val) without the positions
-    `held`, val = those positions, no test (a proxy's score is its val accuracy). Its fingerprint names the fold,
-    so caches keyed on the data never mix folds."""
+    `held` (or the positions `train`, which must not overlap them), val = those positions, no test (a proxy's
+    score is its val accuracy). Its fingerprint names the fold, so caches keyed on the data never mix folds."""
     n_train = splits.num_examples["train"]
-    train = splits.train
+    source = splits.train
     rows = np.arange(n_train) if train_rows is None else np.asarray(train_rows, np.int64)
     if train_rows is not None:
-        train = take_rows(train, n_train, rows)
-    pool = train.concatenate(splits.val)
+        source = take_rows(source, n_train, rows)
+    pool = source.concatenate(splits.val)
     size = len(rows) + splits.num_examples["val"]
-    train_files, val_files = image_files(train), image_files(splits.val)
+    train_files, val_files = image_files(source), image_files(splits.val)
     if train_files is not None and val_files is not None:
         pool = with_files(pool, ImageFiles(np.concatenate([train_files.paths, val_files.paths]),
                                            np.concatenate([train_files.labels, val_files.labels]),
@@ -76,10 +76,12 @@ def fold_splits(splits: DatasetSplits, train_rows, held) -> DatasetSplits:
     held = np.sort(np.asarray(held, np.int64))
     if len(held) == 0 or held.min() < 0 or held.max() >= size:
         raise UsageError(f"fold_splits: the held-out positions must lie in the pool's {size} rows")
-    keep = np.setdiff1d(np.arange(size), held)
+    keep = np.setdiff1d(np.arange(size), held) if train is None else np.sort(np.asarray(train, np.int64))
+    if len(np.intersect1d(keep, held)) or (len(keep) and (keep.min() < 0 or keep.max() >= size)):
+        raise UsageError(f"fold_splits: the training positions must lie in the pool's {size} rows, outside the fold")
     labels = pool_labels(splits, train_rows)
     digest = hashlib.sha256()
-    for part in (splits.fingerprint.encode(), b"fold", rows.tobytes(), held.tobytes()):
+    for part in (splits.fingerprint.encode(), b"fold", rows.tobytes(), held.tobytes(), keep.tobytes()):
         digest.update(part)
     return dataclasses.replace(
         splits, train=take_rows(pool, size, keep), val=take_rows(pool, size, held), test=None,

@@ -335,7 +335,7 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
                        strategy="default", devices=None, worker_hosts=(), task_index=None, export=False,
                        tensorboard=False, overwrite=True)
     requested = getattr(opts, "proxy_folds", PROXY_FOLDS_AUTO)
-    views, pool = [None], None
+    views, pool, fold_rows = [None], None, None
     k = proxy_fold_count(requested, val_examples)
     if k > 1:
         train_rows = jobs.train_rows(splits, base)  # the proxy's rows, as a single run would pick them
@@ -344,7 +344,11 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
             k = max(1, min(k, int(np.bincount(labels).min(initial=k)) if len(labels) else 1))
         if k > 1:
             held = kfold.stratified_folds(labels, k, opts.seed)
-            views = [lambda s, h=h: kfold.fold_splits(s, train_rows, h) for h in held]
+            # A fold trains on at most as many images as the run (the budget must be the run's: a larger val
+            # split would otherwise give the proxy more training data than the run has), a stratified sample.
+            trains = [fold_train(labels, h, rows, opts.seed) for h in held]
+            views = [lambda s, h=h, t=t: kfold.fold_splits(s, train_rows, h, t) for h, t in zip(held, trains)]
+            fold_rows = [len(t) for t in trains]
             pool = len(labels)
             # the fold picks the rows: the run itself must not subset them again
             base = dataclasses.replace(base, limit_train=None, label_fraction=None)
@@ -376,10 +380,19 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
                 "train_rows": rows, "batch_size": opts.batch_size, "lr": opts.lr,
                 "backbone_lr": opts.backbone_lr if opts.backbone_lr is not None else opts.lr * BACKBONE_LR_FACTOR,
                 "seed": opts.seed, "val_examples": val_examples, "folds": k if pool else 1,
-                "folds_requested": requested, "pool_rows": pool,
+                "folds_requested": requested, "pool_rows": pool, "fold_train_rows": fold_rows,
                 "tie_rule": getattr(opts, "proxy_tie_rule", DEFAULT_TIE_RULE), "tie_band_se": PROXY_TIE_BAND_SE,
                 "applied": applied, "runs": root}
     return {"folds": accuracy, "seconds": seconds, "settings": settings}
+
+
+def fold_train(labels: np.ndarray, held: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """The pool positions a fold trains on: every one outside `held`, or a stratified sample of `cap` of them
+    when there are more (the proxy trains on as many images as the run, whatever the val split adds)."""
+    rest = np.setdiff1d(np.arange(len(labels)), held)
+    if len(rest) <= cap:
+        return rest
+    return rest[stratified_sample(labels[rest], cap, seed)]
 
 
 def proxy_fold_count(requested, val_examples: int) -> int:
