@@ -19,9 +19,9 @@
    With no more training rows than --sample it is the run itself at each depth, and the advice is a choice by
    validation accuracy. On a small val split (--proxy-folds auto: fewer than PROXY_SMALL_VAL examples) it is
    scored by stratified k-fold cross-validation over those train rows plus val (tfl.data.folds): k runs per
-   depth, their mean, sd and standard error recorded. The frozen-feature scores
-   rise with depth while fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths
-   (README "tfl advise"); the proxy measures what they cannot: how much training above each boundary adds.
+   depth, their mean, sd and standard error recorded. The frozen-feature scores rise with depth while
+   fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths (README "tfl
+   advise"); the proxy measures what they cannot: how much training above each boundary adds.
 6. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
    With the proxy: of the boundaries within one standard error of the best mean proxy accuracy, the one the tie
    rule (--proxy-tie-rule, TIE_RULES) picks; without: rules on the data size, the scores' peak and the BN gap.
@@ -341,7 +341,8 @@ def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: in
         train_rows = jobs.train_rows(splits, base)  # the proxy's rows, as a single run would pick them
         labels = kfold.pool_labels(splits, train_rows)
         if requested == PROXY_FOLDS_AUTO:  # auto never fails on a class too small to split k ways
-            k = max(1, min(k, int(np.bincount(labels).min(initial=k)) if len(labels) else 1))
+            smallest = int(np.unique(labels, return_counts=True)[1].min()) if len(labels) else 1
+            k = max(1, min(k, smallest))
         if k > 1:
             held = kfold.stratified_folds(labels, k, opts.seed)
             # A fold trains on at most as many images as the run (the budget must be the run's: a larger val
