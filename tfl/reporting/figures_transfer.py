@@ -72,7 +72,7 @@ def write_multitask(summary: list[dict], path: str, title: str | None = None) ->
 
 
 ADVISE_PANELS = (("logme", "LogME"), ("h_score", "H-score (shrunk)"), ("probe_accuracy", "linear probe accuracy"),
-                 ("proxy_accuracy", "proxy fine-tune val accuracy"), ("bn_gap", "BN gap (KL to ImageNet stats)"))
+                 ("proxy_accuracy", "proxy fine-tune val accuracy (± se)"), ("bn_gap", "BN gap (KL to ImageNet stats)"))
 
 
 def write_advise(result: dict, path: str) -> str:
