@@ -18,6 +18,12 @@ Every Fashion-MNIST folder has the same val (30 per class, other train rows) and
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits
     nice -n 5 python scripts/calibrate_advise.py --work /tmp/calibrate [--datasets fmnist10,digits] [--seeds 0,1]
+    python scripts/calibrate_advise.py --work /tmp/calibrate --rules    # score every tie rule; trains nothing
+
+--rules reads <work>/calibration.json (the hand-swept test accuracy per depth) and <work>/advise/<dataset>/
+advise.json (the proxy's fold accuracies per depth) and, for every tie rule of tfl.recipes.advise.TIE_RULES,
+recomputes the depth advise would choose: how many datasets land within one stage of the best depth, and the
+test accuracy given up. It writes rules.json and rules.md to --work.
 """
 
 from __future__ import annotations
@@ -125,7 +131,7 @@ def run(args: list[str], log) -> float:
     import keras
     from click.testing import CliRunner
 
-    from cli import cli
+    from tfl.cli import cli
 
     keras.backend.clear_session()
     started = time.time()
@@ -197,7 +203,8 @@ def _has_proxy(path: str) -> bool:
         return False
     with open(path) as f:
         proxy = json.load(f).get("proxy")
-    return bool(proxy) and [proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]] == [
+    # "folds": an advise.json from before the k-fold proxy has one val score per depth; advise again
+    return bool(proxy) and "folds" in proxy and [proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]] == [
         int(ADVISE[ADVISE.index(flag) + 1]) for flag in ("--head-epochs", "--epochs", "--batch-size")]
 
 
@@ -208,7 +215,7 @@ def stage_index(advice: dict, depth: str | None) -> int:
 
 def summarise(advice: dict, entry: dict, kendall_tau) -> dict:
     """Scores against the test accuracy per depth (the mean over the seeds run), the advice against the best."""
-    from tfl.recipes.advise import recommend
+    from tfl.recipes.advise import TIE_RULES, recommend
 
     runs, seeds = mean_runs(entry)
     between = None  # how well one seed's accuracies rank another's: the ceiling for any score
@@ -233,13 +240,13 @@ def summarise(advice: dict, entry: dict, kendall_tau) -> dict:
         return round(runs[best]["test_accuracy"] - runs[depth]["test_accuracy"], 6) if depth in runs else None
 
     by_score = {}  # the same rules driven by each score: which depth, and is it within one stage of the best
-    variants = [(score, score, 0.0) for score in taus]
-    if "proxy_accuracy" in taus:  # the first choice of rule: the deepest within one standard error of the best
-        variants.append(("proxy_one_se", "proxy_accuracy", 1.0))
-    for name, score, margin in variants:
+    variants = [(score, score, None) for score in taus]
+    if "proxy_accuracy" in taus:  # every tie rule among the depths within one standard error of the best mean
+        variants += [(f"proxy_{rule}", "proxy_accuracy", rule) for rule in TIE_RULES]
+    for name, score, rule in variants:
         other = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
                           advice["data"]["backbone_input_size"], advice["lr"], score=score,
-                          proxy=advice.get("proxy"), margin_se=margin)["freeze_up_to"]
+                          proxy=advice.get("proxy"), tie_rule=rule)["freeze_up_to"]
         by_score[name] = {"recommended": other, "regret": regret(other),
                           "within_one_stage": abs(stage_index(advice, other) - stage_index(advice, best)) <= 1}
     argmax = {score: max(depths, key=lambda d: by_boundary[d][score]) for score in taus}
@@ -274,7 +281,7 @@ def overall(datasets: dict) -> dict:
     mean_tau = {s: round(float(np.nanmean([d["tau"][s] for d in done if s in d["tau"]])), 3)
                 for s in SCORE_NAMES if any(s in d["tau"] for d in done)}
     within = sum(d["within_one_stage"] for d in done)
-    variants = [v for v in (*SCORE_NAMES, "proxy_one_se") if any(v in d["rules_by_score"] for d in done)]
+    variants = list(dict.fromkeys(v for d in done for v in d["rules_by_score"]))
     by_score = {s: f"{sum(d['rules_by_score'][s]['within_one_stage'] for d in done if s in d['rules_by_score'])}/"
                    f"{sum(s in d['rules_by_score'] for d in done)}" for s in variants}
     regrets = {s: [d["rules_by_score"][s].get("regret") for d in done if s in d["rules_by_score"]] for s in variants}
@@ -319,6 +326,70 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rules_report(work: str, log=print) -> dict:
+    """Every tie rule scored from the advise.json files and the hand-swept runs already in `work`, training
+    nothing: per rule, the depth it picks on each dataset, how many land within one stage of the best depth, and
+    the mean test accuracy given up (over the datasets where its depth was run). Writes rules.json and rules.md."""
+    from tfl.recipes.advise import PROXY, TIE_RULES, recommend
+
+    with open(os.path.join(work, "calibration.json")) as f:
+        datasets = json.load(f)["datasets"]
+    per_dataset = {}
+    for name, entry in datasets.items():
+        path = os.path.join(work, "advise", name, "advise.json")
+        runs, _ = mean_runs(entry)
+        if not os.path.isfile(path) or len(runs) < 2:
+            log(f"--rules: {name}: no advise.json or hand-swept runs in {work}; left out")
+            continue
+        with open(path) as f:
+            advice = json.load(f)
+        if not advice.get("proxy"):
+            log(f"--rules: {name}: advise.json has no proxy; left out")
+            continue
+        best = max(runs, key=lambda d: (runs[d]["test_accuracy"], DEPTHS.index(d)))
+        proxy = advice["proxy"]
+        picks = {}
+        for rule in TIE_RULES:
+            rec = recommend(advice["data"], advice["boundaries"], advice["bn_gap_per_stage"], advice["stride"],
+                            advice["data"]["backbone_input_size"], advice["lr"], score=PROXY, proxy=proxy,
+                            tie_rule=rule)
+            depth = rec["freeze_up_to"]
+            picks[rule] = {"recommended": depth, "tied": rec["tied"],
+                           "within_one_stage": abs(stage_index(advice, depth) - stage_index(advice, best)) <= 1,
+                           "regret": (round(runs[best]["test_accuracy"] - runs[depth]["test_accuracy"], 6)
+                                      if depth in runs else None)}
+        per_dataset[name] = {"best_depth": best, "folds": proxy.get("folds", 1), "rules": picks}
+    totals = {}
+    for rule in TIE_RULES:
+        rows = [d["rules"][rule] for d in per_dataset.values()]
+        regrets = [r["regret"] for r in rows if r["regret"] is not None]
+        totals[rule] = {"within_one_stage": f"{sum(r['within_one_stage'] for r in rows)}/{len(rows)}",
+                        "mean_regret": round(float(np.mean(regrets)), 4) if regrets else None,
+                        "regret_measured_on": len(regrets)}
+    report = {"datasets": per_dataset, "rules": totals}
+    with open(os.path.join(work, "rules.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(work, "rules.md"), "w") as f:
+        f.write(rules_table(report))
+    return report
+
+
+def rules_table(report: dict) -> str:
+    names = list(report["datasets"])
+    lines = ["| tie rule | within one stage | mean regret (sets run) | " + " | ".join(names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+    best = "| *best depth (hand sweep)* | | | " + " | ".join(report["datasets"][n]["best_depth"] for n in names)
+    for rule, total in report["rules"].items():
+        regret = "-" if total["mean_regret"] is None else f"{100 * total['mean_regret']:.2f} pt"
+        cells = []
+        for n in names:
+            pick = report["datasets"][n]["rules"][rule]
+            cells.append(f"{pick['recommended']}{'' if pick['within_one_stage'] else ' (off)'}")
+        lines.append(f"| {rule} | {total['within_one_stage']} | {regret} ({total['regret_measured_on']}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join([*lines, best + " |"]) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/tfl-calibrate", help="Data folders, runs and the results go here.")
@@ -329,7 +400,13 @@ def main():
                         "the advice keep seed 0); the accuracy per depth is their mean.")
     parser.add_argument("--summarise-only", action="store_true",
                         help="Recompute the summaries (the current rules) from <work>'s runs; train nothing.")
+    parser.add_argument("--rules", action="store_true", help=(
+        "Score every proxy tie rule from <work>'s advise.json files and runs (within one stage of the best depth, "
+        "test accuracy given up); train nothing. Writes rules.json and rules.md."))
     args = parser.parse_args()
+    if args.rules:
+        print(rules_table(rules_report(args.work)), end="")
+        return
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     if args.summarise_only:
         print(table(resummarise(args.work)))

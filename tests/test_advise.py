@@ -191,14 +191,14 @@ def test_recommend_upscales_small_images(native, expected):
     assert small and rec["epochs"] == 5
 
 
-def proxied(accuracies: dict, val_examples: int, per_class=100, margin_se=adv.PROXY_MARGIN_SE, settings=None):
+def proxied(accuracies: dict, val_examples: int, per_class=100, tie_rule=None, settings=None):
     summary, scores, gap = synthetic(per_class, RISING)
     for row in scores:
         row[adv.PROXY] = accuracies.get(row["boundary"])
     settings = {"head_epochs": 8, "epochs": 2, "train_rows": summary["train_examples"], "val_examples": val_examples,
                 **(settings or {})}
     return adv.recommend(summary, scores, gap, stride=32, input_size=224, lr=1e-3, score=adv.PROXY, proxy=settings,
-                         margin_se=margin_se)
+                         tie_rule=tie_rule)
 
 
 def test_proxy_depths_are_every_other_boundary_and_the_pooled_features():
@@ -225,14 +225,136 @@ def test_proxy_picks_the_best_depth_and_ties_go_deeper():
     assert "the proxy's" in measured["reasons"]["epochs"]
 
 
-def test_proxy_with_a_margin_is_the_one_standard_error_rule():
+def test_proxy_deepest_tie_rule_is_the_one_standard_error_rule():
     # 300 val images: se = sqrt(0.84 * 0.16 / 300) = 0.0212; block2 (0.01 below) is within it, block4 (0.03) not
-    rec = proxied(ACCURACIES, 300, margin_se=1.0)
-    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem"
+    rec = proxied(ACCURACIES, 300, tie_rule="deepest")
+    assert rec["freeze_up_to"] == "block2" and rec["best_boundary"] == "stem" and rec["tied"] == ["stem", "block2"]
     assert rec["proxy_standard_error"] == pytest.approx(np.sqrt(0.84 * 0.16 / 300), abs=1e-6)
-    assert "within 1 standard error(s) (0.021)" in rec["reasons"]["freeze_up_to"]
+    assert "within 1 standard error (0.021)" in rec["reasons"]["freeze_up_to"]
+    assert "tie rule deepest: block2" in rec["reasons"]["freeze_up_to"]
     # 10,000 val images: se 0.0037, so nothing else is within it
-    assert proxied(ACCURACIES, 10_000, margin_se=1.0)["freeze_up_to"] == "stem"
+    assert proxied(ACCURACIES, 10_000, tie_rule="deepest")["freeze_up_to"] == "stem"
+    # the rule advise.json records is the default one
+    assert proxied(ACCURACIES, 300, settings={"tie_rule": "deepest"})["freeze_up_to"] == "block2"
+
+
+# -- k-fold proxy: folds, spread, tie rules ---------------------------------------------------------------------
+def test_stratified_folds_are_disjoint_cover_the_rows_and_keep_each_class_share():
+    from tfl.data.folds import stratified_folds
+
+    labels = np.repeat(np.arange(3), [30, 12, 7])
+    folds = stratified_folds(labels, 3, seed=0)
+    together = np.concatenate(folds)
+    assert len(together) == len(labels) and set(together) == set(range(len(labels)))  # disjoint and covering
+    for fold in folds:
+        assert list(fold) == sorted(fold)
+        counts = np.bincount(labels[fold], minlength=3)
+        assert all(abs(c - n / 3) < 1 for c, n in zip(counts, [30, 12, 7])), counts  # floor or ceil of 1/3 each
+    assert all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=1)))
+    with pytest.raises(ValueError, match="--proxy-folds 8: class 2 has only 7"):
+        stratified_folds(labels, 8, seed=0)
+
+
+def test_fold_splits_train_on_the_pool_but_the_fold_and_validate_on_it():
+    import tensorflow as tf
+
+    from tfl.data import DatasetSplits
+    from tfl.data.folds import fold_splits, pool_labels, stratified_folds
+
+    # train rows carry ids 0..9, val rows 100..103; the "image" is the id, so the rows a view yields are visible
+    def split(ids, labels):
+        images = np.broadcast_to(np.asarray(ids, np.uint8)[:, None, None, None], (len(ids), 1, 1, 3))
+        return tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int64)))
+
+    train_labels = np.arange(10) % 2
+    splits = DatasetSplits("toy", split(range(10), train_labels), split(range(100, 104), [0, 1, 0, 1]), None,
+                           ["a", "b"], {"train": 10, "val": 4, "test": 0}, (1, 1), "abc", train_labels=train_labels)
+    rows = np.array([0, 1, 2, 3, 4, 5, 7, 8])  # the proxy's train rows (row 6 and 9 are not used)
+    pool = pool_labels(splits, rows)
+    assert list(pool) == [0, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0, 1]
+    ids = [0, 1, 2, 3, 4, 5, 7, 8, 100, 101, 102, 103]
+    seen, prints = [], set()
+    for held in stratified_folds(pool, 3, seed=0):
+        view = fold_splits(splits, rows, held)
+        train = [int(x[0, 0, 0]) for x, _ in view.train.as_numpy_iterator()]
+        val = [int(x[0, 0, 0]) for x, _ in view.val.as_numpy_iterator()]
+        assert val == [ids[i] for i in held] and not set(train) & set(val) and sorted(train + val) == ids
+        assert view.num_examples == {"train": len(train), "val": len(val), "test": 0} and view.test is None
+        assert list(view.train_labels) == [int(y) for _, y in view.train.as_numpy_iterator()]
+        seen += val
+        prints.add(view.fingerprint)
+    assert sorted(seen) == ids and len(prints) == 3 and "abc" not in prints  # caches never mix the folds
+    sample = np.setdiff1d(np.arange(12), held)[[0, 1, -1]]  # a fold that trains on a sample of the rest
+    capped = fold_splits(splits, rows, held, train=sample)
+    assert [int(x[0, 0, 0]) for x, _ in capped.train.as_numpy_iterator()] == [ids[i] for i in sample]
+    assert capped.num_examples["train"] == 3 and capped.fingerprint not in prints
+    with pytest.raises(ValueError, match="outside the fold"):
+        fold_splits(splits, rows, held, train=[int(held[0])])
+
+
+def test_a_fold_trains_on_no_more_images_than_the_run():
+    from tfl.data.folds import stratified_folds
+
+    labels = np.repeat(np.arange(10), 40)  # 100 train + 300 val pooled: a fold's other rows (267) outnumber 100
+    held = stratified_folds(labels, 3, seed=0)[0]
+    train = adv.fold_train(labels, held, 100, seed=0)
+    assert len(train) == 100 and not set(train) & set(held) and list(np.bincount(labels[train])) == [10] * 10
+    assert np.array_equal(adv.fold_train(labels, held, 1000, seed=0), np.setdiff1d(np.arange(400), held))
+
+
+def test_proxy_spread_is_the_folds_mean_sd_and_standard_error():
+    spread = adv.proxy_spread([0.70, 0.80, 0.75], {"pool_rows": 10_000})
+    assert spread[adv.PROXY] == pytest.approx(0.75) and spread["proxy_sd"] == pytest.approx(0.05)
+    assert spread["proxy_se"] == pytest.approx(0.05 / np.sqrt(3), abs=1e-6)  # larger than the binomial 0.0043
+    assert spread["proxy_fold_accuracies"] == [0.7, 0.8, 0.75]
+    # three agreeing folds are no surer than the rows they scored: the binomial floor on 120 rows
+    agreeing = adv.proxy_spread([0.75, 0.75, 0.75], {"pool_rows": 120})
+    assert agreeing["proxy_se"] == pytest.approx(np.sqrt(0.75 * 0.25 / 120), abs=1e-6)
+    one = adv.proxy_spread([0.8], {"val_examples": 100})
+    assert one["proxy_sd"] is None and one["proxy_se"] == pytest.approx(0.04)
+    assert adv.proxy_spread(None, {})[adv.PROXY] is None
+
+
+# stem .. head, shallow to deep; head is 0.01 best, block2 and block4 within its se of 0.02, block6 not
+MEANS, SES = [0.70, 0.74, 0.73, 0.70, 0.75, None], [0.02, 0.02, 0.02, 0.02, 0.02, None]
+
+
+@pytest.mark.parametrize("rule, expected", [("best_mean", 4), ("deepest", 4), ("shallowest", 1), ("middle", 2)])
+def test_each_tie_rule_picks_its_depth_among_those_within_one_standard_error(rule, expected):
+    chosen, best, candidates = adv.choose_depth(MEANS, SES, rule)
+    assert (best, candidates) == (4, [1, 2, 4]) and chosen == expected
+    assert adv.choose_depth(MEANS, SES, rule, band_se=0.0)[0] == 4  # no band: every rule takes the best
+
+
+def test_tie_rules_on_a_deep_best_and_their_registry():
+    means, ses = [0.80, 0.79, 0.70, 0.60], [0.02] * 4  # stem best; block2 within; the rest not
+    assert [adv.choose_depth(means, ses, r)[0] for r in adv.TIE_RULES] == [0, 1, 0, 1]
+    assert adv.choose_depth([0.7, 0.7, 0.7], [0.0] * 3, "best_mean")[0] == 2  # exact ties: the deeper
+    from tfl.options import TIE_RULES
+
+    assert tuple(adv.TIE_RULES) == TIE_RULES
+    with pytest.raises(ValueError, match="--proxy-tie-rule 'nope'"):
+        adv.choose_depth(means, ses, "nope")
+
+
+def test_proxy_depth_recomputes_the_spread_from_the_recorded_folds():
+    summary, scores, gap = synthetic(40, RISING)
+    folds = {"stem": [0.70, 0.74, 0.72], "block2": [0.72, 0.70, 0.74], "block4": [0.75, 0.71, 0.73],
+             "block6": [0.77, 0.73, 0.75], "head": [0.66, 0.70, 0.68]}
+    for row in scores:  # only the folds: what calibrate_advise.py --rules reads from advise.json
+        row["proxy_fold_accuracies"] = folds.get(row["boundary"])
+        row[adv.PROXY] = None
+    settings = {"head_epochs": 1, "epochs": 1, "train_rows": 400, "val_examples": 100, "folds": 3,
+                "pool_rows": 200}
+    picks = {rule: adv.recommend(summary, scores, gap, 32, 224, 1e-3, score=adv.PROXY, proxy=settings,
+                                 tie_rule=rule) for rule in adv.TIE_RULES}
+    # block6's mean 0.75, se max(0.02 / sqrt 3, sqrt(.75 * .25 / 200)) = 0.0306: everything but head is within
+    assert picks["best_mean"]["freeze_up_to"] == "block6" and picks["deepest"]["freeze_up_to"] == "block6"
+    assert picks["shallowest"]["freeze_up_to"] == "stem" and picks["middle"]["freeze_up_to"] == "block4"
+    assert picks["shallowest"]["tied"] == ["stem", "block2", "block4", "block6"]
+    reason = picks["shallowest"]["reasons"]["freeze_up_to"]
+    assert "mean ± standard error of 3 folds of 200 train+val images" in reason and "block6 0.750 ± 0.031" in reason
 
 
 def test_proxy_needs_proxy_rows():
@@ -250,8 +372,9 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     cache = tmp_path / "cache"
     common = ["--dataset", data, "--backbone", "compact_cnn", "--weights", "none", "--image-size", "32",
               "--val-split", "0.25", "--cache-dir", cache]
+    # 8 val images: k-fold (2 folds here, to keep the test short) over the 24 train + 8 val, with the run's --ema
     result = run("advise", *common, "--output-dir", tmp_path / "advice", "--head-epochs", "1", "--batch-size", "8",
-                 "--proxy-epochs", "1", "--json")
+                 "--proxy-epochs", "1", "--proxy-folds", "2", "--ema", "0.9", "--json")
     assert result.exit_code == 0, result.output
     advice = json.loads(result.stdout)
     for name in ("advise.json", "advise.csv", "advise.png"):
@@ -267,14 +390,29 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     assert advice["proxy"]["depths"] == proxy_depths and advice["proxy"]["val_examples"] == 8
     assert advice["proxy"]["epochs"] == 1 and advice["proxy"]["train_rows"] == 24
     assert advice["proxy"]["image_size"] == 32  # --image-size; without it, the size the advice recommends
+    assert (advice["proxy"]["folds"], advice["proxy"]["folds_requested"], advice["proxy"]["pool_rows"]) == (2, 2, 32)
+    assert advice["proxy"]["applied"] == {"ema": 0.9, "lr": 1e-3}  # the run's options, in every proxy run
+    assert advice["proxy"]["fold_train_rows"] == [16, 16]  # the other fold: fewer than the run's 24 images
     for row in advice["boundaries"]:
         if row["boundary"] in proxy_depths:
-            metrics = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "metrics.json").read_text())
-            assert row["proxy_accuracy"] == metrics["val_accuracy"] and 0 <= row["proxy_accuracy"] <= 1
-            plan = json.loads((tmp_path / "advice" / "proxy" / row["boundary"] / "freeze_plan.json").read_text())
-            assert plan["freeze_up_to"] == row["boundary"]
+            folds = []
+            for fold in (0, 1):  # a real two-stage run per fold: train on the rest of train+val, validate on the fold
+                folder = tmp_path / "advice" / "proxy" / row["boundary"] / f"fold{fold}"
+                folds.append(json.loads((folder / "metrics.json").read_text())["val_accuracy"])
+                config = json.loads((folder / "config.json").read_text())
+                assert config["ema"] == 0.9 and config["fold"] == fold and config["folds"] == 2
+                assert config["num_examples"]["train"] + config["num_examples"]["val"] == 32
+                assert config["num_examples"]["val"] == 16  # stratified: 8 circles and 8 squares a fold
+                plan = json.loads((folder / "freeze_plan.json").read_text())
+                assert plan["freeze_up_to"] == row["boundary"]
+            assert row["proxy_fold_accuracies"] == pytest.approx(folds, abs=1e-6)
+            assert row["proxy_accuracy"] == pytest.approx(np.mean(folds), abs=1e-6)
+            assert row["proxy_sd"] == pytest.approx(np.std(folds, ddof=1), abs=1e-6)
+            assert row["proxy_se"] >= np.sqrt(row["proxy_accuracy"] * (1 - row["proxy_accuracy"]) / 32) - 1e-6
         else:
-            assert row["proxy_accuracy"] is None
+            assert row["proxy_accuracy"] is None and row["proxy_fold_accuracies"] is None
+    assert "proxy_se" in (tmp_path / "advice" / "advise.csv").read_text().splitlines()[0]
+    assert " ± " in adv.format_table(advice)
     assert advice["recommendation"]["score"] == "proxy_accuracy"
     assert (advice["recommendation"]["head_epochs"], advice["recommendation"]["epochs"]) == (1, 1)
     assert advice["recommendation"]["freeze_up_to"] in proxy_depths
@@ -291,7 +429,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
              "2", "--val-split", "0.25", "--lr", "0.01", "--backbone-lr", "0.01"]
     out = tmp_path / "run"
     args = ["finetune", *flags, "--dataset", data, "--batch-size", "8", "--freeze-up-to", "auto", "--cache-dir", cache,
-            "--output-dir", out, "--no-tensorboard"]
+            "--output-dir", out, "--no-tensorboard", "--proxy-folds", "1"]
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert "backbone pass over 24 sample images reused" in result.output  # tfl advise's, from the cache
@@ -301,6 +439,7 @@ def test_advise_then_finetune_auto_share_the_pass_and_record_the_choice(data, tm
     # temporary directory it removed
     proxy = recorded["proxy"]
     assert (proxy["head_epochs"], proxy["epochs"], proxy["batch_size"]) == (1, 2, 8)
+    assert proxy["folds"] == 1 and proxy["pool_rows"] is None  # --proxy-folds 1: today's single val score
     assert not os.path.exists(proxy["runs"])
     chosen = recorded["recommendation"]["freeze_up_to"]
     assert recorded["resolved"]["freeze_up_to"] == chosen and chosen in proxy_depths
@@ -322,9 +461,62 @@ def test_advise_rejects_a_tiny_sample():
     assert result.exit_code == 2 and "--sample 5" in result.output
 
 
+@pytest.mark.parametrize("command, value, words", [("advise", "0", "must be auto, 1"), ("advise", "x", "'x' is not"),
+                                                   ("finetune", "11", "2-10 folds"), ("compare", "-1", "must be")])
+def test_bad_proxy_folds_exit_2_with_one_line(command, value, words):
+    result = CliRunner().invoke(cli, [command, "--proxy-folds", value])
+    assert result.exit_code == 2 and words in result.output
+    assert result.output.strip().count("\n") == 0 and "--proxy-folds" in result.output
+
+
+def test_proxy_folds_auto_cross_validates_only_a_small_val_split():
+    from tfl.options import DEFAULT_PROXY_FOLDS, PROXY_SMALL_VAL
+
+    assert adv.proxy_fold_count("auto", 100) == DEFAULT_PROXY_FOLDS == 3
+    assert adv.proxy_fold_count("auto", PROXY_SMALL_VAL - 1) == 3 and adv.proxy_fold_count("auto", 500) == 1
+    assert adv.proxy_fold_count(1, 100) == 1 and adv.proxy_fold_count(5, 10_000) == 5
+
+
 def test_auto_needs_the_commands_resolver():
     """tfl.job calls no recipe: `auto` means what the command passes as resolve_depth, and without one is refused."""
     from tfl.job import Job, JobOptions
 
     with pytest.raises(ValueError, match="--freeze-up-to auto: this command cannot choose the depth"):
         Job.setup(JobOptions(freeze_up_to="auto"), log=print, strategy=None)
+
+
+def test_calibrate_rules_report_scores_every_tie_rule_from_advise_json_without_training(tmp_path):
+    """scripts/calibrate_advise.py --rules: the depth of every tie rule from the recorded folds, against the
+    hand-swept best depth, for two made-up datasets."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "calibrate_advise.py")
+    spec = importlib.util.spec_from_file_location("calibrate_advise", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    depths = ["stem", "block2", "block4", "block6", "head"]
+    folds = {"a": [[0.70, 0.74, 0.72], [0.72, 0.70, 0.74], [0.75, 0.71, 0.73], [0.77, 0.73, 0.75], [0.66, 0.70, 0.68]],
+             "b": [[0.90, 0.92, 0.91], [0.80, 0.80, 0.80], [0.70, 0.70, 0.70], [0.60, 0.60, 0.60], [0.5, 0.5, 0.5]]}
+    test = {"a": [0.80, 0.70, 0.70, 0.70, 0.60], "b": [0.90, 0.80, 0.70, 0.60, 0.50]}  # stem best on both
+    calibration = {"datasets": {}}
+    for name in folds:
+        summary, scores, gap = synthetic(40, RISING)
+        for row in scores:
+            row["proxy_fold_accuracies"] = folds[name][depths.index(row["boundary"])] if row["boundary"] in depths \
+                else None
+        advice = {"data": {**summary, "backbone_input_size": 224}, "boundaries": scores, "bn_gap_per_stage": gap,
+                  "stride": 32, "lr": 1e-3, "proxy": {"head_epochs": 1, "epochs": 1, "train_rows": 400,
+                                                      "val_examples": 100, "folds": 3, "pool_rows": 200}}
+        (tmp_path / "advise" / name).mkdir(parents=True)
+        (tmp_path / "advise" / name / "advise.json").write_text(json.dumps(advice))
+        calibration["datasets"][name] = {"runs": {d: {"test_accuracy": a} for d, a in zip(depths, test[name])}}
+    (tmp_path / "calibration.json").write_text(json.dumps(calibration))
+    report = script.rules_report(str(tmp_path), log=lambda m: None)
+    # a: stem, block2, block4 and block6 tie (block6 best): shallowest picks stem, middle block4, the others block6
+    picks = {rule: report["datasets"]["a"]["rules"][rule]["recommended"] for rule in adv.TIE_RULES}
+    assert picks == {"best_mean": "block6", "deepest": "block6", "shallowest": "stem", "middle": "block4"}
+    assert report["datasets"]["b"]["best_depth"] == "stem"  # b: stem alone is best, every rule takes it
+    assert report["rules"]["shallowest"]["within_one_stage"] == "2/2"
+    assert report["rules"]["best_mean"]["within_one_stage"] == "1/2"
+    assert report["rules"]["best_mean"]["mean_regret"] == pytest.approx((0.10 + 0.0) / 2)
+    assert "| shallowest | 2/2 |" in (tmp_path / "rules.md").read_text()

@@ -220,7 +220,7 @@ def test_a_recipe_other_than_finetune_takes_freeze_up_to_auto(data, tmp_path):
     out = tmp_path / "auto"
     args = ["compare", "--arms", "two_stage", "--dataset", data, "--backbone", "compact_cnn", "--weights", "none",
             "--image-size", "32", "--val-split", "0.25", "--head-epochs", "1", "--epochs", "1", "--batch-size", "8",
-            "--freeze-up-to", "auto", "--no-tensorboard", "--output-dir", out, "--json"]
+            "--freeze-up-to", "auto", "--proxy-folds", "1", "--no-tensorboard", "--output-dir", out, "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run = out / "two_stage" / "frac1" / "seed0"
@@ -228,6 +228,7 @@ def test_a_recipe_other_than_finetune_takes_freeze_up_to_auto(data, tmp_path):
     chosen = advice["resolved"]["freeze_up_to"]
     assert advice["requested"] == "auto" and chosen in advice["proxy"]["depths"]
     assert (advice["proxy"]["head_epochs"], advice["proxy"]["epochs"]) == (1, 1)  # the run's own budget
+    assert advice["proxy"]["folds"] == 1  # --proxy-folds reaches the sweep's proxy (auto would cross-validate 8 val)
     config = _json(run / "config.json")
     assert config["freeze_up_to_requested"] == "auto" and config["freeze_up_to"] == chosen
     assert _json(run / "freeze_plan.json")["freeze_up_to"] == chosen

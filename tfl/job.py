@@ -54,7 +54,9 @@ RESUME_MAY_CHANGE = ("output_dir", "data_dir", "resume", "overwrite", "strategy"
                      # keep or stream the decoded images: the same batches either way (tfl.training.boundary)
                      "decoded_images", "decoded_images_chosen", "cache_disk_limit",
                      # how the step runs on its device, not what it computes (auto differs by device kind)
-                     "deterministic", "jit", "readback_every")
+                     "deterministic", "jit", "readback_every",
+                     # how --freeze-up-to auto scores depths: a resume keeps the depth its advice.json chose
+                     "proxy_folds", "proxy_tie_rule")
 
 
 # --freeze-up-to auto: (opts, spec, splits, train source, n_train, train rows, log, strategy) -> (opts with a concrete
@@ -139,9 +141,9 @@ def check_finite(opts) -> None:
 
 
 def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=None,
-        resolve_depth: DepthResolver | None = None) -> dict:
+        resolve_depth: DepthResolver | None = None, data_view: Callable | None = None) -> dict:
     """Set up a job for `opts` and let `recipe(job)` train it; returns the recipe's metrics. `targets`,
-    `resolve_depth`: see Job.setup.
+    `resolve_depth`, `data_view`: see Job.setup.
 
     In a multi-worker run every worker calls this. Only the chief writes the run directory, holding its lock
     (rundir.RunLock) for the whole run; the others write the same files into a temporary directory, removed at
@@ -167,14 +169,15 @@ def run(opts: JobOptions, recipe: Callable[["Job"], dict], log=print, targets=No
             fresh = not rundir.run_files(path)
             try:
                 return recipe(Job.setup(opts, log, strategy, scratch=None, targets=targets,
-                                        resolve_depth=resolve_depth))
+                                        resolve_depth=resolve_depth, data_view=data_view))
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM (tfl.training.stopping.Terminated)
                 if fresh:
                     forget_untrained(path, log)
                 raise
     scratch = tempfile.mkdtemp(prefix=f"tfl-{strategies.worker_name(strategy)}-")
     try:
-        return recipe(Job.setup(opts, log, strategy, scratch, targets=targets, resolve_depth=resolve_depth))
+        return recipe(Job.setup(opts, log, strategy, scratch, targets=targets, resolve_depth=resolve_depth,
+                                data_view=data_view))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -212,11 +215,13 @@ class Job:
     # -- the first half: data, model, plan --------------------------------------------------------------------------
     @classmethod
     def setup(cls, opts: JobOptions, log, strategy, scratch: str | None = None, targets=None,
-              resolve_depth: DepthResolver | None = None) -> "Job":
+              resolve_depth: DepthResolver | None = None, data_view: Callable | None = None) -> "Job":
         """`targets`: names of the model's outputs when they are not the data's classes (a pretext task's
         rotations); the model gets one logit per target, classes.json lists them, the data's labels stay.
         `resolve_depth`: what `--freeze-up-to auto` means, passed in by a command that offers it (`tfl finetune`
-        passes tfl.recipes.advise.resolve_auto); without it `auto` is refused."""
+        passes tfl.recipes.advise.resolve_auto); without it `auto` is refused. `data_view`: splits -> splits,
+        applied to the loaded data before anything reads it (tfl advise's k-fold proxy: one fold of train+val,
+        tfl.data.folds.fold_splits)."""
         import keras
 
         from tfl import adapters, freezing, models, reuse  # Keras (see the top)
@@ -245,6 +250,8 @@ class Job:
 
         splits = data.load_dataset(opts.dataset, data_dir=opts.data_dir, val_split=opts.val_split, seed=opts.seed,
                                    skip_bad_images=opts.skip_bad_images, log=log)
+        if data_view is not None:
+            splits = data_view(splits)
         n_train = splits.num_examples["train"]
         train_source, rows = splits.train, train_rows(splits, opts)
         if rows is not None:

@@ -249,7 +249,8 @@ class JobOptions:
         "third of the backbone trainable; block4 for efficientnet_lite0, the embedded default's measured best "
         "within 20 minutes on a 2-core CPU). 'none' unfreezes the whole backbone after the head stage. 'auto' lets "
         "`tfl advise` choose, by short runs of this recipe above every other boundary on at most 1,000 images with "
-        "this run's epochs (and the input size, unless --image-size is given; advice.json says why). A shallower "
+        "this run's epochs and options (and the input size, unless --image-size is given; k-fold on a small val "
+        "split, see --proxy-folds; advice.json says why). A shallower "
         "boundary adapts more layers at more cost per epoch (Fashion-MNIST at 112px on a 2-core AVX-512 CPU: 146s "
         "an epoch at block4, 3s with everything frozen)."))
     # --freeze REGEX / --unfreeze REGEX, in command-line order (the last matching rule wins): tfl.cli.params
@@ -431,6 +432,52 @@ class AdapterOptions:
 
 
 ADAPTER_OPTIONS = tuple(f.name for f in dataclasses.fields(AdapterOptions))
+
+# -- tfl advise's proxy (--freeze-up-to auto too) -------------------------------------------------------------------
+PROXY_FOLDS_AUTO = "auto"
+# auto: k-fold below this many val examples. The binomial standard error of an accuracy p on n examples is
+# sqrt(p (1 - p) / n): at p = 0.8 it is 0.018 at 500 and 0.04 at 100, larger than the 0.4-2 points that separate
+# neighbouring depths in the calibration (docs/results/advise.md), so one small val split cannot rank them.
+PROXY_SMALL_VAL = 500
+DEFAULT_PROXY_FOLDS = 3  # auto's k on a small val split: 3x the proxy's runs, each on 2/3 of train+val
+MAX_PROXY_FOLDS = 10
+# Of the depths whose proxy accuracy is within PROXY_TIE_BAND_SE standard errors of the best mean, which one
+# (tfl.recipes.advise.TIE_RULES holds what each does). best_mean is the behaviour before the rules (the best mean,
+# exact ties to the deeper); scripts/calibrate_advise.py --rules scores every rule from advise.json.
+TIE_RULES = ("best_mean", "deepest", "shallowest", "middle")
+DEFAULT_TIE_RULE = "best_mean"
+PROXY_TIE_BAND_SE = 1.0
+# The run's train-better options: the proxy trains with them when the run does (advise.json "proxy" "applied").
+TRAIN_BETTER = ("augment", "random_erasing", "mixup", "cutmix", "mixup_on", "ema", "swa_epochs", "regularize", "lr")
+
+
+def proxy_folds_problem(value) -> str | None:
+    """--proxy-folds' check (besides the word auto): 1 (one val score) or 2..MAX_PROXY_FOLDS folds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROXY_FOLDS:
+        return (f"{value!r}: must be auto, 1 (score on the val split alone) or 2-{MAX_PROXY_FOLDS} folds of "
+                "train+val, e.g. 3")
+    return None
+
+
+@dataclasses.dataclass
+class ProxyOptions:
+    """How tfl advise's proxy scores the depths, for every command that takes --freeze-up-to auto (and tfl
+    advise): mixed into its options class."""
+
+    proxy_folds: int | str = option(PROXY_FOLDS_AUTO, group="model", words=(PROXY_FOLDS_AUTO,),
+                                    check=proxy_folds_problem, metavar="K|auto", help=(
+        "The proxy of --freeze-up-to auto / tfl advise scores each depth by stratified K-fold cross-validation "
+        "over the train+val rows it may use (K runs per depth, mean and standard error recorded), or with 1 on "
+        f"the val split alone. auto: {DEFAULT_PROXY_FOLDS} folds when the val split has fewer than "
+        f"{PROXY_SMALL_VAL} examples (its binomial standard error, 2-4 points, is larger than the gaps between "
+        "depths), else 1."))
+    proxy_tie_rule: str = option(DEFAULT_TIE_RULE, group="model", choices=TIE_RULES, help=(
+        f"Of the depths whose proxy accuracy is within {PROXY_TIE_BAND_SE:g} standard error of the best mean: "
+        "best_mean takes the best (exact ties: the deeper), deepest freezes the most, shallowest the least, middle "
+        "the middle one."))
+
+
+PROXY_OPTIONS = tuple(f.name for f in dataclasses.fields(ProxyOptions))
 
 SWEEP_RUN = ("strategy", "worker_hosts", "task_index", "scale_lr", "resume", "overwrite", "export")
 """What a command that trains many runs in one process does not take: multi-worker (--devices only) and the

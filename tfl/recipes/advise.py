@@ -14,14 +14,17 @@
 4. The BatchNorm domain gap: KL divergence between the target's activation statistics and the moving ones stored
    with the ImageNet weights, per layer, averaged per canonical stage.
 5. The proxy (--proxy-epochs, default the planned run's --epochs; 0 turns it off): `tfl finetune`'s own
-   two-stage recipe with the run's budget, above every other boundary (and the pooled features), on at most
-   --sample training rows, scored by its validation accuracy. With no more training rows than --sample it is
-   the run itself at each depth, and the advice is a choice by validation accuracy. The frozen-feature scores
-   rise with depth while fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths
-   (README "tfl advise"); the proxy measures what they cannot: how much training above each boundary adds.
+   two-stage recipe with the run's budget and train-better options (--augment, --ema ...), above every other
+   boundary (and the pooled features), on at most --sample training rows, scored by its validation accuracy.
+   With no more training rows than --sample it is the run itself at each depth, and the advice is a choice by
+   validation accuracy. On a small val split (--proxy-folds auto: fewer than PROXY_SMALL_VAL examples) it is
+   scored by stratified k-fold cross-validation over those train rows plus val (tfl.data.folds): k runs per
+   depth, their mean, sd and standard error recorded. The frozen-feature scores rise with depth while
+   fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths (README "tfl
+   advise"); the proxy measures what they cannot: how much training above each boundary adds.
 6. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
-   With the proxy: the boundary with the best proxy accuracy (ties: the deeper); without: rules on the data
-   size, the scores' peak and the BN gap.
+   With the proxy: of the boundaries within one standard error of the best mean proxy accuracy, the one the tie
+   rule (--proxy-tie-rule, TIE_RULES) picks; without: rules on the data size, the scores' peak and the BN gap.
 
 The rules in `recommend` and their thresholds come from scripts/calibrate_advise.py (README, "tfl advise").
 """
@@ -45,7 +48,9 @@ from tfl.backbones import registry
 from tfl.cache import ArrayCache, default_cache_dir, parse_size
 from tfl.errors import UsageError
 from tfl.job import ADVICE, AUTO, BACKBONE_LR_FACTOR, JobOptions
-from tfl.options import CACHE_DIR_HELP, all_but, option
+from tfl.options import (AUGMENTATION, CACHE_DIR_HELP, DEFAULT_PROXY_FOLDS, DEFAULT_TIE_RULE, PROXY_FOLDS_AUTO,
+                         PROXY_SMALL_VAL, PROXY_TIE_BAND_SE, TIE_RULES as TIE_RULE_NAMES, TRAIN_BETTER, ProxyOptions,
+                         all_but, option)
 from tfl.recipes import runs, transferability
 from tfl.recipes.stages import two_stage
 from tfl.reporting import figures_transfer, table
@@ -63,8 +68,8 @@ PROBE_HOLDOUT = 1 / 3  # of the sample, stratified, scores the linear probe
 PASS_BATCH = 64
 SCORES = ("logme", "h_score", "probe_accuracy")  # of the frozen features at a boundary, from the one pass
 PROXY = "proxy_accuracy"  # val accuracy of a short two-stage fine-tune above the boundary
-COLUMNS = ("boundary", "layer", "dim", *SCORES, PROXY, "bn_gap", "logme_seconds", "h_score_seconds", "probe_seconds",
-           "proxy_seconds")
+COLUMNS = ("boundary", "layer", "dim", *SCORES, PROXY, "proxy_sd", "proxy_se", "proxy_fold_accuracies", "bn_gap",
+           "logme_seconds", "h_score_seconds", "probe_seconds", "proxy_seconds")
 
 # -- the rules' thresholds (calibrated: see scripts/calibrate_advise.py and README "tfl advise") --------------------
 SMALL_PER_CLASS = 100  # below this many training examples per class the data is "small"
@@ -75,15 +80,15 @@ SCORE_MARGIN = 0.02  # a shallower boundary must beat the pooled features by thi
 # the stem with 100+ images per class; no ImageNet-like set was at hand to measure the similar side.
 BN_GAP_HIGH = 0.25
 MIN_FINAL_MAP = 3  # upscale small images until the backbone's last feature map is at least this many pixels wide
-PROXY_MARGIN_SE = 0.0  # the proxy's depth: the deepest within this many standard errors of the best accuracy
+PROXY_MARGIN_SE = PROXY_TIE_BAND_SE  # the tie rule chooses among the depths within this many standard errors
 SMALL_DATA_BACKBONE_LR = 0.1  # x --lr for the backbone with small data (tfl's default is 0.3 x)
 
 
 @dataclasses.dataclass
-class AdviseOptions(JobOptions):
+class AdviseOptions(JobOptions, ProxyOptions):
     unused: ClassVar = all_but("dataset", "data_dir", "val_split", "skip_bad_images", "image_size", "limit_train",
                                "label_fraction", "backbone", "weights", "head_epochs", "epochs", "batch_size", "lr",
-                               "seed", "cache_budget", "cache_dir", "output_dir")
+                               "seed", "cache_budget", "cache_dir", "output_dir", *TRAIN_BETTER, *AUGMENTATION)
     option_help: ClassVar = {
         "label_fraction": "Advise for a seeded, stratified share of each class's training examples (as finetune's).",
         "weights": "'default' (the backbone's ImageNet weights) or a path to a weights file.",
@@ -101,8 +106,9 @@ class AdviseOptions(JobOptions):
         "fine-tunes on at most this many."))
     proxy_epochs: int | None = option(None, check="non_negative", metavar="N", help=(
         "Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, --head-epochs "
-        "then N fine-tune epochs, on at most --sample images; the depth is the one with the best val accuracy "
-        "(ties: the deeper). Default: --epochs (a shorter proxy ranks depths differently). 0: no proxy, rules on "
+        "then N fine-tune epochs, on at most --sample images, with the planned run's --augment, --ema ... options; "
+        "scored on val or by --proxy-folds; the depth is the one --proxy-tie-rule picks (default: the best mean, "
+        "ties: the deeper). Default: --epochs (a shorter proxy ranks depths differently). 0: no proxy, rules on "
         "the scores decide."))
 
 
@@ -218,10 +224,10 @@ def measure(opts, spec, splits, source, n_train: int, rows, image_size: int, log
     if epochs > 0 and proxy_root:
         # The proxy trains as the run will: at --image-size, else at the size the advice will recommend.
         size = opts.image_size or recommended_image_size(summary, stride, spec.input_size)[0]
-        proxy = proxy_runs(opts, [row["boundary"] for row in scores], size, n_train, epochs, proxy_root,
-                           splits.num_examples.get("val", 0), log)
+        proxy = proxy_runs(opts, [row["boundary"] for row in scores], size, n_train, epochs, proxy_root, splits,
+                           log)
         for row in scores:
-            row[PROXY] = proxy["accuracy"].get(row["boundary"])
+            row.update(proxy_spread(proxy["folds"].get(row["boundary"]), proxy["settings"]))
             row["proxy_seconds"] = proxy["seconds"].get(row["boundary"])
     recommendation = recommend(summary, scores, gaps, stride, spec.input_size, opts.lr,
                                score=PROXY if proxy else "logme", proxy=proxy and proxy["settings"])
@@ -312,37 +318,111 @@ def proxy_depths(names: list[str]) -> list[str]:
     return picked
 
 
-def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: int, root: str, val_examples: int,
-               log) -> dict:
+def proxy_runs(opts, names: list[str], image_size: int, n_train: int, epochs: int, root: str, splits, log) -> dict:
     """`tfl finetune`'s two-stage recipe above each of proxy_depths(names): --head-epochs on the frozen
     backbone (cached), then `epochs` fine-tune epochs, on at most --sample training rows (seeded), in float32,
-    one device, everything else as opts; each run directory under root. Returns the best val accuracy per
-    boundary, the seconds, and the settings (advise.json "proxy")."""
+    one device, everything else as opts (the train-better options included); each run directory under root.
+    With k = proxy_fold_count(...) > 1 folds, every depth runs once per stratified fold of those rows plus the val
+    split (tfl.data.folds), the same folds for every depth, under root/<depth>/fold<i>. Returns the best val
+    accuracy per boundary and fold, the seconds, and the settings (advise.json "proxy")."""
+    from tfl.data import folds as kfold
     from tfl.precision import untouched_random_state  # Keras (see the top)
 
     rows = min(n_train, getattr(opts, "sample", DEFAULT_SAMPLE))
+    val_examples = int(splits.num_examples.get("val", 0))
     base = runs.derive(runs.job_options(opts), image_size=image_size, epochs=epochs,
                        limit_train=rows if rows < n_train else opts.limit_train, mixed_precision="off",
                        strategy="default", devices=None, worker_hosts=(), task_index=None, export=False,
                        tensorboard=False, overwrite=True)
-    accuracy, seconds = {}, {}
+    requested = getattr(opts, "proxy_folds", PROXY_FOLDS_AUTO)
+    views, pool, fold_rows = [None], None, None
+    k = proxy_fold_count(requested, val_examples)
+    if k > 1:
+        train_rows = jobs.train_rows(splits, base)  # the proxy's rows, as a single run would pick them
+        labels = kfold.pool_labels(splits, train_rows)
+        if requested == PROXY_FOLDS_AUTO:  # auto never fails on a class too small to split k ways
+            smallest = int(np.unique(labels, return_counts=True)[1].min()) if len(labels) else 1
+            k = max(1, min(k, smallest))
+        if k > 1:
+            held = kfold.stratified_folds(labels, k, opts.seed)
+            # A fold trains on at most as many images as the run (the budget must be the run's: a larger val
+            # split would otherwise give the proxy more training data than the run has), a stratified sample.
+            trains = [fold_train(labels, h, rows, opts.seed) for h in held]
+            views = [lambda s, h=h, t=t: kfold.fold_splits(s, train_rows, h, t) for h, t in zip(held, trains)]
+            fold_rows = [len(t) for t in trains]
+            pool = len(labels)
+            # the fold picks the rows: the run itself must not subset them again
+            base = dataclasses.replace(base, limit_train=None, label_fraction=None)
+    accuracy: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
     depths = proxy_depths(names)
+    scored = (f"mean of {k} stratified folds of {pool:,} train+val images" if pool else
+              f"on {val_examples:,} val images")
     log(f"advise: proxy fine-tuning above {len(depths)} boundaries ({', '.join(depths)}): {opts.head_epochs} head + "
-        f"{epochs} fine-tune epochs on {rows:,} training images at {image_size}px each")
+        f"{epochs} fine-tune epochs on {rows:,} training images at {image_size}px each, scored {scored}")
     for i, depth in enumerate(depths, 1):
-        run = runs.Run(f"proxy {depth}", runs.derive(base, freeze_up_to=depth, output_dir=os.path.join(root, depth)),
-                       two_stage, {"recipe": "advise_proxy"})
-        with untouched_random_state():  # the advised run itself starts from the same random state as without
-            metrics, seconds[depth] = runs.train(run, log=lambda message: None, fresh=False)
-        accuracy[depth] = metrics["val_accuracy"]
-        log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {accuracy[depth]:.4f} "
-            f"({seconds[depth]:.0f}s)")
+        accuracy[depth], seconds[depth] = [], 0.0
+        for f, view in enumerate(views):
+            folder = os.path.join(root, depth, f"fold{f}") if pool else os.path.join(root, depth)
+            run = runs.Run(f"proxy {depth}", runs.derive(base, freeze_up_to=depth, output_dir=folder), two_stage,
+                           {"recipe": "advise_proxy", **({"fold": f, "folds": k} if pool else {})}, data_view=view)
+            with untouched_random_state():  # the advised run itself starts from the same random state as without
+                metrics, took = runs.train(run, log=lambda message: None, fresh=False)
+            accuracy[depth].append(metrics["val_accuracy"])
+            seconds[depth] = round(seconds[depth] + took, 1)
+        spread = proxy_spread(accuracy[depth], {"val_examples": val_examples, "pool_rows": pool})
+        log(f"advise: proxy {i}/{len(depths)}: --freeze-up-to {depth}: val accuracy {spread[PROXY]:.4f}"
+            + (f" ± {spread['proxy_se']:.4f} (folds {', '.join(f'{a:.3f}' for a in accuracy[depth])})" if pool else "")
+            + f" ({seconds[depth]:.0f}s)")
+    defaults = {f.name: f.default for f in dataclasses.fields(JobOptions)}
+    applied = {name: getattr(base, name) for name in dict.fromkeys((*TRAIN_BETTER, *AUGMENTATION))
+               if getattr(base, name) != defaults[name] or name == "lr"}
     settings = {"depths": depths, "image_size": image_size, "head_epochs": opts.head_epochs, "epochs": epochs,
                 "train_rows": rows, "batch_size": opts.batch_size, "lr": opts.lr,
                 "backbone_lr": opts.backbone_lr if opts.backbone_lr is not None else opts.lr * BACKBONE_LR_FACTOR,
-                "seed": opts.seed,
-                "val_examples": int(val_examples), "runs": root}
-    return {"accuracy": accuracy, "seconds": seconds, "settings": settings}
+                "seed": opts.seed, "val_examples": val_examples, "folds": k if pool else 1,
+                "folds_requested": requested, "pool_rows": pool, "fold_train_rows": fold_rows,
+                "tie_rule": getattr(opts, "proxy_tie_rule", DEFAULT_TIE_RULE), "tie_band_se": PROXY_TIE_BAND_SE,
+                "applied": applied, "runs": root}
+    return {"folds": accuracy, "seconds": seconds, "settings": settings}
+
+
+def fold_train(labels: np.ndarray, held: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """The pool positions a fold trains on: every one outside `held`, or a stratified sample of `cap` of them
+    when there are more (the proxy trains on as many images as the run, whatever the val split adds)."""
+    rest = np.setdiff1d(np.arange(len(labels)), held)
+    if len(rest) <= cap:
+        return rest
+    return rest[stratified_sample(labels[rest], cap, seed)]
+
+
+def proxy_fold_count(requested, val_examples: int) -> int:
+    """--proxy-folds: a number as given; auto: DEFAULT_PROXY_FOLDS when the val split has fewer than
+    PROXY_SMALL_VAL examples (its binomial standard error is then larger than the gaps between depths), else 1."""
+    if requested == PROXY_FOLDS_AUTO:
+        return DEFAULT_PROXY_FOLDS if val_examples < PROXY_SMALL_VAL else 1
+    return int(requested)
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, int(n or 0)))
+
+
+def proxy_spread(folds: list[float] | None, settings: dict | None) -> dict:
+    """A depth's proxy row: every fold's val accuracy, their mean, sd and standard error. The standard error is
+    the larger of sd / sqrt(k) and the binomial one of the mean on the rows scored (all of the pool over k folds,
+    the val split for one score): k = 3 fold scores can agree by chance, and cannot be surer than that many
+    examples allow. None (no proxy at this boundary): every entry None."""
+    if not folds:
+        return {PROXY: None, "proxy_sd": None, "proxy_se": None, "proxy_fold_accuracies": None}
+    values = np.asarray(folds, np.float64)
+    mean = float(values.mean())
+    sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    settings = settings or {}
+    scored = settings.get("pool_rows") if len(values) > 1 else settings.get("val_examples")
+    se = max(sd / math.sqrt(len(values)), binomial_se(mean, scored))
+    return {PROXY: round(mean, 6), "proxy_sd": round(sd, 6) if len(values) > 1 else None, "proxy_se": round(se, 6),
+            "proxy_fold_accuracies": [round(float(v), 6) for v in values]}
 
 
 def stage_boundaries(spec, backbone) -> list[tuple[str, str]]:
@@ -475,17 +555,18 @@ def stage_gaps(bn: dict, spec) -> dict:
 
 # -- the rules -----------------------------------------------------------------------------------------------------
 def recommend(summary: dict, scores: list[dict], gaps: dict, stride: int, input_size: int, lr: float,
-              score: str = "logme", proxy: dict | None = None, margin_se: float = PROXY_MARGIN_SE) -> dict:
+              score: str = "logme", proxy: dict | None = None, tie_rule: str | None = None,
+              band_se: float = PROXY_MARGIN_SE) -> dict:
     """--freeze-up-to, image size, backbone lr and epochs, with reasons. Pure: summary (data_summary), scores
     (one row per boundary, stem first, the pooled features last), gaps (stage -> BN gap), stride (input pixels per
     pixel of the backbone's last feature map), input_size (the backbone's), lr (the head's). score=PROXY: the
-    rows' proxy accuracies decide the depth (proxy_depth; `proxy` is advise.json's "proxy" settings); any other
-    score drives the rules below."""
+    rows' proxy accuracies decide the depth (proxy_depth, by `tie_rule`, default the one `proxy` records;
+    `proxy` is advise.json's "proxy" settings); any other score drives the rules below."""
     if not scores:
         raise UsageError("recommend needs the scores of at least one boundary")
     names = [row["boundary"] for row in scores]
     if score == PROXY:
-        chosen = proxy_depth(summary, scores, gaps, proxy, margin_se)
+        chosen = proxy_depth(summary, scores, gaps, proxy, tie_rule, band_se)
         return _with_size_lr_epochs(summary, stride, input_size, lr, chosen, proxy)
     values = np.array([row[score] for row in scores], np.float64)
     top = len(names) - 1
@@ -541,44 +622,92 @@ def low_level_bn_gap(names: list[str], gaps: dict) -> float:
     return float(np.mean(early)) if early else 0.0
 
 
-def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | None,
-                margin_se: float = PROXY_MARGIN_SE) -> dict:
-    """The deepest boundary whose proxy accuracy is within `margin_se` standard errors (the binomial one of the
-    best accuracy on the proxy's val images) of the best one's. 0 (the default): the best, ties to the deeper
-    boundary. 1 is Breiman's one-standard-error rule (of depths the proxy cannot tell apart, freeze the most);
-    it was the first choice, but over the calibration's eight datasets it gave up 2.4 points of test accuracy on
-    average, against 0.8 for the best (README "tfl advise")."""
-    tried = [(i, row[PROXY]) for i, row in enumerate(scores) if row.get(PROXY) is not None]
+# The tie rules: of the candidate depths (positions in the proxy's rows, shallow to deep, each within the band of
+# the best mean), which to take. Pure functions of (candidates, means); names in tfl.options.TIE_RULES.
+def _best_mean(candidates: list[int], means: list) -> int:
+    return max(candidates, key=lambda i: (means[i], i))  # exact ties: the deeper
+
+
+def _deepest(candidates: list[int], means: list) -> int:  # Breiman's one-standard-error rule: freeze the most
+    return max(candidates)
+
+
+def _shallowest(candidates: list[int], means: list) -> int:  # train the most layers the data cannot rule out
+    return min(candidates)
+
+
+def _middle(candidates: list[int], means: list) -> int:  # the median depth (of two, the deeper)
+    return sorted(candidates)[len(candidates) // 2]
+
+
+TIE_RULES = {"best_mean": _best_mean, "deepest": _deepest, "shallowest": _shallowest, "middle": _middle}
+if tuple(TIE_RULES) != TIE_RULE_NAMES:  # the CLI's choices come from tfl.options; the functions live here
+    raise ImportError("tfl.recipes.advise.TIE_RULES and tfl.options.TIE_RULES disagree")
+
+
+def choose_depth(means: list, ses: list, rule: str = DEFAULT_TIE_RULE,
+                 band_se: float = PROXY_TIE_BAND_SE) -> tuple[int, int, list[int]]:
+    """(chosen, best, candidates): positions in `means` (None: not tried). best has the highest mean (ties: the
+    deeper); candidates are the tried positions whose mean is within band_se x the best's standard error of it;
+    `rule` (a TIE_RULES name) picks one of them."""
+    if rule not in TIE_RULES:
+        raise UsageError(f"--proxy-tie-rule {rule!r} is not one of {', '.join(TIE_RULES)}")
+    tried = [i for i, m in enumerate(means) if m is not None]
     if not tried:
         raise UsageError(f"recommend(score={PROXY!r}) needs rows with {PROXY}")
+    best = _best_mean(tried, means)
+    band = band_se * float(ses[best] or 0.0)
+    candidates = [i for i in tried if means[i] >= means[best] - band - 1e-12]
+    return TIE_RULES[rule](candidates, means), best, candidates
+
+
+def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | None, tie_rule: str | None = None,
+                band_se: float = PROXY_MARGIN_SE) -> dict:
+    """The depth from the proxy's rows: each row's mean and standard error recomputed from its fold accuracies
+    (proxy_spread; an advise.json from before folds: its one accuracy, the binomial standard error on the val
+    split), then choose_depth with `tie_rule` (default: the one advise.json's proxy settings record, else
+    best_mean). Kept from the calibration (README "tfl advise"): deepest (Breiman's one-standard-error rule) was
+    the first choice, and gave up 2.4 points of test accuracy on average over eight datasets against 0.8 for the
+    best; scripts/calibrate_advise.py --rules scores every rule from advise.json files."""
+    settings = proxy or {}
+    rule = tie_rule or settings.get("tie_rule") or DEFAULT_TIE_RULE
     names = [row["boundary"] for row in scores]
-    best_i, best = max(tried, key=lambda t: (t[1], t[0]))
-    n_val = max(1, int((proxy or {}).get("val_examples") or 0))
-    se = math.sqrt(max(best * (1 - best), 0.0) / n_val)
-    depth = max(i for i, value in tried if value >= best - margin_se * se)
+    spreads = [proxy_spread(row.get("proxy_fold_accuracies") or ([row[PROXY]] if row.get(PROXY) is not None
+                                                                   else None), settings) for row in scores]
+    means = [sp[PROXY] for sp in spreads]
+    ses = [sp["proxy_se"] for sp in spreads]
+    depth, best_i, candidates = choose_depth(means, ses, rule, band_se)
+    best, se = means[best_i], ses[best_i]
     per_class = summary["median_per_class"]
     size_word = data_size(per_class)
     low_level_gap = low_level_bn_gap(names, gaps)
-    measured = ", ".join(f"{names[i]} {value:.3f}" for i, value in tried)
-    settings = proxy or {}
+    measured = ", ".join(f"{names[i]} {means[i]:.3f}" + (f" ± {ses[i]:.3f}" if len(spreads[i][
+        "proxy_fold_accuracies"]) > 1 else "") for i in range(len(names)) if means[i] is not None)
     rows = settings.get("train_rows")
     budget = (f"{settings.get('head_epochs', '?')} head + {settings.get('epochs', '?')} fine-tune epochs on "
               f"{rows:,} images" if rows else "a short fine-tune")
-    if depth == best_i:
+    folds = settings.get("folds") or 1
+    scored = (f"mean ± standard error of {folds} folds of {settings['pool_rows']:,} train+val images"
+              if folds > 1 and settings.get("pool_rows") else "val accuracy")
+    tied = [names[i] for i in candidates]
+    if depth == best_i and len(tied) == 1:
         pick = f"{names[depth]} is best"
+    elif depth == best_i:
+        pick = (f"{names[depth]} is best; {', '.join(t for t in tied if t != names[depth])} within "
+                f"{band_se:g} standard error ({se:.3f}) of it; tie rule {rule}: {names[depth]}")
     else:
-        pick = (f"the best is {names[best_i]}; {names[depth]}, {best - scores[depth][PROXY]:.3f} below it, is "
-                f"within {margin_se:g} standard error(s) ({se:.3f}) and freezes more")
+        pick = (f"the best is {names[best_i]}; {', '.join(tied)} are within {band_se:g} standard error ({se:.3f}) "
+                f"of it; tie rule {rule}: {names[depth]}, {best - means[depth]:.3f} below it")
     larger = rows is not None and rows < summary["train_examples"]
     reason = (f"{summary['train_examples']:,} images, {summary['num_classes']} classes ({per_class:g} per class: "
-              f"{size_word} data); proxy fine-tuning ({budget}), val accuracy per --freeze-up-to: {measured}; "
+              f"{size_word} data); proxy fine-tuning ({budget}), {scored} per --freeze-up-to: {measured}; "
               f"{pick} -> --freeze-up-to {names[depth]}"
               + (f" (measured on {rows:,} of the {summary['train_examples']:,} images: with all of them, freezing "
                  "less tends to gain more)" if larger else ""))
     domain = "different domain" if low_level_gap > BN_GAP_HIGH else "similar domain"
     return {"freeze_up_to": names[depth], "score": PROXY, "best_boundary": names[best_i], "domain": domain,
-            "data_size": size_word, "low_level_bn_gap": round(low_level_gap, 6), "proxy_standard_error": round(se, 6),
-            "reasons": {"freeze_up_to": reason}}
+            "data_size": size_word, "low_level_bn_gap": round(low_level_gap, 6), "proxy_standard_error": se,
+            "tie_rule": rule, "tied": tied, "reasons": {"freeze_up_to": reason}}
 
 
 def recommended_image_size(summary: dict, stride: int, input_size: int) -> tuple[int, str]:
@@ -622,7 +751,9 @@ TABLES = runs.Tables(ADVISE_JSON, {ADVISE_CSV: (COLUMNS, lambda result: result["
 
 TABLE = (Column("boundary", "boundary"), Column("dim", "dim"), Column("LogME", "logme", ".4f"),
          Column("H-score", "h_score", ".3f"), Column("probe acc", "probe_accuracy", ".3f"),
-         Column("proxy acc", PROXY, ".3f"), Column("BN gap", "bn_gap", ".3f"),
+         Column("proxy acc ± se", lambda r: None if r.get(PROXY) is None else (
+             f"{r[PROXY]:.3f}" + (f" ± {r['proxy_se']:.3f}" if r.get("proxy_se") is not None else ""))),
+         Column("BN gap", "bn_gap", ".3f"),
          Column("seconds", lambda r: r["logme_seconds"] + r["h_score_seconds"] + r["probe_seconds"]
                 + (r.get("proxy_seconds") or 0), ".2f"))
 

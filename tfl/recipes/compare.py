@@ -24,7 +24,7 @@ from typing import Callable, ClassVar
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import FRACTION, SWEEP_RUN, check_options as check_fields, option
+from tfl.options import FRACTION, SWEEP_RUN, ProxyOptions, check_options as check_fields, option
 from tfl.recipes import sweep
 from tfl.recipes.stages import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
                                 scratch_stage, two_stage)
@@ -89,7 +89,7 @@ ARMS = tuple(REGISTRY)
 
 # -- options -------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class CompareOptions(JobOptions):
+class CompareOptions(JobOptions, ProxyOptions):
     unused: ClassVar = ("label_fraction", *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where compare.json/.csv/.png and every arm's run directory (<arm>/frac<F>/seed<S>/) go (default: "

@@ -20,13 +20,13 @@ from tfl import job as jobs
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import (BACKBONE_LR_FACTOR, BALANCE, FREEZE_AUTO, LR_FIND, TTA_MODES, TTA_NONE, UNFREEZE,
-                         AdapterOptions, option)
+                         AdapterOptions, ProxyOptions, option)
 from tfl.recipes.advise import resolve_auto
 from tfl.recipes.stages import prepare_balanced, two_stage
 
 
 @dataclasses.dataclass
-class FinetuneOptions(JobOptions, AdapterOptions):
+class FinetuneOptions(JobOptions, AdapterOptions, ProxyOptions):
     # --lr and --backbone-lr as JobOptions declares them, and also "find" (tfl.recipes.lr_find.finding)
     lr: float | str = option(1e-3, group="train", check="positive", words=(LR_FIND,), metavar="FLOAT|find", help=(
         "Learning rate of the head. find: a learning-rate range test over the head stage chooses it (as `tfl "

@@ -57,7 +57,8 @@ import numpy as np
 
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
-from tfl.options import CL_SCENARIOS, CL_STRATEGIES, MIXING, SWEEP_RUN, check_options as check_fields, option
+from tfl.options import (CL_SCENARIOS, CL_STRATEGIES, MIXING, SWEEP_RUN, ProxyOptions, check_options as check_fields,
+                         option)
 from tfl.recipes import forgetting_metrics as cl_metrics, sweep
 from tfl.reporting import table
 from tfl.reporting.table import Column
@@ -73,7 +74,7 @@ MASKED = -1e9  # the logit of a class outside the mask: exp() of it is exactly 0
 
 # -- options ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class ForgettingOptions(JobOptions):
+class ForgettingOptions(JobOptions, ProxyOptions):
     unused: ClassVar = ("head_epochs", "label_smoothing", *MIXING, *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where forgetting.json/.csv/.png, accuracy_curves.png and every strategy's run directory (<strategy>/) go "

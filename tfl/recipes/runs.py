@@ -27,6 +27,7 @@ class Run:
     drop: tuple[str, ...] = ()  # the sweep's own option fields, left out of the run's config.json
     row: dict = dataclasses.field(default_factory=dict)  # the run's table row before its metrics (arm, seed ...)
     targets: list | None = None  # see Job.setup
+    data_view: Callable | None = None  # splits -> splits, see Job.setup (advise's k-fold proxy: one fold)
 
 
 @dataclasses.dataclass
@@ -70,7 +71,8 @@ def train(run: Run, log=print, resolve_depth: jobs.DepthResolver | None = None,
     if fresh:
         keras.backend.clear_session()
     started = time.time()
-    metrics = jobs.run(run.options, recipe, log, targets=run.targets, resolve_depth=resolve_depth)
+    metrics = jobs.run(run.options, recipe, log, targets=run.targets, resolve_depth=resolve_depth,
+                       data_view=run.data_view)
     return metrics, round(time.time() - started, 1)
 
 

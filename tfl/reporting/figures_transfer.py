@@ -72,12 +72,12 @@ def write_multitask(summary: list[dict], path: str, title: str | None = None) ->
 
 
 ADVISE_PANELS = (("logme", "LogME"), ("h_score", "H-score (shrunk)"), ("probe_accuracy", "linear probe accuracy"),
-                 ("proxy_accuracy", "proxy fine-tune val accuracy"), ("bn_gap", "BN gap (KL to ImageNet stats)"))
+                 ("proxy_accuracy", "proxy fine-tune val accuracy (± se)"), ("bn_gap", "BN gap (KL to ImageNet stats)"))
 
 
 def write_advise(result: dict, path: str) -> str:
     """A panel per score against the boundary (LogME, H-score, probe accuracy, the proxy's accuracy where it
-    ran) and the BN gap; the recommendation marked."""
+    ran, with its standard error as error bars) and the BN gap; the recommendation marked."""
     rows = result["boundaries"]
     names = [row["boundary"] for row in rows]
     x = np.arange(len(names))
@@ -87,7 +87,13 @@ def write_advise(result: dict, path: str) -> str:
     chosen = result["recommendation"]["freeze_up_to"]
     for ax, (key, title) in zip(axes, panels):
         shown = [i for i, row in enumerate(rows) if row.get(key) is not None]  # the proxy: every other boundary
-        ax.plot(x[shown], [rows[i][key] for i in shown], marker="o", markersize=4)
+        # The proxy's accuracy is a mean over folds (or one val score): its standard error as error bars.
+        errors = [rows[i].get("proxy_se") for i in shown] if key == "proxy_accuracy" else []
+        if any(e is not None for e in errors):
+            ax.errorbar(x[shown], [rows[i][key] for i in shown], yerr=[e or 0.0 for e in errors], marker="o",
+                        markersize=4, capsize=3)
+        else:
+            ax.plot(x[shown], [rows[i][key] for i in shown], marker="o", markersize=4)
         ax.set_xticks(x, names, rotation=45, ha="right")
         ax.set_title(title)
         if chosen in names:
