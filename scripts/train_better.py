@@ -20,20 +20,15 @@ bars: the sd over seeds of the per-seed difference).
 
     pip install 'tfl[calibrate]'        # scikit-learn, for the digits
     TFL_PROGRESS=0 nice -n 19 python scripts/train_better.py --work /tmp/train-better    # the 99 runs
-    python scripts/train_better.py --work /tmp/train-better --arms plain,ema+randaugment  # then a combination
+    python scripts/train_better.py --work /tmp/train-better --arms plain,bss+lr_find  # then a combination
     python scripts/train_better.py --work /tmp/train-better --report-only
     python scripts/train_better.py --work /tmp/train-better --dry-run     # the runs to go and their exact options
 
-How long: 11 arms x 3 datasets x 3 seeds = 99 runs, about 45-55 minutes on the idle 2-core machine (an estimate;
-one TensorFlow start-up for all runs). Measured with `--arms plain,randaugment --seeds 0 --head-epochs 2 --epochs 2`
-under `nice -n 19` while other jobs held the machine (load average 4.0 before, 4.3 after), wall seconds per run,
-plain / randaugment: fmnist1 52 (with the one-off precision timing) / 50, fmnist10 69 / 137, digits 19 / 36. Arms on
-cached features (plain, mixup, ema, swa, l2sp, bss, lr_find) cost about plain's; pixel arms (randaugment,
-mixup_pixels, cutmix, erasing) about randaugment's: 94 minutes for 99 runs at that load. The third fine-tuning epoch
-(the logs' last epoch, plain / randaugment: fmnist1 3 / 6 s, fmnist10 17 / 34 s, digits ~2 / 7 s) adds 17: 111
-minutes at that load. Its compute-bound epochs ran 3.2x slower than the idle figure in --freeze-up-to's help (146 s
-an epoch at block4 for 54,000 images at 112 px, scaled by images and pixels: 5.2 s against 16.8 s for fmnist10's),
-and the fixed cost per run (data, model, test pass, files) scales less, so 2-2.5x overall.
+How long, measured: the 99 runs took 78 minutes for the 66 Fashion-MNIST runs and 18 for the 33 digits runs (two
+sweeps, one per dataset group, overlapping for 18 minutes; load average 0.7-3.0 where sampled) on a shared 2-core Intel Xeon.
+Mean wall seconds per run over the three seeds, plain / randaugment: fmnist1 44 / 52, fmnist10 85 / 134, digits
+29 / 45. Arms on cached features (plain, mixup, ema, swa, l2sp, bss, lr_find) cost about plain's; pixel arms
+(randaugment, mixup_pixels, cutmix, erasing) 1.1-1.6x more. The table is in docs/results/train-better.md.
 """
 
 from __future__ import annotations
