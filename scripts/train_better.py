@@ -24,11 +24,11 @@ bars: the sd over seeds of the per-seed difference).
     python scripts/train_better.py --work /tmp/train-better --report-only
     python scripts/train_better.py --work /tmp/train-better --dry-run     # the runs to go and their exact options
 
-How long, measured: the 99 runs took 78 minutes for the 66 Fashion-MNIST runs and 18 for the 33 digits runs (two
-sweeps, one per dataset group, overlapping for 18 minutes; load average 0.7-3.0 where sampled) on a shared 2-core Intel Xeon.
-Mean wall seconds per run over the three seeds, plain / randaugment: fmnist1 44 / 52, fmnist10 85 / 134, digits
-29 / 45. Arms on cached features (plain, mixup, ema, swa, l2sp, bss, lr_find) cost about plain's; pixel arms
-(randaugment, mixup_pixels, cutmix, erasing) 1.1-1.6x more. The table is in docs/results/train-better.md.
+How long, measured: 78 minutes for the 66 Fashion-MNIST runs and 18 for the 33 digits runs (two sweeps, one per
+dataset group, overlapping for 18 minutes; load average 0.7-3.0 where sampled) on a shared 2-core Intel Xeon. Mean
+wall seconds per run over the three seeds, plain / randaugment: fmnist1 44 / 52, fmnist10 85 / 134, digits 29 / 45.
+Arms on cached features (plain, mixup, ema, swa, l2sp, bss, lr_find) cost about plain's; pixel arms (randaugment,
+mixup_pixels, cutmix, erasing) 1.1-1.6x more. The table is in docs/results/train-better.md.
 """
 
 from __future__ import annotations
