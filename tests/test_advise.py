@@ -215,9 +215,12 @@ def test_proxy_picks_the_best_depth_and_ties_go_deeper():
     assert rec["freeze_up_to"] == "stem" and rec["best_boundary"] == "stem" and rec["score"] == adv.PROXY
     assert "stem 0.840, block2 0.830" in rec["reasons"]["freeze_up_to"] and "stem is best" in rec["reasons"][
         "freeze_up_to"]
-    # ties go to the deeper boundary; the size advice is the rules' own (28 px images: 112 px)
-    tied = proxied({"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}, 300, per_class=50)
+    # best_mean's exact ties go to the deeper boundary; the size advice is the rules' own (28 px images: 112 px)
+    flat = {"stem": 0.7, "block2": 0.7, "block4": 0.7, "block6": 0.7, "head": 0.7}
+    tied = proxied(flat, 300, per_class=50, tie_rule="best_mean")
     assert tied["freeze_up_to"] == "head" and tied["image_size"] == 112
+    # the default rule (shallowest, from the calibration) trains the most layers among depths it cannot tell apart
+    assert adv.DEFAULT_TIE_RULE == "shallowest" and proxied(flat, 300, per_class=50)["freeze_up_to"] == "stem"
     # without the proxy's rates (an older advise.json) the epochs and lr come from the rules
     assert tied["epochs"] == 5 and tied["backbone_lr"] == pytest.approx(1e-3 * adv.SMALL_DATA_BACKBONE_LR)
     measured = proxied(ACCURACIES, 300, per_class=50, settings={"backbone_lr": 3e-4})

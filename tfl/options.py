@@ -442,10 +442,12 @@ PROXY_SMALL_VAL = 500
 DEFAULT_PROXY_FOLDS = 3  # auto's k on a small val split: 3x the proxy's runs, each on 2/3 of train+val
 MAX_PROXY_FOLDS = 10
 # Of the depths whose proxy accuracy is within PROXY_TIE_BAND_SE standard errors of the best mean, which one
-# (tfl.recipes.advise.TIE_RULES holds what each does). best_mean is the behaviour before the rules (the best mean,
-# exact ties to the deeper); scripts/calibrate_advise.py --rules scores every rule from advise.json.
+# (tfl.recipes.advise.TIE_RULES holds what each does). scripts/calibrate_advise.py --rules scores every rule from
+# advise.json: on the eight calibration sets with 3-fold proxies, shallowest gave up 0.40 points of test accuracy
+# against the best depth on average (4/8 within one stage), best_mean 0.85 (1/8), deepest 0.86 (4/8), middle 0.77
+# (3/8); docs/results/advise.md.
 TIE_RULES = ("best_mean", "deepest", "shallowest", "middle")
-DEFAULT_TIE_RULE = "best_mean"
+DEFAULT_TIE_RULE = "shallowest"
 PROXY_TIE_BAND_SE = 1.0
 # The run's train-better options: the proxy trains with them when the run does (advise.json "proxy" "applied").
 TRAIN_BETTER = ("augment", "random_erasing", "mixup", "cutmix", "mixup_on", "ema", "swa_epochs", "regularize", "lr")

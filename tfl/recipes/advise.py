@@ -666,9 +666,9 @@ def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | Non
     """The depth from the proxy's rows: each row's mean and standard error recomputed from its fold accuracies
     (proxy_spread; an advise.json from before folds: its one accuracy, the binomial standard error on the val
     split), then choose_depth with `tie_rule` (default: the one advise.json's proxy settings record, else
-    best_mean). Kept from the calibration (README "tfl advise"): deepest (Breiman's one-standard-error rule) was
-    the first choice, and gave up 2.4 points of test accuracy on average over eight datasets against 0.8 for the
-    best; scripts/calibrate_advise.py --rules scores every rule from advise.json files."""
+    DEFAULT_TIE_RULE, shallowest: on the eight calibration sets with 3-fold proxies it gave up 0.40 points of test
+    accuracy against the best depth on average, the other rules 0.77-0.86; docs/results/advise.md).
+    scripts/calibrate_advise.py --rules scores every rule from advise.json files."""
     settings = proxy or {}
     rule = tie_rule or settings.get("tie_rule") or DEFAULT_TIE_RULE
     names = [row["boundary"] for row in scores]
