@@ -18,10 +18,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt scripts/install_sys
 demo: setup
 	$(VENV)/bin/tfl finetune
 
-# One TensorFlow thread pool thread per xdist worker: two workers on two cores otherwise oversubscribe them
-# (measured: 180 s against 200 s wall for six end-to-end test files, one run each).
+# One TensorFlow thread per xdist worker (more oversubscribe the cores: 180 s against 200 s wall for six end-to-end
+# test files). Three workers on two cores: the third fills the time the others wait on child processes and files
+# (193 % CPU against 178 %; 2-5 % faster in three back-to-back pairs, docs/developing.md).
 test: setup
-	TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -73,7 +73,7 @@ def data_a_to_d(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("a-d"), classes=("a", "b", "c", "d"), per_class=8)
 
 
-# The files with the longest runs (from `pytest --durations`), started first: with two xdist workers taking whole
+# The files with the longest runs (from `pytest --durations`), started first: with xdist workers taking whole
 # files, a long file started last decides when the suite ends. Used with --no-loadscope-reorder (Makefile).
 LONGEST_FIRST = ("test_recipes_distribute.py", "test_bench.py", "test_distribute.py", "test_advise.py",
                  "test_compare.py", "test_forgetting.py", "test_docs_examples.py", "test_pretext.py")
