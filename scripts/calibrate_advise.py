@@ -4,7 +4,7 @@ For every dataset below: `tfl advise` once (scores per boundary, its recommended
 finetune` at each depth of DEPTHS with the same budget (image size, epochs, batch, lr, seed). Reports per dataset
 Kendall's tau between each score at a boundary and the test accuracy of fine-tuning with that boundary frozen,
 and whether the recommended depth is within one canonical stage of the best depth tried. Writes
-calibration.json and calibration.md (the table in README "tfl advise") to --work.
+calibration.json and calibration.md (the table in docs/results/advise.md) to --work.
 
 Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made here (seeded):
   fmnist10 / fmnist100 / fmnist1000   Fashion-MNIST, 10 / 100 / 1,000 train images per class
@@ -13,7 +13,7 @@ Datasets, all offline, as image folders ROOT/{train,val,test}/<class>/*.png made
                                       from the rules' thresholds (they were set on the four sets before it)
   digits                              scikit-learn's 8x8 digits (1,797 images; 0..16 scaled to 0..255)
   digits20                            20 of those per class (the same val and test): small, different
-  fmnist300, fmnist1000_inverted      more training images than the proxy's 1,000 (fmnist300 is in the README)
+  fmnist300, fmnist1000_inverted      more training images than the proxy's 1,000 (fmnist300: docs/results/advise.md)
 Every Fashion-MNIST folder has the same val (30 per class, other train rows) and test (100 per class of t10k).
 
     pip install 'tfl[calibrate]'     # scikit-learn, for the digits

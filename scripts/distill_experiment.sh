@@ -1,6 +1,7 @@
 #!/bin/sh
-# The README's distillation experiment (Fashion-MNIST, offline). TEACHER: a `tfl finetune` run directory with the
-# defaults (EfficientNet-Lite0, ImageNet weights, 112px, all 54,000 training images, 10 head + 2 fine-tune epochs).
+# The distillation experiment of docs/results/distill.md (Fashion-MNIST, offline). TEACHER: a `tfl finetune` run
+# directory with the defaults (EfficientNet-Lite0, ImageNet weights, 112px, all 54,000 training images, 10 head +
+# 2 fine-tune epochs).
 set -e
 TEACHER=${TEACHER:-runs/teacher-lite0}
 OUT=${OUT:-runs/distill}

@@ -1,5 +1,5 @@
 #!/bin/bash
-# float32 vs bfloat16 (--mixed-precision off / on): accuracy and time, as reported in README "Speed".
+# float32 vs bfloat16 (--mixed-precision off / on): accuracy and time, as reported in docs/benchmarks.md.
 # 1. A ResNet run (random init: no ResNet ImageNet weights are available offline).
 # 2. The embedded default, head only (frozen EfficientNet-Lite0 features + a new head).
 # Usage: bash scripts/precision_experiment.sh [OUT_ROOT]   (default runs/precision); about 25 min on 2 cores.

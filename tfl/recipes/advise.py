@@ -20,13 +20,13 @@
    validation accuracy. On a small val split (--proxy-folds auto: fewer than PROXY_SMALL_VAL examples) it is
    scored by stratified k-fold cross-validation over those train rows plus val (tfl.data.folds): k runs per
    depth, their mean, sd and standard error recorded. The frozen-feature scores rise with depth while
-   fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths (README "tfl
-   advise"); the proxy measures what they cannot: how much training above each boundary adds.
+   fine-tuning above a boundary gains more the shallower it is, so they cannot rank depths
+   (docs/results/advise.md); the proxy measures what they cannot: how much training above each boundary adds.
 6. `recommend`: --freeze-up-to, input size, backbone learning rate and epochs, each with its reason in words.
    With the proxy: of the boundaries within one standard error of the best mean proxy accuracy, the one the tie
    rule (--proxy-tie-rule, TIE_RULES) picks; without: rules on the data size, the scores' peak and the BN gap.
 
-The rules in `recommend` and their thresholds come from scripts/calibrate_advise.py (README, "tfl advise").
+The rules in `recommend` and their thresholds come from scripts/calibrate_advise.py (docs/results/advise.md).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ PROXY = "proxy_accuracy"  # val accuracy of a short two-stage fine-tune above th
 COLUMNS = ("boundary", "layer", "dim", *SCORES, PROXY, "proxy_sd", "proxy_se", "proxy_fold_accuracies", "bn_gap",
            "logme_seconds", "h_score_seconds", "probe_seconds", "proxy_seconds")
 
-# -- the rules' thresholds (calibrated: see scripts/calibrate_advise.py and README "tfl advise") --------------------
+# -- the rules' thresholds (calibrated: see scripts/calibrate_advise.py and docs/results/advise.md) --
 SMALL_PER_CLASS = 100  # below this many training examples per class the data is "small"
 LARGE_PER_CLASS = 1000  # from this many it is "large"
 SCORE_MARGIN = 0.02  # a shallower boundary must beat the pooled features by this share of the score range
@@ -107,9 +107,9 @@ class AdviseOptions(JobOptions, ProxyOptions):
     proxy_epochs: int | None = option(None, check="non_negative", metavar="N", help=(
         "Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, --head-epochs "
         "then N fine-tune epochs, on at most --sample images, with the planned run's --augment, --ema ... options; "
-        "scored on val or by --proxy-folds; the depth is the one --proxy-tie-rule picks (default: the best mean, "
-        "ties: the deeper). Default: --epochs (a shorter proxy ranks depths differently). 0: no proxy, rules on "
-        "the scores decide."))
+        "scored on val or by --proxy-folds; of the depths within a standard error of the best, --proxy-tie-rule "
+        "picks one (default: the shallowest). Default: --epochs (a shorter proxy ranks depths differently). 0: no "
+        "proxy, rules on the scores decide."))
 
 
 def check_sample(sample: int) -> None:
@@ -305,7 +305,7 @@ def score_boundary(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, he
 def proxy_epochs(opts) -> int:
     """The proxy's fine-tune epochs: --proxy-epochs, else the planned run's --epochs (`finetune --freeze-up-to
     auto`: its own). The budget must be the run's: with 2 epochs instead of 4, freezing more looked better on
-    Fashion-MNIST at 100 per class, while with 4 the stem was best (README "tfl advise")."""
+    Fashion-MNIST at 100 per class, while with 4 the stem was best (docs/results/advise.md)."""
     epochs = getattr(opts, "proxy_epochs", None)
     return opts.epochs if epochs is None else epochs
 
