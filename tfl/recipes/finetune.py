@@ -4,7 +4,7 @@ two_stage: stage 1 trains the new head on the frozen backbone at `lr`; stage 2 u
 `freeze_up_to` (and as the --freeze/--unfreeze rules say), the backbone at `backbone_lr` (default 0.3 x lr), the
 head at `lr`, linear warmup, then the chosen schedule. The best weights by validation accuracy are restored.
 
-gradual (ULMFiT, Howard & Ruder 2018; our tutorial: "gradually improve the model, layer by layer from the end"):
+gradual (ULMFiT, Howard & Ruder 2018: unfreeze the model gradually, layer by layer from the end):
 stage 1 as above, then one more canonical stage becomes trainable at each step, from the top down to the one
 above `freeze_up_to`. Every canonical stage is its own parameter group; stage k below the top trains at
 backbone_lr / F^k (--lr-decay-per-stage F; ULMFiT used 2.6). A step keeps the optimizer state of the groups that

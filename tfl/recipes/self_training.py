@@ -1,4 +1,4 @@
-"""`tfl self-train`: self-training with pseudo-labels (our tutorial's loop; Lee 2013, "Pseudo-Label").
+"""`tfl self-train`: self-training with pseudo-labels (Lee 2013, "Pseudo-Label").
 
 Round 0 trains on the labeled rows only: the labeled-only baseline. After every round the model (its best epoch by
 validation accuracy) predicts every unlabeled row; the rows whose top softmax probability is >= --threshold get
