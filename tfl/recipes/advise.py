@@ -108,7 +108,7 @@ class AdviseOptions(JobOptions, ProxyOptions):
         "Proxy: above every other boundary (and the pooled features), finetune's two-stage recipe, --head-epochs "
         "then N fine-tune epochs, on at most --sample images, with the planned run's --augment, --ema ... options; "
         "scored on val or by --proxy-folds; of the depths within a standard error of the best, --proxy-tie-rule "
-        "picks one (default: the shallowest). Default: --epochs (a shorter proxy ranks depths differently). 0: no "
+        f"picks one (default: {DEFAULT_TIE_RULE}). Default: --epochs (a shorter proxy ranks depths differently). 0: no "
         "proxy, rules on the scores decide."))
 
 
@@ -666,9 +666,7 @@ def proxy_depth(summary: dict, scores: list[dict], gaps: dict, proxy: dict | Non
     """The depth from the proxy's rows: each row's mean and standard error recomputed from its fold accuracies
     (proxy_spread; an advise.json from before folds: its one accuracy, the binomial standard error on the val
     split), then choose_depth with `tie_rule` (default: the one advise.json's proxy settings record, else
-    DEFAULT_TIE_RULE, shallowest: on the eight calibration sets with 3-fold proxies it gave up 0.40 points of test
-    accuracy against the best depth on average, the other rules 0.77-0.86; docs/results/advise.md).
-    scripts/calibrate_advise.py --rules scores every rule from advise.json files."""
+    DEFAULT_TIE_RULE, whose calibration tfl.options records)."""
     settings = proxy or {}
     rule = tie_rule or settings.get("tie_rule") or DEFAULT_TIE_RULE
     names = [row["boundary"] for row in scores]
