@@ -40,8 +40,11 @@ def write_curves(rows: list[dict], path: str, title: str | None = None) -> str:
     series = {key: np.array([_number(row.get(key)) for row in rows])
               for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
     lr_keys = list(dict.fromkeys(key for row in rows for key in row if key.startswith("lr_")))
-    figure = _figure((15, 4.2))
-    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    # Fixed margins instead of the constrained layout's solver: every run draws this figure, and the solver took a
+    # third of its time (0.23 s against 0.155 s); the panels' labels are the same few and fit these margins.
+    figure = _figure((15, 4.2), layout=None)
+    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3, gridspec_kw={
+        "left": 0.05, "right": 0.99, "bottom": 0.12, "top": 0.86 if title else 0.92, "wspace": 0.2})
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         for split in ("train", "val"):
             ax.plot(epochs, series[f"{split}_{metric}"], marker="o", markersize=4, label=split)
@@ -275,11 +278,11 @@ def _short(name, limit: int) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def _figure(size: tuple[float, float]):
+def _figure(size: tuple[float, float], layout: str | None = "constrained"):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    figure = Figure(figsize=size, dpi=DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
