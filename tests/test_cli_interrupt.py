@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tiny_runs import TINY, start
+from tiny_runs import TINY, run_here, start
 
 
 def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes(data, tmp_path):
@@ -18,7 +18,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes(data, tmp_path):
     assert "Aborted!" not in child.err and "Traceback" not in child.err
     assert f"interrupted. Run the same command again to resume {out} after its last finished epoch." in child.err
 
-    again = start(args, env).wait()
+    again = run_here(args, env)  # the same command, in this process
     assert again.returncode == 0, again.why()
     assert "resuming after epoch 1" in again.out + again.err
     assert os.path.isfile(out / "model.keras")
@@ -37,7 +37,7 @@ def test_stopped_before_its_first_epoch_was_saved_the_same_command_starts_again(
     assert f"stopped by SIGTERM. Run the same command again to resume {out}" in child.err
     assert not out.exists() or [p.name for p in out.iterdir()] == [".tfl.lock"]
 
-    again = start(args, env).wait()
+    again = run_here(args, env)  # the same command, in this process
     assert again.returncode == 0, again.why()
     assert "resuming" not in again.out + again.err
     assert os.path.isfile(out / "model.keras")

@@ -14,7 +14,7 @@ from tfl.recipes import finetune as ft
 from tfl.reporting.tensorboard import read_scalars, read_text
 from tfl.training import checkpoint
 from tfl.training.trainer import Callback
-from tiny_runs import checkpoint_arrays, history, start
+from tiny_runs import checkpoint_arrays, history, run_here, start
 
 SPEC = registry.get("efficientnet_lite0")
 LR, BACKBONE_LR, DECAY = 0.003, 0.0003, 2.6
@@ -251,10 +251,10 @@ def cli_args(options: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
-    """A run nobody kills, with its own boundary cache; started at once, so it overlaps the first killed child."""
+    """A run nobody kills, with its own boundary cache, in this process (the same command a child would run)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     cache = tmp_path_factory.mktemp("cache-uninterrupted")
-    return out, start(cli_args({**RESUMABLE, "dataset": data, "output_dir": str(out)}), {"TFL_CACHE_DIR": str(cache)})
+    return out, run_here(cli_args({**RESUMABLE, "dataset": data, "output_dir": str(out)}), {"TFL_CACHE_DIR": str(cache)})
 
 
 KILLS = [

@@ -10,9 +10,10 @@ arm after the hard arm, pretext's fine-tunes after the pretext run: "Shape misma
 devices were already initialised); it now makes the strategy first. Dropout is 0. dann, multitask, self-train,
 compare and forgetting run on the compact CNN from random weights, whose BatchNorm layers stay frozen above the
 boundary (no --train-bn): what they check is the strategy's arithmetic, not a backbone's, and it builds and traces in
-half the time of EfficientNet-Lite0. pretext and distill stay on EfficientNet-Lite0's ImageNet weights and train only
-its top conv and the head (above block7) with BN frozen: from random weights they train every layer, BN included,
-and each replica would normalise over its own share of the batch."""
+half the time of EfficientNet-Lite0. distill's student is the compact CNN too, started from its teacher's weights
+(--init-from): from random weights a student trains every layer, BN included, and each replica would normalise over
+its own share of the batch. pretext has no --init-from, so it stays on EfficientNet-Lite0's ImageNet weights and
+trains only its top conv and the head (above block7) with BN frozen."""
 
 import csv
 import dataclasses
@@ -37,6 +38,7 @@ def recipes(tmp):
     """name -> (command, arguments but --batch-size/--devices/--output-dir, run directories under the output)."""
     three = image_folder(tmp / "shapes3", classes=("c0", "c1", "c2"), per_class=16)  # 36 train, 12 val, 12 test
     two = image_folder(tmp / "shapes2")
+    taught = teacher(tmp, two)
     tasks = tmp / "tasks.json"
     tasks.write_text(json.dumps({"fine": {"c0": "c0", "c1": "c1", "c2": "c2"},
                                  "odd": {"c0": "no", "c1": "yes", "c2": "no"}}))
@@ -65,9 +67,10 @@ def recipes(tmp):
                                 "block3",
                                 "--head-epochs", "1", "--epochs", "1", *COMMON],
                     ["linear_probe/frac1/seed0", "two_stage/frac1/seed0"]),
-        # the student on cached teacher logits, then its labels-only baseline
-        "distill": ("distill", ["--teacher", teacher(tmp, two), "--dataset", two, "--student", "efficientnet_lite0",
-                                "--freeze-up-to", "block7", "--head-epochs", "1", "--epochs", "1",
+        # the student on cached teacher logits, then its labels-only baseline: the compact CNN started from the
+        # teacher's weights (--init-from), so it trains as a pretrained student does, above block2 with BN frozen
+        "distill": ("distill", ["--teacher", taught, "--dataset", two, "--student", "compact_cnn",
+                                "--init-from", taught / "model.keras", "--head-epochs", "1", "--epochs", "1",
                                 "--throughput-seconds", "0.01", *COMMON],
                     ["student", "labels_only"]),
         # replay's buffer rows in every batch, then ewc's Fisher and penalty; one epoch per task

@@ -11,17 +11,18 @@ from click.testing import CliRunner
 
 from tfl.cli import cli
 from tfl.training import checkpoint
-from tiny_runs import TINY, checkpoint_arrays, history, largest_change, start
+from tiny_runs import TINY, checkpoint_arrays, history, largest_change, run_here, start
 
 TINY = [*TINY, "--batch-size", "4"]  # 6 steps an epoch; head dropout 0.2, so its RNG state must resume too
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
-    """A run that nobody kills; started at once so that it overlaps with the first killed child."""
+    """A run that nobody kills, in this process (its files are a child's: test_recipes_distribute and
+    test_forgetting compare the two)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     cache = tmp_path_factory.mktemp("cache-a")
-    return out, start(["--dataset", data, *TINY, "--output-dir", out], {"TFL_CACHE_DIR": str(cache)})
+    return out, run_here(["--dataset", data, *TINY, "--output-dir", out], {"TFL_CACHE_DIR": str(cache)})
 
 
 def finished(uninterrupted):

@@ -15,7 +15,7 @@ from tfl.data.decode import image_files
 from tfl.data.image_folder import load_image_folder
 from tfl.data.pipeline import IMAGE, ImageStore, StreamedImages, index_order
 from tfl.data.subset import take_rows
-from tiny_runs import TINY, checkpoint_arrays, history, largest_change, start
+from tiny_runs import TINY, checkpoint_arrays, history, largest_change, run_here, start
 
 # --cache off: the images (not cached boundary activations) feed every epoch of both stages.
 STREAM_RUN = [*TINY, "--batch-size", "4", "--cache", "off"]
@@ -130,7 +130,7 @@ def test_streamed_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(data,
     out, reference = tmp_path / "run", tmp_path / "reference"
     cache = {"TFL_CACHE_DIR": str(tmp_path / "cache")}
     args = ["--dataset", data, *STREAM_RUN, "--decoded-images", "stream", "--augment"]
-    uninterrupted = start([*args, "--output-dir", reference], cache)
+    uninterrupted = run_here([*args, "--output-dir", reference], cache)
     killed = start([*args, "--output-dir", out], {**cache, "TFL_FAULT": "kill-at-step:2:3"})  # in epoch 2, step 3
     assert killed.returncode == -9, killed.why()
     assert (out / "checkpoints" / "latest").read_text().strip() == "ckpt-0001.npz"

@@ -83,6 +83,39 @@ def start(args, env: dict | None = None, command: str = "finetune", cwd=ROOT) ->
     return Child(proc)
 
 
+@dataclasses.dataclass
+class Here:
+    """A run in this process, through the command line as a child would run it: for a reference nobody kills or
+    stops, it gives the same files without a child's start-up (TensorFlow's import and first traces, ~5 s of CPU)."""
+
+    returncode: int
+    out: str
+    err: str = ""
+
+    def wait(self) -> "Here":
+        return self
+
+    def why(self) -> str:
+        return f"exit {self.returncode}\n{self.out[-3000:]}"
+
+
+def run_here(args, env: dict | None = None, command: str = "finetune") -> Here:
+    """`tfl COMMAND ARGS` in this process, with `env` set for its duration (TF_CONFIG and TFL_FAULT unset, as
+    `start` leaves them)."""
+    from click.testing import CliRunner
+
+    from tfl.cli import cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("TF_CONFIG", "TFL_FAULT"):
+            patch.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        result = CliRunner().invoke(cli, [command, *map(str, args)])
+    crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    return Here(result.exit_code, result.output + (repr(crash) if crash else ""))
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
