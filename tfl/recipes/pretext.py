@@ -14,7 +14,8 @@ ignored, with a pretext head on top:
 Both are hooks of the one training loop (tfl.training.trainer): an `inputs` hook makes the rotated copies or the
 views from the image batch, a `loss` hook scores the outputs; nothing else changes (the boundary cache is off,
 since the inputs are transformed images). With random initial weights every layer trains, batch norm too; with
-pretrained weights the layers above --freeze-up-to do, the backbone at --backbone-lr and the head at --lr.
+pretrained weights (the backbone's own, or any checkpoint given by --init-from) the layers above --freeze-up-to do,
+the backbone at --backbone-lr and the head at --lr.
 
 Output directory:
   pretext/          the pretext run (a normal run directory: config, history, curves, checkpoints; its model.keras
@@ -22,9 +23,10 @@ Output directory:
   backbone.keras    the pretrained backbone alone: `tfl finetune --backbone B --init-from <out>/backbone.keras`
                     restores every backbone weight by name and trains a new head as usual
   frac<F>/baseline/ and frac<F>/pretext/  (unless --no-finetune) for each --label-fraction F, the same fine-tune
-                    from the initial weights and from backbone.keras, same seed and budget: random initial weights
-                    train every layer for --head-epochs + --epochs (as compare's scratch arm); pretrained ones
-                    train as tfl finetune does (--head-epochs on the head, then --epochs above --freeze-up-to)
+                    from the initial weights (--init-from's, if given) and from backbone.keras, same seed and budget:
+                    random initial weights train every layer for --head-epochs + --epochs (as compare's scratch
+                    arm); pretrained ones train as tfl finetune does (--head-epochs on the head, then --epochs above
+                    --freeze-up-to)
   pretext.json, pretext.csv  the pretext run's summary and one row per fine-tune (test accuracy, ...)
   pretext.png       test accuracy against the label fraction per arm and the arms' val curves (without
                     fine-tunes: the pretext run's curves)
@@ -53,8 +55,7 @@ COLUMNS = ("arm", "start", "label_fraction", "seed", "test_accuracy", "best_val_
 
 @dataclasses.dataclass
 class PretextOptions(JobOptions):
-    unused: ClassVar = ("label_fraction", "init_from", "reuse", "reuse_exclude", "rename", "init_unsafe",
-                        *SWEEP_RUN)
+    unused: ClassVar = ("label_fraction", *SWEEP_RUN)
     option_help: ClassVar = {"output_dir": (
         "Where pretext.json/.csv/.png, backbone.keras, the pretext run (pretext/) and the fine-tunes "
         "(frac<F>/baseline, frac<F>/pretext) go (default: runs/<time>-pretext-<dataset>).")}
@@ -198,10 +199,11 @@ def objective_for(opts) -> Rotation | SimCLR:
 
 # -- the pretext run ------------------------------------------------------------------------------------------------
 def starts_random(opts: JobOptions) -> bool:
+    """Random initial weights: neither the backbone's own weights nor --init-from."""
     from tfl import models
     from tfl.backbones import registry
 
-    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None
+    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None and opts.init_from is None
 
 
 def pretext_recipe(out: str, state: dict):
@@ -258,9 +260,12 @@ def arm_recipe(random_start: bool):
 
 
 def start_name(opts: JobOptions) -> str:
+    """The initial weights in a word: --init-from's file name, the weights' name ("imagenet"), or "random"."""
     from tfl import models
     from tfl.backbones import registry
 
+    if opts.init_from is not None:
+        return os.path.basename(os.path.normpath(opts.init_from))
     return models.resolve_weights(registry.get(opts.backbone), opts.weights) or "random"
 
 
