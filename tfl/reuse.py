@@ -12,6 +12,7 @@ from typing import Callable
 
 from tfl import models
 from tfl.backbones import registry
+from tfl.checkpoints.errors import CheckpointError
 from tfl.checkpoints.mappings import to_keras
 from tfl.checkpoints.read import Checkpoint
 from tfl.checkpoints.read import read_checkpoint as _read_checkpoint
@@ -54,7 +55,10 @@ def open_init_from(path: str | None, reuse=(), exclude=(), rename=(), unsafe: bo
     compile_patterns(reuse, "--reuse")
     compile_patterns(exclude, "--reuse-exclude")
     compile_renames(rename, "--rename")
-    return read_checkpoint(path, unsafe=unsafe)
+    try:
+        return read_checkpoint(path, unsafe=unsafe)
+    except CheckpointError as err:
+        raise CheckpointError(f"--init-from: {err}") from None  # which option named the file
 
 
 def restore_classifier(model, spec, checkpoint, reuse=(), exclude=(), rename=(), log=None) -> RestoreReport:
