@@ -26,7 +26,7 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage
 from tfl.options import FRACTION, SWEEP_RUN, ProxyOptions, check_options as check_fields, option
 from tfl.recipes import sweep
-from tfl.recipes.stages import (SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
+from tfl.recipes.stages import (RANDOM_START, SCRATCH_BN_MOMENTUM, everything_plan, head_then_finetune,  # noqa: F401
                                 scratch_stage, two_stage)
 from tfl.reporting import table
 from tfl.reporting.table import Column
@@ -77,7 +77,7 @@ class Arm:
 EVERYTHING = {"freeze_up_to": None, "rules": ()}  # the arm's recipe makes its plans; the config says so too
 REGISTRY: dict[str, Arm] = {
     "scratch": Arm(scratch, "random init, every layer (batch norm too) trains E epochs at --lr",
-                   {**EVERYTHING, "weights": "none", "init_from": None, "train_bn": True}),
+                   {**RANDOM_START, "weights": "none", "init_from": None}),
     "linear_probe": Arm(linear_probe, "pretrained backbone frozen, the head trains E epochs", EVERYTHING),
     "finetune": Arm(full_finetune, "pretrained, every layer trains E epochs (backbone at --backbone-lr)", EVERYTHING),
     "two_stage": Arm(two_stage, "tfl finetune: --head-epochs head only, then --epochs above --freeze-up-to", {}),

@@ -45,6 +45,7 @@ from tfl.job import Job, JobOptions, Stage
 from tfl.options import SWEEP_RUN, augmentation_flags, check_options as check_fields, option
 from tfl.options import TEACHER_LOGITS as TEACHER_MODES
 from tfl.recipes import sweep
+from tfl.recipes.stages import RANDOM_START, head_then_finetune, scratch_stage, starts_random
 from tfl.reporting import table
 from tfl.reporting.table import Column
 
@@ -374,17 +375,8 @@ def cached_teacher_logits(job: Job, teacher: Teacher, digest: dict, log) -> tupl
 
 
 # -- one member -----------------------------------------------------------------------------------------------------
-def starts_random(opts: JobOptions) -> bool:
-    from tfl import models
-    from tfl.backbones import registry
-
-    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None and opts.init_from is None
-
-
 def member_stages(job: Job) -> list[Stage]:
     """tfl finetune's two stages for a pretrained student; every layer at once for a randomly initialised one."""
-    from tfl.recipes.stages import head_then_finetune, scratch_stage
-
     return [scratch_stage(job)] if starts_random(job.opts) else head_then_finetune(job)
 
 
@@ -441,7 +433,7 @@ def member_run(opts: DistillOptions, role: str, backbone: str, weights: str | No
     member = sweep.derive(opts, **changes)
     if starts_random(member):
         # Random weights: every layer trains from the start, batch norm too (its statistics are random).
-        member = dataclasses.replace(member, freeze_up_to=None, rules=(), train_bn=True)
+        member = dataclasses.replace(member, **RANDOM_START)
     learns = f" learns from {teacher}" if teacher else " on the labels only"
     return sweep.Run(f"{role}: {backbone}{learns}", member, None, {"recipe": "distill", "role": role}, SWEEP_ONLY,
                      {"role": role})

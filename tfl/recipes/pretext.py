@@ -41,7 +41,7 @@ from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage, held_out_accuracy
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, check_options as check_fields, option
 from tfl.recipes import sweep
-from tfl.recipes.stages import head_then_finetune, scratch_stage
+from tfl.recipes.stages import RANDOM_START, head_then_finetune, scratch_stage, starts_random
 from tfl.reporting import table
 from tfl.reporting.table import Column
 
@@ -198,14 +198,6 @@ def objective_for(opts) -> Rotation | SimCLR:
 
 
 # -- the pretext run ------------------------------------------------------------------------------------------------
-def starts_random(opts: JobOptions) -> bool:
-    """Random initial weights: neither the backbone's own weights nor --init-from."""
-    from tfl import models
-    from tfl.backbones import registry
-
-    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None and opts.init_from is None
-
-
 def pretext_recipe(out: str, state: dict):
     def recipe(job: Job) -> dict:
         from tfl import models
@@ -242,7 +234,7 @@ def pretext_run(opts: PretextOptions, out: str, state: dict) -> sweep.Run:
     if opts.objective != "simclr":
         changes.update(temperature=None, projection_dim=None)
     if starts_random(opts):
-        changes.update(freeze_up_to=None, rules=(), train_bn=True)
+        changes.update(RANDOM_START)
     return sweep.Run(f"{opts.objective} pretext run", sweep.derive(opts, **changes), pretext_recipe(out, state),
                      {"recipe": "pretext"}, SWEEP_ONLY, targets=objective_for(opts).targets)
 
@@ -277,7 +269,7 @@ def arm_run(opts: PretextOptions, arm: str, fraction: float, out: str) -> sweep.
         changes.update(init_from=os.path.join(out, BACKBONE_FILE), weights="none", reuse=(), reuse_exclude=(),
                        rename=())
     if starts_random(opts):
-        changes.update(freeze_up_to=None, rules=(), train_bn=True)
+        changes.update(RANDOM_START)
     start = start_name(opts)
     return sweep.Run(f"fine-tune {arm} ({'backbone.keras' if arm == 'pretext' else start + ' weights'}), label "
                      f"fraction {fraction:g}", sweep.derive(sweep.job_options(opts), **changes),

@@ -4,7 +4,17 @@ no command (finetune imports advise for --freeze-up-to auto, and both import thi
 
 from __future__ import annotations
 
-from tfl.job import Job, Stage
+from tfl import models
+from tfl.backbones import registry
+from tfl.job import Job, JobOptions, Stage
+
+# A run from random weights trains every layer, batch norm too (scratch_stage's plan): the options that say so.
+RANDOM_START = {"freeze_up_to": None, "rules": (), "train_bn": True}
+
+
+def starts_random(opts: JobOptions) -> bool:
+    """Random initial weights: neither the backbone's own weights (--weights) nor a checkpoint (--init-from)."""
+    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None and opts.init_from is None
 
 
 def head_then_finetune(job: Job, plan=None, head: str = "head") -> list[Stage]:
