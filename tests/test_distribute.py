@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tfl.cli import cli
-from tiny_runs import checkpoint_arrays, free_ports, history, image_folder, largest_change, start
+from tiny_runs import checkpoint_arrays, free_ports, history, image_folder, largest_change, run_here, start
 
 TOLERANCE = 1e-6  # float sums in another order; training moves the weights by orders of magnitude more
 # Random-init MobileNet, stage 2 trains block5 and the head (tiny_runs.TINY's budget). On the compact CNN the
@@ -41,12 +41,9 @@ def runs(tmp_path_factory):
                          "--output-dir", tmp / "worker"], {**cache("worker"), "TMPDIR": str(tmp / "worker-tmp")}),
         "tpu": start([*common, "--strategy", "tpu", "--output-dir", tmp / "tpu"]),
     }
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TFL_CACHE_DIR", str(tmp / "cache-one"))
-        env.delenv("TF_CONFIG", raising=False)
-        one = CliRunner().invoke(cli, ["finetune", *map(str, common), "--batch-size", "4", "--lr", "0.02",
-                                       "--backbone-lr", "0.02", "--output-dir", str(tmp / "one")])
-    assert one.exit_code == 0, one.output
+    one = run_here([*common, "--batch-size", "4", "--lr", "0.02", "--backbone-lr", "0.02", "--output-dir", tmp / "one"],
+                   cache("one"))
+    assert one.returncode == 0, one.why()
     return tmp, {name: child.wait() for name, child in children.items()}
 
 
