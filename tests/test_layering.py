@@ -121,3 +121,11 @@ def test_import_contracts_hold():
     result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
+
+
+def test_the_command_line_imports_no_tensorflow_until_a_command_runs():
+    """`tfl --help` answers at once: importing the CLI (every command and every recipe's options) imports neither
+    TensorFlow nor Keras; the modules built on them are imported where they are used (tfl/job.py's top)."""
+    code = "import sys, tfl.cli; print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -373,7 +373,7 @@ def _keras_guide_run(cfg, data, head_epochs, epochs, freeze_up_to) -> dict:
     spec = registry.get(cfg.backbone)
     keras.utils.set_random_seed(cfg.seed)
     size = cfg.image_size
-    base = spec.build(input_shape=(size, size, 3), weights=models.resolve_weights(spec, cfg.weights), include_top=False)
+    base = spec.build(input_shape=(size, size, 3), weights=spec.resolve_weights(cfg.weights), include_top=False)
     base.trainable = False
     inputs = keras.Input(shape=(size, size, 3))
     x = models.ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs)

@@ -325,14 +325,13 @@ class Job:
         recorded in config.json and compared on resume; loss/metrics/extra/callbacks/select: see Trainer and
         StageInputs; inputs: what the model is called on (Trainer's `inputs` hook, default the batch's images or
         cached features)."""
-        from tfl import models  # Keras (see the top)
         from tfl.training import boundary
         from tfl.training import averaging, regularize
         from tfl.training.trainer import CrossEntropy, TrainConfig, Trainer
 
         opts = self.opts
         self.inputs = boundary.for_job(self, stages, extra)
-        weights = models.resolve_weights(self.spec, opts.weights)
+        weights = self.spec.resolve_weights(opts.weights)
         plan = stages[-1].plan if stages else self.plan
         self.log(f"model: {opts.backbone} ({weights or 'random init'}), {plan.frozen_params:,} frozen / "
                  f"{plan.trainable_params:,} trainable parameters in the last stage, freeze mode {opts.freeze_mode}, "
@@ -505,11 +504,11 @@ class Job:
 
     def _save_adapters(self) -> None:
         """--save-adapters-only: adapters.safetensors and adapters.json instead of model.keras."""
-        from tfl import adapters, models  # Keras (see the top)
+        from tfl import adapters  # Keras (see the top)
 
         opts = self.opts
         manifest = {"adapter": opts.adapter, "rank": opts.lora_rank, "alpha": opts.lora_alpha or opts.lora_rank,
-                    "backbone": opts.backbone, "weights": models.resolve_weights(self.spec, opts.weights),
+                    "backbone": opts.backbone, "weights": self.spec.resolve_weights(opts.weights),
                     "freeze_up_to": opts.freeze_up_to, "train_bn": opts.train_bn, "image_size": self.image_size,
                     "classes": self.class_names,
                     "layers": [layer.name for layer in self.plan.layers if layer.adapter and not layer.frozen]}

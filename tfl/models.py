@@ -13,7 +13,7 @@ import keras
 from keras import layers, ops
 
 from tfl.backbones import registry
-from tfl.backbones.spec import BackboneSpec, Preprocessing
+from tfl.backbones.spec import Preprocessing
 from tfl.dtype_policy import policy_name
 from tfl.errors import UsageError
 
@@ -49,15 +49,6 @@ class ImagePreprocessing(layers.Layer):
     @classmethod
     def from_preprocessing(cls, spec: Preprocessing, name=PREPROCESS):
         return cls(mean=spec.mean, std=spec.std, bgr=spec.bgr, name=name)
-
-
-def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
-    """CLI value -> what spec.build takes: "default" means the spec's default, "none" means random init."""
-    if weights in (None, "default"):
-        return spec.default_weights
-    if weights == "none":
-        return None
-    return weights
 
 
 MAX_IMAGE_SIZE = 2048  # beyond this one image's activations alone take gigabytes: a typo, not a setting
@@ -103,7 +94,7 @@ def _classifier(backbone, num_classes, image_size, weights, head_hidden, dropout
     spec = registry.get(backbone)
     size = image_size or spec.input_size
     check_image_size(spec, size)
-    features = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=False)
+    features = spec.build(input_shape=(size, size, 3), weights=spec.resolve_weights(weights), include_top=False)
     inputs = keras.Input(shape=(size, size, 3), name=INPUT)
     x = ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs)
     x = features(x)
@@ -119,7 +110,7 @@ def build_imagenet_classifier(backbone: str, weights: str | None = "default") ->
     """The backbone with its own 1000-class ImageNet top, preprocessing inside; outputs probabilities."""
     spec = registry.get(backbone)
     size = spec.input_size
-    net = spec.build(input_shape=(size, size, 3), weights=resolve_weights(spec, weights), include_top=True)
+    net = spec.build(input_shape=(size, size, 3), weights=spec.resolve_weights(weights), include_top=True)
     inputs = keras.Input(shape=(size, size, 3), name=INPUT)
     x = net(ImagePreprocessing.from_preprocessing(spec.preprocessing)(inputs))
     if spec.top_activation != "softmax":

@@ -100,6 +100,14 @@ class BackboneSpec:
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
 
+    def resolve_weights(self, weights: str | None) -> str | None:
+        """A --weights value -> what build takes: "default" (or None) means default_weights, "none" random init."""
+        if weights in (None, "default"):
+            return self.default_weights
+        if weights == "none":
+            return None
+        return weights
+
     def stage_of(self, layer_name: str) -> str | None:
         """The first stage whose pattern fully matches the layer name (first match wins)."""
         for stage in self.stages:

@@ -253,12 +253,11 @@ def arm_recipe(random_start: bool):
 
 def start_name(opts: JobOptions) -> str:
     """The initial weights in a word: --init-from's file name, the weights' name ("imagenet"), or "random"."""
-    from tfl import models
     from tfl.backbones import registry
 
     if opts.init_from is not None:
         return os.path.basename(os.path.normpath(opts.init_from))
-    return models.resolve_weights(registry.get(opts.backbone), opts.weights) or "random"
+    return registry.get(opts.backbone).resolve_weights(opts.weights) or "random"
 
 
 def arm_run(opts: PretextOptions, arm: str, fraction: float, out: str) -> sweep.Run:

@@ -4,7 +4,6 @@ no command (finetune imports advise for --freeze-up-to auto, and both import thi
 
 from __future__ import annotations
 
-from tfl import models
 from tfl.backbones import registry
 from tfl.job import Job, JobOptions, Stage
 
@@ -14,7 +13,7 @@ RANDOM_START = {"freeze_up_to": None, "rules": (), "train_bn": True}
 
 def starts_random(opts: JobOptions) -> bool:
     """Random initial weights: neither the backbone's own weights (--weights) nor a checkpoint (--init-from)."""
-    return models.resolve_weights(registry.get(opts.backbone), opts.weights) is None and opts.init_from is None
+    return registry.get(opts.backbone).resolve_weights(opts.weights) is None and opts.init_from is None
 
 
 def head_then_finetune(job: Job, plan=None, head: str = "head") -> list[Stage]:
