@@ -10,19 +10,28 @@ import gc
 
 import pytest
 
-import tfl.cli  # noqa: F401 (first: it quiets TensorFlow's import, as the command line does)
-import tfl.job  # noqa: F401 (these imports are set aside from the collector below)
-import tfl.models  # noqa: F401
-import tfl.reporting.figures  # noqa: F401
-import tfl.training.trainer  # noqa: F401
 from tiny_runs import image_folder
 
-# The objects made by importing TensorFlow, Keras and tfl (about 300,000) live as long as the worker: set them
-# aside from the garbage collector. keras.backend.clear_session(), which every recipe's sweep and some tests call
-# between runs, runs a full collection; without this each one walks all of them again (measured: 0.13 s a call
-# in a fresh process, more in a worker that has run many tests; 0.013 s with them set aside).
-gc.collect()
-gc.freeze()
+
+def pytest_configure(config):
+    """Import TensorFlow, Keras and tfl where the tests run, before collecting them: tfl.cli first (it quiets
+    TensorFlow's import, as the command line does). pytest-xdist's controller only hands files to the workers, so
+    it skips the import (4 s before any worker starts).
+
+    The objects these imports make (about 300,000) live as long as the worker: set them aside from the garbage
+    collector. keras.backend.clear_session(), which every recipe's sweep and some tests call between runs, runs a
+    full collection; without this each one walks all of them again (measured: 0.13 s a call in a fresh process,
+    more in a worker that has run many tests; 0.013 s with them set aside)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import tfl.cli  # noqa: F401
+    import tfl.job  # noqa: F401
+    import tfl.models  # noqa: F401
+    import tfl.reporting.figures  # noqa: F401
+    import tfl.training.trainer  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True, scope="module")
