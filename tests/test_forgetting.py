@@ -25,6 +25,10 @@ CLASSES = ("c0", "c1", "c2", "c3", "c4", "c5")
 TINY = dict(backbone="efficientnet_lite0", image_size=32, epochs=2, val_split=0.25, batch_size=8, lr=0.01,
             tensorboard=False, memory=6, ewc_lambda=100.0)
 EPOCHS = 3 * TINY["epochs"]
+# Where no run is compared with the pretrained `every_strategy`: the compact CNN from random weights, whose runs take
+# about half of Lite0's time. (On its random features replay remembers nothing of task 1 either, so the test of
+# naive against replay keeps Lite0.)
+COMPACT = {**TINY, "backbone": "compact_cnn", "weights": "none"}
 
 
 def _json(path):
@@ -344,10 +348,10 @@ def test_a_run_killed_inside_task_2_resumes_to_the_uninterrupted_result(every_st
 
 
 def test_task_il_and_finetuning_above_the_freeze_boundary(data, tmp_path):
-    """task-IL with the layers above block6 training (on cached block6 activations): the masks, LwF per old task,
+    """task-IL with the layers above block2 training (on cached block2 activations): the masks, LwF per old task,
     the Fisher over backbone and head variables."""
-    opts = ForgettingOptions(**{**TINY, "epochs": 1}, dataset=data, output_dir=str(tmp_path), scenario="task-il",
-                             strategies=("lwf", "ewc"), finetune=True, freeze_up_to="block6", backbone_lr=0.001)
+    opts = ForgettingOptions(**{**COMPACT, "epochs": 1}, dataset=data, output_dir=str(tmp_path), scenario="task-il",
+                             strategies=("lwf", "ewc"), finetune=True, freeze_up_to="block2", backbone_lr=0.001)
     result = forgetting(opts, log=lambda *_: None)
     for run in result["strategies"]:
         assert np.shape(run["R"]) == (3, 3)
@@ -355,13 +359,13 @@ def test_task_il_and_finetuning_above_the_freeze_boundary(data, tmp_path):
         assert all(0.0 <= v <= 1.0 for row in run["R"] for v in row)
         assert min(run["R"][i][i] for i in range(3)) >= 0.5
     config = _json(os.path.join(result["strategies"][0]["run_dir"], "config.json"))
-    assert config["finetune"] is True and config["stages"][0]["trainable_params"] > 1280 * 6 + 6
+    assert config["finetune"] is True and config["stages"][0]["trainable_params"] > 256 * 6 + 6  # more than the head
     arrays = _latest(os.path.join(tmp_path, "ewc")).arrays
     assert len([k for k in arrays if k.startswith("recipe.fisher.")]) > 2  # head kernel, bias and backbone weights
 
 
 def test_training_on_images_when_nothing_is_cached(data, tmp_path):
-    opts = ForgettingOptions(**{**TINY, "epochs": 1}, dataset=data, output_dir=str(tmp_path), tasks="0,1;2,3",
+    opts = ForgettingOptions(**{**COMPACT, "epochs": 1}, dataset=data, output_dir=str(tmp_path), tasks="0,1;2,3",
                              strategies=("replay",), cache="off")
     lines = []
     run = forgetting(opts, log=lines.append)["strategies"][0]
@@ -372,7 +376,7 @@ def test_training_on_images_when_nothing_is_cached(data, tmp_path):
 def test_task_il_on_a_frozen_backbone_cannot_forget(data, tmp_path):
     """Masked logits give no gradient to other tasks' output weights, and nothing else trains: every old task keeps
     exactly the accuracy it had when its task ended."""
-    opts = ForgettingOptions(**{**TINY, "epochs": 1}, dataset=data, output_dir=str(tmp_path), scenario="task-il",
+    opts = ForgettingOptions(**{**COMPACT, "epochs": 1}, dataset=data, output_dir=str(tmp_path), scenario="task-il",
                              strategies=("naive",))
     R = forgetting(opts, log=lambda *_: None)["strategies"][0]["R"]
     assert [R[i][j] for i in range(3) for j in range(i)] == [R[j][j] for i in range(3) for j in range(i)]
