@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import click
 import pytest
@@ -18,7 +19,7 @@ from tfl.cli import cli
 from tfl.cli.core import call
 from tfl.cli.params import described_flags
 from tfl.errors import Unavailable, UsageError
-from tiny_runs import ROOT, TINY, start
+from tiny_runs import ROOT, TINY, run_here, start
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
@@ -118,16 +119,17 @@ def test_call_maps_failures_to_exit_codes_and_reports_a_bug_with_its_traceback(t
         call(bug)
 
 
-def test_a_crash_inside_training_says_bug_names_its_traceback_and_keeps_the_last_checkpoint(data_8_a_class, tmp_path):
+def test_a_crash_inside_training_says_bug_names_its_traceback_and_keeps_the_last_checkpoint(data_8_a_class, tmp_path,
+                                                                                           monkeypatch):
     data = data_8_a_class
     out = tmp_path / "run"
     args = ["--dataset", data, *TINY, "--output-dir", out, "--batch-size", "8", "--cache", "off", "--no-tensorboard"]
-    env = {"TFL_CACHE_DIR": str(tmp_path / "cache"), "TFL_FAULT": "crash-at-step:2:1", "TMPDIR": str(tmp_path)}
-    child = start(args, env).wait()
-    assert child.returncode == 1, child.why()
-    lines = [line for line in child.err.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "a bug in tfl: RuntimeError: TFL_FAULT crash-at-step:2:1" in lines[0], child.why()
-    assert "Traceback" not in child.err
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback goes (TMPDIR, read once a process)
+    crashed = run_here(args, {"TFL_CACHE_DIR": str(tmp_path / "cache"), "TFL_FAULT": "crash-at-step:2:1"})
+    assert crashed.returncode == 1, crashed.why()
+    lines = [line for line in crashed.out.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "a bug in tfl: RuntimeError: TFL_FAULT crash-at-step:2:1" in lines[0], crashed.why()
+    assert "Traceback" not in crashed.out
     written = list(tmp_path.glob("tfl-bug-*.txt"))
     assert len(written) == 1 and "RuntimeError" in written[0].read_text()
     assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())  # epoch 1 survives
