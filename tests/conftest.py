@@ -16,7 +16,7 @@ from tiny_runs import image_folder
 def pytest_configure(config):
     """Import TensorFlow, Keras and tfl where the tests run, before collecting them: tfl.cli first (it quiets
     TensorFlow's import, as the command line does). pytest-xdist's controller only hands files to the workers, so
-    it skips the import (4 s before any worker starts).
+    it skips the import (3 s before any worker starts).
 
     The objects these imports make (about 300,000) live as long as the worker: set them aside from the garbage
     collector. keras.backend.clear_session(), which every recipe's sweep and some tests call between runs, runs a

@@ -18,8 +18,8 @@ TINY = [*TINY, "--batch-size", "4"]  # 6 steps an epoch; head dropout 0.2, so it
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
-    """A run that nobody kills, in this process (its files are a child's: test_recipes_distribute and
-    test_forgetting compare the two)."""
+    """A run that nobody kills, in this process: the same command gives the same files here as in a child process
+    (the killed children below are compared with it)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     cache = tmp_path_factory.mktemp("cache-a")
     return out, run_here(["--dataset", data, *TINY, "--output-dir", out], {"TFL_CACHE_DIR": str(cache)})

@@ -37,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import ClassVar
+
+from tfl.backbones import registry
 from tfl.errors import UsageError
 from tfl.job import Job, JobOptions, Stage, held_out_accuracy
 from tfl.options import FRACTION, PRETEXT_OBJECTIVES, SWEEP_RUN, check_options as check_fields, option
@@ -253,8 +255,6 @@ def arm_recipe(random_start: bool):
 
 def start_name(opts: JobOptions) -> str:
     """The initial weights in a word: --init-from's file name, the weights' name ("imagenet"), or "random"."""
-    from tfl.backbones import registry
-
     if opts.init_from is not None:
         return os.path.basename(os.path.normpath(opts.init_from))
     return registry.get(opts.backbone).resolve_weights(opts.weights) or "random"
@@ -278,8 +278,6 @@ def arm_run(opts: PretextOptions, arm: str, fraction: float, out: str) -> sweep.
 
 # -- the command ----------------------------------------------------------------------------------------------------
 def check_options(opts: PretextOptions) -> None:
-    from tfl.backbones import registry
-
     check_fields(opts)
     registry.get(opts.backbone)
     objective_for(opts)
